@@ -1,0 +1,262 @@
+"""``apply_mask`` and ``remove_parametrizations``: attach constraints to a model, and bake them.
+
+``apply_mask`` works in three steps, so that bad input never leaves a half-changed model:
+
+1. *plan*: match every rule against every tensor and check the matches;
+2. *build*: let each spec validate its tensor and build its parametrization (nothing registered);
+3. *register*: attach them with ``torch.nn.utils.parametrize``; should torch still refuse one,
+   everything registered so far is removed again.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeAlias, TypeVar
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from maskparam.errors import MaskparamError, error
+from maskparam.parametrizations import ConstraintParametrization
+from maskparam.selectors import Selector, check_selector, describe, is_exact_name, matches
+from maskparam.specs import Spec
+from maskparam.tensors import TensorRef, find_tensors, parametrization_list, parametrized_names
+
+__all__ = ["Rules", "apply_mask", "remove_parametrizations"]
+
+Rules: TypeAlias = Mapping[Selector, Spec | Sequence[Spec]]
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+@dataclass
+class _Target:
+    ref: TensorRef
+    selector: Selector
+    specs: list[Spec]
+
+
+def apply_mask(model: ModuleT, rules: Rules, *, strict: bool = True) -> ModuleT:
+    """Constrain the tensors of ``model`` that ``rules`` select; in place, returns ``model``.
+
+    ``rules`` maps selectors (see :mod:`maskparam.selectors`) to a spec or a list of specs; a
+    list is stacked in order (each spec sees the tensor as the previous one leaves it). Each
+    tensor may be selected by one rule only, and a tensor that maskparam already constrains is
+    refused: to stack, put the specs in one list, or :func:`remove_parametrizations` first.
+
+    Parameters and buffers can both be targets. Wildcards pass over integer and bool tensors
+    (``position_ids``, ``num_batches_tracked``); naming one exactly is an error. With
+    ``strict=True`` a rule that selects nothing is an error that suggests the closest names.
+
+    Apply before creating the optimizer: the original Parameter object stays the one the
+    optimizer holds either way, but a constraint added later does not reset optimizer state.
+
+    >>> import torch, maskparam as mp
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> _ = mp.apply_mask(model, {"0.weight": mp.Triangular(), "2.weight": mp.Mask(mp.masks.random(0.5))})
+    >>> sorted(name for name, _ in model.named_parameters())  # doctest: +NORMALIZE_WHITESPACE
+    ['0.bias', '0.parametrizations.weight.original', '2.bias', '2.parametrizations.weight.original']
+    """
+    if not isinstance(model, nn.Module):
+        raise error(
+            "apply_mask",
+            f"the model must be a torch.nn.Module; got a {type(model).__name__}.",
+            fix="pass the model itself, e.g. apply_mask(model, rules).",
+        )
+    targets = _plan(model, rules, strict=strict)
+    built = [(target, _build(target)) for target in targets]
+    _register(built)
+    return model
+
+
+def _spec_list(selector: Selector, specs: Spec | Sequence[Spec]) -> list[Spec]:
+    spec_list = [specs] if isinstance(specs, Spec) else list(specs)
+    if not spec_list or not all(isinstance(spec, Spec) for spec in spec_list):
+        raise error(
+            f"rule {describe(selector)}",
+            f"the value must be a spec or a non-empty list of specs; got {specs!r}.",
+            fix="map the selector to e.g. mp.Mask(...), or to [mp.Freeze(...), mp.Triangular()].",
+        )
+    return spec_list
+
+
+def _plan(model: nn.Module, rules: Rules, *, strict: bool) -> list[_Target]:
+    if not isinstance(rules, Mapping):
+        raise error(
+            "apply_mask",
+            f"rules must be a mapping from selectors to specs; got a {type(rules).__name__}.",
+            fix="pass e.g. {'fc.weight': mp.Triangular()}.",
+        )
+    refs = find_tensors(model)
+    targets: dict[int, _Target] = {}
+    for selector, specs in rules.items():
+        check_selector(selector)
+        spec_list = _spec_list(selector, specs)
+        selected = [ref for ref in refs if _selects(selector, ref)]
+        trainable = [ref for ref in selected if ref.is_trainable_dtype]
+        if is_exact_name(selector) and len(trainable) < len(selected):
+            ref = selected[0]
+            raise error(
+                f"rule {describe(selector)}",
+                f"the tensor {ref.name!r} has dtype {ref.dtype}; only floating-point and complex "
+                "tensors can be constrained.",
+                fix="remove this rule: integer and bool tensors never train.",
+            )
+        if not trainable and strict:
+            raise _no_match_error(model, selector, refs, skipped=len(selected))
+        for ref in trainable:
+            _check_target(ref, selector, targets)
+            targets[id(ref)] = _Target(ref, selector, spec_list)
+    return list(targets.values())
+
+
+def _selects(selector: Selector, ref: TensorRef) -> bool:
+    # Only a predicate looks at values; the others must not evaluate parametrizations.
+    is_predicate = callable(selector) and not isinstance(selector, (str, re.Pattern, tuple))
+    tensor = ref.value if is_predicate else ref.storage
+    return matches(selector, ref.names, ref.module, tensor)
+
+
+def _no_match_error(
+    model: nn.Module, selector: Selector, refs: list[TensorRef], *, skipped: int
+) -> MaskparamError:
+    names = [name for ref in refs if ref.is_trainable_dtype for name in ref.names]
+    details = []
+    if isinstance(selector, str):
+        close = difflib.get_close_matches(selector, names, n=3, cutoff=0.4)
+        if close:
+            details.append(f"closest tensor names: {', '.join(map(repr, close))}")
+    if not details:
+        details.append(
+            f"tensor names: {', '.join(map(repr, names[:8]))}{', ...' if len(names) > 8 else ''}"
+        )
+    if skipped:
+        details.append(f"it matched {skipped} integer/bool tensor(s), which are never constrained")
+    return error(
+        f"rule {describe(selector)}",
+        f"matched no floating-point tensor in {type(model).__name__}.",
+        *details,
+        fix="correct the selector, or pass strict=False to allow rules that match nothing.",
+    )
+
+
+def _check_target(ref: TensorRef, selector: Selector, targets: dict[int, _Target]) -> None:
+    earlier = targets.get(id(ref))
+    if earlier is not None:
+        raise error(
+            repr(ref.name),
+            f"selected by two rules, {describe(earlier.selector)} and {describe(selector)}.",
+            fix="select each tensor with one rule; to stack constraints, map it to a list of specs.",
+        )
+    if ref.has_constraint:
+        raise error(
+            repr(ref.name),
+            "maskparam already constrains this tensor (from an earlier apply_mask).",
+            fix="pass all its specs as one list in one call, or call "
+            "mp.remove_parametrizations(model) first.",
+        )
+    if ref.tied_names:
+        raise error(
+            repr(ref.name),
+            f"this tensor is tied to {', '.join(map(repr, ref.tied_names))} (the same Parameter in "
+            "two modules); constraining one side would split the tie.",
+            fix="untie the weights first, or leave this tensor unconstrained.",
+        )
+    if isinstance(ref.module, nn.RNNBase) and ref.local_name in ref.module._flat_weights_names:
+        raise error(
+            repr(ref.name),
+            f"{type(ref.module).__name__} reads its weights from _flat_weights, so a parametrized "
+            "weight would be silently ignored (pytorch issue 65688).",
+            fix="leave RNN weights unconstrained, or build the RNN from nn.Linear cells.",
+        )
+
+
+def _build(target: _Target) -> list[ConstraintParametrization]:
+    value = target.ref.value
+    built = []
+    with torch.no_grad():
+        for spec in target.specs:
+            parametrization = spec.build(target.ref.name, value)
+            built.append(parametrization)
+            value = parametrization(value)  # the next stacked spec sees this spec's output
+    return built
+
+
+def _register(built: list[tuple[_Target, list[ConstraintParametrization]]]) -> None:
+    done: list[TensorRef] = []
+    try:
+        for target, parametrizations in built:
+            ref = target.ref
+            done.append(ref)
+            for parametrization in parametrizations:
+                parametrize.register_parametrization(ref.module, ref.local_name, parametrization)
+    except Exception:
+        for ref in reversed(done):
+            _remove_own(ref.module, ref.local_name, leave_parametrized=False)
+        raise
+
+
+def remove_parametrizations(model: ModuleT, *, leave_parametrized: bool = True) -> ModuleT:
+    """Bake maskparam's constraints into plain tensors, for export; in place, returns ``model``.
+
+    Removes only maskparam's own parametrizations: a user's ``weight_norm`` stays. Where
+    maskparam was the only one on a module, the module gets back its class and its state_dict
+    keys; the baked Parameter is the same object the optimizer held, and its values equal the
+    effective tensor bit for bit. With ``leave_parametrized=False`` the stored originals come back
+    unconstrained instead (masked entries reappear).
+
+    >>> import torch, maskparam as mp
+    >>> layer = mp.apply_mask(torch.nn.Linear(3, 3), {"weight": mp.Triangular()})
+    >>> effective = layer.weight.detach().clone()
+    >>> layer = mp.remove_parametrizations(layer)
+    >>> type(layer).__name__, torch.equal(layer.weight, effective)
+    ('Linear', True)
+    """
+    owners = [
+        (module, tensor_name)
+        for module in model.modules()
+        for tensor_name in parametrized_names(module)
+        if any(
+            isinstance(p, ConstraintParametrization)
+            for p in parametrization_list(module, tensor_name)
+        )
+    ]
+    for module, tensor_name in owners:  # check all before changing any
+        _check_removable(module, tensor_name, leave_parametrized=leave_parametrized)
+    for module, tensor_name in owners:
+        _remove_own(module, tensor_name, leave_parametrized=leave_parametrized)
+    return model
+
+
+def _check_removable(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) -> None:
+    plist = parametrization_list(module, tensor_name)
+    users = [p for p in plist if not isinstance(p, ConstraintParametrization)]
+    if leave_parametrized and users and not all(hasattr(p, "right_inverse") for p in users):
+        raise error(
+            repr(tensor_name),
+            f"baking maskparam's constraint leaves {type(users[0]).__name__} in place, which has no "
+            "right_inverse to take the constrained value.",
+            fix="remove that parametrization first, or pass leave_parametrized=False.",
+        )
+
+
+def _remove_own(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) -> None:
+    plist = parametrization_list(module, tensor_name)
+    ours = [i for i, p in enumerate(plist) if isinstance(p, ConstraintParametrization)]
+    if len(ours) == len(plist):
+        # torch bakes with set_(), keeping the Parameter object, and restores the class.
+        parametrize.remove_parametrizations(
+            module, tensor_name, leave_parametrized=leave_parametrized
+        )
+        return
+    # A user's parametrization stays: drop ours, then let theirs take the constrained value
+    # through its right_inverse (exact when theirs is; weight_norm's is up to rounding).
+    with torch.no_grad():
+        effective = getattr(module, tensor_name)
+        for i in reversed(ours):
+            del plist[i]
+        if leave_parametrized:
+            plist.right_inverse(effective)

@@ -1,0 +1,279 @@
+"""Mask sources: generators that compute a mask from the tensor, and the checks every mask passes.
+
+A mask marks *selected* entries with ``True``: :class:`~maskparam.Mask` keeps the selected entries
+(the rest become zero), :class:`~maskparam.Freeze` freezes them (the rest train).
+
+>>> import torch
+>>> import maskparam as mp
+>>> w = torch.tensor([[0.1, -3.0], [2.0, 0.5]])
+>>> mp.masks.magnitude(0.5)(w)
+tensor([[False,  True],
+        [ True, False]])
+>>> mp.masks.rows([1])(w)
+tensor([[False],
+        [ True]])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import torch
+from torch import Tensor
+
+from maskparam.errors import error
+
+__all__ = [
+    "MaskGenerator",
+    "MaskSource",
+    "columns",
+    "filters",
+    "magnitude",
+    "random",
+    "rows",
+    "slices",
+]
+
+IndexLike: TypeAlias = int | Sequence[int] | range | Tensor
+
+
+class MaskGenerator:
+    """Base of the generators in :mod:`maskparam.masks`: a callable from a tensor to a bool mask.
+
+    Subclasses implement :meth:`build`; ``subject`` names the tensor in error messages.
+    """
+
+    def build(self, tensor: Tensor, subject: str) -> Tensor:
+        """Return a bool mask for ``tensor`` (its shape, or one that broadcasts to it)."""
+        raise NotImplementedError
+
+    def __call__(self, tensor: Tensor) -> Tensor:
+        return self.build(tensor, subject="tensor")
+
+
+MaskSource: TypeAlias = Tensor | Callable[[Tensor], Tensor] | MaskGenerator
+"""A bool or 0/1 tensor, a callable of the tensor that returns one, or a generator from here."""
+
+
+def _check_fraction(value: object, what: str) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise error(
+            f"masks: {what}={value!r}",
+            f"{what} must be a number between 0 and 1.",
+            fix=f"pass a {what} such as 0.5.",
+        )
+
+
+@dataclass(frozen=True)
+class RandomMask(MaskGenerator):
+    """Selects exactly ``round(density * numel)`` entries at random; see :func:`random`."""
+
+    density: float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_fraction(self.density, "density")
+        if not isinstance(self.seed, int):
+            raise error(
+                f"masks.random(seed={self.seed!r})", "the seed must be an int.", fix="pass seed=0."
+            )
+
+    def build(self, tensor: Tensor, subject: str) -> Tensor:
+        del subject  # every density in [0, 1] fits every tensor
+        numel = tensor.numel()
+        # A private generator: the mask depends on the seed alone, never on the global RNG,
+        # and drawing it leaves the global RNG untouched.
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        chosen = torch.randperm(numel, generator=generator)[: round(self.density * numel)]
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[chosen] = True
+        return mask.reshape(tensor.shape).to(tensor.device)
+
+
+@dataclass(frozen=True)
+class MagnitudeMask(MaskGenerator):
+    """Keeps the largest-magnitude entries; see :func:`magnitude`."""
+
+    sparsity: float
+
+    def __post_init__(self) -> None:
+        _check_fraction(self.sparsity, "sparsity")
+
+    def build(self, tensor: Tensor, subject: str) -> Tensor:
+        del subject
+        # Same count and the same topk call as torch.nn.utils.prune.L1Unstructured, so ties
+        # resolve identically and the two masks are equal.
+        n_pruned = round(self.sparsity * tensor.numel())
+        mask = torch.ones(tensor.numel(), dtype=torch.bool, device=tensor.device)
+        if n_pruned:
+            smallest = torch.topk(tensor.detach().abs().reshape(-1), k=n_pruned, largest=False)
+            mask[smallest.indices] = False
+        return mask.reshape(tensor.shape)
+
+
+def normalize_index(index: IndexLike, size: int, subject: str, what: str) -> Tensor:
+    """Validate slice indices against a dimension of ``size``; negative ones count from the end.
+
+    Returns a sorted int64 tensor without duplicates.
+    """
+    values = index.tolist() if isinstance(index, Tensor) else index
+    values = [values] if isinstance(values, int) else list(values)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise error(
+            subject,
+            f"{what} must be integers; got {values!r}.",
+            fix="pass an int, a list of ints, a range or an integer tensor.",
+        )
+    bad = [v for v in values if not -size <= v < size]
+    if bad:
+        raise error(
+            subject,
+            f"{what} {bad} out of range for a dimension of size {size}.",
+            fix=f"use indices in [{-size}, {size - 1}].",
+        )
+    return torch.tensor(sorted({v % size for v in values}), dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class SliceMask(MaskGenerator):
+    """Selects whole slices along one dimension; see :func:`slices`."""
+
+    dim: int
+    index: tuple[int, ...]
+
+    def build(self, tensor: Tensor, subject: str) -> Tensor:
+        if not -tensor.dim() <= self.dim < max(tensor.dim(), 1):
+            raise error(
+                subject,
+                f"dim={self.dim} is out of range for a tensor of shape {tuple(tensor.shape)}.",
+                fix=f"use a dim in [{-tensor.dim()}, {tensor.dim() - 1}].",
+            )
+        dim = self.dim % tensor.dim()
+        size = tensor.shape[dim]
+        index = normalize_index(self.index, size, subject, "index")
+        # Broadcast shape (1, ..., size, ..., 1): one byte per slice, not per entry.
+        shape = [1] * tensor.dim()
+        shape[dim] = size
+        mask = torch.zeros(size, dtype=torch.bool)
+        mask[index] = True
+        return mask.reshape(shape).to(tensor.device)
+
+
+def random(density: float, seed: int = 0) -> RandomMask:
+    """Select exactly ``round(density * numel)`` entries uniformly at random.
+
+    Reproducible from ``seed`` alone, whatever the global RNG (which it leaves untouched).
+    Tensors of the same shape get the same mask for the same seed.
+
+    >>> import torch
+    >>> int(random(0.25, seed=1)(torch.empty(4, 4)).sum())
+    4
+    """
+    return RandomMask(density, seed)
+
+
+def magnitude(sparsity: float) -> MagnitudeMask:
+    """Select all but the ``round(sparsity * numel)`` smallest-magnitude entries.
+
+    The mask equals the one of ``torch.nn.utils.prune.l1_unstructured(amount=sparsity)``.
+
+    >>> import torch
+    >>> magnitude(0.25)(torch.tensor([1.0, -4.0, 0.5, 2.0]))
+    tensor([ True,  True, False,  True])
+    """
+    return MagnitudeMask(sparsity)
+
+
+def slices(dim: int, index: IndexLike) -> SliceMask:
+    """Select whole slices ``index`` along ``dim`` (negative indices count from the end).
+
+    >>> import torch
+    >>> slices(1, [0, -1])(torch.empty(2, 3))
+    tensor([[ True, False,  True]])
+    """
+    values = index.tolist() if isinstance(index, Tensor) else index
+    values = [values] if isinstance(values, int) else values
+    return SliceMask(dim, tuple(values))
+
+
+def rows(index: IndexLike) -> SliceMask:
+    """Select rows (slices along dim 0); for a Linear weight, output features."""
+    return slices(0, index)
+
+
+def columns(index: IndexLike) -> SliceMask:
+    """Select columns (slices along dim 1); for a Linear weight, input features."""
+    return slices(1, index)
+
+
+def filters(index: IndexLike) -> SliceMask:
+    """Select conv filters (output channels: slices along dim 0 of a conv weight)."""
+    return slices(0, index)
+
+
+def resolve(source: MaskSource, tensor: Tensor, subject: str) -> Tensor:
+    """Turn a mask source into a bool mask that broadcasts to ``tensor``, on its device.
+
+    Rejects anything that is not a binary tensor of a broadcastable shape, naming ``subject``.
+    """
+    if isinstance(source, MaskGenerator):
+        mask = source.build(tensor, subject)
+    elif isinstance(source, Tensor):
+        mask = source
+    elif callable(source):
+        with torch.no_grad():
+            mask = source(tensor.detach())
+        if not isinstance(mask, Tensor):
+            raise error(
+                subject,
+                f"the mask callable {source!r} returned a {type(mask).__name__}, not a tensor.",
+                fix="return a bool or 0/1 tensor of the tensor's shape.",
+            )
+    else:
+        raise error(
+            subject,
+            f"a mask must be a tensor, a callable of the tensor or a maskparam.masks generator; "
+            f"got a {type(source).__name__}.",
+            fix="pass e.g. torch.ones_like(weight, dtype=torch.bool) or mp.masks.random(0.5).",
+        )
+    return _as_binary(mask, tensor, subject)
+
+
+def _as_binary(mask: Tensor, tensor: Tensor, subject: str) -> Tensor:
+    shape = tuple(tensor.shape)
+    trailing = shape[len(shape) - mask.dim() :] if mask.dim() <= len(shape) else None
+    fits = trailing is not None and all(
+        m in (1, s) for m, s in zip(mask.shape, trailing, strict=True)
+    )
+    if not fits:
+        raise error(
+            subject,
+            f"the mask has shape {tuple(mask.shape)}, which does not broadcast to the tensor's "
+            f"shape {shape}.",
+            fix=f"pass a mask of shape {shape}, or one that broadcasts to it "
+            f"(e.g. {shape[:1] + (1,) * (len(shape) - 1)} selects whole rows).",
+        )
+    if mask.dtype != torch.bool:
+        if mask.is_complex():
+            raise error(subject, "a mask may not be complex.", fix="pass a bool or 0/1 mask.")
+        not_binary = (mask != 0) & (mask != 1)  # NaN compares unequal to both: caught too
+        if bool(not_binary.any()):
+            examples = sorted(set(mask[not_binary].tolist()), key=str)[:5]
+            raise error(
+                subject,
+                f"the mask must be binary, but {int(not_binary.sum())} of its "
+                f"{mask.numel()} values are neither 0 nor 1.",
+                f"examples: {examples}",
+                fix="threshold it first, e.g. mask > 0.5, or pass a bool tensor.",
+            )
+        mask = mask != 0
+    return mask.to(tensor.device)
+
+
+def density(mask: Tensor, shape: torch.Size) -> float:
+    """Fraction of selected entries of a (possibly broadcast) bool mask over ``shape``."""
+    numel = math.prod(shape)
+    return float(mask.sum()) * (numel / max(mask.numel(), 1)) / max(numel, 1)

@@ -1,0 +1,106 @@
+"""Selectors: which tensors a rule targets. Pure functions of the selector and a tensor's names.
+
+A selector is one of
+
+* a ``str``: a glob on the qualified tensor name (``fnmatch`` rules, case-sensitive; ``*``
+  also crosses dots, so ``"*.weight"`` is every weight); a name without wildcards matches itself;
+* a compiled ``re.Pattern``: full-matched against the qualified name;
+* a ``(module_type, tensor_glob)`` tuple: tensors of modules that are instances of
+  ``module_type`` (a type or a tuple of types) whose *local* name matches ``tensor_glob``;
+* a predicate ``(name, module, tensor) -> bool``.
+
+>>> import re, torch
+>>> matches("encoder.*.weight", ["encoder.0.weight"], torch.nn.Linear(1, 1), torch.empty(0))
+True
+>>> matches(re.compile(r"fc\\d\\.bias"), ["fc1.bias"], torch.nn.Linear(1, 1), torch.empty(0))
+True
+>>> matches((torch.nn.Conv2d, "weight"), ["c.weight"], torch.nn.Linear(1, 1), torch.empty(0))
+False
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
+
+from torch import Tensor, nn
+
+from maskparam.errors import error
+
+__all__ = ["Selector", "check_selector", "describe", "is_exact_name", "matches"]
+
+Selector: TypeAlias = (
+    str
+    | re.Pattern[str]
+    | tuple[type[nn.Module] | tuple[type[nn.Module], ...], str]
+    | Callable[[str, nn.Module, Tensor], bool]
+)
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def is_exact_name(selector: object) -> bool:
+    """A string without glob characters: it names one tensor, and naming a wrong one is an error."""
+    return isinstance(selector, str) and not _GLOB_CHARS.intersection(selector)
+
+
+def _is_module_types(candidate: object) -> bool:
+    if isinstance(candidate, tuple):
+        return len(candidate) > 0 and all(_is_module_types(c) for c in candidate)
+    return isinstance(candidate, type) and issubclass(candidate, nn.Module)
+
+
+def check_selector(selector: object) -> None:
+    """Raise a clear error for anything that is not one of the selector kinds above."""
+    if isinstance(selector, (str, re.Pattern)):
+        return
+    if isinstance(selector, tuple):
+        if len(selector) == 2 and _is_module_types(selector[0]) and isinstance(selector[1], str):
+            return
+        raise error(
+            f"selector {selector!r}",
+            "a tuple selector must be (module type, tensor name glob).",
+            fix="write e.g. (torch.nn.Conv2d, 'weight').",
+        )
+    if _is_module_types(selector):
+        raise error(
+            f"selector {describe(selector)}",
+            "a module type alone does not say which of its tensors to constrain.",
+            fix=f"write ({describe(selector)}, 'weight'), or ({describe(selector)}, '*') for all.",
+        )
+    if callable(selector):
+        return
+    raise error(
+        f"selector {selector!r}",
+        f"a selector cannot be a {type(selector).__name__}.",
+        fix="use a glob str, a compiled re.Pattern, a (module type, tensor glob) tuple "
+        "or a predicate (name, module, tensor) -> bool.",
+    )
+
+
+def matches(selector: Selector, names: Sequence[str], module: nn.Module, tensor: Tensor) -> bool:
+    """Whether ``selector`` selects the tensor known as ``names`` (a tensor may have aliases)."""
+    if isinstance(selector, str):
+        return any(fnmatch.fnmatchcase(name, selector) for name in names)
+    if isinstance(selector, re.Pattern):
+        return any(selector.fullmatch(name) is not None for name in names)
+    if isinstance(selector, tuple):
+        module_types, tensor_glob = selector
+        local = names[0].rsplit(".", 1)[-1]
+        return isinstance(module, module_types) and fnmatch.fnmatchcase(local, tensor_glob)
+    return any(bool(selector(name, module, tensor)) for name in names)
+
+
+def describe(selector: Any) -> str:
+    """A short, readable form of a selector for messages and summaries."""
+    if isinstance(selector, str):
+        return repr(selector)
+    if isinstance(selector, re.Pattern):
+        return f"re.compile({selector.pattern!r})"
+    if isinstance(selector, type):
+        return selector.__name__
+    if isinstance(selector, tuple):
+        return f"({', '.join(describe(part) for part in selector)})"
+    return getattr(selector, "__qualname__", None) or repr(selector)

@@ -1,0 +1,135 @@
+"""Specs: immutable descriptions of a constraint, each building one parametrization per tensor.
+
+A spec validates its own arguments when constructed and the tensor when built, so a bad rule
+fails before :func:`maskparam.apply_mask` changes anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
+from torch import Tensor
+
+from maskparam import masks
+from maskparam.errors import error
+from maskparam.masks import IndexLike, MaskSource
+from maskparam.parametrizations import (
+    ConstraintParametrization,
+    FreezeEntries,
+    FreezeSlices,
+    MaskMultiply,
+    TriangularPart,
+)
+
+__all__ = ["Freeze", "Mask", "Spec", "Triangular"]
+
+
+class Spec:
+    """Base of all specs: :meth:`build` returns the parametrization for one tensor."""
+
+    def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
+        """Validate ``tensor`` (named ``name`` in errors) and build its parametrization.
+
+        ``tensor`` is the tensor's value as this spec sees it (after any earlier stacked spec).
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class Mask(Spec):
+    """Effective tensor = original ⊙ mask: unselected entries are exactly zero and never train.
+
+    ``mask``: a bool or 0/1 tensor of the tensor's shape or broadcastable to it (a per-row mask
+    zeroes whole rows), a callable of the tensor, or a generator from :mod:`maskparam.masks`.
+
+    >>> import torch, maskparam as mp
+    >>> layer = torch.nn.Linear(3, 2)
+    >>> _ = mp.apply_mask(layer, {"weight": mp.Mask(torch.tensor([[1, 0, 1], [0, 1, 0]]))})
+    >>> (layer.weight == 0).sum().item()
+    3
+    """
+
+    mask: MaskSource
+
+    def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
+        return MaskMultiply(masks.resolve(self.mask, tensor, f"Mask for {name!r}"))
+
+
+@dataclass(frozen=True, eq=False)
+class Freeze(Spec):
+    """Chosen entries keep their values at apply time, bit for bit, forever; the rest train.
+
+    Choose the entries with ``mask`` (any source :class:`Mask` takes; ``True`` = frozen) or
+    whole slices with ``dim`` and ``index`` (``Freeze(dim=0, index=[5, 6, 7, 8, 9])`` freezes 5
+    of 10 conv filters). Outputs are bit-identical right after applying.
+
+    >>> import torch, maskparam as mp
+    >>> conv = torch.nn.Conv2d(3, 10, 3)
+    >>> before = conv.weight.detach().clone()
+    >>> _ = mp.apply_mask(conv, {"weight": mp.Freeze(dim=0, index=[5, 6, 7, 8, 9])})
+    >>> torch.equal(conv.weight, before)
+    True
+    """
+
+    mask: MaskSource | None = None
+    dim: int | None = field(default=None, kw_only=True)
+    index: IndexLike | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        by_slices = self.dim is not None or self.index is not None
+        if self.mask is not None and by_slices:
+            raise error(
+                "Freeze",
+                "got both a mask and dim/index.",
+                fix="pass either mask= or dim= with index=.",
+            )
+        if self.mask is None and (self.dim is None or self.index is None):
+            raise error(
+                "Freeze",
+                "needs the entries to freeze.",
+                fix="pass mask= (True = frozen) or dim= and index=; to freeze a whole tensor, "
+                "call tensor.requires_grad_(False) instead.",
+            )
+
+    def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
+        subject = f"Freeze for {name!r}"
+        value = tensor.detach()
+        if self.dim is not None and self.index is not None:
+            slice_mask = masks.slices(self.dim, self.index).build(value, subject)
+            dim = self.dim % value.dim()
+            index = slice_mask.reshape(-1).nonzero().reshape(-1)
+            return FreezeSlices(dim, index.to(value.device), value.index_select(dim, index).clone())
+        frozen = masks.resolve(cast(MaskSource, self.mask), value, subject)  # see __post_init__
+        # where(), not a multiply: a non-finite value at a free entry must not leak into the rest.
+        frozen_values = torch.where(frozen, value, torch.zeros((), dtype=value.dtype))
+        return FreezeEntries(~frozen, frozen_values)
+
+
+@dataclass(frozen=True)
+class Triangular(Spec):
+    """Effective tensor = ``tril(original, diagonal)`` (or ``triu`` with ``lower=False``).
+
+    The other triangle is exactly zero and never trains. Works on matrices and on batches of
+    matrices (the last two dimensions).
+
+    >>> import torch, maskparam as mp
+    >>> layer = torch.nn.Linear(3, 3)
+    >>> _ = mp.apply_mask(layer, {"weight": mp.Triangular()})
+    >>> bool((layer.weight.triu(1) == 0).all())
+    True
+    """
+
+    lower: bool = True
+    diagonal: int = 0
+
+    def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
+        if tensor.dim() < 2:
+            raise error(
+                f"Triangular for {name!r}",
+                f"needs a matrix or a batch of matrices, but the tensor has shape "
+                f"{tuple(tensor.shape)}.",
+                fix="select only tensors with 2 or more dimensions (e.g. '*.weight', not '*.bias').",
+            )
+        return TriangularPart(lower=self.lower, diagonal=self.diagonal)

@@ -1,0 +1,99 @@
+"""``summary``: what is constrained, and how many entries still train (free) against the total.
+
+``numel`` is not what trains: a 50% mask halves the free entries of a weight while its ``numel``
+stays the same. PEFT users know the figure as ``print_trainable_parameters``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from maskparam.parametrizations import ConstraintParametrization
+from maskparam.tensors import find_tensors
+
+__all__ = ["Summary", "TensorSummary", "summary"]
+
+
+@dataclass(frozen=True)
+class TensorSummary:
+    """One constrained tensor: its name, its constraint(s), free entries and total entries."""
+
+    name: str
+    constraint: str
+    free: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The constrained tensors, and the model's free (trainable) entries against all its entries.
+
+    ``str(summary)`` is a readable table; the fields are the structured data.
+    """
+
+    tensors: tuple[TensorSummary, ...]
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        header = ("tensor", "constraint", "free", "total", "free %")
+        rows = [
+            (t.name, t.constraint, f"{t.free:,}", f"{t.total:,}", _percent(t.free, t.total))
+            for t in self.tensors
+        ]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        # Names and constraints align left, numbers right.
+        lines = [
+            "  ".join(
+                cell.ljust(width) if column < 2 else cell.rjust(width)
+                for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+            )
+            for row in [header, *rows]
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(
+            f"trainable entries: {self.trainable:,} of {self.total:,} "
+            f"({_percent(self.trainable, self.total)})"
+        )
+        return "\n".join(line.rstrip() for line in lines)
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def summary(model: nn.Module) -> Summary:
+    """Summarise the constraints on ``model``.
+
+    >>> import torch, maskparam as mp
+    >>> model = mp.apply_mask(torch.nn.Linear(4, 4), {"weight": mp.Triangular()})
+    >>> print(mp.summary(model))
+    tensor  constraint                     free  total  free %
+    ------  -----------------------------  ----  -----  ------
+    weight  Triangular(lower, diagonal=0)    10     16   62.5%
+    trainable entries: 14 of 20 (70.0%)
+    """
+    rows: list[TensorSummary] = []
+    trainable = total = 0
+    for ref in find_tensors(model):
+        ours = [p for p in ref.parametrizations if isinstance(p, ConstraintParametrization)]
+        trains = ref.storage.requires_grad
+        if ours:
+            shape = ref.value.shape
+            free = torch.full(shape, trains, dtype=torch.bool, device=ref.storage.device)
+            for parametrization in ours:
+                free = parametrization.restrict_free(free)
+            n_free, numel = int(free.sum()), free.numel()
+            rows.append(
+                TensorSummary(ref.name, " + ".join(p.describe() for p in ours), n_free, numel)
+            )
+        else:
+            numel = ref.value.numel()
+            n_free = numel if trains else 0
+        if ref.is_parameter:
+            trainable += n_free
+            total += numel
+    return Summary(tuple(rows), trainable, total)

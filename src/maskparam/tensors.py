@@ -1,0 +1,131 @@
+"""Discovery: every tensor of a model, under the names a user sees (``fc.weight``, not
+``fc.parametrizations.weight.original``), with shared modules and tied weights recognised."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from maskparam.parametrizations import ConstraintParametrization
+
+__all__ = ["TensorRef", "find_tensors", "parametrization_list", "parametrized_names"]
+
+
+def parametrized_names(module: nn.Module) -> list[str]:
+    """Names of the parametrized tensors of ``module`` (empty when it has none)."""
+    if not parametrize.is_parametrized(module):
+        return []
+    return list(cast(nn.ModuleDict, module.parametrizations).keys())
+
+
+def parametrization_list(module: nn.Module, tensor_name: str) -> parametrize.ParametrizationList:
+    """The ``ParametrizationList`` that holds ``module.<tensor_name>``'s originals."""
+    plists = cast(nn.ModuleDict, module.parametrizations)
+    return cast(parametrize.ParametrizationList, plists[tensor_name])
+
+
+def _first_original(plist: parametrize.ParametrizationList) -> Tensor:
+    return plist.original if plist.is_tensor else cast(Tensor, plist.original0)
+
+
+@dataclass(eq=False)
+class TensorRef:
+    """One tensor slot of a model: ``module.<local_name>``, reachable as ``names``."""
+
+    names: list[str]
+    module: nn.Module
+    local_name: str
+    is_parameter: bool
+    # Other modules holding the same tensor object (tied weights), by qualified name.
+    tied_names: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The first qualified name under which the tensor was found."""
+        return self.names[0]
+
+    @property
+    def is_parametrized(self) -> bool:
+        return parametrize.is_parametrized(self.module, self.local_name)
+
+    @property
+    def parametrizations(self) -> list[nn.Module]:
+        if not self.is_parametrized:
+            return []
+        return list(parametrization_list(self.module, self.local_name))
+
+    @property
+    def has_constraint(self) -> bool:
+        """Whether maskparam already constrains this tensor."""
+        return any(isinstance(p, ConstraintParametrization) for p in self.parametrizations)
+
+    @property
+    def storage(self) -> Tensor:
+        """The stored tensor: the tensor itself, or the (first) original of a parametrized one."""
+        if not self.is_parametrized:
+            return getattr(self.module, self.local_name)  # type: ignore[no-any-return]
+        return _first_original(parametrization_list(self.module, self.local_name))
+
+    @cached_property
+    def value(self) -> Tensor:
+        """The tensor as the module's forward sees it (evaluates parametrizations, no grad)."""
+        with torch.no_grad():
+            return getattr(self.module, self.local_name)  # type: ignore[no-any-return]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        # Registered parametrizations may not change the dtype (unless unsafe), so the stored
+        # tensor's dtype is the effective one without evaluating anything.
+        return self.storage.dtype
+
+    @property
+    def is_trainable_dtype(self) -> bool:
+        return self.dtype.is_floating_point or self.dtype.is_complex
+
+
+def find_tensors(model: nn.Module) -> list[TensorRef]:
+    """Every parameter, buffer and parametrized tensor of ``model``, in registration order."""
+    refs: list[TensorRef] = []
+    by_tensor: dict[int, TensorRef] = {}
+    visiting: set[int] = set()
+
+    def add(module: nn.Module, prefix: str, local: str, tensor: Tensor, is_param: bool) -> None:
+        qualified = prefix + local
+        ref = by_tensor.get(id(tensor))
+        if ref is None:
+            ref = TensorRef([qualified], module, local, is_param)
+            by_tensor[id(tensor)] = ref
+            refs.append(ref)
+        elif ref.module is module:
+            ref.names.append(qualified)  # the same module reached by another path
+        else:
+            ref.tied_names.append(qualified)
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if id(module) in visiting:  # a module that contains itself: nothing new below
+            return
+        visiting.add(id(module))
+        parametrized = parametrized_names(module)
+        for local, param in module._parameters.items():
+            if param is not None:
+                add(module, prefix, local, param, is_param=True)
+        for local, buffer in module._buffers.items():
+            if buffer is not None:
+                add(module, prefix, local, buffer, is_param=False)
+        for local in parametrized:
+            original = _first_original(parametrization_list(module, local))
+            add(module, prefix, local, original, is_param=isinstance(original, nn.Parameter))
+        for child_name, child in module._modules.items():
+            # A parametrized module's "parametrizations" holds the originals and our masks:
+            # implementation detail, never a target.
+            if child is not None and not (parametrized and child_name == "parametrizations"):
+                visit(child, f"{prefix}{child_name}.")
+        visiting.discard(id(module))
+
+    visit(model, "")
+    return refs
