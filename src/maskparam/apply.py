@@ -14,7 +14,7 @@ import difflib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import torch
 from torch import nn
@@ -186,17 +186,26 @@ def _build(target: _Target) -> list[ConstraintParametrization]:
 
 
 def _register(built: list[tuple[_Target, list[ConstraintParametrization]]]) -> None:
-    done: list[TensorRef] = []
+    touched: list[TensorRef] = []
     try:
         for target, parametrizations in built:
             ref = target.ref
-            done.append(ref)
+            # Removal re-registers the tensor last; remember its place to put it back there.
+            parametrizations[0].slot_order = tuple(_slots(ref.module, ref.is_parameter))
             for parametrization in parametrizations:
                 parametrize.register_parametrization(ref.module, ref.local_name, parametrization)
+                if not touched or touched[-1] is not ref:
+                    touched.append(ref)
     except Exception:
-        for ref in reversed(done):
+        # Our right_inverse is the identity, so removing without baking restores each original.
+        for ref in reversed(touched):
             _remove_own(ref.module, ref.local_name, leave_parametrized=False)
         raise
+
+
+def _slots(module: nn.Module, is_parameter: bool) -> dict[str, Any]:
+    """The module's own parameter (or buffer) dict, whose order state_dict and parameters() follow."""
+    return module._parameters if is_parameter else module._buffers  # type: ignore[return-value]
 
 
 def remove_parametrizations(model: ModuleT, *, leave_parametrized: bool = True) -> ModuleT:
@@ -247,10 +256,16 @@ def _remove_own(module: nn.Module, tensor_name: str, *, leave_parametrized: bool
     plist = parametrization_list(module, tensor_name)
     ours = [i for i, p in enumerate(plist) if isinstance(p, ConstraintParametrization)]
     if len(ours) == len(plist):
+        slot_order = plist[0].slot_order
         # torch bakes with set_(), keeping the Parameter object, and restores the class.
         parametrize.remove_parametrizations(
             module, tensor_name, leave_parametrized=leave_parametrized
         )
+        slots = _slots(module, tensor_name in module._parameters)
+        in_place = [name for name in slot_order if name in slots]
+        reordered = {name: slots[name] for name in [*in_place, *slots.keys() - set(in_place)]}
+        slots.clear()
+        slots.update(reordered)
         return
     # A user's parametrization stays: drop ours, then let theirs take the constrained value
     # through its right_inverse (exact when theirs is; weight_norm's is up to rounding).

@@ -29,6 +29,11 @@ class ConstraintParametrization(nn.Module):
     user's own parametrizations (``weight_norm``, ``orthogonal``) on the same tensor survive.
     """
 
+    # The names of the module's parameters (or buffers) in order when this constraint was applied:
+    # removal puts the baked tensor back in its place, so parameters() and state_dict keep
+    # their order (optimizer state_dicts map to parameters by position).
+    slot_order: tuple[str, ...] = ()
+
     def right_inverse(self, value: Tensor) -> Tensor:
         # Assigning ``module.weight = value`` stores ``value`` as the original; the constraint
         # then applies to it in the forward pass (masked entries stay zero, frozen ones frozen).

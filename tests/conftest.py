@@ -1,0 +1,82 @@
+"""Shared fixtures: small models and a snapshot that proves a model was left untouched."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import settings
+from torch import Tensor, nn
+
+settings.register_profile("default", deadline=None, max_examples=60)
+settings.register_profile("ci", deadline=None, max_examples=150, derandomize=True)
+settings.load_profile("default")
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    torch.manual_seed(0)
+
+
+class TinyNet(nn.Module):
+    """Linear, conv and norm layers plus an integer buffer, like real models have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 10, 3)
+        self.norm = nn.BatchNorm2d(10)
+        self.fc1 = nn.Linear(10, 6)
+        self.fc2 = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+        self.register_buffer("position_ids", torch.arange(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm(self.conv(x)).relu().mean(dim=(2, 3))
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(h)))))
+
+
+@pytest.fixture
+def tiny() -> TinyNet:
+    return TinyNet()
+
+
+@pytest.fixture
+def make_tiny() -> type[TinyNet]:
+    return TinyNet
+
+
+@pytest.fixture
+def tiny_input() -> Tensor:
+    return torch.randn(4, 3, 6, 6)
+
+
+@dataclass
+class Snapshot:
+    """Everything apply_mask could change: class per module, state_dict, Parameter identities."""
+
+    classes: dict[str, type]
+    state: dict[str, Tensor]
+    param_ids: dict[str, int]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Snapshot:
+        return cls(
+            {name: type(m) for name, m in model.named_modules()},
+            {k: v.detach().clone() for k, v in model.state_dict().items()},
+            {name: id(p) for name, p in model.named_parameters()},
+        )
+
+    def assert_same(self, model: nn.Module) -> None:
+        after = Snapshot.of(model)
+        assert after.classes == self.classes
+        assert after.param_ids == self.param_ids
+        assert after.state.keys() == self.state.keys()
+        for key, value in self.state.items():
+            assert torch.equal(after.state[key], value), key
+
+
+@pytest.fixture
+def snapshot() -> Callable[[nn.Module], Snapshot]:
+    return Snapshot.of

@@ -1,0 +1,132 @@
+"""The core promise under every optimizer in torch.optim, momentum and (decoupled) weight decay
+included: masked entries stay exactly zero, frozen entries bit-identical, the triangle exact, and
+the free entries do train."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import maskparam as mp
+
+Factory = Callable[[list[Any]], torch.optim.Optimizer]
+
+
+def _muon(params: list[Any]) -> torch.optim.Optimizer:
+    # Muon only takes matrices: the usual recipe gives the rest to AdamW.
+    matrices = [p for p in params if p.dim() == 2]
+    others = [p for p in params if p.dim() != 2]
+    return _Both(torch.optim.Muon(matrices, lr=0.05), torch.optim.AdamW(others, lr=0.05))
+
+
+class _Both(torch.optim.Optimizer):
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+        super().__init__([p for o in optimizers for g in o.param_groups for p in g["params"]], {})
+
+    def step(self, closure: Any = None) -> Any:
+        loss = closure() if closure is not None else None
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+
+OPTIMIZERS: dict[str, Factory] = {
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.1),
+    "SGD-momentum-nesterov-wd": lambda p: torch.optim.SGD(
+        p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1
+    ),
+    "Adam-wd": lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.1),
+    "Adam-amsgrad": lambda p: torch.optim.Adam(p, lr=0.05, amsgrad=True),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.5),
+    "RMSprop-momentum-wd": lambda p: torch.optim.RMSprop(
+        p, lr=0.01, momentum=0.9, weight_decay=0.1
+    ),
+    "Adagrad-wd": lambda p: torch.optim.Adagrad(p, lr=0.1, weight_decay=0.1),
+    "Adadelta-wd": lambda p: torch.optim.Adadelta(p, lr=1.0, weight_decay=0.1),
+    "Adamax-wd": lambda p: torch.optim.Adamax(p, lr=0.05, weight_decay=0.1),
+    "NAdam-decoupled-wd": lambda p: torch.optim.NAdam(
+        p, lr=0.05, weight_decay=0.1, decoupled_weight_decay=True
+    ),
+    "RAdam-decoupled-wd": lambda p: torch.optim.RAdam(
+        p, lr=0.05, weight_decay=0.1, decoupled_weight_decay=True
+    ),
+    "ASGD-wd": lambda p: torch.optim.ASGD(p, lr=0.05, weight_decay=0.1),
+    "Rprop": lambda p: torch.optim.Rprop(p, lr=0.01),
+    "LBFGS": lambda p: torch.optim.LBFGS(p, lr=0.5, max_iter=4),
+    "Adafactor-wd": lambda p: torch.optim.Adafactor(p, lr=0.05, weight_decay=0.1),
+    "Muon+AdamW": _muon,
+}
+# SparseAdam needs sparse gradients (nn.Embedding(sparse=True)); a parametrized tensor's gradient
+# flows through the parametrization and is dense, so SparseAdam cannot train it at all.
+NOT_APPLICABLE = {"SparseAdam"}
+
+
+def test_every_torch_optimizer_is_covered():
+    in_torch = {
+        name
+        for name, cls in vars(torch.optim).items()
+        if inspect.isclass(cls)
+        and issubclass(cls, torch.optim.Optimizer)
+        and cls is not torch.optim.Optimizer
+    }
+    covered = {name.split("-")[0].split("+")[0] for name in OPTIMIZERS} | NOT_APPLICABLE
+    assert in_torch <= covered, f"add these to OPTIMIZERS: {sorted(in_torch - covered)}"
+
+
+def _constrained_model() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    kept = mp.masks.random(0.5, seed=1)(model[0].weight)
+    frozen = mp.masks.random(0.3, seed=2)(model[4].weight)
+    mp.apply_mask(
+        model,
+        {
+            "0.weight": mp.Mask(kept),
+            "2.weight": mp.Triangular(),
+            "4.weight": mp.Freeze(frozen),
+            "0.bias": mp.Freeze(dim=0, index=[0, 3]),
+        },
+    )
+    return model, {"kept": kept, "frozen": frozen}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_constraints_hold_and_free_entries_train(name):
+    torch.manual_seed(0)
+    model, masks = _constrained_model()
+    w0, w2, w4, b0 = (
+        t.detach().clone()
+        for t in (model[0].weight, model[2].weight, model[4].weight, model[0].bias)
+    )
+    optimizer = OPTIMIZERS[name](list(model.parameters()))
+    x, y = torch.randn(32, 6), torch.randn(32, 3)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(8):
+        optimizer.step(closure)
+
+    kept, frozen = masks["kept"], masks["frozen"]
+    eff0, eff2, eff4, bias0 = (
+        t.detach() for t in (model[0].weight, model[2].weight, model[4].weight, model[0].bias)
+    )
+    # Masked entries: exactly zero, even though the stored original decays under weight decay.
+    assert torch.equal(eff0[~kept], torch.zeros(int((~kept).sum())))
+    assert not torch.equal(eff0[kept], w0[kept])
+    # Triangle: the upper part exactly zero, the lower part trains.
+    assert torch.equal(eff2.triu(1), torch.zeros(8, 8))
+    assert not torch.equal(eff2.tril(), w2.tril())
+    # Frozen entries: bit-identical; the others train.
+    assert torch.equal(eff4[frozen], w4[frozen])
+    assert not torch.equal(eff4[~frozen], w4[~frozen])
+    assert torch.equal(bias0[[0, 3]], b0[[0, 3]])
+    assert not torch.equal(bias0[[1, 2, 4, 5, 6, 7]], b0[[1, 2, 4, 5, 6, 7]])

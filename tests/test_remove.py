@@ -1,0 +1,110 @@
+"""remove_parametrizations: bake exactly, remove only ours, give back a plain, exportable model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import maskparam as mp
+
+RULES: mp.Rules = {
+    "conv.weight": mp.Freeze(dim=0, index=[1, 2]),
+    "fc1.weight": mp.Mask(mp.masks.random(0.5)),
+    "fc2.weight": [mp.Triangular(), mp.Freeze(mp.masks.random(0.2, seed=1))],
+    "head.bias": mp.Mask(torch.tensor([1.0, 0.0])),
+}
+
+
+def test_bake_restores_class_keys_parameter_identity_and_values(tiny, tiny_input):
+    untouched_keys = list(tiny.state_dict().keys())
+    params_before = dict(tiny.named_parameters())
+    classes_before = {name: type(m) for name, m in tiny.named_modules()}
+    optimizer = torch.optim.AdamW(tiny.parameters(), lr=0.1, weight_decay=0.1)  # before apply
+
+    mp.apply_mask(tiny, RULES)
+    for _ in range(3):
+        optimizer.zero_grad()
+        tiny(tiny_input).sum().backward()
+        optimizer.step()
+    tiny.eval()
+    with torch.no_grad():
+        effective = {
+            name: getattr(
+                tiny.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+            ).clone()
+            for name in ("conv.weight", "fc1.weight", "fc2.weight", "head.bias")
+        }
+        outputs = tiny(tiny_input)
+
+    assert mp.remove_parametrizations(tiny) is tiny
+    assert list(tiny.state_dict().keys()) == untouched_keys
+    assert {name: type(m) for name, m in tiny.named_modules()} == classes_before
+    assert not any(parametrize.is_parametrized(m) for m in tiny.modules())
+    for name, param in tiny.named_parameters():
+        assert param is params_before[name]  # same objects: the optimizer still holds them
+    for name, value in effective.items():
+        module, attr = name.rsplit(".", 1)
+        assert torch.equal(getattr(tiny.get_submodule(module), attr), value)
+    with torch.no_grad():
+        assert torch.equal(tiny(tiny_input), outputs)
+    # The old optimizer still trains the baked model (now without constraints).
+    before = tiny.fc1.weight.detach().clone()
+    optimizer.zero_grad()
+    tiny(tiny_input).sum().backward()
+    optimizer.step()
+    assert not torch.equal(tiny.fc1.weight, before)
+    assert int((tiny.fc1.weight == 0).sum()) < int((before == 0).sum())
+
+
+def test_leave_parametrized_false_gives_back_the_raw_originals():
+    layer = nn.Linear(3, 3)
+    raw = layer.weight.detach().clone()
+    mp.apply_mask(layer, {"weight": mp.Triangular()})
+    mp.remove_parametrizations(layer, leave_parametrized=False)
+    assert torch.equal(layer.weight, raw)
+
+
+def test_a_users_weight_norm_survives():
+    layer = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
+    mask = torch.rand(4, 4) < 0.5
+    mp.apply_mask(layer, {"weight": mp.Mask(mask)})
+    with torch.no_grad():
+        effective = layer.weight.clone()
+    mp.remove_parametrizations(layer)
+    assert parametrize.is_parametrized(layer, "weight")
+    assert [type(p).__name__ for p in layer.parametrizations.weight] == ["_WeightNorm"]
+    assert "parametrizations.weight.original0" in layer.state_dict()
+    # weight_norm re-fits g and v to the constrained value: exact zeros, the rest up to rounding.
+    assert torch.equal(layer.weight.detach()[~mask], torch.zeros(int((~mask).sum())))
+    torch.testing.assert_close(layer.weight.detach(), effective)
+
+
+def test_user_parametrization_without_right_inverse_is_refused_before_any_change():
+    class Double(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    mp.apply_mask(model, {"*.weight": mp.Triangular()})
+    parametrize.register_parametrization(model[1], "weight", Double())
+    with pytest.raises(
+        mp.MaskparamError, match="(?s)Double.*no right_inverse.*leave_parametrized=False"
+    ):
+        mp.remove_parametrizations(model)
+    assert parametrize.is_parametrized(model[0], "weight")  # nothing was removed anywhere
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_baked_model_scripts_and_exports(tiny, tiny_input):
+    mp.apply_mask(tiny, RULES)
+    tiny.eval()
+    with torch.no_grad():
+        expected = tiny(tiny_input)
+    mp.remove_parametrizations(tiny)
+    scripted = torch.jit.script(tiny)
+    exported = torch.export.export(tiny, (tiny_input,))
+    with torch.no_grad():
+        assert torch.equal(scripted(tiny_input), expected)
+        assert torch.equal(exported.module()(tiny_input), expected)
