@@ -14,7 +14,7 @@ import difflib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar, cast
 
 import torch
 from torch import nn
@@ -205,7 +205,7 @@ def _register(built: list[tuple[_Target, list[ConstraintParametrization]]]) -> N
 
 def _slots(module: nn.Module, is_parameter: bool) -> dict[str, Any]:
     """The module's own parameter (or buffer) dict, whose order state_dict and parameters() follow."""
-    return module._parameters if is_parameter else module._buffers  # type: ignore[return-value]
+    return module._parameters if is_parameter else module._buffers
 
 
 def remove_parametrizations(model: ModuleT, *, leave_parametrized: bool = True) -> ModuleT:
@@ -256,14 +256,15 @@ def _remove_own(module: nn.Module, tensor_name: str, *, leave_parametrized: bool
     plist = parametrization_list(module, tensor_name)
     ours = [i for i, p in enumerate(plist) if isinstance(p, ConstraintParametrization)]
     if len(ours) == len(plist):
-        slot_order = plist[0].slot_order
+        slot_order = cast(ConstraintParametrization, plist[0]).slot_order
         # torch bakes with set_(), keeping the Parameter object, and restores the class.
         parametrize.remove_parametrizations(
             module, tensor_name, leave_parametrized=leave_parametrized
         )
         slots = _slots(module, tensor_name in module._parameters)
         in_place = [name for name in slot_order if name in slots]
-        reordered = {name: slots[name] for name in [*in_place, *slots.keys() - set(in_place)]}
+        later = [name for name in slots if name not in in_place]
+        reordered = {name: slots[name] for name in [*in_place, *later]}
         slots.clear()
         slots.update(reordered)
         return

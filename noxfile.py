@@ -1,0 +1,56 @@
+"""Developer sessions. `nox -s demo` and `nox -s tests` are the README's set-up commands.
+
+Sessions:
+    tests      the test suite (doctests included); extra args go to pytest
+    lint       ruff check and ruff format --check
+    typecheck  mypy --strict on src
+    demo       python -m maskparam: the seed scenarios, trained and verified
+    bench      benchmarks/run.py (quick by default; `nox -s bench -- --full` for the full set)
+"""
+
+from __future__ import annotations
+
+import nox
+
+# The CPU wheel of this version lies on the project's machines; an unpinned torch would pull a
+# CUDA build of several GB. pyproject.toml keeps the honest supported range instead.
+TORCH = "torch==2.13.0"
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.default_venv_backend = "venv"
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite."""
+    session.install(TORCH, "-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Lint and check formatting."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on src."""
+    session.install(TORCH, "-e", ".", "mypy")
+    session.run("mypy")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Run the demo on its embedded model and data."""
+    session.install(TORCH, "-e", ".")
+    session.run("python", "-m", "maskparam")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks and write benchmarks/results/."""
+    session.install(TORCH, "-e", ".")
+    session.run("python", "benchmarks/run.py", *session.posargs)

@@ -1,0 +1,80 @@
+"""Mask generators: reproducible, exact counts, and the same masks users know from torch.prune."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import prune
+
+import maskparam as mp
+
+
+def test_random_is_reproducible_and_ignores_the_global_rng():
+    shape = torch.empty(7, 9)
+    torch.manual_seed(1)
+    first = mp.masks.random(0.3, seed=5)(shape)
+    state = torch.get_rng_state()
+    torch.manual_seed(2)
+    second = mp.masks.random(0.3, seed=5)(shape)
+    assert torch.equal(first, second)
+    torch.manual_seed(1)
+    mp.masks.random(0.3, seed=5)(shape)
+    assert torch.equal(torch.get_rng_state(), state)  # drawing left the global RNG untouched
+    assert not torch.equal(first, mp.masks.random(0.3, seed=6)(shape))
+
+
+@given(st.floats(0.0, 1.0), st.integers(1, 40), st.integers(1, 40))
+def test_magnitude_equals_prune_l1_unstructured(sparsity, rows, cols):
+    layer = nn.Linear(cols, rows)
+    ours = mp.masks.magnitude(sparsity)(layer.weight)
+    prune.l1_unstructured(layer, "weight", amount=sparsity)
+    assert torch.equal(ours, layer.weight_mask.bool())
+
+
+def test_magnitude_with_ties_matches_prune_too():
+    layer = nn.Linear(4, 4)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.0, -1.0, 2.0, 0.0]).repeat(4, 1))
+    ours = mp.masks.magnitude(0.5)(layer.weight)
+    prune.l1_unstructured(layer, "weight", amount=0.5)
+    assert torch.equal(ours, layer.weight_mask.bool())
+
+
+@pytest.mark.parametrize(
+    ("generator", "expected"),
+    [
+        (mp.masks.rows([0, -1]), torch.tensor([[True], [False], [True]])),
+        (mp.masks.filters(1), torch.tensor([[False], [True], [False]])),
+        (mp.masks.columns(range(1)), torch.tensor([[True, False]])),
+        (mp.masks.slices(-1, torch.tensor([1])), torch.tensor([[False, True]])),
+    ],
+)
+def test_structured_masks_are_broadcast_shaped(generator, expected):
+    assert torch.equal(generator(torch.empty(3, 2)), expected)
+
+
+def test_a_per_row_mask_zeroes_whole_rows_with_one_byte_per_row():
+    layer = nn.Linear(5, 4)
+    mp.apply_mask(layer, {"weight": mp.Mask(mp.masks.rows([1, 2]))})
+    stored = layer.parametrizations.weight[0].mask
+    assert stored.shape == (4, 1)
+    assert stored.dtype == torch.uint8
+    assert torch.equal(layer.weight[[0, 3]], torch.zeros(2, 5))
+    assert bool((layer.weight[[1, 2]] != 0).all())
+
+
+def test_callable_masks_receive_the_tensor():
+    layer = nn.Linear(4, 4)
+    mp.apply_mask(layer, {"weight": mp.Mask(lambda w: w > 0)})
+    assert bool((layer.weight >= 0).all())
+
+
+@pytest.mark.parametrize("mask", [torch.tensor([1, 0, 1]), torch.tensor([1.0, 0.0, 1.0]), torch.tensor([True, False, True])])
+def test_numeric_and_bool_masks_are_equivalent(mask):
+    layer = nn.Linear(3, 2)
+    before = layer.weight.detach().clone()
+    mp.apply_mask(layer, {"weight": mp.Mask(mask)})
+    assert torch.equal(layer.weight, before * torch.tensor([1.0, 0.0, 1.0]))

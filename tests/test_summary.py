@@ -1,0 +1,48 @@
+"""summary: free entries (what trains) against the total, per tensor and for the model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import maskparam as mp
+
+
+def test_counts_free_entries_per_constraint():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(2, 10, 3), nn.Linear(4, 4))
+    mp.apply_mask(
+        model,
+        {
+            "0.weight": mp.Triangular(),
+            "1.weight": mp.Freeze(dim=0, index=[5, 6, 7, 8, 9]),
+            "2.weight": mp.Mask(mp.masks.random(0.25)),
+        },
+    )
+    model[2].bias.requires_grad_(False)
+    result = mp.summary(model)
+    rows = {row.name: row for row in result.tensors}
+    assert (rows["0.weight"].free, rows["0.weight"].total) == (10, 16)
+    assert (rows["1.weight"].free, rows["1.weight"].total) == (90, 180)
+    assert rows["1.weight"].constraint == "Freeze(dim=0, 5 slices)"
+    assert (rows["2.weight"].free, rows["2.weight"].total) == (4, 16)
+    all_entries = sum(p.numel() for p in model.parameters())
+    assert result.total == all_entries
+    # biases 4 + 10 train, the last bias (4) is frozen by requires_grad
+    assert result.trainable == 10 + 4 + 90 + 10 + 4
+    text = str(result)
+    assert "1.weight  Freeze(dim=0, 5 slices)" in text
+    assert f"trainable entries: 118 of {all_entries:,}" in text
+
+
+def test_unconstrained_model_has_no_rows():
+    result = mp.summary(nn.Linear(3, 3))
+    assert result.tensors == ()
+    assert (result.trainable, result.total) == (12, 12)
+    assert str(result).endswith("trainable entries: 12 of 12 (100.0%)")
+
+
+def test_free_entries_of_a_frozen_parameter_are_zero():
+    layer = nn.Linear(3, 3)
+    layer.weight.requires_grad_(False)
+    mp.apply_mask(layer, {"weight": mp.Mask(torch.ones(3, 3))})
+    assert mp.summary(layer).tensors[0].free == 0
