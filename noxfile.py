@@ -15,6 +15,9 @@ import nox
 # The CPU wheel of this version lies on the project's machines; an unpinned torch would pull a
 # CUDA build of several GB. pyproject.toml keeps the honest supported range instead.
 TORCH = "torch==2.13.0"
+# Linters pinned so that a new release cannot turn a green main red overnight.
+RUFF = "ruff==0.17.6"
+MYPY = "mypy==2.4.1"
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.default_venv_backend = "venv"
@@ -30,7 +33,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """Lint and check formatting."""
-    session.install("ruff")
+    session.install(RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
@@ -38,7 +41,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on src."""
-    session.install(TORCH, "-e", ".", "mypy")
+    session.install(TORCH, "-e", ".", MYPY)
     session.run("mypy")
 
 

@@ -72,7 +72,10 @@ def test_callable_masks_receive_the_tensor():
     assert bool((layer.weight >= 0).all())
 
 
-@pytest.mark.parametrize("mask", [torch.tensor([1, 0, 1]), torch.tensor([1.0, 0.0, 1.0]), torch.tensor([True, False, True])])
+@pytest.mark.parametrize(
+    "mask",
+    [torch.tensor([1, 0, 1]), torch.tensor([1.0, 0.0, 1.0]), torch.tensor([True, False, True])],
+)
 def test_numeric_and_bool_masks_are_equivalent(mask):
     layer = nn.Linear(3, 2)
     before = layer.weight.detach().clone()

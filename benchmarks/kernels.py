@@ -1,0 +1,52 @@
+"""Forward+backward cost of candidate exact formulations for each spec, on one 1024x1024 weight.
+
+This is the measurement behind the kernels maskparam uses (see the README): a uint8 mask
+multiplies about as fast as a float one, while torch.where / masked_fill / bool masks are slower.
+"""
+
+from __future__ import annotations
+
+import torch
+from harness import interleaved_medians, markdown_table
+
+
+def run(size: int = 1024, rounds: int = 30) -> str:
+    x = torch.randn(size, size, requires_grad=True)
+    selected = torch.rand(size, size) < 0.5
+    kept_f, kept_u8 = selected.float(), selected.to(torch.uint8)
+    frozen_values = torch.where(selected, torch.randn(size, size), 0.0)
+    keep_u8 = (~selected).to(torch.uint8)
+    rows = torch.arange(0, size, 2)
+    frozen_rows = torch.randn(rows.numel(), size)
+    upstream = torch.ones(size, size)
+
+    def step(forward):
+        def run_once():
+            forward().backward(upstream)
+            x.grad = None
+
+        return run_once
+
+    candidates = {
+        "identity (x * 1.0)": lambda: x * 1.0,
+        "Mask: x * float mask": lambda: x * kept_f,
+        "Mask: x * uint8 mask": lambda: x * kept_u8,
+        "Mask: x * uint8 mask.to(x.dtype) (used)": lambda: x * kept_u8.to(x.dtype),
+        "Mask: x * bool mask": lambda: x * selected,
+        "Mask: torch.where(mask, x, 0)": lambda: torch.where(selected, x, 0.0),
+        "Mask: x.masked_fill(~mask, 0)": lambda: x.masked_fill(~selected, 0.0),
+        "Triangular: x.tril() (used)": x.tril,
+        "Freeze: addcmul(v, x, keep_u8) (used)": lambda: torch.addcmul(frozen_values, x, keep_u8),
+        "Freeze: torch.where(frozen, v, x)": lambda: torch.where(selected, frozen_values, x),
+        "Freeze rows: index_copy (used)": lambda: x.index_copy(0, rows, frozen_rows),
+    }
+    medians = interleaved_medians({k: step(f) for k, f in candidates.items()}, rounds=rounds)
+    base = medians["Mask: x * float mask"]
+    table = [[name, f"{t * 1e3:.2f}", f"{t / base:.2f}x"] for name, t in medians.items()]
+    header = ["formulation (fwd+bwd, 1024x1024)", "ms", "vs float-mask multiply"]
+    return markdown_table(header, table)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    print(run())

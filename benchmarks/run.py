@@ -1,0 +1,50 @@
+"""Run the benchmarks and write their tables to benchmarks/results/ (`nox -s bench`).
+
+    python benchmarks/run.py          quick: fewer rounds
+    python benchmarks/run.py --full   more rounds (steadier medians)
+
+All timings are medians of interleaved rounds, as ratios against a baseline measured in the same
+run, on one thread: never absolute timings compared across runs or machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import kernels
+import torch
+import train_step
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="more rounds")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rounds = 30 if args.full else 12
+    RESULTS.mkdir(exist_ok=True)
+    sections = {
+        "kernels": ("Kernel candidates (forward + backward)", kernels.run(rounds=2 * rounds)),
+        "train_step": ("Train step vs plain", train_step.run(rounds=rounds)),
+    }
+    for name, (title, table) in sections.items():
+        text = f"## {title}\n\nMeasured on: {machine()}\n\n{table}\n"
+        (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
