@@ -55,6 +55,7 @@ VARIANTS: dict[str, Callable[[nn.Module], mp.Rules] | None] = {
     "Triangular": lambda model: {is_matrix: mp.Triangular()},
     "Freeze(mask, 50%)": lambda model: {is_matrix: mp.Freeze(mp.masks.random(0.5))},
     "Freeze(dim=0, half)": _half_rows,
+    "LearnableMask(hard)": lambda model: {is_matrix: mp.LearnableMask()},
 }
 
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {

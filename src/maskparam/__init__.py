@@ -15,11 +15,13 @@ from __future__ import annotations
 from maskparam import masks
 from maskparam.apply import Rules, apply_mask, remove_parametrizations
 from maskparam.errors import MaskparamError
+from maskparam.learnable import LearnableMask, harden, learned_masks, mask_penalty
 from maskparam.specs import Freeze, Mask, Spec, Triangular
 from maskparam.summary import Summary, TensorSummary, summary
 
 __all__ = [
     "Freeze",
+    "LearnableMask",
     "Mask",
     "MaskparamError",
     "Rules",
@@ -28,6 +30,9 @@ __all__ = [
     "TensorSummary",
     "Triangular",
     "apply_mask",
+    "harden",
+    "learned_masks",
+    "mask_penalty",
     "masks",
     "remove_parametrizations",
     "summary",

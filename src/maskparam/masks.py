@@ -58,10 +58,11 @@ MaskSource: TypeAlias = Tensor | Callable[[Tensor], Tensor] | MaskGenerator
 """A bool or 0/1 tensor, a callable of the tensor that returns one, or a generator from here."""
 
 
-def _check_fraction(value: object, what: str) -> None:
+def check_fraction(value: object, what: str) -> None:
+    """Refuse anything but a number in [0, 1], naming ``what``."""
     if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
         raise error(
-            f"masks: {what}={value!r}",
+            f"{what}={value!r}",
             f"{what} must be a number between 0 and 1.",
             fix=f"pass a {what} such as 0.5.",
         )
@@ -75,7 +76,7 @@ class RandomMask(MaskGenerator):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_fraction(self.density, "density")
+        check_fraction(self.density, "density")
         if not isinstance(self.seed, int):
             raise error(
                 f"masks.random(seed={self.seed!r})", "the seed must be an int.", fix="pass seed=0."
@@ -100,7 +101,7 @@ class MagnitudeMask(MaskGenerator):
     sparsity: float
 
     def __post_init__(self) -> None:
-        _check_fraction(self.sparsity, "sparsity")
+        check_fraction(self.sparsity, "sparsity")
 
     def build(self, tensor: Tensor, subject: str) -> Tensor:
         del subject

@@ -90,6 +90,10 @@ def summary(model: nn.Module) -> Summary:
             rows.append(
                 TensorSummary(ref.name, " + ".join(p.describe() for p in ours), n_free, numel)
             )
+            # Coordinates that the constraints themselves train (a learnable mask's scores).
+            extra = sum(q.numel() for p in ours for q in p.parameters() if q.requires_grad)
+            trainable += extra
+            total += extra
         else:
             numel = ref.value.numel()
             n_free = numel if trains else 0

@@ -1,0 +1,206 @@
+"""Learnable masks: trainable scores decide which entries to keep; an L1 penalty makes them sparse;
+``harden`` turns them into fixed :class:`~maskparam.Mask` constraints for export.
+
+Two modes:
+
+* ``"hard"``: the mask is ``scores > 0``, exactly 0/1 in the forward pass; the scores learn through
+  a straight-through estimator (the backward treats the step as the identity). Scores start at
+  ``init=1.0``, so the mask starts all ones and applying does not change the model's outputs.
+* ``"soft"``: the mask is ``sigmoid(scores / temperature)``, strictly between 0 and 1: no entry is
+  exactly zero until :func:`harden`. Scores start at ``init=3.0 * temperature``, so every weight
+  starts scaled by ``sigmoid(3) ≈ 0.953`` and the outputs change accordingly at apply time.
+
+>>> import torch, maskparam as mp
+>>> layer = torch.nn.Linear(4, 4)
+>>> _ = mp.apply_mask(layer, {"weight": mp.LearnableMask()})
+>>> mp.learned_masks(layer)["weight"].sum().item()  # starts all ones
+16.0
+>>> mp.harden(layer, sparsity=0.25)["weight"]  # keep the 12 highest scores
+0.75
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from maskparam.errors import error
+from maskparam.masks import check_fraction
+from maskparam.parametrizations import ConstraintParametrization, MaskMultiply
+from maskparam.specs import Spec
+from maskparam.tensors import find_tensors, parametrization_list
+
+__all__ = ["LearnableMask", "harden", "learned_masks", "mask_penalty"]
+
+Mode = Literal["hard", "soft"]
+
+
+class LearnedMask(ConstraintParametrization):
+    """``x * g(scores)`` with trainable ``scores`` of the tensor's shape (see the module doc)."""
+
+    def __init__(self, scores: Tensor, *, mode: Mode, temperature: float) -> None:
+        super().__init__()
+        self.scores = nn.Parameter(scores)
+        self.mode = mode
+        self.temperature = temperature
+
+    def mask_values(self) -> Tensor:
+        """The mask as the forward pass uses it (differentiable with respect to the scores)."""
+        if self.mode == "soft":
+            return torch.sigmoid(self.scores / self.temperature)
+        hard = (self.scores > 0).to(self.scores.dtype)
+        # Straight-through: the value is exactly `hard` (s - s is exactly 0 for finite s), the
+        # gradient is the identity. Plain autograd ops, so compile, vmap and functional_call work.
+        return hard + (self.scores - self.scores.detach())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.mask_values()
+
+    def keep(self) -> Tensor:
+        """The binary mask that ``harden`` with the default threshold would fix."""
+        return self.scores.detach() > 0
+
+    def restrict_free(self, free: Tensor) -> Tensor:
+        # Hard: masked entries get no gradient until their score comes back above 0.
+        return free & self.keep() if self.mode == "hard" else free
+
+    def describe(self) -> str:
+        density = float(self.keep().float().mean()) if self.scores.numel() else 0.0
+        return f"LearnableMask({self.mode}, density {100 * density:.1f}%)"
+
+
+@dataclass(frozen=True)
+class LearnableMask(Spec):
+    """Effective tensor = original ⊙ g(scores) with trainable scores; see :mod:`maskparam.learnable`.
+
+    The scores are parameters of the model (``model.parameters()`` yields them), so the optimizer
+    created after :func:`~maskparam.apply_mask` trains them with the weights.
+    """
+
+    mode: Mode = "hard"
+    temperature: float = 1.0
+    init: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("hard", "soft"):
+            raise error(
+                "LearnableMask", f"unknown mode {self.mode!r}.", fix="use 'hard' or 'soft'."
+            )
+        if not self.temperature > 0:
+            raise error(
+                "LearnableMask",
+                f"temperature must be positive; got {self.temperature!r}.",
+                fix="pass e.g. temperature=1.0.",
+            )
+
+    def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
+        if not tensor.is_floating_point():
+            raise error(
+                f"LearnableMask for {name!r}",
+                f"needs a real floating-point tensor; got {tensor.dtype}.",
+                fix="select floating-point weights only.",
+            )
+        init = (
+            self.init
+            if self.init is not None
+            else (1.0 if self.mode == "hard" else 3.0 * self.temperature)
+        )
+        scores = torch.full_like(tensor, init, memory_format=torch.contiguous_format)
+        return LearnedMask(scores, mode=self.mode, temperature=self.temperature)
+
+
+def _learned(model: nn.Module) -> list[tuple[str, nn.Module, str, int, LearnedMask]]:
+    """Every learnable mask of ``model``: (tensor name, module, local name, position, mask)."""
+    found = []
+    for ref in find_tensors(model):
+        for position, parametrization in enumerate(ref.parametrizations):
+            if isinstance(parametrization, LearnedMask):
+                found.append((ref.name, ref.module, ref.local_name, position, parametrization))
+    return found
+
+
+def _require_learned(
+    model: nn.Module, caller: str
+) -> list[tuple[str, nn.Module, str, int, LearnedMask]]:
+    found = _learned(model)
+    if not found:
+        raise error(
+            caller,
+            f"{type(model).__name__} has no learnable mask.",
+            fix="apply one first, e.g. mp.apply_mask(model, {'*.weight': mp.LearnableMask()}).",
+        )
+    return found
+
+
+def learned_masks(model: nn.Module) -> dict[str, Tensor]:
+    """The current mask values of every learnable mask, by tensor name (detached)."""
+    return {name: mask.mask_values().detach() for name, _, _, _, mask in _learned(model)}
+
+
+def mask_penalty(model: nn.Module, *, normalize: bool = False) -> Tensor:
+    """L1 norm of the mask values of every learnable mask: add ``λ * mask_penalty(model)`` to the loss.
+
+    Mask values are non-negative, so the L1 norm is their sum. With ``normalize=True`` it is divided
+    by the number of masked entries (the mean mask value, the expected density). Hard masks
+    propagate its gradient straight through to their scores.
+    """
+    masks = [mask.mask_values() for *_, mask in _require_learned(model, "mask_penalty")]
+    total = torch.stack([m.sum(dtype=torch.float32) for m in masks]).sum()
+    if normalize:
+        total = total / sum(m.numel() for m in masks)
+    return total
+
+
+def harden(
+    model: nn.Module,
+    *,
+    threshold: float = 0.0,
+    sparsity: float | None = None,
+    per_tensor: bool = False,
+) -> dict[str, float]:
+    """Replace every learnable mask by a fixed binary :class:`~maskparam.Mask`; in place.
+
+    By default an entry is kept where its score exceeds ``threshold`` (0: the hard mask as it is,
+    or a soft mask above 0.5). With ``sparsity`` the scores are ranked instead and the
+    ``sparsity`` fraction with the lowest scores is dropped, across all learnable masks of the
+    model at once, or tensor by tensor with ``per_tensor=True``. The weights themselves are left
+    as they are (a soft mask's scaling is not folded into them).
+
+    The scores leave the model; then :func:`~maskparam.remove_parametrizations` exports a plain
+    model whose outputs equal the hardened model's exactly. Returns the density of each mask.
+    """
+    found = _require_learned(model, "harden")
+    if sparsity is not None:
+        check_fraction(sparsity, "sparsity")
+    scores = [mask.scores.detach() for *_, mask in found]
+    if sparsity is None:
+        keeps = [s > threshold for s in scores]
+    elif per_tensor:
+        keeps = [_top(s.reshape(-1), sparsity).reshape(s.shape) for s in scores]
+    else:
+        kept = _top(torch.cat([s.reshape(-1).float() for s in scores]), sparsity)
+        ends = list(itertools.accumulate(s.numel() for s in scores))
+        keeps = [
+            kept[end - s.numel() : end].reshape(s.shape)
+            for s, end in zip(scores, ends, strict=True)
+        ]
+    densities = {}
+    for (name, module, local, position, mask), keep in zip(found, keeps, strict=True):
+        replacement = MaskMultiply(keep)
+        replacement.slot_order = mask.slot_order
+        parametrization_list(module, local)[position] = replacement
+        densities[name] = float(keep.float().mean()) if keep.numel() else 0.0
+    return densities
+
+
+def _top(values: Tensor, sparsity: float) -> Tensor:
+    """Bool mask keeping all but the ``round(sparsity * n)`` lowest values (ties: topk's order)."""
+    dropped = round(sparsity * values.numel())
+    keep = torch.ones_like(values, dtype=torch.bool)
+    if dropped:
+        keep[torch.topk(values, k=dropped, largest=False).indices] = False
+    return keep
