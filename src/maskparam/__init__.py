@@ -17,6 +17,7 @@ from maskparam.apply import Rules, apply_mask, remove_parametrizations
 from maskparam.errors import MaskparamError
 from maskparam.learnable import LearnableMask, harden, learned_masks, mask_penalty
 from maskparam.specs import Freeze, Mask, Spec, Triangular
+from maskparam.subspace import Subspace
 from maskparam.summary import Summary, TensorSummary, summary
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "MaskparamError",
     "Rules",
     "Spec",
+    "Subspace",
     "Summary",
     "TensorSummary",
     "Triangular",

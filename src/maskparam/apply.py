@@ -67,8 +67,7 @@ def apply_mask(model: ModuleT, rules: Rules, *, strict: bool = True) -> ModuleT:
             fix="pass the model itself, e.g. apply_mask(model, rules).",
         )
     targets = _plan(model, rules, strict=strict)
-    built = [(target, _build(target)) for target in targets]
-    _register(built)
+    _register(list(zip(targets, _build(targets), strict=True)))
     return model
 
 
@@ -91,10 +90,23 @@ def _plan(model: nn.Module, rules: Rules, *, strict: bool) -> list[_Target]:
             fix="pass e.g. {'fc.weight': mp.Triangular()}.",
         )
     refs = find_tensors(model)
+    existing_groups = {
+        p.group_name
+        for ref in refs
+        for p in ref.parametrizations
+        if isinstance(p, ConstraintParametrization) and p.group_name is not None
+    }
     targets: dict[int, _Target] = {}
     for selector, specs in rules.items():
         check_selector(selector)
         spec_list = _spec_list(selector, specs)
+        for spec in spec_list:
+            if spec.group_key() in existing_groups:
+                raise error(
+                    f"group {spec.group_key()!r}",
+                    "the model already has a group of this name (from an earlier apply_mask).",
+                    fix="select all of a group's tensors in one apply_mask call, or use a new name.",
+                )
         selected = [ref for ref in refs if _selects(selector, ref)]
         trainable = [ref for ref in selected if ref.is_trainable_dtype]
         if is_exact_name(selector) and len(trainable) < len(selected):
@@ -174,14 +186,39 @@ def _check_target(ref: TensorRef, selector: Selector, targets: dict[int, _Target
         )
 
 
-def _build(target: _Target) -> list[ConstraintParametrization]:
-    value = target.ref.value
-    built = []
+def _build(targets: list[_Target]) -> list[list[ConstraintParametrization]]:
+    """Build every target's stack level by level; specs with a group key are built together."""
+    built: list[list[ConstraintParametrization]] = [[] for _ in targets]
+    values = [target.ref.value for target in targets]
+    group_levels: dict[str, int] = {}
     with torch.no_grad():
-        for spec in target.specs:
-            parametrization = spec.build(target.ref.name, value)
-            built.append(parametrization)
-            value = parametrization(value)  # the next stacked spec sees this spec's output
+        for level in range(max((len(t.specs) for t in targets), default=0)):
+            groups: dict[str, list[int]] = {}
+            for i, target in enumerate(targets):
+                if level >= len(target.specs):
+                    continue
+                spec = target.specs[level]
+                key = spec.group_key()
+                if key is None:
+                    built[i].append(spec.build(target.ref.name, values[i]))
+                else:
+                    if group_levels.setdefault(key, level) != level:
+                        raise error(
+                            f"group {key!r}",
+                            "its members stand at different places in their lists of specs.",
+                            fix="put a grouped spec at the same position in every list (e.g. first).",
+                        )
+                    groups.setdefault(key, []).append(i)
+            for members in groups.values():
+                specs = [targets[i].specs[level] for i in members]
+                pairs = [(targets[i].ref.name, values[i]) for i in members]
+                for i, parametrization in zip(
+                    members, specs[0].build_group(pairs, specs), strict=True
+                ):
+                    built[i].append(parametrization)
+            for i, target in enumerate(targets):
+                if level < len(target.specs):
+                    values[i] = built[i][level](values[i])  # the next level sees this output
     return built
 
 
@@ -191,16 +228,29 @@ def _register(built: list[tuple[_Target, list[ConstraintParametrization]]]) -> N
         for target, parametrizations in built:
             ref = target.ref
             # Removal re-registers the tensor last; remember its place to put it back there.
-            parametrizations[0].slot_order = tuple(_slots(ref.module, ref.is_parameter))
+            parametrizations[0].slot_orders = _slot_orders(ref.module)
             for parametrization in parametrizations:
                 parametrize.register_parametrization(ref.module, ref.local_name, parametrization)
                 if not touched or touched[-1] is not ref:
                     touched.append(ref)
+                parametrization.on_registered(ref.storage)
     except Exception:
         # Our right_inverse is the identity, so removing without baking restores each original.
         for ref in reversed(touched):
             _remove_own(ref.module, ref.local_name, leave_parametrized=False)
         raise
+
+
+def _slot_orders(module: nn.Module) -> dict[str, tuple[str, ...]]:
+    """The module's slot orders before maskparam's first constraint on it (recorded then)."""
+    for tensor_name in parametrized_names(module):
+        for parametrization in parametrization_list(module, tensor_name):
+            if (
+                isinstance(parametrization, ConstraintParametrization)
+                and parametrization.slot_orders
+            ):
+                return parametrization.slot_orders
+    return {"parameters": tuple(module._parameters), "buffers": tuple(module._buffers)}
 
 
 def _slots(module: nn.Module, is_parameter: bool) -> dict[str, Any]:
@@ -255,18 +305,25 @@ def _check_removable(module: nn.Module, tensor_name: str, *, leave_parametrized:
 def _remove_own(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) -> None:
     plist = parametrization_list(module, tensor_name)
     ours = [i for i, p in enumerate(plist) if isinstance(p, ConstraintParametrization)]
+    own = [cast(ConstraintParametrization, plist[i]) for i in ours]
+    original = plist.original if plist.is_tensor else None
     if len(ours) == len(plist):
-        slot_order = cast(ConstraintParametrization, plist[0]).slot_order
+        slot_orders = own[0].slot_orders or {}
         # torch bakes with set_(), keeping the Parameter object, and restores the class.
         parametrize.remove_parametrizations(
             module, tensor_name, leave_parametrized=leave_parametrized
         )
-        slots = _slots(module, tensor_name in module._parameters)
-        in_place = [name for name in slot_order if name in slots]
+        is_parameter = tensor_name in module._parameters
+        slots = _slots(module, is_parameter)
+        order = slot_orders.get("parameters" if is_parameter else "buffers", ())
+        in_place = [name for name in order if name in slots]
         later = [name for name in slots if name not in in_place]
         reordered = {name: slots[name] for name in [*in_place, *later]}
         slots.clear()
         slots.update(reordered)
+        for parametrization in own:
+            if original is not None:
+                parametrization.on_removed(original)
         return
     # A user's parametrization stays: drop ours, then let theirs take the constrained value
     # through its right_inverse (exact when theirs is; weight_norm's is up to rounding).
@@ -274,5 +331,8 @@ def _remove_own(module: nn.Module, tensor_name: str, *, leave_parametrized: bool
         effective = getattr(module, tensor_name)
         for i in reversed(ours):
             del plist[i]
+        for parametrization in own:
+            if original is not None:
+                parametrization.on_removed(original)
         if leave_parametrized:
             plist.right_inverse(effective)

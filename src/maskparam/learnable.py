@@ -191,7 +191,7 @@ def harden(
     densities = {}
     for (name, module, local, position, mask), keep in zip(found, keeps, strict=True):
         replacement = MaskMultiply(keep)
-        replacement.slot_order = mask.slot_order
+        replacement.slot_orders = mask.slot_orders
         parametrization_list(module, local)[position] = replacement
         densities[name] = float(keep.float().mean()) if keep.numel() else 0.0
     return densities

@@ -29,15 +29,23 @@ class ConstraintParametrization(nn.Module):
     user's own parametrizations (``weight_norm``, ``orthogonal``) on the same tensor survive.
     """
 
-    # The names of the module's parameters (or buffers) in order when this constraint was applied:
-    # removal puts the baked tensor back in its place, so parameters() and state_dict keep
+    # The module's parameter and buffer names in order before maskparam first touched it:
+    # removal puts each baked tensor back in its place, so parameters() and state_dict keep
     # their order (optimizer state_dicts map to parameters by position).
-    slot_order: tuple[str, ...] = ()
+    slot_orders: dict[str, tuple[str, ...]] | None = None
+    # Tensors constrained with the same group name share coordinates (a Subspace's θ).
+    group_name: str | None = None
 
     def right_inverse(self, value: Tensor) -> Tensor:
         # Assigning ``module.weight = value`` stores ``value`` as the original; the constraint
         # then applies to it in the forward pass (masked entries stay zero, frozen ones frozen).
         return value
+
+    def on_registered(self, original: Tensor) -> None:
+        """Called once registered, with the stored original (e.g. to freeze it)."""
+
+    def on_removed(self, original: Tensor) -> None:
+        """Called once removed, with the (baked or restored) tensor: undo ``on_registered``."""
 
     def restrict_free(self, free: Tensor) -> Tensor:
         """Given a bool tensor of the entries that train before this constraint, return those after."""

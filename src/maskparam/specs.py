@@ -6,6 +6,7 @@ fails before :func:`maskparam.apply_mask` changes anything.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -27,7 +28,23 @@ __all__ = ["Freeze", "Mask", "Spec", "Triangular"]
 
 
 class Spec:
-    """Base of all specs: :meth:`build` returns the parametrization for one tensor."""
+    """Base of all specs: :meth:`build` returns the parametrization for one tensor.
+
+    A spec whose :meth:`group_key` is not ``None`` is built for all the tensors that share the
+    key at once, by :meth:`build_group` (a Subspace group shares one θ).
+    """
+
+    def group_key(self) -> str | None:
+        """Tensors whose specs return the same key are built together; ``None``: one by one."""
+        return None
+
+    def build_group(
+        self, members: Sequence[tuple[str, Tensor]], specs: Sequence[Spec]
+    ) -> list[ConstraintParametrization]:
+        """Build the parametrizations of a group: ``members`` are (name, tensor) pairs."""
+        return [
+            spec.build(name, tensor) for (name, tensor), spec in zip(members, specs, strict=True)
+        ]
 
     def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
         """Validate ``tensor`` (named ``name`` in errors) and build its parametrization.

@@ -1,0 +1,272 @@
+"""Subspace training: ``W = θ₀ + reshape(E·θ)`` per tensor, or one θ for a whole group of tensors.
+
+θ starts at zero, so applying leaves outputs bit-identical; θ₀ is the tensor's value at apply
+time and never trains; θ ∈ Rᵈ is the only trainable coordinate. With ``group="name"``, every
+tensor selected with that group shares one θ: the "intrinsic dimension" setting of Li et al.
+(2018) and Aghajanyan et al. (2020), where one small vector drives the whole model.
+
+>>> import torch, maskparam as mp
+>>> model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 2))
+>>> _ = mp.apply_mask(model, {"*": mp.Subspace(8, projection="fastfood", group="all")})
+>>> [name for name, p in model.named_parameters() if p.requires_grad]
+['0.parametrizations.weight.0.coordinates.theta']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from maskparam.errors import error
+from maskparam.parametrizations import ConstraintParametrization
+from maskparam.projections import (
+    BasisProjection,
+    DenseProjection,
+    FastfoodProjection,
+    SparseProjection,
+)
+from maskparam.specs import Spec
+
+__all__ = ["Subspace", "SubspaceCoordinates", "SubspaceShift"]
+
+ProjectionName = Literal["gaussian", "sparse", "fastfood"]
+_PROJECTIONS = ("gaussian", "sparse", "fastfood")
+
+
+class SubspaceCoordinates(nn.Module):
+    """The trainable θ of one subspace (shared by a group) and the column scaling of its basis."""
+
+    theta: nn.Parameter
+    inv_norm: Tensor
+    seed: Tensor
+
+    def __init__(
+        self, dim: int, dtype: torch.dtype, inv_norm: Tensor, seed: int, label: str
+    ) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(dim, dtype=dtype, device=inv_norm.device))
+        self.register_buffer("inv_norm", inv_norm)
+        self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
+        self.label = label
+
+    def scaled(self) -> Tensor:
+        """θ with the basis' column scaling folded in: E·scaled() has unit-norm columns."""
+        scaled: Tensor = self.theta * self.inv_norm
+        return scaled
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # The basis is regenerated from the seed, not loaded: a checkpoint made with another seed
+        # would silently pair its θ with a different subspace.
+        incoming = state_dict.get(prefix + "seed")
+        if incoming is not None and int(incoming) != int(self.seed):
+            raise error(
+                f"subspace {self.label!r}",
+                f"the checkpoint was made with seed={int(incoming)}, this model with "
+                f"seed={int(self.seed)}: its θ belongs to another subspace.",
+                fix=f"apply Subspace(..., seed={int(incoming)}) before loading.",
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+class SubspaceShift(ConstraintParametrization):
+    """``θ₀ + reshape(E_i · θ)``, where θ₀ is the stored original, frozen.
+
+    The group's :class:`SubspaceCoordinates` is registered in its first member only, so θ
+    appears once in ``parameters()`` and in the state_dict; the other members refer to it.
+    """
+
+    def __init__(
+        self,
+        coordinates: SubspaceCoordinates,
+        projection: BasisProjection,
+        *,
+        owner: bool,
+        description: str,
+    ) -> None:
+        super().__init__()
+        if owner:
+            self.coordinates = coordinates
+        else:
+            object.__setattr__(self, "coordinates", coordinates)  # a reference, not a submodule
+        self.projection: BasisProjection = projection
+        self.description = description
+        self.group_name = coordinates.label
+        self.original_requires_grad = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        # detach(): θ₀ never trains, even if a script sets requires_grad on every parameter.
+        shift: Tensor = self.projection(self.coordinates.scaled().to(x.dtype))
+        return x.detach() + shift.reshape(x.shape)
+
+    def on_registered(self, original: Tensor) -> None:
+        self.original_requires_grad = original.requires_grad
+        original.requires_grad_(False)
+
+    def on_removed(self, original: Tensor) -> None:
+        original.requires_grad_(self.original_requires_grad)
+
+    def restrict_free(self, free: Tensor) -> Tensor:
+        return torch.zeros_like(free)  # the tensor's own entries never train; θ does
+
+    def describe(self) -> str:
+        return self.description
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclass(frozen=True, eq=False)
+class Subspace(Spec):
+    """Train a tensor (or a group of tensors) in the affine subspace ``θ₀ + E·θ``, θ ∈ R^dim.
+
+    ``basis``: your own E, shape ``(numel, dim)`` (for a group: ``(D, dim)`` with the rows in
+    the order of the group's tensors, as ``parameters_to_vector`` orders them), used as given.
+    Otherwise a random E from ``projection`` and ``seed``, with unit-norm columns over the group:
+    ``"gaussian"`` (dense, D·dim floats), ``"sparse"`` (Li et al.'s very sparse ±1 projection) or
+    ``"fastfood"`` (O(D) memory, O(D log dim) time). A dense basis above ``max_dense_bytes``
+    is refused. ``group``: tensors selected with the same group name share one θ.
+    """
+
+    dim: int
+    basis: Tensor | None = field(default=None, kw_only=True)
+    projection: ProjectionName = field(default="gaussian", kw_only=True)
+    seed: int = field(default=0, kw_only=True)
+    group: str | None = field(default=None, kw_only=True)
+    max_dense_bytes: int = field(default=2**30, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if not _is_positive_int(self.dim):
+            raise error(
+                "Subspace",
+                f"dim must be a positive int; got {self.dim!r}.",
+                fix="pass e.g. Subspace(100).",
+            )
+        if self.projection not in _PROJECTIONS:
+            raise error(
+                "Subspace",
+                f"unknown projection {self.projection!r}.",
+                fix=f"use one of {', '.join(map(repr, _PROJECTIONS))}, or pass basis=.",
+            )
+        if not isinstance(self.seed, int):
+            raise error("Subspace", f"seed must be an int; got {self.seed!r}.", fix="pass seed=0.")
+
+    def group_key(self) -> str | None:
+        return self.group
+
+    def config(self) -> tuple[object, ...]:
+        """What every member of one group must agree on."""
+        return (
+            self.dim,
+            self.projection,
+            self.seed,
+            id(self.basis) if self.basis is not None else None,
+        )
+
+    def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
+        return self.build_group([(name, tensor)], [self])[0]
+
+    def build_group(
+        self, members: Sequence[tuple[str, Tensor]], specs: Sequence[Spec]
+    ) -> list[ConstraintParametrization]:
+        label = self.group if self.group is not None else members[0][0]
+        subject = f"Subspace {'group ' + repr(self.group) if self.group else 'for ' + repr(label)}"
+        for spec in specs:
+            if not isinstance(spec, Subspace) or spec.config() != self.config():
+                raise error(
+                    subject,
+                    "its members were given different settings (dim, projection, seed or basis).",
+                    fix="use one Subspace(...) object for the whole group, or different group names.",
+                )
+        sizes = [tensor.numel() for _, tensor in members]
+        total = sum(sizes)
+        if self.dim > total:
+            raise error(
+                subject,
+                f"dim={self.dim} exceeds the {total:,} entries it would drive.",
+                fix=f"choose dim <= {total}, or put more tensors in the group.",
+            )
+        dtype = members[0][1].dtype
+        device = members[0][1].device
+        for name, tensor in members:
+            if not tensor.is_floating_point():
+                raise error(
+                    f"Subspace for {name!r}", f"needs a floating-point tensor; got {tensor.dtype}.",
+                    fix="select floating-point tensors only.",
+                )  # fmt: skip
+        projections = self._projections(subject, sizes, total, dtype)
+        if self.basis is None:
+            norms = sum(
+                (p.column_sq_norms() for p in projections),
+                torch.zeros(self.dim, dtype=torch.float64),
+            )
+            inv_norm = norms.rsqrt().to(dtype)
+        else:
+            inv_norm = torch.ones(self.dim, dtype=dtype)  # the user's basis is used as given
+        coordinates = SubspaceCoordinates(self.dim, dtype, inv_norm.to(device), self.seed, label)
+        kind = "basis" if self.basis is not None else self.projection
+        description = f"Subspace({kind}, dim={self.dim} of D={total:,}" + (
+            f", group {self.group!r})" if self.group else ")"
+        )
+        return [
+            SubspaceShift(coordinates, projection.to(device), owner=i == 0, description=description)
+            for i, projection in enumerate(projections)
+        ]
+
+    def _projections(
+        self, subject: str, sizes: list[int], total: int, dtype: torch.dtype
+    ) -> list[BasisProjection]:
+        if self.basis is not None:
+            return self._user_blocks(subject, sizes, total, dtype)
+        # One seed per member, so each tensor's block is independent and regenerates alone.
+        seeds = [self.seed * 2**20 + i for i in range(len(sizes))]
+        if self.projection == "gaussian":
+            needed = total * self.dim * torch.finfo(dtype).bits // 8
+            if needed > self.max_dense_bytes:
+                raise error(
+                    subject,
+                    f"a dense Gaussian basis of {total:,} x {self.dim} needs {needed:,} bytes "
+                    f"(limit max_dense_bytes={self.max_dense_bytes:,}).",
+                    fix="use projection='fastfood' (O(D) memory) or 'sparse', or raise max_dense_bytes.",
+                )
+            return [
+                DenseProjection.gaussian(n, self.dim, s, dtype)
+                for n, s in zip(sizes, seeds, strict=True)
+            ]
+        if self.projection == "sparse":
+            density = 1 / max(total**0.5, 1.0)  # s = √D, as Li et al. use it
+            return [
+                SparseProjection(n, self.dim, density, s, dtype)
+                for n, s in zip(sizes, seeds, strict=True)
+            ]
+        return [
+            FastfoodProjection(n, self.dim, s, dtype) for n, s in zip(sizes, seeds, strict=True)
+        ]
+
+    def _user_blocks(
+        self, subject: str, sizes: list[int], total: int, dtype: torch.dtype
+    ) -> list[BasisProjection]:
+        basis = self.basis
+        assert basis is not None
+        if tuple(basis.shape) != (total, self.dim):
+            raise error(
+                subject,
+                f"the basis has shape {tuple(basis.shape)}, but it must map {self.dim} "
+                f"coordinates to {total:,} entries: shape ({total}, {self.dim}).",
+                fix="pass a (numel, dim) basis (for a group: rows in the order of its tensors).",
+            )
+        if basis.dtype != dtype:
+            raise error(
+                subject,
+                f"the basis has dtype {basis.dtype}, the tensors {dtype}.",
+                fix=f"pass basis.to({dtype}).",
+            )
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [
+            DenseProjection(basis.detach()[start : start + size].contiguous(), persistent=True)
+            for start, size in zip(starts, sizes, strict=True)
+        ]

@@ -1,0 +1,327 @@
+"""Subspace: W = θ₀ + E·θ per tensor and across a whole model (intrinsic dimension)."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import maskparam as mp
+from maskparam.projections import DenseProjection, FastfoodProjection, SparseProjection, fwht
+
+PROJECTIONS = ["gaussian", "sparse", "fastfood"]
+
+
+def _model() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 3))
+
+
+def _explicit_basis(model: nn.Module, coordinates: nn.Module, dim: int) -> torch.Tensor:
+    """Read E column by column: set θ = e_j and take the effective minus θ₀ of every tensor."""
+    columns = []
+    originals = {
+        n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("original")
+    }
+    for j in range(dim):
+        with torch.no_grad():
+            coordinates.theta.zero_()
+            coordinates.theta[j] = 1.0
+            effective = [
+                getattr(model.get_submodule(n.split(".parametrizations.")[0]), n.split(".")[-2])
+                for n in originals
+            ]
+            columns.append(
+                torch.cat(
+                    [
+                        (e - o).reshape(-1)
+                        for e, o in zip(effective, originals.values(), strict=True)
+                    ]
+                )
+            )
+    with torch.no_grad():
+        coordinates.theta.zero_()
+    return torch.stack(columns, dim=1)
+
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+def test_apply_is_bit_identical_and_only_theta_trains(projection):
+    model = _model()
+    x = torch.randn(8, 12)
+    before = model(x)
+    originals = [p.detach().clone() for p in model.parameters()]
+    mp.apply_mask(model, {"*": mp.Subspace(16, projection=projection, group="all")})
+    assert torch.equal(model(x), before)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert [n for n, _ in trainable] == ["0.parametrizations.weight.0.coordinates.theta"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    model.requires_grad_(True)  # a script that re-enables everything must not train θ₀
+    for _ in range(5):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    stored = [
+        m.parametrizations[n].original for m in (model[0], model[2]) for n in ("weight", "bias")
+    ]
+    for before_value, original in zip(originals, stored, strict=True):
+        assert torch.equal(original, before_value)  # θ₀ never trains
+        assert original.grad is None
+    assert not torch.equal(model(x), before)
+    theta = trainable[0][1]
+    assert theta.shape == (16,)
+    assert sum(p.numel() for p in model.parameters() if p.grad is not None) == 16
+
+
+def test_group_theta_appears_once_in_parameters_and_state_dict():
+    model = _model()
+    mp.apply_mask(model, {"*": mp.Subspace(10, projection="fastfood", group="all")})
+    thetas = [n for n, _ in model.named_parameters() if n.endswith("theta")]
+    assert thetas == ["0.parametrizations.weight.0.coordinates.theta"]
+    assert [k for k in model.state_dict() if k.endswith("theta")] == thetas
+    shared = {
+        id(model[i].parametrizations[n][0].coordinates) for i in (0, 2) for n in ("weight", "bias")
+    }
+    assert len(shared) == 1
+
+
+def test_without_a_group_each_tensor_has_its_own_theta():
+    model = _model()
+    mp.apply_mask(model, {"*.weight": mp.Subspace(4, projection="sparse")})
+    thetas = [n for n, _ in model.named_parameters() if n.endswith("theta")]
+    assert thetas == [
+        "0.parametrizations.weight.0.coordinates.theta",
+        "2.parametrizations.weight.0.coordinates.theta",
+    ]
+
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+def test_random_bases_have_unit_norm_columns_over_the_group(projection):
+    model = _model()
+    mp.apply_mask(model, {"*": mp.Subspace(9, projection=projection, group="g", seed=4)})
+    basis = _explicit_basis(model, model[0].parametrizations.weight[0].coordinates, 9)
+    assert basis.shape == (12 * 20 + 20 + 20 * 3 + 3, 9)
+    torch.testing.assert_close(basis.norm(dim=0), torch.ones(9))
+    if projection == "sparse":
+        density = float((basis != 0).float().mean())
+        assert density == pytest.approx(1 / basis.shape[0] ** 0.5, rel=0.3)  # s = √D
+
+
+def test_user_basis_is_used_as_given():
+    model = _model()
+    total = sum(p.numel() for p in model.parameters())
+    basis = torch.randn(total, 5) * 3.0  # not normalised, and must stay so
+    flat_before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    mp.apply_mask(model, {"*": mp.Subspace(5, basis=basis, group="mine")})
+    theta = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0])
+    with torch.no_grad():
+        model[0].parametrizations.weight[0].coordinates.theta.copy_(theta)
+        flat = torch.cat(
+            [model[0].weight.reshape(-1), model[0].bias, model[2].weight.reshape(-1), model[2].bias]
+        )
+    # The seed's question: params_D = E @ params_d + params_0, in parameters_to_vector order.
+    torch.testing.assert_close(flat, basis @ theta + flat_before, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("make", "dim"),
+    [
+        (lambda: DenseProjection.gaussian(30, 6, 0, torch.float64), 6),
+        (lambda: SparseProjection(30, 6, 0.5, 0, torch.float64), 6),
+        (lambda: FastfoodProjection(30, 6, 0, torch.float64), 6),  # L = 8, last block truncated
+        (lambda: FastfoodProjection(64, 8, 1, torch.float64), 8),  # an exact multiple of L
+    ],
+)
+def test_projections_pass_gradcheck(make, dim):
+    theta = torch.randn(dim, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(make(), (theta,))
+
+
+def test_fwht_is_the_sylvester_hadamard_transform():
+    for length in (1, 2, 8, 32, 128):
+        hadamard = torch.ones(1, 1, dtype=torch.float64)
+        while hadamard.shape[0] < length:
+            hadamard = torch.cat(
+                (torch.cat((hadamard, hadamard), 1), torch.cat((hadamard, -hadamard), 1))
+            )
+        x = torch.randn(3, length, dtype=torch.float64)
+        torch.testing.assert_close(fwht(x), x @ hadamard.T)
+        torch.testing.assert_close(fwht(fwht(x)), length * x)
+
+
+class SumTargets(nn.Module):
+    """Li et al.'s toy problem: D = 1000 parameters in 10 groups of 100 with fixed sums."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(10, 100, generator=generator, dtype=torch.float64))
+        self.targets = torch.randn(10, generator=generator, dtype=torch.float64) * 10
+
+    def loss(self) -> torch.Tensor:
+        return (self.weight.sum(dim=1) - self.targets).square().sum()
+
+
+def _min_loss(dim: int, projection: str) -> float:
+    problem = SumTargets()
+    mp.apply_mask(problem, {"weight": mp.Subspace(dim, projection=projection, seed=1)})
+    optimizer = torch.optim.LBFGS(
+        problem.parameters(),
+        lr=1,
+        max_iter=200,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-14,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = problem.loss()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(problem.loss().detach())
+
+
+@pytest.mark.parametrize("projection", ["gaussian", "fastfood"])
+def test_toy_problem_has_intrinsic_dimension_exactly_ten(projection):
+    start = float(SumTargets().loss().detach())
+    assert _min_loss(10, projection) < 1e-9 * start
+    assert _min_loss(30, projection) < 1e-9 * start
+    assert _min_loss(9, projection) > 1e-3 * start  # one direction short: unreachable
+    assert _min_loss(5, projection) > 1e-3 * start
+
+
+def test_dense_and_fastfood_give_the_same_loss_curve_shape():
+    curves = {}
+    for projection in ("gaussian", "fastfood"):
+        problem = SumTargets()
+        mp.apply_mask(problem, {"weight": mp.Subspace(40, projection=projection, seed=2)})
+        optimizer = torch.optim.Adam(problem.parameters(), lr=0.5)
+        curve = []
+        for _ in range(150):
+            optimizer.zero_grad()
+            loss = problem.loss()
+            loss.backward()
+            optimizer.step()
+            curve.append(loss.item())
+        curves[projection] = torch.tensor(curve) / curve[0]
+    for curve in curves.values():
+        assert curve[-1] < 1e-2  # both converge
+    # Same shape: at every tenth of training the relative losses are within a factor of 10.
+    ratio = (curves["gaussian"][::15] + 1e-12) / (curves["fastfood"][::15] + 1e-12)
+    assert bool(((ratio > 0.1) & (ratio < 10)).all())
+
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+def test_state_dict_restores_the_subspace_in_a_fresh_model(projection):
+    torch.manual_seed(1)
+    model = _model()
+    rules = {"*": mp.Subspace(7, projection=projection, group="all", seed=5)}
+    mp.apply_mask(model, rules)
+    with torch.no_grad():
+        model[0].parametrizations.weight[0].coordinates.theta.normal_()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    torch.manual_seed(2)
+    fresh = mp.apply_mask(_model(), rules)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randn(4, 12)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_loading_a_checkpoint_of_another_seed_is_refused():
+    model = mp.apply_mask(
+        _model(), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
+    )
+    other = mp.apply_mask(
+        _model(), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=6)}
+    )
+    with pytest.raises(
+        mp.MaskparamError, match=r"(?s)seed=5, this model with seed=6.*Subspace\(\.\.\., seed=5\)"
+    ):
+        other.load_state_dict(model.state_dict())
+
+
+def test_bake_is_exact_and_gives_back_trainable_parameters():
+    model = _model()
+    mp.apply_mask(model, {"*": mp.Subspace(6, projection="fastfood", group="all")})
+    with torch.no_grad():
+        model[0].parametrizations.weight[0].coordinates.theta.normal_()
+        effective = [model[0].weight.clone(), model[2].bias.clone()]
+    mp.remove_parametrizations(model)
+    assert torch.equal(model[0].weight, effective[0])
+    assert torch.equal(model[2].bias, effective[1])
+    assert all(p.requires_grad for p in model.parameters())
+    assert list(model.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+def test_summary_reports_dim_against_d():
+    model = _model()
+    mp.apply_mask(model, {"*": mp.Subspace(10, projection="fastfood", group="all")})
+    result = mp.summary(model)
+    total = 12 * 20 + 20 + 20 * 3 + 3
+    assert result.tensors[0].constraint == f"Subspace(fastfood, dim=10 of D={total}, group 'all')"
+    assert all(row.free == 0 for row in result.tensors)
+    assert result.trainable == 10
+    assert result.total == total + 10
+
+
+BAD = [
+    (
+        {"*": mp.Subspace(5, basis=torch.randn(7, 5), group="g")},
+        r"basis has shape \(7, 5\).*shape \(323, 5\)",
+    ),
+    (
+        {"*": mp.Subspace(5, basis=torch.randn(323, 5, dtype=torch.float64), group="g")},
+        r"basis has dtype torch.float64",
+    ),
+    ({"0.bias": mp.Subspace(21)}, r"dim=21 exceeds the 20 entries"),
+    (
+        {"*": mp.Subspace(100, max_dense_bytes=1000, group="g")},
+        r"(?s)needs 129,200 bytes.*projection='fastfood'",
+    ),
+    (
+        {"0.*": mp.Subspace(5, group="g"), "2.*": mp.Subspace(6, group="g")},
+        r"(?s)group 'g'.*different settings",
+    ),
+    (
+        {
+            "0.*": mp.Subspace(5, group="g"),
+            "2.*": [mp.Mask(torch.ones(1)), mp.Subspace(5, group="g")],
+        },
+        r"different places",
+    ),
+]
+
+
+@pytest.mark.parametrize(("rules", "message"), BAD)
+def test_bad_subspace_input_leaves_the_model_untouched(snapshot, rules, message):
+    model = _model()
+    before = snapshot(model)
+    with pytest.raises(mp.MaskparamError, match=message):
+        mp.apply_mask(model, rules)
+    before.assert_same(model)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: mp.Subspace(0), "dim must be a positive int"),
+        (lambda: mp.Subspace(3, projection="hadamard"), "unknown projection 'hadamard'"),
+    ],
+)
+def test_bad_subspace_specs(make, message):
+    with pytest.raises(mp.MaskparamError, match=re.escape(message)):
+        make()
+
+
+def test_a_group_cannot_be_extended_by_a_later_call():
+    model = _model()
+    mp.apply_mask(model, {"0.*": mp.Subspace(5, group="g")})
+    with pytest.raises(mp.MaskparamError, match="already has a group of this name"):
+        mp.apply_mask(model, {"2.*": mp.Subspace(5, group="g")})
