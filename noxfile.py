@@ -55,5 +55,5 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Run the benchmarks and write benchmarks/results/."""
-    session.install(TORCH, "-e", ".")
+    session.install(TORCH, "-e", ".[examples]")
     session.run("python", "benchmarks/run.py", *session.posargs)

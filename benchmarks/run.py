@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import kernels
+import subspace
 import torch
 import train_step
 
@@ -38,6 +39,10 @@ def main(argv: list[str]) -> int:
     sections = {
         "kernels": ("Kernel candidates (forward + backward)", kernels.run(rounds=2 * rounds)),
         "train_step": ("Train step vs plain", train_step.run(rounds=rounds)),
+        "subspace": (
+            "Subspace training cost",
+            subspace.run(rounds=rounds, plot=RESULTS / "subspace_cost.png"),
+        ),
     }
     for name, (title, table) in sections.items():
         text = f"## {title}\n\nMeasured on: {machine()}\n\n{table}\n"

@@ -1,0 +1,74 @@
+"""Peak memory of one training case, measured in a fresh subprocess (ru_maxrss), so that cases
+cannot see each other's allocations. ``python benchmarks/peak_memory.py CASE`` prints the peak
+resident set in bytes; :func:`peak_bytes` runs it from another script."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import maskparam as mp
+
+
+def _mlp(width: int, depth: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _is_matrix(name: str, module: nn.Module, tensor: torch.Tensor) -> bool:
+    return tensor.dim() == 2
+
+
+CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
+    "mlp4x1024-plain": lambda: (_mlp(1024, 4), torch.randn(256, 1024)),
+    "mlp4x1024-subspace-fastfood-1000": lambda: (
+        mp.apply_mask(_mlp(1024, 4), {"*": mp.Subspace(1000, projection="fastfood", group="all")}),
+        torch.randn(256, 1024),
+    ),
+    "mlp8x4096-plain": lambda: (_mlp(4096, 8), torch.randn(64, 4096)),
+    "mlp8x4096-mask50": lambda: (
+        mp.apply_mask(_mlp(4096, 8), {_is_matrix: mp.Mask(mp.masks.random(0.5))}),
+        torch.randn(64, 4096),
+    ),
+    "mlp8x4096-triangular": lambda: (
+        mp.apply_mask(_mlp(4096, 8), {_is_matrix: mp.Triangular()}),
+        torch.randn(64, 4096),
+    ),
+    "mlp8x4096-freeze50": lambda: (
+        mp.apply_mask(_mlp(4096, 8), {_is_matrix: mp.Freeze(mp.masks.random(0.5))}),
+        torch.randn(64, 4096),
+    ),
+}
+
+
+def run_case(name: str, steps: int = 3) -> int:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, x = CASES[name]()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        optimizer.step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def peak_bytes(name: str) -> int:
+    """Peak RSS of ``name`` run alone in a subprocess."""
+    script = Path(__file__).resolve()
+    output = subprocess.run(
+        [sys.executable, str(script), name], check=True, capture_output=True, text=True
+    ).stdout
+    return int(output.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    print(run_case(sys.argv[1]))
