@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from maskparam import optimizer_guard
 from maskparam.errors import MaskparamError, error
 from maskparam.parametrizations import ConstraintParametrization
 from maskparam.selectors import Selector, check_selector, describe, is_exact_name, matches
@@ -121,6 +122,7 @@ def _plan(model: nn.Module, rules: Rules, *, strict: bool) -> list[_Target]:
             raise _no_match_error(model, selector, refs, skipped=len(selected))
         for ref in trainable:
             _check_target(ref, selector, targets)
+            _check_layouts(ref, spec_list)
             targets[id(ref)] = _Target(ref, selector, spec_list)
     return list(targets.values())
 
@@ -153,6 +155,17 @@ def _no_match_error(
         *details,
         fix="correct the selector, or pass strict=False to allow rules that match nothing.",
     )
+
+
+def _check_layouts(ref: TensorRef, spec_list: list[Spec]) -> None:
+    compact_at = [i for i, spec in enumerate(spec_list) if spec.layout == "compact"]
+    if compact_at and (compact_at != [0] or ref.is_parametrized):
+        raise error(
+            repr(ref.name),
+            "layout='compact' changes what is stored, so it must be the first parametrization of "
+            "the tensor" + (" (this one already has one)." if ref.is_parametrized else "."),
+            fix="put the compact spec first in the list, or use the dense layout.",
+        )
 
 
 def _check_target(ref: TensorRef, selector: Selector, targets: dict[int, _Target]) -> None:
@@ -218,12 +231,21 @@ def _build(targets: list[_Target]) -> list[list[ConstraintParametrization]]:
                     built[i].append(parametrization)
             for i, target in enumerate(targets):
                 if level < len(target.specs):
-                    values[i] = built[i][level](values[i])  # the next level sees this output
+                    # The next level sees this level's output for what it would store.
+                    parametrization = built[i][level]
+                    values[i] = parametrization(parametrization.right_inverse(values[i]))
     return built
 
 
 def _register(built: list[tuple[_Target, list[ConstraintParametrization]]]) -> None:
     touched: list[TensorRef] = []
+    # A compact layout shrinks the stored Parameter in place: keep its values for a rollback.
+    full_values = {
+        id(target.ref): target.ref.storage.detach().clone()
+        for target, parametrizations in built
+        if parametrizations[0].compact
+    }
+    full_shapes = {id(target.ref): target.ref.storage.shape for target, _ in built}
     try:
         for target, parametrizations in built:
             ref = target.ref
@@ -234,10 +256,16 @@ def _register(built: list[tuple[_Target, list[ConstraintParametrization]]]) -> N
                 if not touched or touched[-1] is not ref:
                     touched.append(ref)
                 parametrization.on_registered(ref.storage)
+                if parametrization.compact:
+                    optimizer_guard.watch(ref.storage, ref.name, full_shapes[id(ref)])
     except Exception:
-        # Our right_inverse is the identity, so removing without baking restores each original.
+        # Dense right_inverses are the identity, so removing without baking restores each
+        # original; a compact one gets its full values back.
         for ref in reversed(touched):
             _remove_own(ref.module, ref.local_name, leave_parametrized=False)
+            if id(ref) in full_values:
+                with torch.no_grad():
+                    getattr(ref.module, ref.local_name).set_(full_values[id(ref)])
         raise
 
 
@@ -307,6 +335,8 @@ def _remove_own(module: nn.Module, tensor_name: str, *, leave_parametrized: bool
     ours = [i for i, p in enumerate(plist) if isinstance(p, ConstraintParametrization)]
     own = [cast(ConstraintParametrization, plist[i]) for i in ours]
     original = plist.original if plist.is_tensor else None
+    # A compact original holds only the free entries: the full tensor is the effective one.
+    leave_parametrized = leave_parametrized or any(p.compact for p in own)
     if len(ours) == len(plist):
         slot_orders = own[0].slot_orders or {}
         # torch bakes with set_(), keeping the Parameter object, and restores the class.

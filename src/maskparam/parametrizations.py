@@ -10,6 +10,9 @@ of the memory.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -18,6 +21,7 @@ __all__ = [
     "FreezeEntries",
     "FreezeSlices",
     "MaskMultiply",
+    "ScatterFree",
     "TriangularPart",
 ]
 
@@ -35,6 +39,8 @@ class ConstraintParametrization(nn.Module):
     slot_orders: dict[str, tuple[str, ...]] | None = None
     # Tensors constrained with the same group name share coordinates (a Subspace's θ).
     group_name: str | None = None
+    # Compact layouts store fewer entries than the tensor has: see ScatterFree.
+    compact: bool = False
 
     def right_inverse(self, value: Tensor) -> Tensor:
         # Assigning ``module.weight = value`` stores ``value`` as the original; the constraint
@@ -144,3 +150,52 @@ class TriangularPart(ConstraintParametrization):
 
     def describe(self) -> str:
         return f"Triangular({'lower' if self.lower else 'upper'}, diagonal={self.diagonal})"
+
+
+class ScatterFree(ConstraintParametrization):
+    """Compact layout: the stored original holds only the free entries, in row-major order.
+
+    The forward scatters them into ``fill`` (the frozen values, or zeros), so the optimizer state
+    shrinks with the free fraction and never sees a constrained entry. The 1-byte ``free`` mask
+    is the persistent state; the int64 ``index`` is derived from it (again after loading).
+    """
+
+    free: Tensor
+    index: Tensor
+    fill: Tensor
+
+    compact: bool = True
+
+    def __init__(
+        self, free: Tensor, shape: torch.Size, fill: Tensor | None, description: str
+    ) -> None:
+        super().__init__()
+        self.shape = shape
+        self.numel = math.prod(shape)
+        self.description = description
+        self.register_buffer("free", free.to(torch.uint8).contiguous())
+        self.register_buffer("index", self._index(), persistent=False)
+        # No fill: zeros, allocated per forward rather than stored (4 bytes per entry saved).
+        self.register_buffer(
+            "fill", fill if fill is not None else torch.zeros(0), persistent=fill is not None
+        )
+
+    def _index(self) -> Tensor:
+        return self.free.bool().expand(self.shape).reshape(-1).nonzero().reshape(-1)
+
+    def forward(self, compact: Tensor) -> Tensor:
+        base = self.fill.reshape(-1) if self.fill.numel() else compact.new_zeros(self.numel)
+        return base.scatter(0, self.index, compact).reshape(self.shape)
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        return value.reshape(-1).index_select(0, self.index)
+
+    def restrict_free(self, free: Tensor) -> Tensor:
+        return free & self.free.bool()
+
+    def describe(self) -> str:
+        return self.description
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self.index = self._index()  # the loaded mask may select other entries

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
@@ -21,10 +21,13 @@ from maskparam.parametrizations import (
     FreezeEntries,
     FreezeSlices,
     MaskMultiply,
+    ScatterFree,
     TriangularPart,
 )
 
-__all__ = ["Freeze", "Mask", "Spec", "Triangular"]
+__all__ = ["Freeze", "Layout", "Mask", "Spec", "Triangular"]
+
+Layout = Literal["dense", "compact"]
 
 
 class Spec:
@@ -34,9 +37,21 @@ class Spec:
     key at once, by :meth:`build_group` (a Subspace group shares one θ).
     """
 
+    #: ``"dense"``: the original keeps its shape (fastest compute). ``"compact"``: the original
+    #: stores only the free entries, so optimizer state shrinks with them (see ScatterFree).
+    layout: Layout = "dense"
+
     def group_key(self) -> str | None:
         """Tensors whose specs return the same key are built together; ``None``: one by one."""
         return None
+
+    def _check_layout(self) -> None:
+        if self.layout not in ("dense", "compact"):
+            raise error(
+                type(self).__name__,
+                f"unknown layout {self.layout!r}.",
+                fix="use layout='dense' (the default) or layout='compact'.",
+            )
 
     def build_group(
         self, members: Sequence[tuple[str, Tensor]], specs: Sequence[Spec]
@@ -69,9 +84,16 @@ class Mask(Spec):
     """
 
     mask: MaskSource
+    layout: Layout = field(default="dense", kw_only=True)
+
+    def __post_init__(self) -> None:
+        self._check_layout()
 
     def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
-        return MaskMultiply(masks.resolve(self.mask, tensor, f"Mask for {name!r}"))
+        kept = masks.resolve(self.mask, tensor, f"Mask for {name!r}")
+        if self.layout == "compact":
+            return ScatterFree(kept, tensor.shape, None, "Mask(compact)")
+        return MaskMultiply(kept)
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,8 +115,10 @@ class Freeze(Spec):
     mask: MaskSource | None = None
     dim: int | None = field(default=None, kw_only=True)
     index: IndexLike | None = field(default=None, kw_only=True)
+    layout: Layout = field(default="dense", kw_only=True)
 
     def __post_init__(self) -> None:
+        self._check_layout()
         by_slices = self.dim is not None or self.index is not None
         if self.mask is not None and by_slices:
             raise error(
@@ -113,6 +137,13 @@ class Freeze(Spec):
     def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
         subject = f"Freeze for {name!r}"
         value = tensor.detach()
+        if self.layout == "compact":
+            if self.dim is not None and self.index is not None:
+                frozen = masks.slices(self.dim, self.index).build(value, subject)
+            else:
+                frozen = masks.resolve(cast(MaskSource, self.mask), value, subject)
+            fill = torch.where(frozen, value, torch.zeros((), dtype=value.dtype))
+            return ScatterFree(~frozen, value.shape, fill, "Freeze(compact)")
         if self.dim is not None and self.index is not None:
             slice_mask = masks.slices(self.dim, self.index).build(value, subject)
             dim = self.dim % value.dim()
@@ -140,6 +171,10 @@ class Triangular(Spec):
 
     lower: bool = True
     diagonal: int = 0
+    layout: Layout = field(default="dense", kw_only=True)
+
+    def __post_init__(self) -> None:
+        self._check_layout()
 
     def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
         if tensor.dim() < 2:
@@ -149,4 +184,8 @@ class Triangular(Spec):
                 f"{tuple(tensor.shape)}.",
                 fix="select only tensors with 2 or more dimensions (e.g. '*.weight', not '*.bias').",
             )
-        return TriangularPart(lower=self.lower, diagonal=self.diagonal)
+        part = TriangularPart(lower=self.lower, diagonal=self.diagonal)
+        if self.layout == "compact":
+            triangle = part(torch.ones(tensor.shape[-2:], dtype=torch.bool, device=tensor.device))
+            return ScatterFree(triangle, tensor.shape, None, part.describe()[:-1] + ", compact)")
+        return part
