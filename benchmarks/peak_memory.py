@@ -38,6 +38,14 @@ CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
         mp.apply_mask(_mlp(4096, 8), {_is_matrix: mp.Mask(mp.masks.random(0.5))}),
         torch.randn(64, 4096),
     ),
+    "mlp8x4096-mask50-compact": lambda: (
+        mp.apply_mask(_mlp(4096, 8), {_is_matrix: mp.Mask(mp.masks.random(0.5), layout="compact")}),
+        torch.randn(64, 4096),
+    ),
+    "mlp8x4096-mask10-compact": lambda: (
+        mp.apply_mask(_mlp(4096, 8), {_is_matrix: mp.Mask(mp.masks.random(0.1), layout="compact")}),
+        torch.randn(64, 4096),
+    ),
     "mlp8x4096-triangular": lambda: (
         mp.apply_mask(_mlp(4096, 8), {_is_matrix: mp.Triangular()}),
         torch.randn(64, 4096),

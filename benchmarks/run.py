@@ -14,7 +14,10 @@ import platform
 import sys
 from pathlib import Path
 
+import alternatives
+import inference
 import kernels
+import memory
 import subspace
 import torch
 import train_step
@@ -39,6 +42,9 @@ def main(argv: list[str]) -> int:
     sections = {
         "kernels": ("Kernel candidates (forward + backward)", kernels.run(rounds=2 * rounds)),
         "train_step": ("Train step vs plain", train_step.run(rounds=rounds)),
+        "alternatives": ("maskparam against the alternatives", alternatives.run(rounds=rounds)),
+        "inference": ("Inference", inference.run(rounds=2 * rounds)),
+        "memory": ("Peak memory", memory.run()),
         "subspace": (
             "Subspace training cost",
             subspace.run(rounds=rounds, plot=RESULTS / "subspace_cost.png"),

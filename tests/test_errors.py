@@ -48,7 +48,10 @@ BAD_RULES = [
             r"only floating-point and complex"
         ),
     ),
-    ({"*position_ids": mp.Mask(torch.ones(4))}, r"matched 1 integer/bool tensor"),
+    (
+        {"*position_ids": mp.Mask(torch.ones(4))},
+        r"matched 1 tensor\(s\) that cannot be constrained",
+    ),
     ({3: mp.Triangular()}, r"selector 3: a selector cannot be a int"),
     (
         {"conv.weight": mp.Freeze(dim=0, index=[10])},
@@ -105,13 +108,22 @@ def test_applying_twice_to_the_same_tensor_is_refused(tiny, snapshot):
     before.assert_same(tiny)
 
 
-def test_tied_weights_are_refused():
+def test_batchnorm_running_stats_named_exactly_are_refused(tiny, snapshot):
+    before = snapshot(tiny)
+    with pytest.raises(
+        mp.MaskparamError, match="(?s)'norm.running_var' is a running statistic.*updates in place"
+    ):
+        mp.apply_mask(tiny, {"norm.running_var": mp.Mask(torch.ones(10))})
+    before.assert_same(tiny)
+
+
+def test_tied_weights_with_compact_layout_are_refused():
     embedding = nn.Embedding(10, 4)
     head = nn.Linear(4, 10, bias=False)
     head.weight = embedding.weight
     model = nn.ModuleDict({"embed": embedding, "head": head})
-    with pytest.raises(mp.MaskparamError, match="tied to 'head.weight'.*split the tie"):
-        mp.apply_mask(model, {"embed.weight": mp.Mask(mp.masks.random(0.5))})
+    with pytest.raises(mp.MaskparamError, match="(?s)compact.*tied to 'head.weight'.*dense layout"):
+        mp.apply_mask(model, {"embed.weight": mp.Mask(mp.masks.random(0.5), layout="compact")})
     assert not hasattr(embedding, "parametrizations")
 
 

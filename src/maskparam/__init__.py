@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from maskparam import masks
 from maskparam.apply import Rules, apply_mask, remove_parametrizations
+from maskparam.checkpoints import load_state_dict
+from maskparam.distributed import exclude_constants_from_ddp
 from maskparam.errors import MaskparamError
 from maskparam.learnable import LearnableMask, harden, learned_masks, mask_penalty
 from maskparam.specs import Freeze, Mask, Spec, Triangular
@@ -32,8 +34,10 @@ __all__ = [
     "TensorSummary",
     "Triangular",
     "apply_mask",
+    "exclude_constants_from_ddp",
     "harden",
     "learned_masks",
+    "load_state_dict",
     "mask_penalty",
     "masks",
     "remove_parametrizations",

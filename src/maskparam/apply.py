@@ -109,14 +109,13 @@ def _plan(model: nn.Module, rules: Rules, *, strict: bool) -> list[_Target]:
                     fix="select all of a group's tensors in one apply_mask call, or use a new name.",
                 )
         selected = [ref for ref in refs if _selects(selector, ref)]
-        trainable = [ref for ref in selected if ref.is_trainable_dtype]
+        trainable = [ref for ref in selected if ref.unconstrainable is None]
         if is_exact_name(selector) and len(trainable) < len(selected):
             ref = selected[0]
             raise error(
                 f"rule {describe(selector)}",
-                f"the tensor {ref.name!r} has dtype {ref.dtype}; only floating-point and complex "
-                "tensors can be constrained.",
-                fix="remove this rule: integer and bool tensors never train.",
+                f"the tensor {ref.name!r} {ref.unconstrainable}.",
+                fix="remove this rule (wildcards pass over such tensors).",
             )
         if not trainable and strict:
             raise _no_match_error(model, selector, refs, skipped=len(selected))
@@ -131,13 +130,13 @@ def _selects(selector: Selector, ref: TensorRef) -> bool:
     # Only a predicate looks at values; the others must not evaluate parametrizations.
     is_predicate = callable(selector) and not isinstance(selector, (str, re.Pattern, tuple))
     tensor = ref.value if is_predicate else ref.storage
-    return matches(selector, ref.names, ref.module, tensor)
+    return matches(selector, ref.all_names, ref.module, tensor)
 
 
 def _no_match_error(
     model: nn.Module, selector: Selector, refs: list[TensorRef], *, skipped: int
 ) -> MaskparamError:
-    names = [name for ref in refs if ref.is_trainable_dtype for name in ref.names]
+    names = [name for ref in refs if ref.unconstrainable is None for name in ref.names]
     details = []
     if isinstance(selector, str):
         close = difflib.get_close_matches(selector, names, n=3, cutoff=0.4)
@@ -148,7 +147,9 @@ def _no_match_error(
             f"tensor names: {', '.join(map(repr, names[:8]))}{', ...' if len(names) > 8 else ''}"
         )
     if skipped:
-        details.append(f"it matched {skipped} integer/bool tensor(s), which are never constrained")
+        details.append(
+            f"it matched {skipped} tensor(s) that cannot be constrained (integer, bool, running stats)"
+        )
     return error(
         f"rule {describe(selector)}",
         f"matched no floating-point tensor in {type(model).__name__}.",
@@ -159,6 +160,13 @@ def _no_match_error(
 
 def _check_layouts(ref: TensorRef, spec_list: list[Spec]) -> None:
     compact_at = [i for i, spec in enumerate(spec_list) if spec.layout == "compact"]
+    if compact_at and ref.tied:
+        raise error(
+            repr(ref.name),
+            f"layout='compact' reshapes the stored tensor, which is tied to "
+            f"{', '.join(map(repr, ref.tied_names))}.",
+            fix="use the dense layout for tied weights.",
+        )
     if compact_at and (compact_at != [0] or ref.is_parametrized):
         raise error(
             repr(ref.name),
@@ -183,12 +191,12 @@ def _check_target(ref: TensorRef, selector: Selector, targets: dict[int, _Target
             fix="pass all its specs as one list in one call, or call "
             "mp.remove_parametrizations(model) first.",
         )
-    if ref.tied_names:
+    if ref.tied and any(parametrize.is_parametrized(m, local) for _, m, local in ref.tied):
         raise error(
             repr(ref.name),
-            f"this tensor is tied to {', '.join(map(repr, ref.tied_names))} (the same Parameter in "
-            "two modules); constraining one side would split the tie.",
-            fix="untie the weights first, or leave this tensor unconstrained.",
+            f"this tensor is tied to {', '.join(map(repr, ref.tied_names))}, which carries a "
+            "parametrization of its own: the two sides would no longer compute the same tensor.",
+            fix="remove that parametrization first, or untie the weights.",
         )
     if isinstance(ref.module, nn.RNNBase) and ref.local_name in ref.module._flat_weights_names:
         raise error(
@@ -252,9 +260,14 @@ def _register(built: list[tuple[_Target, list[ConstraintParametrization]]]) -> N
             # Removal re-registers the tensor last; remember its place to put it back there.
             parametrizations[0].slot_orders = _slot_orders(ref.module)
             for parametrization in parametrizations:
-                parametrize.register_parametrization(ref.module, ref.local_name, parametrization)
-                if not touched or touched[-1] is not ref:
-                    touched.append(ref)
+                # Tied weights: the same parametrization on every module that holds the tensor,
+                # so that all of them compute the same constrained tensor and the tie holds.
+                for module, local in ref.slots:
+                    _own_class(module)
+                    parametrize.register_parametrization(module, local, parametrization)
+                    _refuse_pickling(module)
+                    if not touched or touched[-1] is not ref:
+                        touched.append(ref)
                 parametrization.on_registered(ref.storage)
                 if parametrization.compact:
                     optimizer_guard.watch(ref.storage, ref.name, full_shapes[id(ref)])
@@ -262,11 +275,53 @@ def _register(built: list[tuple[_Target, list[ConstraintParametrization]]]) -> N
         # Dense right_inverses are the identity, so removing without baking restores each
         # original; a compact one gets its full values back.
         for ref in reversed(touched):
-            _remove_own(ref.module, ref.local_name, leave_parametrized=False)
+            for module, local in ref.slots:
+                if any(
+                    isinstance(p, ConstraintParametrization)
+                    for p in (
+                        parametrization_list(module, local)
+                        if parametrize.is_parametrized(module, local)
+                        else []
+                    )
+                ):
+                    _remove_own(module, local, leave_parametrized=False)
             if id(ref) in full_values:
                 with torch.no_grad():
                     getattr(ref.module, ref.local_name).set_(full_values[id(ref)])
         raise
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before its properties change.
+
+    torch injects one class per parametrized module, and ``copy.deepcopy`` (``AveragedModel``
+    too) gives the copy that *same* class. ``register_parametrization`` adds a property to it and
+    ``remove_parametrizations`` deletes one from it, so changing the copy would change the
+    original (a removed property breaks it). A fresh subclass per change keeps them apart.
+    """
+    if not parametrize.is_parametrized(module):
+        return
+    cls = type(module)
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
+def _refuse_pickling(module: nn.Module) -> None:
+    """Replace torch's pickling error for parametrized modules with one that names the fix."""
+    cls = type(module)
+    if cls.__dict__.get("__getstate__") is not _getstate:
+        cls.__getstate__ = _getstate  # type: ignore[method-assign]
+
+
+def _getstate(self: nn.Module) -> object:
+    raise error(
+        f"torch.save of {type(self).__name__}",
+        "a parametrized module is an instance of a class that torch creates at run time, which "
+        "cannot be pickled; save the state_dict instead.",
+        fix="torch.save(model.state_dict()), then apply the same rules to a new model and "
+        "load_state_dict; or save a baked copy: "
+        "torch.save(mp.remove_parametrizations(copy.deepcopy(model))).",
+    )
 
 
 def _slot_orders(module: nn.Module) -> dict[str, tuple[str, ...]]:
@@ -313,8 +368,15 @@ def remove_parametrizations(model: ModuleT, *, leave_parametrized: bool = True) 
     ]
     for module, tensor_name in owners:  # check all before changing any
         _check_removable(module, tensor_name, leave_parametrized=leave_parametrized)
+    baked: set[int] = set()
     for module, tensor_name in owners:
-        _remove_own(module, tensor_name, leave_parametrized=leave_parametrized)
+        plist = parametrization_list(module, tensor_name)
+        original = id(plist.original) if plist.is_tensor else None
+        # A tied tensor is baked once; its other slots then just get the baked tensor back.
+        again = original in baked
+        _remove_own(module, tensor_name, leave_parametrized=leave_parametrized and not again)
+        if original is not None:
+            baked.add(original)
     return model
 
 
@@ -331,6 +393,7 @@ def _check_removable(module: nn.Module, tensor_name: str, *, leave_parametrized:
 
 
 def _remove_own(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) -> None:
+    _own_class(module)
     plist = parametrization_list(module, tensor_name)
     ours = [i for i, p in enumerate(plist) if isinstance(p, ConstraintParametrization)]
     own = [cast(ConstraintParametrization, plist[i]) for i in ours]

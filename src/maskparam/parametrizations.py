@@ -102,6 +102,13 @@ class FreezeEntries(ConstraintParametrization):
     def forward(self, x: Tensor) -> Tensor:
         return torch.addcmul(self.frozen_values, x, self.keep)
 
+    def right_inverse(self, value: Tensor) -> Tensor:
+        # Assigning the tensor (or loading a plain checkpoint) sets the values to hold: as if
+        # the constraint had been applied to a model holding `value`.
+        with torch.no_grad():
+            self.frozen_values.copy_(torch.where(self.keep.bool(), 0, value))
+        return value
+
     def restrict_free(self, free: Tensor) -> Tensor:
         return free & self.keep.bool()
 
@@ -126,6 +133,11 @@ class FreezeSlices(ConstraintParametrization):
 
     def forward(self, x: Tensor) -> Tensor:
         return x.index_copy(self.dim, self.index, self.frozen_values)
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        with torch.no_grad():  # as FreezeEntries.right_inverse: the new values to hold
+            self.frozen_values.copy_(value.index_select(self.dim, self.index))
+        return value
 
     def restrict_free(self, free: Tensor) -> Tensor:
         return free.index_fill(self.dim, self.index.to(free.device), False)
@@ -188,6 +200,9 @@ class ScatterFree(ConstraintParametrization):
         return base.scatter(0, self.index, compact).reshape(self.shape)
 
     def right_inverse(self, value: Tensor) -> Tensor:
+        if self.fill.numel():  # frozen values: the new values to hold, as FreezeEntries does
+            with torch.no_grad():
+                self.fill.copy_(torch.where(self.free.bool(), 0, value))
         return value.reshape(-1).index_select(0, self.index)
 
     def restrict_free(self, free: Tensor) -> Tensor:

@@ -18,8 +18,8 @@ seed, so checkpoints store the seed, not the matrix.
 
 from __future__ import annotations
 
-import functools
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,33 +31,68 @@ __all__ = [
     "SparseProjection",
     "fwht",
     "hadamard",
+    "hadamard_factors",
 ]
 
 
 class BasisProjection(nn.Module):
-    """Base of the projections: ``forward(theta) -> flat`` and the columns' squared norms."""
+    """Base of the projections: ``forward(theta) -> flat`` and the columns' squared norms.
+
+    Random projections keep their matrices in non-persistent buffers and regenerate them from
+    their seed when a state_dict is loaded: after ``to_empty()`` (meta-device construction) the
+    buffers hold garbage, and checkpoints carry the seed, not the matrix.
+    """
 
     def column_sq_norms(self) -> Tensor:
         """Squared Euclidean norm of each of the ``d`` columns of this block of E (float64)."""
         raise NotImplementedError
 
+    def generate(self) -> dict[str, Tensor]:
+        """The seeded buffers, freshly drawn on the CPU (empty for a given matrix)."""
+        return {}
 
-@functools.lru_cache(maxsize=32)
-def hadamard(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The n x n Sylvester Hadamard matrix (entries ±1; n a power of 2), cached."""
+    def _install(self, buffers: dict[str, Tensor], device: torch.device | None = None) -> None:
+        for name, value in buffers.items():
+            placed = value if device is None else value.to(device)
+            if name in self._buffers:
+                setattr(self, name, placed)
+            else:
+                self.register_buffer(name, placed, persistent=False)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        buffers = self.generate()
+        current = next((b for b in self._buffers.values() if b is not None), None)
+        if buffers and current is not None:
+            self._install(buffers, current.device)
+
+
+def hadamard(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The n x n Sylvester Hadamard matrix (entries ±1; n a power of 2)."""
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:
         h = torch.cat((torch.cat((h, h), dim=1), torch.cat((h, -h), dim=1)), dim=0)
-    return h.to(dtype=dtype, device=device)
+    return h.to(dtype)
 
 
-def fwht(x: Tensor) -> Tensor:
+def hadamard_factors(length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(H_a, H_b)`` with ``a·b = length`` for :func:`fwht`; ``a = 1`` (one matmul) for L <= 64.
+
+    Measured here (benchmarks/subspace.py): for small L one matmul with the whole H beats both
+    factored forms; from L = 128 on, two matmuls with ``a ≈ b ≈ √L`` win.
+    """
+    a = 1 if length <= 64 else 1 << ((length.bit_length() - 1) // 2)
+    return hadamard(a, dtype), hadamard(length // a, dtype)
+
+
+def fwht(x: Tensor, factors: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Unnormalised Walsh-Hadamard transform over the last dimension (a power of 2).
 
     ``fwht(fwht(x)) == L * x``. Since ``H_L = H_a ⊗ H_b`` with ``a·b = L``, the transform of a
-    row viewed as an ``a x b`` matrix X is ``H_a X H_b``: two small matmuls, O(L·√L) flops but
-    about 7x faster here than the ``log L`` memory-bound butterflies of the textbook O(L log L)
-    version (benchmarks/subspace.py), and plain differentiable torch ops.
+    row viewed as an ``a x b`` matrix X is ``H_a X H_b``: small matmuls, O(L·√L) flops but about
+    7x faster here than the ``log L`` memory-bound butterflies of the textbook O(L log L)
+    version, and plain differentiable torch ops. Pass ``factors`` (from
+    :func:`hadamard_factors`, on x's device) to avoid rebuilding them.
 
     >>> fwht(torch.tensor([1.0, 0.0, 0.0, 0.0]))
     tensor([1., 1., 1., 1.])
@@ -65,16 +100,19 @@ def fwht(x: Tensor) -> Tensor:
     tensor([ 3., -1.])
     """
     length = x.shape[-1]
-    a = 1 << ((length.bit_length() - 1) // 2)
-    b = length // a
-    rows = x.reshape(-1, a, b)
-    rows = torch.matmul(hadamard(a, x.dtype, x.device), rows)
-    rows = torch.matmul(rows, hadamard(b, x.dtype, x.device))
-    return rows.reshape(x.shape)
+    left, right = factors if factors is not None else hadamard_factors(length, x.dtype)
+    if left.shape[0] == 1:
+        return x @ right
+    rows = torch.matmul(left, x.reshape(-1, left.shape[0], right.shape[0]))
+    return torch.matmul(rows, right).reshape(x.shape)
 
 
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _gaussian(rows: int, dim: int, seed: int, dtype: torch.dtype) -> Tensor:
+    return torch.randn(rows, dim, generator=_generator(seed), dtype=torch.float64).to(dtype)
 
 
 class DenseProjection(BasisProjection):
@@ -82,15 +120,21 @@ class DenseProjection(BasisProjection):
 
     matrix: Tensor
 
-    def __init__(self, matrix: Tensor, *, persistent: bool) -> None:
+    def __init__(self, matrix: Tensor, *, seed: int | None = None) -> None:
         super().__init__()
+        self.seed = seed
         # A seeded Gaussian regenerates bit for bit: no need to store D·d floats in checkpoints.
-        self.register_buffer("matrix", matrix, persistent=persistent)
+        self.register_buffer("matrix", matrix, persistent=seed is None)
 
     @classmethod
     def gaussian(cls, rows: int, dim: int, seed: int, dtype: torch.dtype) -> DenseProjection:
-        matrix = torch.randn(rows, dim, generator=_generator(seed), dtype=torch.float64)
-        return cls(matrix.to(dtype), persistent=False)
+        return cls(_gaussian(rows, dim, seed, dtype), seed=seed)
+
+    def generate(self) -> dict[str, Tensor]:
+        if self.seed is None:
+            return {}
+        rows, dim = self.matrix.shape
+        return {"matrix": _gaussian(rows, dim, self.seed, self.matrix.dtype)}
 
     def forward(self, theta: Tensor) -> Tensor:
         return self.matrix @ theta
@@ -106,7 +150,12 @@ class SparseProjection(BasisProjection):
 
     def __init__(self, rows: int, dim: int, density: float, seed: int, dtype: torch.dtype) -> None:
         super().__init__()
-        generator = _generator(seed)
+        self.rows, self.dim, self.density, self.seed, self.dtype = rows, dim, density, seed, dtype
+        self._install(self.generate())
+
+    def generate(self) -> dict[str, Tensor]:
+        rows, dim, density, dtype = self.rows, self.dim, self.density, self.dtype
+        generator = _generator(self.seed)
         total = rows * dim
         # Positions of a Bernoulli(density) process over the flattened (rows, dim) matrix, drawn
         # as geometric gaps: exact, and O(nonzeros) rather than O(rows·dim) random numbers.
@@ -125,7 +174,7 @@ class SparseProjection(BasisProjection):
         matrix = torch.sparse_coo_tensor(
             indices, signs, (rows, dim), is_coalesced=True, check_invariants=False
         )
-        self.register_buffer("matrix", matrix, persistent=False)
+        return {"matrix": matrix}
 
     def forward(self, theta: Tensor) -> Tensor:
         product: Tensor = torch.sparse.mm(self.matrix, theta.unsqueeze(1))
@@ -144,26 +193,36 @@ class FastfoodProjection(BasisProjection):
     signs: Tensor
     permutation: Tensor
     gaussian: Tensor
+    hadamard_left: Tensor
+    hadamard_right: Tensor
 
     def __init__(self, rows: int, dim: int, seed: int, dtype: torch.dtype) -> None:
         super().__init__()
-        generator = _generator(seed)
-        self.rows = rows
-        self.dim = dim
+        self.rows, self.dim, self.seed, self.dtype = rows, dim, seed, dtype
         self.length = 1 << max(dim - 1, 0).bit_length()  # L = 2^⌈log₂ d⌉
-        blocks = -(-rows // self.length)
-        signs = torch.randint(0, 2, (blocks, self.length), generator=generator).to(dtype) * 2 - 1
-        permutation = torch.argsort(torch.rand(blocks, self.length, generator=generator), dim=1)
-        gaussian = torch.randn(blocks, self.length, generator=generator, dtype=torch.float64)
-        self.register_buffer("signs", signs, persistent=False)
-        self.register_buffer("permutation", permutation, persistent=False)
-        self.register_buffer("gaussian", gaussian.to(dtype), persistent=False)
+        self._install(self.generate())
+
+    def generate(self) -> dict[str, Tensor]:
+        generator = _generator(self.seed)
+        shape = (-(-self.rows // self.length), self.length)
+        signs = torch.randint(0, 2, shape, generator=generator).to(self.dtype) * 2 - 1
+        permutation = torch.argsort(torch.rand(shape, generator=generator), dim=1)
+        gaussian = torch.randn(shape, generator=generator, dtype=torch.float64)
+        left, right = hadamard_factors(self.length, self.dtype)
+        return {
+            "signs": signs,
+            "permutation": permutation,
+            "gaussian": gaussian.to(self.dtype),
+            "hadamard_left": left,
+            "hadamard_right": right,
+        }
 
     def forward(self, theta: Tensor) -> Tensor:
         padded = nn.functional.pad(theta, (0, self.length - self.dim))
-        x = fwht(self.signs * padded)  # (blocks, L): every block sees the same θ
+        factors = (self.hadamard_left, self.hadamard_right)
+        x = fwht(self.signs * padded, factors)  # (blocks, L): every block sees the same θ
         x = torch.gather(x, 1, self.permutation) * self.gaussian
-        return fwht(x).reshape(-1)[: self.rows]
+        return fwht(x, factors).reshape(-1)[: self.rows]
 
     def column_sq_norms(self) -> Tensor:
         # A full block maps each column to H G Π (±1 entries): squared norm L·‖g‖², the same for

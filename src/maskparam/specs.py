@@ -45,6 +45,15 @@ class Spec:
         """Tensors whose specs return the same key are built together; ``None``: one by one."""
         return None
 
+    def _compact_needs_values(self, name: str, tensor: Tensor) -> None:
+        if tensor.device.type == "meta":
+            raise error(
+                f"{type(self).__name__} for {name!r}",
+                "layout='compact' stores the positions of the free entries, which a meta tensor "
+                "does not have: it needs real tensors.",
+                fix="apply after to_empty() and loading the weights, or use the dense layout.",
+            )
+
     def _check_layout(self) -> None:
         if self.layout not in ("dense", "compact"):
             raise error(
@@ -92,6 +101,7 @@ class Mask(Spec):
     def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
         kept = masks.resolve(self.mask, tensor, f"Mask for {name!r}")
         if self.layout == "compact":
+            self._compact_needs_values(name, tensor)
             return ScatterFree(kept, tensor.shape, None, "Mask(compact)")
         return MaskMultiply(kept)
 
@@ -138,6 +148,7 @@ class Freeze(Spec):
         subject = f"Freeze for {name!r}"
         value = tensor.detach()
         if self.layout == "compact":
+            self._compact_needs_values(name, value)
             if self.dim is not None and self.index is not None:
                 frozen = masks.slices(self.dim, self.index).build(value, subject)
             else:
@@ -145,10 +156,11 @@ class Freeze(Spec):
             fill = torch.where(frozen, value, torch.zeros((), dtype=value.dtype))
             return ScatterFree(~frozen, value.shape, fill, "Freeze(compact)")
         if self.dim is not None and self.index is not None:
-            slice_mask = masks.slices(self.dim, self.index).build(value, subject)
+            masks.slices(self.dim, self.index).build(value, subject)  # validates dim and index
             dim = self.dim % value.dim()
-            index = slice_mask.reshape(-1).nonzero().reshape(-1)
-            return FreezeSlices(dim, index.to(value.device), value.index_select(dim, index).clone())
+            index = masks.normalize_index(self.index, value.shape[dim], subject, "index")
+            index = index.to(value.device)  # computed on the CPU: works for meta tensors too
+            return FreezeSlices(dim, index, value.index_select(dim, index).clone())
         frozen = masks.resolve(cast(MaskSource, self.mask), value, subject)  # see __post_init__
         # where(), not a multiply: a non-finite value at a free entry must not leak into the rest.
         frozen_values = torch.where(frozen, value, torch.zeros((), dtype=value.dtype))
@@ -186,6 +198,7 @@ class Triangular(Spec):
             )
         part = TriangularPart(lower=self.lower, diagonal=self.diagonal)
         if self.layout == "compact":
+            self._compact_needs_values(name, tensor)
             triangle = part(torch.ones(tensor.shape[-2:], dtype=torch.bool, device=tensor.device))
             return ScatterFree(triangle, tensor.shape, None, part.describe()[:-1] + ", compact)")
         return part

@@ -51,6 +51,7 @@ class SubspaceCoordinates(nn.Module):
         self.theta = nn.Parameter(torch.zeros(dim, dtype=dtype, device=inv_norm.device))
         self.register_buffer("inv_norm", inv_norm)
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
+        self.seed_value = seed
         self.label = label
 
     def scaled(self) -> Tensor:
@@ -62,11 +63,13 @@ class SubspaceCoordinates(nn.Module):
         # The basis is regenerated from the seed, not loaded: a checkpoint made with another seed
         # would silently pair its θ with a different subspace.
         incoming = state_dict.get(prefix + "seed")
-        if incoming is not None and int(incoming) != int(self.seed):
+        # Compare with the seed this model was built with (a Python int): after to_empty() the
+        # buffer holds garbage until this very load fills it.
+        if incoming is not None and int(incoming) != self.seed_value:
             raise error(
                 f"subspace {self.label!r}",
                 f"the checkpoint was made with seed={int(incoming)}, this model with "
-                f"seed={int(self.seed)}: its θ belongs to another subspace.",
+                f"seed={self.seed_value}: its θ belongs to another subspace.",
                 fix=f"apply Subspace(..., seed={int(incoming)}) before loading.",
             )
         super()._load_from_state_dict(state_dict, prefix, *args)
@@ -267,6 +270,6 @@ class Subspace(Spec):
             )
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         return [
-            DenseProjection(basis.detach()[start : start + size].contiguous(), persistent=True)
+            DenseProjection(basis.detach()[start : start + size].contiguous())
             for start, size in zip(starts, sizes, strict=True)
         ]

@@ -9,6 +9,7 @@ from typing import cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.utils import parametrize
 
 from maskparam.parametrizations import ConstraintParametrization
@@ -41,8 +42,22 @@ class TensorRef:
     module: nn.Module
     local_name: str
     is_parameter: bool
-    # Other modules holding the same tensor object (tied weights), by qualified name.
-    tied_names: list[str] = field(default_factory=list)
+    # Other modules holding the same tensor object (tied weights): (qualified name, module, local).
+    tied: list[tuple[str, nn.Module, str]] = field(default_factory=list)
+
+    @property
+    def tied_names(self) -> list[str]:
+        return [name for name, _, _ in self.tied]
+
+    @property
+    def all_names(self) -> list[str]:
+        """Every name the tensor is known by: aliases and tied slots included."""
+        return [*self.names, *self.tied_names]
+
+    @property
+    def slots(self) -> list[tuple[nn.Module, str]]:
+        """Every (module, local name) that holds the tensor: itself first, then tied ones."""
+        return [(self.module, self.local_name), *((m, local) for _, m, local in self.tied)]
 
     @property
     def name(self) -> str:
@@ -84,8 +99,19 @@ class TensorRef:
         return self.storage.dtype
 
     @property
-    def is_trainable_dtype(self) -> bool:
-        return self.dtype.is_floating_point or self.dtype.is_complex
+    def unconstrainable(self) -> str | None:
+        """Why this tensor can never be constrained, or None."""
+        if not (self.dtype.is_floating_point or self.dtype.is_complex):
+            return f"has dtype {self.dtype}; only floating-point and complex tensors can be constrained"
+        if isinstance(self.module, _NormBase) and self.local_name in (
+            "running_mean",
+            "running_var",
+        ):
+            return (
+                f"is a running statistic that {type(self.module).__name__} updates in place: a "
+                "parametrized buffer would silently stop updating"
+            )
+        return None
 
 
 def find_tensors(model: nn.Module) -> list[TensorRef]:
@@ -104,7 +130,7 @@ def find_tensors(model: nn.Module) -> list[TensorRef]:
         elif ref.module is module:
             ref.names.append(qualified)  # the same module reached by another path
         else:
-            ref.tied_names.append(qualified)
+            ref.tied.append((qualified, module, local))
 
     def visit(module: nn.Module, prefix: str) -> None:
         if id(module) in visiting:  # a module that contains itself: nothing new below

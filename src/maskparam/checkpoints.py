@@ -1,0 +1,94 @@
+"""``load_state_dict``: load a checkpoint whether or not it, or the model, carries constraints.
+
+* constrained model, constrained checkpoint: plain ``model.load_state_dict``;
+* constrained model, **plain** checkpoint (load pretrained weights into a model that is already
+  constrained): each constrained tensor is assigned its plain value, which goes through the
+  constraint as if it had been applied to a model holding that value (masks zero it, frozen
+  entries take its values, a subspace takes it as θ₀);
+* plain model, constrained checkpoint: an error that says to apply the rules or to bake first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from maskparam.errors import error
+from maskparam.parametrizations import ConstraintParametrization
+from maskparam.tensors import find_tensors
+
+__all__ = ["load_state_dict"]
+
+_MARK = ".parametrizations."
+
+
+def load_state_dict(
+    model: nn.Module, state_dict: Mapping[str, Any], *, strict: bool = True
+) -> _IncompatibleKeys:
+    """Load ``state_dict`` into ``model``, plain or constrained on either side.
+
+    Returns torch's ``(missing_keys, unexpected_keys)``; with ``strict=True`` any of them is an
+    error, as with ``nn.Module.load_state_dict``.
+
+    >>> import torch, maskparam as mp
+    >>> pretrained = torch.nn.Linear(3, 3).state_dict()
+    >>> model = mp.apply_mask(torch.nn.Linear(3, 3), {"weight": mp.Triangular()})
+    >>> _ = mp.load_state_dict(model, pretrained)
+    >>> torch.equal(model.weight, pretrained["weight"].tril())
+    True
+    """
+    own_keys = set(model.state_dict().keys())
+    foreign = sorted(k for k in state_dict if _MARK in f".{k}" and k not in own_keys)
+    if foreign:
+        raise error(
+            f"load_state_dict into {type(model).__name__}",
+            f"the checkpoint holds constraints this model does not have (e.g. {foreign[0]!r}).",
+            fix="apply the same rules to the model before loading, or save a baked model "
+            "(mp.remove_parametrizations) to get a plain checkpoint.",
+        )
+    assigned: dict[str, tuple[nn.Module, str, Tensor]] = {}
+    for ref in find_tensors(model):
+        if not any(isinstance(p, ConstraintParametrization) for p in ref.parametrizations):
+            continue
+        for name in ref.all_names:
+            if name in state_dict and name not in own_keys:
+                assigned[name] = (ref.module, ref.local_name, state_dict[name])
+    for name, (module, local, value) in assigned.items():
+        current = getattr(module, local)
+        if value.shape != current.shape:
+            raise error(
+                repr(name),
+                f"the checkpoint's tensor has shape {tuple(value.shape)}, the model's "
+                f"{tuple(current.shape)}.",
+                fix="load a checkpoint of the same architecture.",
+            )
+    with torch.no_grad():
+        for module, local, value in assigned.values():
+            # Goes through each parametrization's right_inverse, like `module.weight = value`,
+            # which ends in set_(): clone, or training would write into the checkpoint's tensor.
+            current = getattr(module, local)
+            setattr(module, local, value.to(device=current.device, dtype=current.dtype, copy=True))
+    rest = {k: v for k, v in state_dict.items() if k not in assigned}
+    result = model.load_state_dict(rest, strict=False)
+    assigned_prefixes = tuple(
+        f"{name.rsplit('.', 1)[0]}.parametrizations.{name.rsplit('.', 1)[-1]}.".lstrip(".")
+        if "." in name
+        else f"parametrizations.{name}."
+        for name in assigned
+    )
+    # Constraint state (masks, frozen values) stays as applied when a plain value is assigned.
+    missing = [k for k in result.missing_keys if not k.startswith(assigned_prefixes)]
+    unexpected = list(result.unexpected_keys)
+    if strict and (missing or unexpected):
+        raise error(
+            f"load_state_dict into {type(model).__name__}",
+            "the checkpoint does not match the model.",
+            f"missing keys: {missing[:5]}{' ...' if len(missing) > 5 else ''}",
+            f"unexpected keys: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}",
+            fix="load a checkpoint of the same architecture, or pass strict=False.",
+        )
+    return _IncompatibleKeys(missing, unexpected)
