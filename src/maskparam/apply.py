@@ -198,6 +198,13 @@ def _check_target(ref: TensorRef, selector: Selector, targets: dict[int, _Target
             "parametrization of its own: the two sides would no longer compute the same tensor.",
             fix="remove that parametrization first, or untie the weights.",
         )
+    if type(ref.storage).__name__ == "DTensor":
+        raise error(
+            repr(ref.name),
+            "this tensor is already sharded (a DTensor: fully_shard or tensor parallelism ran "
+            "first); a constraint must see the whole tensor.",
+            fix="apply_mask before fully_shard / parallelize_module, then shard.",
+        )
     if isinstance(ref.module, nn.RNNBase) and ref.local_name in ref.module._flat_weights_names:
         raise error(
             repr(ref.name),

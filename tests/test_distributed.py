@@ -1,0 +1,119 @@
+"""DistributedDataParallel on CPU with gloo, two processes."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp_spawn
+from torch import nn
+
+import maskparam as mp
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str, exclude: bool) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(rank)  # different weights per rank: the masks differ until synchronised
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    mp.apply_mask(model, {
+        "0.weight": mp.Mask(mp.masks.magnitude(0.5)),
+        "2.weight": mp.Freeze(dim=0, index=[0, 1]),
+    })  # fmt: skip
+    if exclude:
+        mp.exclude_constants_from_ddp(model)
+    ddp = nn.parallel.DistributedDataParallel(model)  # broadcasts parameters from rank 0
+    frozen = model[2].weight.detach()[[0, 1]].clone()
+    optimizer = torch.optim.AdamW(ddp.parameters(), lr=0.05, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    for _ in range(4):
+        optimizer.zero_grad()
+        ddp(torch.randn(6, 8, generator=generator)).square().mean().backward()
+        optimizer.step()
+    rebroadcast = sum(b.numel() * b.element_size() for b in ddp.modules_buffers)
+    torch.save(
+        {
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "frozen_before": frozen,
+            "frozen_after": model[2].weight.detach()[[0, 1]].clone(),
+            "weight0": model[0].weight.detach().clone(),
+            "rebroadcast_bytes": rebroadcast,
+        },
+        Path(out_dir) / f"rank{rank}.pt",
+    )
+    dist.destroy_process_group()
+
+
+def _spawn(worker, *args) -> list[dict]:
+    """Run ``worker(rank, 2, init_file, out_dir, *args)`` in two processes; return their results."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        init_file = str(Path(out_dir) / "init")
+        mp_spawn.spawn(worker, args=(2, init_file, out_dir, *args), nprocs=2, join=True)
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_ddp_ranks_stay_identical_and_constraints_hold(exclude):
+    ranks = _spawn(_worker, exclude)
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key
+    for result in ranks:
+        assert torch.equal(result["frozen_after"], result["frozen_before"])
+        mask = result["state"]["0.parametrizations.weight.0.mask"].bool()
+        assert torch.equal(result["weight0"][~mask], torch.zeros(int((~mask).sum())))
+    constants = 16 * 8 + 2 * 16 * 4 + 2 * 8  # uint8 mask, float32 frozen rows, int64 index
+    if exclude:
+        assert ranks[0]["rebroadcast_bytes"] == 0  # nothing is re-sent before each forward
+    else:
+        assert ranks[0]["rebroadcast_bytes"] == constants  # every step, for constants
+
+
+def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str, order: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    rules = {"0.weight": mp.Mask(mp.masks.random(0.5)), "2.weight": mp.Freeze(dim=0, index=[0, 1])}
+    result: dict[str, object] = {}
+    if order == "after":
+        fully_shard(model)
+        try:
+            mp.apply_mask(model, rules)
+        except mp.MaskparamError as refused:
+            result["error"] = str(refused)
+    else:
+        mp.apply_mask(model, rules)
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+        generator = torch.Generator().manual_seed(rank)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(4, 8, generator=generator)).square().mean().backward()
+            grad = model[0].parametrizations.weight.original.grad.full_tensor()
+            optimizer.step()
+        mask = model[0].parametrizations.weight[0].mask.bool()
+        result["masked_grad"] = grad[~mask].clone()
+        result["weight0"] = model[0].parametrizations.weight.original.full_tensor().clone()
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_fsdp2_fully_shard(order):
+    pytest.importorskip("torch.distributed.fsdp")
+    ranks = _spawn(_fsdp_worker, order)
+    if order == "after":
+        for result in ranks:
+            assert "already sharded (a DTensor" in result["error"]
+            assert "apply_mask before fully_shard" in result["error"]
+        return
+    assert torch.equal(ranks[0]["weight0"], ranks[1]["weight0"])
+    for result in ranks:
+        assert torch.equal(result["masked_grad"], torch.zeros_like(result["masked_grad"]))

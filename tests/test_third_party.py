@@ -1,0 +1,112 @@
+"""Real third-party models built from small configs (no downloads); skipped where not installed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import maskparam as mp
+
+
+def _train(model: nn.Module, parameters, batch, steps: int = 3) -> None:
+    optimizer = torch.optim.AdamW(parameters, lr=0.05, weight_decay=0.1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+
+
+def test_gpt2_trains_only_new_token_rows_of_its_tied_embeddings(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=100,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    model.resize_token_embeddings(102)  # two newly added tokens
+    assert model.lm_head.weight is model.transformer.wte.weight
+    before = model.transformer.wte.weight.detach().clone()
+    old_rows = list(range(100))
+    mp.apply_mask(model, {"transformer.wte.weight": mp.Freeze(dim=0, index=old_rows)})
+    tokens = torch.randint(0, 102, (2, 12))
+    tokens[:, ::3] = 101
+    embedding = model.transformer.wte.parametrizations.weight.original
+    _train(model, [embedding], {"input_ids": tokens, "labels": tokens})
+    wte, head = model.transformer.wte.weight.detach(), model.lm_head.weight.detach()
+    assert torch.equal(wte, head)  # the tie holds: the output layer sees the same rows
+    assert torch.equal(wte[:100], before[:100])  # old tokens: bit-identical
+    assert not torch.equal(wte[100:], before[100:])  # new tokens trained
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens).logits
+    mp.remove_parametrizations(model)
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, logits)
+
+
+def test_bert_trains_in_a_global_subspace(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32, num_labels=3,
+    )  # fmt: skip
+    model = transformers.BertForSequenceClassification(config)
+    total = sum(p.numel() for p in model.parameters())
+    mp.apply_mask(model, {"*": mp.Subspace(40, projection="fastfood", group="all")})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert [p.numel() for p in trainable] == [40]
+    assert mp.summary(model).tensors[0].constraint.endswith(f"of D={total:,}, group 'all')")
+    tokens = torch.randint(0, 60, (4, 10))
+    _train(model, trainable, {"input_ids": tokens, "labels": torch.tensor([0, 1, 2, 1])})
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens).logits
+    mp.remove_parametrizations(model)
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, logits)
+
+
+def test_x_transformers_decoder_with_masks():
+    x_transformers = pytest.importorskip("x_transformers")
+    torch.manual_seed(0)
+    model = x_transformers.TransformerWrapper(
+        num_tokens=50, max_seq_len=16, attn_layers=x_transformers.Decoder(dim=32, depth=2, heads=2)
+    )
+    mp.apply_mask(
+        model,
+        {
+            lambda name, module, t: t.dim() == 2 and "attn_layers" in name: mp.Mask(
+                mp.masks.random(0.5)
+            )
+        },
+    )
+    masked = [r.name for r in mp.summary(model).tensors]
+    assert masked
+    tokens = torch.randint(0, 50, (2, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(tokens).transpose(1, 2), tokens).backward()
+        optimizer.step()
+    for ref_name in masked:
+        module_name, local = ref_name.rsplit(".", 1)
+        module = model.get_submodule(module_name)
+        kept = module.parametrizations[local][0].mask.bool().expand_as(getattr(module, local))
+        assert torch.equal(getattr(module, local).detach()[~kept], torch.zeros(int((~kept).sum())))
+    model.eval()
+    with torch.no_grad():
+        expected = model(tokens)
+        mp.remove_parametrizations(model)
+        assert torch.equal(model(tokens), expected)
