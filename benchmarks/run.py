@@ -18,6 +18,7 @@ import alternatives
 import inference
 import kernels
 import memory
+import plots
 import subspace
 import torch
 import train_step
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> int:
         "kernels": ("Kernel candidates (forward + backward)", kernels.run(rounds=2 * rounds)),
         "train_step": ("Train step vs plain", train_step.run(rounds=rounds)),
         "alternatives": ("maskparam against the alternatives", alternatives.run(rounds=rounds)),
-        "inference": ("Inference", inference.run(rounds=2 * rounds)),
+        "inference": ("Inference", inference.run(rounds=rounds)),
         "memory": ("Peak memory", memory.run()),
         "subspace": (
             "Subspace training cost",
@@ -54,6 +55,7 @@ def main(argv: list[str]) -> int:
         text = f"## {title}\n\nMeasured on: {machine()}\n\n{table}\n"
         (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")
         print(text)
+    plots.alternatives(RESULTS / "alternatives.md", RESULTS / "alternatives.png")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -19,6 +20,8 @@ def test_readme_has_snippets():
 def test_readme_snippets_run(capsys):
     namespace: dict[str, object] = {"__name__": "readme"}
     for snippet in _snippets():
+        if "import transformers" in snippet and importlib.util.find_spec("transformers") is None:
+            continue  # the integration extra is not installed here
         exec(compile(snippet, str(README), "exec"), namespace)  # noqa: S102 - our own README
     assert "trainable entries" in capsys.readouterr().out  # the summary printed
 

@@ -325,3 +325,20 @@ def test_a_group_cannot_be_extended_by_a_later_call():
     mp.apply_mask(model, {"0.*": mp.Subspace(5, group="g")})
     with pytest.raises(mp.MaskparamError, match="already has a group of this name"):
         mp.apply_mask(model, {"2.*": mp.Subspace(5, group="g")})
+
+
+def test_an_optimizer_created_before_apply_is_refused_not_silently_idle():
+    model = _model()
+    optimizer = torch.optim.Adam(model.parameters())
+    mp.apply_mask(model, {"*": mp.Subspace(5, projection="fastfood", group="all")})
+    model(torch.randn(2, 12)).sum().backward()
+    with pytest.raises(
+        mp.MaskparamError,
+        match=r"(?s)'0.weight': this Adam holds the tensor's original.*created before apply_mask",
+    ):
+        optimizer.step()
+    theta = model[0].parametrizations.weight[0].coordinates.theta
+    optimizer.add_param_group({"params": [theta]})  # the fix the message names
+    before = theta.detach().clone()
+    optimizer.step()
+    assert not torch.equal(theta, before)

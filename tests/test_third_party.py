@@ -17,6 +17,18 @@ def _train(model: nn.Module, parameters, batch, steps: int = 3) -> None:
         optimizer.step()
 
 
+def _bake_save_reload_identical(model: nn.Module, tokens: torch.Tensor, path) -> None:
+    """Bake, save_pretrained, from_pretrained: the reloaded model gives identical logits."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens).logits
+    mp.remove_parametrizations(model)
+    model.save_pretrained(path)
+    reloaded = type(model).from_pretrained(path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, logits)
+
+
 def test_gpt2_trains_only_new_token_rows_of_its_tied_embeddings(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -43,14 +55,7 @@ def test_gpt2_trains_only_new_token_rows_of_its_tied_embeddings(tmp_path):
     assert torch.equal(wte, head)  # the tie holds: the output layer sees the same rows
     assert torch.equal(wte[:100], before[:100])  # old tokens: bit-identical
     assert not torch.equal(wte[100:], before[100:])  # new tokens trained
-    model.eval()
-    with torch.no_grad():
-        logits = model(tokens).logits
-    mp.remove_parametrizations(model)
-    model.save_pretrained(tmp_path)
-    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(tokens).logits, logits)
+    _bake_save_reload_identical(model, tokens, tmp_path)
 
 
 def test_bert_trains_in_a_global_subspace(tmp_path):
@@ -68,14 +73,7 @@ def test_bert_trains_in_a_global_subspace(tmp_path):
     assert mp.summary(model).tensors[0].constraint.endswith(f"of D={total:,}, group 'all')")
     tokens = torch.randint(0, 60, (4, 10))
     _train(model, trainable, {"input_ids": tokens, "labels": torch.tensor([0, 1, 2, 1])})
-    model.eval()
-    with torch.no_grad():
-        logits = model(tokens).logits
-    mp.remove_parametrizations(model)
-    model.save_pretrained(tmp_path)
-    reloaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(tokens).logits, logits)
+    _bake_save_reload_identical(model, tokens, tmp_path)
 
 
 def test_x_transformers_decoder_with_masks():

@@ -276,6 +276,12 @@ def _register(built: list[tuple[_Target, list[ConstraintParametrization]]]) -> N
                     if not touched or touched[-1] is not ref:
                         touched.append(ref)
                 parametrization.on_registered(ref.storage)
+                brought = parametrization.trained_parameters()
+                # Only where the constraint froze the original (a subspace): then an optimizer
+                # holding it without θ is surely a mistake. Learnable scores may legitimately
+                # live in an optimizer of their own.
+                if brought and not ref.storage.requires_grad:
+                    optimizer_guard.watch_new_parameters(ref.storage, ref.name, brought)
                 if parametrization.compact:
                     optimizer_guard.watch(ref.storage, ref.name, full_shapes[id(ref)])
     except Exception:

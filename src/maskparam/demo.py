@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import maskparam as mp
+from maskparam.tables import text_table
 
 __all__ = ["Check", "main", "run_demo"]
 
@@ -134,13 +135,7 @@ def format_table(checks: list[Check]) -> str:
         (c.scenario, c.check, c.value, "yes" if c.ok else "NO", f"{c.seconds * 1e3:.0f} ms")
         for c in checks
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-        for row in [header, *rows]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(line.rstrip() for line in lines)
+    return text_table(header, rows, left=len(header))
 
 
 def main() -> int:

@@ -27,6 +27,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from maskparam.errors import error
 from maskparam.masks import check_fraction
@@ -57,6 +58,7 @@ class LearnedMask(ConstraintParametrization):
         # gradient is the identity. Plain autograd ops, so compile, vmap and functional_call work.
         return hard + (self.scores - self.scores.detach())
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return x * self.mask_values()
 
@@ -64,10 +66,12 @@ class LearnedMask(ConstraintParametrization):
         """The binary mask that ``harden`` with the default threshold would fix."""
         return self.scores.detach() > 0
 
+    @override
     def restrict_free(self, free: Tensor) -> Tensor:
         # Hard: masked entries get no gradient until their score comes back above 0.
         return free & self.keep() if self.mode == "hard" else free
 
+    @override
     def describe(self) -> str:
         density = float(self.keep().float().mean()) if self.scores.numel() else 0.0
         return f"LearnableMask({self.mode}, density {100 * density:.1f}%)"
@@ -97,6 +101,7 @@ class LearnableMask(Spec):
                 fix="pass e.g. temperature=1.0.",
             )
 
+    @override
     def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
         if not tensor.is_floating_point():
             raise error(

@@ -23,6 +23,7 @@ from typing import TypeAlias
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from maskparam.errors import error
 
@@ -82,6 +83,7 @@ class RandomMask(MaskGenerator):
                 f"masks.random(seed={self.seed!r})", "the seed must be an int.", fix="pass seed=0."
             )
 
+    @override
     def build(self, tensor: Tensor, subject: str) -> Tensor:
         del subject  # every density in [0, 1] fits every tensor
         numel = tensor.numel()
@@ -103,6 +105,7 @@ class MagnitudeMask(MaskGenerator):
     def __post_init__(self) -> None:
         check_fraction(self.sparsity, "sparsity")
 
+    @override
     def build(self, tensor: Tensor, subject: str) -> Tensor:
         del subject
         # Same count and the same topk call as torch.nn.utils.prune.L1Unstructured, so ties
@@ -145,6 +148,7 @@ class SliceMask(MaskGenerator):
     dim: int
     index: tuple[int, ...]
 
+    @override
     def build(self, tensor: Tensor, subject: str) -> Tensor:
         if not -tensor.dim() <= self.dim < max(tensor.dim(), 1):
             raise error(

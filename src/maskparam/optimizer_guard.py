@@ -1,15 +1,20 @@
-"""A clear error instead of a size mismatch when an optimizer's state predates a compact layout.
+"""Clear errors for an optimizer created before ``apply_mask``, instead of silent or cryptic ones.
 
 ``layout="compact"`` shrinks the stored Parameter in place (``set_``), keeping its identity, so an
 optimizer created before ``apply_mask`` still holds it. Once that optimizer has taken a step, its
 state (momentum, Adam's moments) has the old shape, and its next step would fail deep inside
 torch with a size mismatch. One global step pre-hook, registered with the first compact layout,
 checks the Parameters that maskparam made compact and names the fix.
+
+A constraint that freezes the original and trains parameters of its own instead (a Subspace's θ)
+has the opposite trap: an optimizer created before ``apply_mask`` holds the frozen Parameter but
+not θ, so it would silently train nothing. The same hook catches that.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,24 +23,43 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from maskparam.errors import error
 
-__all__ = ["watch"]
+__all__ = ["watch", "watch_new_parameters"]
 
 # Keyed by id(): a WeakKeyDictionary would compare tensors with == (elementwise). The weak
 # reference drops the entry when the Parameter dies, before its id can be reused.
 _compact: dict[int, tuple[weakref.ref[Tensor], str, torch.Size]] = {}
+# id(original) -> (weak original, tensor name, weak new parameters)
+_brought: dict[int, tuple[weakref.ref[Tensor], str, list[weakref.ref[Tensor]]]] = {}
 _hook: Any = None
 
 
-def watch(parameter: Tensor, name: str, full_shape: torch.Size) -> None:
-    """Check ``parameter`` (now compact, known as ``name``, once ``full_shape``) before each step."""
+def _ensure_hook() -> None:
     global _hook  # noqa: PLW0603 - one process-wide hook, registered once
-    key = id(parameter)
-    _compact[key] = (weakref.ref(parameter, lambda _: _compact.pop(key, None)), name, full_shape)
     if _hook is None:
         _hook = register_optimizer_step_pre_hook(_check)
 
 
+def watch(parameter: Tensor, name: str, full_shape: torch.Size) -> None:
+    """Check ``parameter`` (now compact, known as ``name``, once ``full_shape``) before each step."""
+    key = id(parameter)
+    _compact[key] = (weakref.ref(parameter, lambda _: _compact.pop(key, None)), name, full_shape)
+    _ensure_hook()
+
+
+def watch_new_parameters(original: Tensor, name: str, new: Sequence[Tensor]) -> None:
+    """Refuse a step of an optimizer that holds ``original`` but none of ``new``."""
+    key = id(original)
+    _brought[key] = (
+        weakref.ref(original, lambda _: _brought.pop(key, None)),
+        name,
+        [weakref.ref(p) for p in new],
+    )
+    _ensure_hook()
+
+
 def _check(optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+    if _brought:
+        _check_new_parameters(optimizer)
     if not _compact:
         return
     for group in optimizer.param_groups:
@@ -57,3 +81,19 @@ def _check(optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
                         fix="create the optimizer after apply_mask, or clear its state for this "
                         "parameter (optimizer.state.pop(parameter)).",
                     )
+
+
+def _check_new_parameters(optimizer: torch.optim.Optimizer) -> None:
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for key in held & _brought.keys():
+        original_ref, name, new_refs = _brought[key]
+        new = [p for p in (r() for r in new_refs) if p is not None]
+        if original_ref() is not None and new and not any(id(p) in held for p in new):
+            raise error(
+                repr(name),
+                f"this {type(optimizer).__name__} holds the tensor's original, which its subspace "
+                "froze, but not the θ that trains instead: it was created before apply_mask, so "
+                "it would train nothing here.",
+                fix="create the optimizer after apply_mask, or add the new parameters: "
+                "optimizer.add_param_group({'params': [...]}).",
+            )

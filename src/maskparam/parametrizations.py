@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 __all__ = [
     "ConstraintParametrization",
@@ -53,6 +54,10 @@ class ConstraintParametrization(nn.Module):
     def on_removed(self, original: Tensor) -> None:
         """Called once removed, with the (baked or restored) tensor: undo ``on_registered``."""
 
+    def trained_parameters(self) -> list[Tensor]:
+        """Parameters this constraint adds and trains (a learnable mask's scores, a θ)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
     def restrict_free(self, free: Tensor) -> Tensor:
         """Given a bool tensor of the entries that train before this constraint, return those after."""
         raise NotImplementedError
@@ -71,15 +76,18 @@ class MaskMultiply(ConstraintParametrization):
         super().__init__()
         self.register_buffer("mask", mask.to(torch.uint8).contiguous())
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         # Convert once per forward: autograd saves the converted mask for the backward, which
         # then multiplies float by float. Multiplying by the uint8 mask directly would hide a
         # conversion in both passes (~25% slower, measured in benchmarks/kernels.py).
         return x * self.mask.to(x.dtype)
 
+    @override
     def restrict_free(self, free: Tensor) -> Tensor:
         return free & self.mask.bool()
 
+    @override
     def describe(self) -> str:
         return "Mask"
 
@@ -99,9 +107,11 @@ class FreezeEntries(ConstraintParametrization):
         self.register_buffer("keep", keep.to(torch.uint8).contiguous())
         self.register_buffer("frozen_values", frozen_values.contiguous())
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return torch.addcmul(self.frozen_values, x, self.keep)
 
+    @override
     def right_inverse(self, value: Tensor) -> Tensor:
         # Assigning the tensor (or loading a plain checkpoint) sets the values to hold: as if
         # the constraint had been applied to a model holding `value`.
@@ -109,9 +119,11 @@ class FreezeEntries(ConstraintParametrization):
             self.frozen_values.copy_(torch.where(self.keep.bool(), 0, value))
         return value
 
+    @override
     def restrict_free(self, free: Tensor) -> Tensor:
         return free & self.keep.bool()
 
+    @override
     def describe(self) -> str:
         return "Freeze(mask)"
 
@@ -131,17 +143,21 @@ class FreezeSlices(ConstraintParametrization):
         self.register_buffer("index", index)
         self.register_buffer("frozen_values", frozen_values.contiguous())
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return x.index_copy(self.dim, self.index, self.frozen_values)
 
+    @override
     def right_inverse(self, value: Tensor) -> Tensor:
         with torch.no_grad():  # as FreezeEntries.right_inverse: the new values to hold
             self.frozen_values.copy_(value.index_select(self.dim, self.index))
         return value
 
+    @override
     def restrict_free(self, free: Tensor) -> Tensor:
         return free.index_fill(self.dim, self.index.to(free.device), False)
 
+    @override
     def describe(self) -> str:
         return f"Freeze(dim={self.dim}, {self.index.numel()} slices)"
 
@@ -154,12 +170,15 @@ class TriangularPart(ConstraintParametrization):
         self.lower = lower
         self.diagonal = diagonal
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return x.tril(self.diagonal) if self.lower else x.triu(self.diagonal)
 
+    @override
     def restrict_free(self, free: Tensor) -> Tensor:
         return self.forward(free)
 
+    @override
     def describe(self) -> str:
         return f"Triangular({'lower' if self.lower else 'upper'}, diagonal={self.diagonal})"
 
@@ -195,22 +214,27 @@ class ScatterFree(ConstraintParametrization):
     def _index(self) -> Tensor:
         return self.free.bool().expand(self.shape).reshape(-1).nonzero().reshape(-1)
 
+    @override
     def forward(self, compact: Tensor) -> Tensor:
         base = self.fill.reshape(-1) if self.fill.numel() else compact.new_zeros(self.numel)
         return base.scatter(0, self.index, compact).reshape(self.shape)
 
+    @override
     def right_inverse(self, value: Tensor) -> Tensor:
         if self.fill.numel():  # frozen values: the new values to hold, as FreezeEntries does
             with torch.no_grad():
                 self.fill.copy_(torch.where(self.free.bool(), 0, value))
         return value.reshape(-1).index_select(0, self.index)
 
+    @override
     def restrict_free(self, free: Tensor) -> Tensor:
         return free & self.free.bool()
 
+    @override
     def describe(self) -> str:
         return self.description
 
+    @override
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args)
         self.index = self._index()  # the loaded mask may select other entries

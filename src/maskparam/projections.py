@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 __all__ = [
     "BasisProjection",
@@ -59,6 +60,7 @@ class BasisProjection(nn.Module):
             else:
                 self.register_buffer(name, placed, persistent=False)
 
+    @override
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args)
         buffers = self.generate()
@@ -130,15 +132,18 @@ class DenseProjection(BasisProjection):
     def gaussian(cls, rows: int, dim: int, seed: int, dtype: torch.dtype) -> DenseProjection:
         return cls(_gaussian(rows, dim, seed, dtype), seed=seed)
 
+    @override
     def generate(self) -> dict[str, Tensor]:
         if self.seed is None:
             return {}
         rows, dim = self.matrix.shape
         return {"matrix": _gaussian(rows, dim, self.seed, self.matrix.dtype)}
 
+    @override
     def forward(self, theta: Tensor) -> Tensor:
         return self.matrix @ theta
 
+    @override
     def column_sq_norms(self) -> Tensor:
         return self.matrix.double().square().sum(dim=0)
 
@@ -153,6 +158,7 @@ class SparseProjection(BasisProjection):
         self.rows, self.dim, self.density, self.seed, self.dtype = rows, dim, density, seed, dtype
         self._install(self.generate())
 
+    @override
     def generate(self) -> dict[str, Tensor]:
         rows, dim, density, dtype = self.rows, self.dim, self.density, self.dtype
         generator = _generator(self.seed)
@@ -176,10 +182,12 @@ class SparseProjection(BasisProjection):
         )
         return {"matrix": matrix}
 
+    @override
     def forward(self, theta: Tensor) -> Tensor:
         product: Tensor = torch.sparse.mm(self.matrix, theta.unsqueeze(1))
         return product.squeeze(1)
 
+    @override
     def column_sq_norms(self) -> Tensor:
         columns = self.matrix.indices()[1]
         return torch.zeros(self.matrix.shape[1], dtype=torch.float64).index_add_(
@@ -202,6 +210,7 @@ class FastfoodProjection(BasisProjection):
         self.length = 1 << max(dim - 1, 0).bit_length()  # L = 2^⌈log₂ d⌉
         self._install(self.generate())
 
+    @override
     def generate(self) -> dict[str, Tensor]:
         generator = _generator(self.seed)
         shape = (-(-self.rows // self.length), self.length)
@@ -217,6 +226,7 @@ class FastfoodProjection(BasisProjection):
             "hadamard_right": right,
         }
 
+    @override
     def forward(self, theta: Tensor) -> Tensor:
         padded = nn.functional.pad(theta, (0, self.length - self.dim))
         factors = (self.hadamard_left, self.hadamard_right)
@@ -224,6 +234,7 @@ class FastfoodProjection(BasisProjection):
         x = torch.gather(x, 1, self.permutation) * self.gaussian
         return fwht(x, factors).reshape(-1)[: self.rows]
 
+    @override
     def column_sq_norms(self) -> Tensor:
         # A full block maps each column to H G Π (±1 entries): squared norm L·‖g‖², the same for
         # every column. Only the truncated last block needs computing, on the identity.

@@ -12,6 +12,7 @@ from typing import Literal, cast
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from maskparam import masks
 from maskparam.errors import error
@@ -98,6 +99,7 @@ class Mask(Spec):
     def __post_init__(self) -> None:
         self._check_layout()
 
+    @override
     def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
         kept = masks.resolve(self.mask, tensor, f"Mask for {name!r}")
         if self.layout == "compact":
@@ -144,6 +146,7 @@ class Freeze(Spec):
                 "call tensor.requires_grad_(False) instead.",
             )
 
+    @override
     def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
         subject = f"Freeze for {name!r}"
         value = tensor.detach()
@@ -188,6 +191,7 @@ class Triangular(Spec):
     def __post_init__(self) -> None:
         self._check_layout()
 
+    @override
     def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
         if tensor.dim() < 2:
             raise error(

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from maskparam.errors import error
 from maskparam.parametrizations import ConstraintParametrization
@@ -59,6 +60,7 @@ class SubspaceCoordinates(nn.Module):
         scaled: Tensor = self.theta * self.inv_norm
         return scaled
 
+    @override
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # The basis is regenerated from the seed, not loaded: a checkpoint made with another seed
         # would silently pair its θ with a different subspace.
@@ -100,21 +102,30 @@ class SubspaceShift(ConstraintParametrization):
         self.group_name = coordinates.label
         self.original_requires_grad = True
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         # detach(): θ₀ never trains, even if a script sets requires_grad on every parameter.
         shift: Tensor = self.projection(self.coordinates.scaled().to(x.dtype))
         return x.detach() + shift.reshape(x.shape)
 
+    @override
+    def trained_parameters(self) -> list[Tensor]:
+        return [self.coordinates.theta]  # shared: also for members that do not register it
+
+    @override
     def on_registered(self, original: Tensor) -> None:
         self.original_requires_grad = original.requires_grad
         original.requires_grad_(False)
 
+    @override
     def on_removed(self, original: Tensor) -> None:
         original.requires_grad_(self.original_requires_grad)
 
+    @override
     def restrict_free(self, free: Tensor) -> Tensor:
         return torch.zeros_like(free)  # the tensor's own entries never train; θ does
 
+    @override
     def describe(self) -> str:
         return self.description
 
@@ -158,6 +169,7 @@ class Subspace(Spec):
         if not isinstance(self.seed, int):
             raise error("Subspace", f"seed must be an int; got {self.seed!r}.", fix="pass seed=0.")
 
+    @override
     def group_key(self) -> str | None:
         return self.group
 
@@ -170,9 +182,11 @@ class Subspace(Spec):
             id(self.basis) if self.basis is not None else None,
         )
 
+    @override
     def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
         return self.build_group([(name, tensor)], [self])[0]
 
+    @override
     def build_group(
         self, members: Sequence[tuple[str, Tensor]], specs: Sequence[Spec]
     ) -> list[ConstraintParametrization]:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from maskparam.parametrizations import ConstraintParametrization
+from maskparam.tables import text_table
 from maskparam.tensors import find_tensors
 
 __all__ = ["Summary", "TensorSummary", "summary"]
@@ -44,21 +45,13 @@ class Summary:
             (t.name, t.constraint, f"{t.free:,}", f"{t.total:,}", _percent(t.free, t.total))
             for t in self.tensors
         ]
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         # Names and constraints align left, numbers right.
-        lines = [
-            "  ".join(
-                cell.ljust(width) if column < 2 else cell.rjust(width)
-                for column, (cell, width) in enumerate(zip(row, widths, strict=True))
-            )
-            for row in [header, *rows]
-        ]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = [text_table(header, rows, left=2)]
         lines.append(
             f"trainable entries: {self.trainable:,} of {self.total:,} "
             f"({_percent(self.trainable, self.total)})"
         )
-        return "\n".join(line.rstrip() for line in lines)
+        return "\n".join(lines)
 
 
 def _percent(part: int, whole: int) -> str:
