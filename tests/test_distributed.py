@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -48,8 +49,15 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, exclude: bool) 
     dist.destroy_process_group()
 
 
+ROOT = str(Path(__file__).resolve().parents[1])
+
+
 def _spawn(worker, *args) -> list[dict]:
     """Run ``worker(rank, 2, init_file, out_dir, *args)`` in two processes; return their results."""
+    # Spawned children unpickle `worker` by importing tests.test_distributed, with the parent's
+    # sys.path: under pytest's importlib mode the repository root is not on it by itself.
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = str(Path(out_dir) / "init")
         mp_spawn.spawn(worker, args=(2, init_file, out_dir, *args), nprocs=2, join=True)
