@@ -16,7 +16,6 @@ tensor([[False],
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -276,9 +275,3 @@ def _as_binary(mask: Tensor, tensor: Tensor, subject: str) -> Tensor:
             )
         mask = mask != 0
     return mask.to(tensor.device)
-
-
-def density(mask: Tensor, shape: torch.Size) -> float:
-    """Fraction of selected entries of a (possibly broadcast) bool mask over ``shape``."""
-    numel = math.prod(shape)
-    return float(mask.sum()) * (numel / max(mask.numel(), 1)) / max(numel, 1)
