@@ -14,7 +14,7 @@ import difflib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias, TypeVar, cast
+from typing import Any, TypeAlias, TypeVar
 
 import torch
 from torch import nn
@@ -25,7 +25,13 @@ from maskparam.errors import MaskparamError, error
 from maskparam.parametrizations import ConstraintParametrization
 from maskparam.selectors import Selector, check_selector, describe, is_exact_name, matches
 from maskparam.specs import Spec
-from maskparam.tensors import TensorRef, find_tensors, parametrization_list, parametrized_names
+from maskparam.tensors import (
+    TensorRef,
+    find_tensors,
+    own_parametrizations,
+    parametrization_list,
+    parametrized_names,
+)
 
 __all__ = ["Rules", "apply_mask", "remove_parametrizations"]
 
@@ -48,8 +54,9 @@ def apply_mask(model: ModuleT, rules: Rules, *, strict: bool = True) -> ModuleT:
     tensor may be selected by one rule only, and a tensor that maskparam already constrains is
     refused: to stack, put the specs in one list, or :func:`remove_parametrizations` first.
 
-    Parameters and buffers can both be targets. Wildcards pass over integer and bool tensors
-    (``position_ids``, ``num_batches_tracked``); naming one exactly is an error. With
+    Parameters and buffers can both be targets. Wildcards pass over tensors that cannot be
+    constrained: integer and bool ones (``position_ids``, ``num_batches_tracked``) and BatchNorm's
+    running statistics (updated in place); naming one exactly is an error. With
     ``strict=True`` a rule that selects nothing is an error that suggests the closest names.
 
     Apply before creating the optimizer: the original Parameter object stays the one the
@@ -94,8 +101,8 @@ def _plan(model: nn.Module, rules: Rules, *, strict: bool) -> list[_Target]:
     existing_groups = {
         p.group_name
         for ref in refs
-        for p in ref.parametrizations
-        if isinstance(p, ConstraintParametrization) and p.group_name is not None
+        for p in own_parametrizations(ref.module, ref.local_name)
+        if p.group_name is not None
     }
     targets: dict[int, _Target] = {}
     for selector, specs in rules.items():
@@ -285,18 +292,11 @@ def _register(built: list[tuple[_Target, list[ConstraintParametrization]]]) -> N
                 if parametrization.compact:
                     optimizer_guard.watch(ref.storage, ref.name, full_shapes[id(ref)])
     except Exception:
-        # Dense right_inverses are the identity, so removing without baking restores each
+        # Dense layouts store the tensor unchanged, so removing without baking restores each
         # original; a compact one gets its full values back.
         for ref in reversed(touched):
             for module, local in ref.slots:
-                if any(
-                    isinstance(p, ConstraintParametrization)
-                    for p in (
-                        parametrization_list(module, local)
-                        if parametrize.is_parametrized(module, local)
-                        else []
-                    )
-                ):
+                if own_parametrizations(module, local):
                     _remove_own(module, local, leave_parametrized=False)
             if id(ref) in full_values:
                 with torch.no_grad():
@@ -340,11 +340,8 @@ def _getstate(self: nn.Module) -> object:
 def _slot_orders(module: nn.Module) -> dict[str, tuple[str, ...]]:
     """The module's slot orders before maskparam's first constraint on it (recorded then)."""
     for tensor_name in parametrized_names(module):
-        for parametrization in parametrization_list(module, tensor_name):
-            if (
-                isinstance(parametrization, ConstraintParametrization)
-                and parametrization.slot_orders
-            ):
+        for parametrization in own_parametrizations(module, tensor_name):
+            if parametrization.slot_orders:
                 return parametrization.slot_orders
     return {"parameters": tuple(module._parameters), "buffers": tuple(module._buffers)}
 
@@ -374,10 +371,7 @@ def remove_parametrizations(model: ModuleT, *, leave_parametrized: bool = True) 
         (module, tensor_name)
         for module in model.modules()
         for tensor_name in parametrized_names(module)
-        if any(
-            isinstance(p, ConstraintParametrization)
-            for p in parametrization_list(module, tensor_name)
-        )
+        if own_parametrizations(module, tensor_name)
     ]
     for module, tensor_name in owners:  # check all before changing any
         _check_removable(module, tensor_name, leave_parametrized=leave_parametrized)
@@ -408,12 +402,11 @@ def _check_removable(module: nn.Module, tensor_name: str, *, leave_parametrized:
 def _remove_own(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) -> None:
     _own_class(module)
     plist = parametrization_list(module, tensor_name)
-    ours = [i for i, p in enumerate(plist) if isinstance(p, ConstraintParametrization)]
-    own = [cast(ConstraintParametrization, plist[i]) for i in ours]
+    own = own_parametrizations(module, tensor_name)
     original = plist.original if plist.is_tensor else None
     # A compact original holds only the free entries: the full tensor is the effective one.
     leave_parametrized = leave_parametrized or any(p.compact for p in own)
-    if len(ours) == len(plist):
+    if len(own) == len(plist):
         slot_orders = own[0].slot_orders or {}
         # torch bakes with set_(), keeping the Parameter object, and restores the class.
         parametrize.remove_parametrizations(
@@ -435,8 +428,9 @@ def _remove_own(module: nn.Module, tensor_name: str, *, leave_parametrized: bool
     # through its right_inverse (exact when theirs is; weight_norm's is up to rounding).
     with torch.no_grad():
         effective = getattr(module, tensor_name)
-        for i in reversed(ours):
-            del plist[i]
+        for i in reversed(range(len(plist))):
+            if isinstance(plist[i], ConstraintParametrization):
+                del plist[i]
         for parametrization in own:
             if original is not None:
                 parametrization.on_removed(original)

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from maskparam.errors import error
-from maskparam.parametrizations import ConstraintParametrization
 from maskparam.tensors import find_tensors
 
 __all__ = ["load_state_dict"]
@@ -52,7 +51,7 @@ def load_state_dict(
         )
     assigned: dict[str, tuple[nn.Module, str, Tensor]] = {}
     for ref in find_tensors(model):
-        if not any(isinstance(p, ConstraintParametrization) for p in ref.parametrizations):
+        if not ref.has_constraint:
             continue
         for name in ref.all_names:
             if name in state_dict and name not in own_keys:

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from maskparam.parametrizations import ConstraintParametrization
 from maskparam.tables import text_table
-from maskparam.tensors import find_tensors
+from maskparam.tensors import find_tensors, own_parametrizations
 
 __all__ = ["Summary", "TensorSummary", "summary"]
 
@@ -72,7 +71,7 @@ def summary(model: nn.Module) -> Summary:
     rows: list[TensorSummary] = []
     trainable = total = 0
     for ref in find_tensors(model):
-        ours = [p for p in ref.parametrizations if isinstance(p, ConstraintParametrization)]
+        ours = own_parametrizations(ref.module, ref.local_name)
         trains = ref.storage.requires_grad
         if ours:
             shape = ref.value.shape

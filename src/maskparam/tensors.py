@@ -14,7 +14,13 @@ from torch.nn.utils import parametrize
 
 from maskparam.parametrizations import ConstraintParametrization
 
-__all__ = ["TensorRef", "find_tensors", "parametrization_list", "parametrized_names"]
+__all__ = [
+    "TensorRef",
+    "find_tensors",
+    "own_parametrizations",
+    "parametrization_list",
+    "parametrized_names",
+]
 
 
 def parametrized_names(module: nn.Module) -> list[str]:
@@ -28,6 +34,14 @@ def parametrization_list(module: nn.Module, tensor_name: str) -> parametrize.Par
     """The ``ParametrizationList`` that holds ``module.<tensor_name>``'s originals."""
     plists = cast(nn.ModuleDict, module.parametrizations)
     return cast(parametrize.ParametrizationList, plists[tensor_name])
+
+
+def own_parametrizations(module: nn.Module, tensor_name: str) -> list[ConstraintParametrization]:
+    """maskparam's parametrizations on ``module.<tensor_name>``, in order (empty when none)."""
+    if not parametrize.is_parametrized(module, tensor_name):
+        return []
+    plist = parametrization_list(module, tensor_name)
+    return [p for p in plist if isinstance(p, ConstraintParametrization)]
 
 
 def _first_original(plist: parametrize.ParametrizationList) -> Tensor:
@@ -77,7 +91,7 @@ class TensorRef:
     @property
     def has_constraint(self) -> bool:
         """Whether maskparam already constrains this tensor."""
-        return any(isinstance(p, ConstraintParametrization) for p in self.parametrizations)
+        return bool(own_parametrizations(self.module, self.local_name))
 
     @property
     def storage(self) -> Tensor:
