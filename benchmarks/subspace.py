@@ -11,7 +11,7 @@ from harness import interleaved_medians, markdown_table
 from peak_memory import CASES, peak_bytes
 from torch import nn
 
-from maskparam.projections import DenseProjection, FastfoodProjection, SparseProjection
+from maskparam.constraints.projections import DenseProjection, FastfoodProjection, SparseProjection
 
 
 def global_fastfood(rounds: int) -> str:

@@ -97,8 +97,8 @@ def test_compact_must_be_first_and_alone_on_its_tensor(snapshot):
 
 
 def test_a_failed_apply_restores_compact_tensors_exactly(tiny, snapshot):
-    from maskparam.parametrizations import ConstraintParametrization
-    from maskparam.specs import Spec
+    from maskparam import Constraint as ConstraintParametrization
+    from maskparam import Spec
 
     class Reshape(ConstraintParametrization):
         def forward(self, x):

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import maskparam as mp
-from maskparam.parametrizations import ConstraintParametrization
-from maskparam.specs import Spec
+from maskparam import Constraint as ConstraintParametrization
+from maskparam import Spec
 
 BAD_RULES = [
     (

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import maskparam as mp
-from maskparam.parametrizations import MaskMultiply
+from maskparam.constraints.mask import MaskMultiply
 
 
 def _mlp() -> nn.Sequential:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import maskparam as mp
-from maskparam.demo import main, run_demo
+from maskparam._demo import main, run_demo
 
 
 def test_seed_000_lower_triangle_trains_upper_stays_exactly_zero_under_adamw():

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from maskparam._selectors import check_selector, describe, is_exact_name, matches
 from maskparam.errors import MaskparamError
-from maskparam.selectors import check_selector, describe, is_exact_name, matches
 
 LINEAR = nn.Linear(2, 2)
 CONV = nn.Conv2d(1, 1, 1)

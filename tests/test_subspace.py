@@ -10,7 +10,12 @@ import torch
 from torch import nn
 
 import maskparam as mp
-from maskparam.projections import DenseProjection, FastfoodProjection, SparseProjection, fwht
+from maskparam.constraints.projections import (
+    DenseProjection,
+    FastfoodProjection,
+    SparseProjection,
+    fwht,
+)
 
 PROJECTIONS = ["gaussian", "sparse", "fastfood"]
 

@@ -1,39 +1,53 @@
 """maskparam: train only part of a tensor.
 
-Constraints (masks, frozen entries, triangles) live in the forward pass as
-``torch.nn.utils.parametrize`` parametrizations, so no optimizer can break them.
+Constraints (masks, frozen entries, triangles, subspaces, learnable masks) live in the forward
+pass as ``torch.nn.utils.parametrize`` parametrizations, so no optimizer can break them.
 
 >>> import torch, maskparam as mp
 >>> model = torch.nn.Linear(5, 5)
 >>> _ = mp.apply_mask(model, {"weight": mp.Triangular(lower=True)})
->>> bool((model.weight.triu(1) == 0).all())
-True
+>>> bool((model.weight.triu(1) == 0).all()), mp.verify(model)
+(True, [])
+
+Public modules: this one, :mod:`maskparam.masks` (mask generators) and
+:mod:`maskparam.constraints` (one module per constraint; :class:`Spec` and :class:`Constraint`
+to write your own). Modules whose names start with ``_`` are internal.
 """
 
 from __future__ import annotations
 
-from maskparam import masks
-from maskparam.apply import Rules, apply_mask, remove_parametrizations
-from maskparam.checkpoints import load_state_dict
-from maskparam.distributed import exclude_constants_from_ddp
+from maskparam import constraints, masks
+from maskparam._apply import Rules, apply_mask
+from maskparam._checkpoints import load_state_dict
+from maskparam._distributed import exclude_constants_from_ddp
+from maskparam._remove import remove_parametrizations
+from maskparam._selectors import Selector
+from maskparam._summary import Summary, TensorSummary, summary
+from maskparam._verify import verify
+from maskparam.constraints.base import Constraint, Pins, Spec
+from maskparam.constraints.freeze import Freeze
+from maskparam.constraints.learnable import LearnableMask, harden, learned_masks, mask_penalty
+from maskparam.constraints.mask import Mask
+from maskparam.constraints.subspace import Subspace
+from maskparam.constraints.triangular import Triangular
 from maskparam.errors import MaskparamError
-from maskparam.learnable import LearnableMask, harden, learned_masks, mask_penalty
-from maskparam.specs import Freeze, Mask, Spec, Triangular
-from maskparam.subspace import Subspace
-from maskparam.summary import Summary, TensorSummary, summary
 
 __all__ = [
+    "Constraint",
     "Freeze",
     "LearnableMask",
     "Mask",
     "MaskparamError",
+    "Pins",
     "Rules",
+    "Selector",
     "Spec",
     "Subspace",
     "Summary",
     "TensorSummary",
     "Triangular",
     "apply_mask",
+    "constraints",
     "exclude_constants_from_ddp",
     "harden",
     "learned_masks",
@@ -42,6 +56,7 @@ __all__ = [
     "masks",
     "remove_parametrizations",
     "summary",
+    "verify",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # the one place the version is written (pyproject.toml reads it)

@@ -1,5 +1,5 @@
-"""``python -m maskparam``: run the demo (see :mod:`maskparam.demo`)."""
+"""``python -m maskparam``: run the demo (see :mod:`maskparam._demo`)."""
 
-from maskparam.demo import main
+from maskparam._demo import main
 
 raise SystemExit(main())

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from maskparam.tables import text_table
-from maskparam.tensors import find_tensors, own_parametrizations
+from maskparam._tables import text_table
+from maskparam._tensors import find_tensors
+from maskparam._torch_parametrize import maskparam_constraints
 
 __all__ = ["Summary", "TensorSummary", "summary"]
 
@@ -71,13 +72,13 @@ def summary(model: nn.Module) -> Summary:
     rows: list[TensorSummary] = []
     trainable = total = 0
     for ref in find_tensors(model):
-        ours = own_parametrizations(ref.module, ref.local_name)
+        ours = maskparam_constraints(ref.module, ref.local_name)
         trains = ref.storage.requires_grad
         if ours:
             shape = ref.value.shape
             free = torch.full(shape, trains, dtype=torch.bool, device=ref.storage.device)
             for parametrization in ours:
-                free = parametrization.restrict_free(free)
+                free = parametrization.free_entries(free)
             n_free, numel = int(free.sum()), free.numel()
             rows.append(
                 TensorSummary(ref.name, " + ".join(p.describe() for p in ours), n_free, numel)

@@ -23,13 +23,13 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from maskparam.errors import error
 
-__all__ = ["watch", "watch_new_parameters"]
+__all__ = ["watch_added_parameters", "watch_reshaped"]
 
 # Keyed by id(): a WeakKeyDictionary would compare tensors with == (elementwise). The weak
 # reference drops the entry when the Parameter dies, before its id can be reused.
-_compact: dict[int, tuple[weakref.ref[Tensor], str, torch.Size]] = {}
+_reshaped: dict[int, tuple[weakref.ref[Tensor], str, torch.Size]] = {}
 # id(original) -> (weak original, tensor name, weak new parameters)
-_brought: dict[int, tuple[weakref.ref[Tensor], str, list[weakref.ref[Tensor]]]] = {}
+_added: dict[int, tuple[weakref.ref[Tensor], str, list[weakref.ref[Tensor]]]] = {}
 _hook: Any = None
 
 
@@ -39,18 +39,18 @@ def _ensure_hook() -> None:
         _hook = register_optimizer_step_pre_hook(_check)
 
 
-def watch(parameter: Tensor, name: str, full_shape: torch.Size) -> None:
+def watch_reshaped(parameter: Tensor, name: str, full_shape: torch.Size) -> None:
     """Check ``parameter`` (now compact, known as ``name``, once ``full_shape``) before each step."""
     key = id(parameter)
-    _compact[key] = (weakref.ref(parameter, lambda _: _compact.pop(key, None)), name, full_shape)
+    _reshaped[key] = (weakref.ref(parameter, lambda _: _reshaped.pop(key, None)), name, full_shape)
     _ensure_hook()
 
 
-def watch_new_parameters(original: Tensor, name: str, new: Sequence[Tensor]) -> None:
+def watch_added_parameters(original: Tensor, name: str, new: Sequence[Tensor]) -> None:
     """Refuse a step of an optimizer that holds ``original`` but none of ``new``."""
     key = id(original)
-    _brought[key] = (
-        weakref.ref(original, lambda _: _brought.pop(key, None)),
+    _added[key] = (
+        weakref.ref(original, lambda _: _added.pop(key, None)),
         name,
         [weakref.ref(p) for p in new],
     )
@@ -58,13 +58,13 @@ def watch_new_parameters(original: Tensor, name: str, new: Sequence[Tensor]) -> 
 
 
 def _check(optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
-    if _brought:
-        _check_new_parameters(optimizer)
-    if not _compact:
+    if _added:
+        _check_added_parameters(optimizer)
+    if not _reshaped:
         return
     for group in optimizer.param_groups:
         for parameter in group["params"]:
-            entry = _compact.get(id(parameter))
+            entry = _reshaped.get(id(parameter))
             watched = entry[0]() if entry is not None else None
             if entry is None or watched is None or watched is not parameter:
                 continue
@@ -83,10 +83,10 @@ def _check(optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
                     )
 
 
-def _check_new_parameters(optimizer: torch.optim.Optimizer) -> None:
+def _check_added_parameters(optimizer: torch.optim.Optimizer) -> None:
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for key in held & _brought.keys():
-        original_ref, name, new_refs = _brought[key]
+    for key in held & _added.keys():
+        original_ref, name, new_refs = _added[key]
         new = [p for p in (r() for r in new_refs) if p is not None]
         if original_ref() is not None and new and not any(id(p) in held for p in new):
             raise error(

@@ -22,15 +22,14 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from maskparam.errors import error
-from maskparam.parametrizations import ConstraintParametrization
-from maskparam.projections import (
+from maskparam.constraints.base import Constraint, Pins, Spec
+from maskparam.constraints.projections import (
     BasisProjection,
     DenseProjection,
     FastfoodProjection,
     SparseProjection,
 )
-from maskparam.specs import Spec
+from maskparam.errors import error
 
 __all__ = ["Subspace", "SubspaceCoordinates", "SubspaceShift"]
 
@@ -46,14 +45,21 @@ class SubspaceCoordinates(nn.Module):
     seed: Tensor
 
     def __init__(
-        self, dim: int, dtype: torch.dtype, inv_norm: Tensor, seed: int, label: str
+        self,
+        dim: int,
+        dtype: torch.dtype,
+        inv_norm: Tensor,
+        seed: int,
+        label: str,
+        group: str | None,
     ) -> None:
         super().__init__()
         self.theta = nn.Parameter(torch.zeros(dim, dtype=dtype, device=inv_norm.device))
         self.register_buffer("inv_norm", inv_norm)
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.seed_value = seed
-        self.label = label
+        self.label = label  # the group's name, or the one tensor's name, for messages
+        self.group = group
 
     def scaled(self) -> Tensor:
         """θ with the basis' column scaling folded in: E·scaled() has unit-norm columns."""
@@ -77,7 +83,7 @@ class SubspaceCoordinates(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
-class SubspaceShift(ConstraintParametrization):
+class SubspaceShift(Constraint):
     """``θ₀ + reshape(E_i · θ)``, where θ₀ is the stored original, frozen.
 
     The group's :class:`SubspaceCoordinates` is registered in its first member only, so θ
@@ -99,7 +105,6 @@ class SubspaceShift(ConstraintParametrization):
             object.__setattr__(self, "coordinates", coordinates)  # a reference, not a submodule
         self.projection: BasisProjection = projection
         self.description = description
-        self.group_name = coordinates.label
         self.original_requires_grad = True
 
     @override
@@ -113,6 +118,10 @@ class SubspaceShift(ConstraintParametrization):
         return [self.coordinates.theta]  # shared: also for members that do not register it
 
     @override
+    def group_key(self) -> str | None:
+        return self.coordinates.group
+
+    @override
     def on_registered(self, original: Tensor) -> None:
         self.original_requires_grad = original.requires_grad
         original.requires_grad_(False)
@@ -122,8 +131,10 @@ class SubspaceShift(ConstraintParametrization):
         original.requires_grad_(self.original_requires_grad)
 
     @override
-    def restrict_free(self, free: Tensor) -> Tensor:
-        return torch.zeros_like(free)  # the tensor's own entries never train; θ does
+    def pins(self, value: Tensor) -> Pins:
+        # Every entry is fixed to θ₀ + E·θ: the tensor's own entries never train; θ does.
+        with torch.no_grad():
+            return Pins(torch.ones((), dtype=torch.bool).expand(value.shape), self(value))
 
     @override
     def describe(self) -> str:
@@ -183,13 +194,13 @@ class Subspace(Spec):
         )
 
     @override
-    def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
+    def build(self, name: str, tensor: Tensor) -> Constraint:
         return self.build_group([(name, tensor)], [self])[0]
 
     @override
     def build_group(
         self, members: Sequence[tuple[str, Tensor]], specs: Sequence[Spec]
-    ) -> list[ConstraintParametrization]:
+    ) -> list[Constraint]:
         label = self.group if self.group is not None else members[0][0]
         subject = f"Subspace {'group ' + repr(self.group) if self.group else 'for ' + repr(label)}"
         for spec in specs:
@@ -224,7 +235,9 @@ class Subspace(Spec):
             inv_norm = norms.rsqrt().to(dtype)
         else:
             inv_norm = torch.ones(self.dim, dtype=dtype)  # the user's basis is used as given
-        coordinates = SubspaceCoordinates(self.dim, dtype, inv_norm.to(device), self.seed, label)
+        coordinates = SubspaceCoordinates(
+            self.dim, dtype, inv_norm.to(device), self.seed, label, self.group
+        )
         kind = "basis" if self.basis is not None else self.projection
         description = f"Subspace({kind}, dim={self.dim} of D={total:,}" + (
             f", group {self.group!r})" if self.group else ")"

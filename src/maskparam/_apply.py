@@ -1,6 +1,6 @@
-"""``apply_mask`` and ``remove_parametrizations``: attach constraints to a model, and bake them.
+"""``apply_mask``: attach constraints to a model's tensors.
 
-``apply_mask`` works in three steps, so that bad input never leaves a half-changed model:
+It works in three steps, so that bad input never leaves a half-changed model:
 
 1. *plan*: match every rule against every tensor and check the matches;
 2. *build*: let each spec validate its tensor and build its parametrization (nothing registered);
@@ -14,26 +14,26 @@ import difflib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias, TypeVar
+from typing import TypeAlias, TypeVar
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from maskparam import optimizer_guard
-from maskparam.errors import MaskparamError, error
-from maskparam.parametrizations import ConstraintParametrization
-from maskparam.selectors import Selector, check_selector, describe, is_exact_name, matches
-from maskparam.specs import Spec
-from maskparam.tensors import (
-    TensorRef,
-    find_tensors,
-    own_parametrizations,
-    parametrization_list,
-    parametrized_names,
+from maskparam import _optimizer_guard
+from maskparam._remove import remove_constraints
+from maskparam._selectors import Selector, check_selector, describe, is_exact_name, matches
+from maskparam._tensors import TensorRef, find_tensors
+from maskparam._torch_parametrize import (
+    give_own_class,
+    maskparam_constraints,
+    refuse_pickling,
+    remember_key_order,
 )
+from maskparam.constraints.base import Constraint, Spec
+from maskparam.errors import MaskparamError, error
 
-__all__ = ["Rules", "apply_mask", "remove_parametrizations"]
+__all__ = ["ModuleT", "Rules", "apply_mask"]
 
 Rules: TypeAlias = Mapping[Selector, Spec | Sequence[Spec]]
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
@@ -49,7 +49,7 @@ class _Target:
 def apply_mask(model: ModuleT, rules: Rules, *, strict: bool = True) -> ModuleT:
     """Constrain the tensors of ``model`` that ``rules`` select; in place, returns ``model``.
 
-    ``rules`` maps selectors (see :mod:`maskparam.selectors`) to a spec or a list of specs; a
+    ``rules`` maps selectors (see the README's "Selecting tensors") to a spec or a list of specs; a
     list is stacked in order (each spec sees the tensor as the previous one leaves it). Each
     tensor may be selected by one rule only, and a tensor that maskparam already constrains is
     refused: to stack, put the specs in one list, or :func:`remove_parametrizations` first.
@@ -99,11 +99,12 @@ def _plan(model: nn.Module, rules: Rules, *, strict: bool) -> list[_Target]:
         )
     refs = find_tensors(model)
     existing_groups = {
-        p.group_name
+        p.group_key()
         for ref in refs
-        for p in own_parametrizations(ref.module, ref.local_name)
-        if p.group_name is not None
+        for p in maskparam_constraints(ref.module, ref.local_name)
+        if p.group_key() is not None
     }
+    by_name = {name: ref for ref in refs for name in ref.all_names}
     targets: dict[int, _Target] = {}
     for selector, specs in rules.items():
         check_selector(selector)
@@ -115,7 +116,11 @@ def _plan(model: nn.Module, rules: Rules, *, strict: bool) -> list[_Target]:
                     "the model already has a group of this name (from an earlier apply_mask).",
                     fix="select all of a group's tensors in one apply_mask call, or use a new name.",
                 )
-        selected = [ref for ref in refs if _selects(selector, ref)]
+        if isinstance(selector, str) and is_exact_name(selector):
+            exact = by_name.get(selector)  # a dict lookup: thousands of exact rules stay linear
+            selected = [exact] if exact is not None else []
+        else:
+            selected = [ref for ref in refs if _selects(selector, ref)]
         trainable = [ref for ref in selected if ref.unconstrainable is None]
         if is_exact_name(selector) and len(trainable) < len(selected):
             ref = selected[0]
@@ -221,9 +226,9 @@ def _check_target(ref: TensorRef, selector: Selector, targets: dict[int, _Target
         )
 
 
-def _build(targets: list[_Target]) -> list[list[ConstraintParametrization]]:
+def _build(targets: list[_Target]) -> list[list[Constraint]]:
     """Build every target's stack level by level; specs with a group key are built together."""
-    built: list[list[ConstraintParametrization]] = [[] for _ in targets]
+    built: list[list[Constraint]] = [[] for _ in targets]
     values = [target.ref.value for target in targets]
     group_levels: dict[str, int] = {}
     with torch.no_grad():
@@ -259,180 +264,52 @@ def _build(targets: list[_Target]) -> list[list[ConstraintParametrization]]:
     return built
 
 
-def _register(built: list[tuple[_Target, list[ConstraintParametrization]]]) -> None:
+def _register(built: list[tuple[_Target, list[Constraint]]]) -> None:
     touched: list[TensorRef] = []
     # A compact layout shrinks the stored Parameter in place: keep its values for a rollback.
     full_values = {
         id(target.ref): target.ref.storage.detach().clone()
-        for target, parametrizations in built
-        if parametrizations[0].compact
+        for target, constraints in built
+        if constraints[0].reshapes_original
     }
     full_shapes = {id(target.ref): target.ref.storage.shape for target, _ in built}
+    own_class_given: set[int] = set()
     try:
-        for target, parametrizations in built:
+        for target, constraints in built:
             ref = target.ref
-            # Removal re-registers the tensor last; remember its place to put it back there.
-            parametrizations[0].slot_orders = _slot_orders(ref.module)
-            for parametrization in parametrizations:
-                # Tied weights: the same parametrization on every module that holds the tensor,
-                # so that all of them compute the same constrained tensor and the tie holds.
-                for module, local in ref.slots:
-                    _own_class(module)
-                    parametrize.register_parametrization(module, local, parametrization)
-                    _refuse_pickling(module)
+            for module, _ in ref.holders:
+                remember_key_order(module)
+                if id(module) not in own_class_given:
+                    give_own_class(module)
+                    own_class_given.add(id(module))
+            for constraint in constraints:
+                # Tied weights: the same constraint on every module that holds the tensor, so
+                # that all of them compute the same constrained tensor and the tie holds.
+                for module, local in ref.holders:
+                    parametrize.register_parametrization(module, local, constraint)
+                    refuse_pickling(module)
                     if not touched or touched[-1] is not ref:
                         touched.append(ref)
-                parametrization.on_registered(ref.storage)
-                brought = parametrization.trained_parameters()
-                # Only where the constraint froze the original (a subspace): then an optimizer
-                # holding it without θ is surely a mistake. Learnable scores may legitimately
-                # live in an optimizer of their own.
-                if brought and not ref.storage.requires_grad:
-                    optimizer_guard.watch_new_parameters(ref.storage, ref.name, brought)
-                if parametrization.compact:
-                    optimizer_guard.watch(ref.storage, ref.name, full_shapes[id(ref)])
+                constraint.on_registered(ref.storage)
+                _watch_optimizers(ref, constraint, full_shapes[id(ref)])
     except Exception:
         # Dense layouts store the tensor unchanged, so removing without baking restores each
         # original; a compact one gets its full values back.
         for ref in reversed(touched):
-            for module, local in ref.slots:
-                if own_parametrizations(module, local):
-                    _remove_own(module, local, leave_parametrized=False)
+            for module, local in ref.holders:
+                if maskparam_constraints(module, local):
+                    remove_constraints(module, local, leave_parametrized=False)
             if id(ref) in full_values:
                 with torch.no_grad():
                     getattr(ref.module, ref.local_name).set_(full_values[id(ref)])
         raise
 
 
-def _own_class(module: nn.Module) -> None:
-    """Give a parametrized module a class of its own before its properties change.
-
-    torch injects one class per parametrized module, and ``copy.deepcopy`` (``AveragedModel``
-    too) gives the copy that *same* class. ``register_parametrization`` adds a property to it and
-    ``remove_parametrizations`` deletes one from it, so changing the copy would change the
-    original (a removed property breaks it). A fresh subclass per change keeps them apart.
-    """
-    if not parametrize.is_parametrized(module):
-        return
-    cls = type(module)
-    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
-
-
-def _refuse_pickling(module: nn.Module) -> None:
-    """Replace torch's pickling error for parametrized modules with one that names the fix."""
-    cls = type(module)
-    if cls.__dict__.get("__getstate__") is not _getstate:
-        cls.__getstate__ = _getstate  # type: ignore[method-assign]
-
-
-def _getstate(self: nn.Module) -> object:
-    raise error(
-        f"torch.save of {type(self).__name__}",
-        "a parametrized module is an instance of a class that torch creates at run time, which "
-        "cannot be pickled; save the state_dict instead.",
-        fix="torch.save(model.state_dict()), then apply the same rules to a new model and "
-        "load_state_dict; or save a baked copy: "
-        "torch.save(mp.remove_parametrizations(copy.deepcopy(model))).",
-    )
-
-
-def _slot_orders(module: nn.Module) -> dict[str, tuple[str, ...]]:
-    """The module's slot orders before maskparam's first constraint on it (recorded then)."""
-    for tensor_name in parametrized_names(module):
-        for parametrization in own_parametrizations(module, tensor_name):
-            if parametrization.slot_orders:
-                return parametrization.slot_orders
-    return {"parameters": tuple(module._parameters), "buffers": tuple(module._buffers)}
-
-
-def _slots(module: nn.Module, is_parameter: bool) -> dict[str, Any]:
-    """The module's own parameter (or buffer) dict, whose order state_dict and parameters() follow."""
-    return module._parameters if is_parameter else module._buffers
-
-
-def remove_parametrizations(model: ModuleT, *, leave_parametrized: bool = True) -> ModuleT:
-    """Bake maskparam's constraints into plain tensors, for export; in place, returns ``model``.
-
-    Removes only maskparam's own parametrizations: a user's ``weight_norm`` stays. Where
-    maskparam was the only one on a module, the module gets back its class and its state_dict
-    keys; the baked Parameter is the same object the optimizer held, and its values equal the
-    effective tensor bit for bit. With ``leave_parametrized=False`` the stored originals come back
-    unconstrained instead (masked entries reappear).
-
-    >>> import torch, maskparam as mp
-    >>> layer = mp.apply_mask(torch.nn.Linear(3, 3), {"weight": mp.Triangular()})
-    >>> effective = layer.weight.detach().clone()
-    >>> layer = mp.remove_parametrizations(layer)
-    >>> type(layer).__name__, torch.equal(layer.weight, effective)
-    ('Linear', True)
-    """
-    owners = [
-        (module, tensor_name)
-        for module in model.modules()
-        for tensor_name in parametrized_names(module)
-        if own_parametrizations(module, tensor_name)
-    ]
-    for module, tensor_name in owners:  # check all before changing any
-        _check_removable(module, tensor_name, leave_parametrized=leave_parametrized)
-    baked: set[int] = set()
-    for module, tensor_name in owners:
-        plist = parametrization_list(module, tensor_name)
-        original = id(plist.original) if plist.is_tensor else None
-        # A tied tensor is baked once; its other slots then just get the baked tensor back.
-        again = original in baked
-        _remove_own(module, tensor_name, leave_parametrized=leave_parametrized and not again)
-        if original is not None:
-            baked.add(original)
-    return model
-
-
-def _check_removable(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) -> None:
-    plist = parametrization_list(module, tensor_name)
-    users = [p for p in plist if not isinstance(p, ConstraintParametrization)]
-    if leave_parametrized and users and not all(hasattr(p, "right_inverse") for p in users):
-        raise error(
-            repr(tensor_name),
-            f"baking maskparam's constraint leaves {type(users[0]).__name__} in place, which has no "
-            "right_inverse to take the constrained value.",
-            fix="remove that parametrization first, or pass leave_parametrized=False.",
-        )
-
-
-def _remove_own(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) -> None:
-    _own_class(module)
-    plist = parametrization_list(module, tensor_name)
-    own = own_parametrizations(module, tensor_name)
-    original = plist.original if plist.is_tensor else None
-    # A compact original holds only the free entries: the full tensor is the effective one.
-    leave_parametrized = leave_parametrized or any(p.compact for p in own)
-    if len(own) == len(plist):
-        slot_orders = own[0].slot_orders or {}
-        # torch bakes with set_(), keeping the Parameter object, and restores the class.
-        parametrize.remove_parametrizations(
-            module, tensor_name, leave_parametrized=leave_parametrized
-        )
-        is_parameter = tensor_name in module._parameters
-        slots = _slots(module, is_parameter)
-        order = slot_orders.get("parameters" if is_parameter else "buffers", ())
-        in_place = [name for name in order if name in slots]
-        later = [name for name in slots if name not in in_place]
-        reordered = {name: slots[name] for name in [*in_place, *later]}
-        slots.clear()
-        slots.update(reordered)
-        for parametrization in own:
-            if original is not None:
-                parametrization.on_removed(original)
-        return
-    # A user's parametrization stays: drop ours, then let theirs take the constrained value
-    # through its right_inverse (exact when theirs is; weight_norm's is up to rounding).
-    with torch.no_grad():
-        effective = getattr(module, tensor_name)
-        for i in reversed(range(len(plist))):
-            if isinstance(plist[i], ConstraintParametrization):
-                del plist[i]
-        for parametrization in own:
-            if original is not None:
-                parametrization.on_removed(original)
-        if leave_parametrized:
-            plist.right_inverse(effective)
+def _watch_optimizers(ref: TensorRef, constraint: Constraint, full_shape: torch.Size) -> None:
+    added = constraint.trained_parameters()
+    # Only where the constraint froze the original (a subspace): then an optimizer holding it
+    # without θ is surely a mistake. Learnable scores may live in an optimizer of their own.
+    if added and not ref.storage.requires_grad:
+        _optimizer_guard.watch_added_parameters(ref.storage, ref.name, added)
+    if constraint.reshapes_original:
+        _optimizer_guard.watch_reshaped(ref.storage, ref.name, full_shape)

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from maskparam._tensors import find_tensors
 from maskparam.errors import error
-from maskparam.tensors import find_tensors
 
 __all__ = ["load_state_dict"]
 

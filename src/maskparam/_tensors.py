@@ -12,36 +12,13 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.utils import parametrize
 
-from maskparam.parametrizations import ConstraintParametrization
+from maskparam._torch_parametrize import (
+    maskparam_constraints,
+    parametrization_list,
+    parametrized_names,
+)
 
-__all__ = [
-    "TensorRef",
-    "find_tensors",
-    "own_parametrizations",
-    "parametrization_list",
-    "parametrized_names",
-]
-
-
-def parametrized_names(module: nn.Module) -> list[str]:
-    """Names of the parametrized tensors of ``module`` (empty when it has none)."""
-    if not parametrize.is_parametrized(module):
-        return []
-    return list(cast(nn.ModuleDict, module.parametrizations).keys())
-
-
-def parametrization_list(module: nn.Module, tensor_name: str) -> parametrize.ParametrizationList:
-    """The ``ParametrizationList`` that holds ``module.<tensor_name>``'s originals."""
-    plists = cast(nn.ModuleDict, module.parametrizations)
-    return cast(parametrize.ParametrizationList, plists[tensor_name])
-
-
-def own_parametrizations(module: nn.Module, tensor_name: str) -> list[ConstraintParametrization]:
-    """maskparam's parametrizations on ``module.<tensor_name>``, in order (empty when none)."""
-    if not parametrize.is_parametrized(module, tensor_name):
-        return []
-    plist = parametrization_list(module, tensor_name)
-    return [p for p in plist if isinstance(p, ConstraintParametrization)]
+__all__ = ["TensorRef", "find_tensors"]
 
 
 def _first_original(plist: parametrize.ParametrizationList) -> Tensor:
@@ -69,7 +46,7 @@ class TensorRef:
         return [*self.names, *self.tied_names]
 
     @property
-    def slots(self) -> list[tuple[nn.Module, str]]:
+    def holders(self) -> list[tuple[nn.Module, str]]:
         """Every (module, local name) that holds the tensor: itself first, then tied ones."""
         return [(self.module, self.local_name), *((m, local) for _, m, local in self.tied)]
 
@@ -91,7 +68,7 @@ class TensorRef:
     @property
     def has_constraint(self) -> bool:
         """Whether maskparam already constrains this tensor."""
-        return bool(own_parametrizations(self.module, self.local_name))
+        return bool(maskparam_constraints(self.module, self.local_name))
 
     @property
     def storage(self) -> Tensor:

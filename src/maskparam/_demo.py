@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import maskparam as mp
-from maskparam.tables import text_table
+from maskparam._tables import text_table
 
 __all__ = ["Check", "main", "run_demo"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
-from maskparam.parametrizations import ConstraintParametrization
+from maskparam.constraints.base import Constraint
 
 __all__ = ["constant_buffer_names", "exclude_constants_from_ddp"]
 
@@ -22,7 +22,7 @@ def constant_buffer_names(model: nn.Module) -> list[str]:
     return [
         f"{module_name}.{buffer_name}".lstrip(".")
         for module_name, module in model.named_modules()
-        if isinstance(module, ConstraintParametrization)
+        if isinstance(module, Constraint)
         for buffer_name, _ in module.named_buffers()
     ]
 

@@ -29,18 +29,19 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from maskparam._tensors import find_tensors
+from maskparam._torch_parametrize import parametrization_list
+from maskparam.constraints.base import Constraint, Pins, Spec, zeros_pinned
+from maskparam.constraints.mask import MaskMultiply
 from maskparam.errors import error
 from maskparam.masks import check_fraction
-from maskparam.parametrizations import ConstraintParametrization, MaskMultiply
-from maskparam.specs import Spec
-from maskparam.tensors import find_tensors, parametrization_list
 
 __all__ = ["LearnableMask", "harden", "learned_masks", "mask_penalty"]
 
 Mode = Literal["hard", "soft"]
 
 
-class LearnedMask(ConstraintParametrization):
+class ScoredMask(Constraint):
     """``x * g(scores)`` with trainable ``scores`` of the tensor's shape (see the module doc)."""
 
     def __init__(self, scores: Tensor, *, mode: Mode, temperature: float) -> None:
@@ -67,9 +68,10 @@ class LearnedMask(ConstraintParametrization):
         return self.scores.detach() > 0
 
     @override
-    def restrict_free(self, free: Tensor) -> Tensor:
-        # Hard: masked entries get no gradient until their score comes back above 0.
-        return free & self.keep() if self.mode == "hard" else free
+    def pins(self, value: Tensor) -> Pins | None:
+        # Hard: entries whose score is not above 0 are exactly zero (and get no gradient until
+        # their score comes back); soft: no entry is exactly zero until harden().
+        return zeros_pinned(~self.keep(), value) if self.mode == "hard" else None
 
     @override
     def describe(self) -> str:
@@ -79,7 +81,7 @@ class LearnedMask(ConstraintParametrization):
 
 @dataclass(frozen=True)
 class LearnableMask(Spec):
-    """Effective tensor = original ⊙ g(scores) with trainable scores; see :mod:`maskparam.learnable`.
+    """Effective tensor = original ⊙ g(scores) with trainable scores; see :mod:`maskparam.constraints.learnable`.
 
     The scores are parameters of the model (``model.parameters()`` yields them), so the optimizer
     created after :func:`~maskparam.apply_mask` trains them with the weights.
@@ -102,7 +104,7 @@ class LearnableMask(Spec):
             )
 
     @override
-    def build(self, name: str, tensor: Tensor) -> ConstraintParametrization:
+    def build(self, name: str, tensor: Tensor) -> Constraint:
         if not tensor.is_floating_point():
             raise error(
                 f"LearnableMask for {name!r}",
@@ -115,22 +117,22 @@ class LearnableMask(Spec):
             else (1.0 if self.mode == "hard" else 3.0 * self.temperature)
         )
         scores = torch.full_like(tensor, init, memory_format=torch.contiguous_format)
-        return LearnedMask(scores, mode=self.mode, temperature=self.temperature)
+        return ScoredMask(scores, mode=self.mode, temperature=self.temperature)
 
 
-def _learned(model: nn.Module) -> list[tuple[str, nn.Module, str, int, LearnedMask]]:
+def _learned(model: nn.Module) -> list[tuple[str, nn.Module, str, int, ScoredMask]]:
     """Every learnable mask of ``model``: (tensor name, module, local name, position, mask)."""
     found = []
     for ref in find_tensors(model):
         for position, parametrization in enumerate(ref.parametrizations):
-            if isinstance(parametrization, LearnedMask):
+            if isinstance(parametrization, ScoredMask):
                 found.append((ref.name, ref.module, ref.local_name, position, parametrization))
     return found
 
 
 def _require_learned(
     model: nn.Module, caller: str
-) -> list[tuple[str, nn.Module, str, int, LearnedMask]]:
+) -> list[tuple[str, nn.Module, str, int, ScoredMask]]:
     found = _learned(model)
     if not found:
         raise error(
@@ -194,9 +196,8 @@ def harden(
             for s, end in zip(scores, ends, strict=True)
         ]
     densities = {}
-    for (name, module, local, position, mask), keep in zip(found, keeps, strict=True):
+    for (name, module, local, position, _), keep in zip(found, keeps, strict=True):
         replacement = MaskMultiply(keep)
-        replacement.slot_orders = mask.slot_orders
         parametrization_list(module, local)[position] = replacement
         densities[name] = float(keep.float().mean()) if keep.numel() else 0.0
     return densities

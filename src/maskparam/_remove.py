@@ -1,0 +1,112 @@
+"""``remove_parametrizations``: bake maskparam's constraints into plain tensors, for export.
+
+Only maskparam's own constraints are removed (a user's ``weight_norm`` stays). Where maskparam
+was the only parametrization of a module, the module gets back its class, its state_dict keys and
+their order; the baked Parameter is the same object the optimizer held.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from maskparam._torch_parametrize import (
+    give_own_class,
+    maskparam_constraints,
+    parametrization_list,
+    parametrized_names,
+    restore_key_order,
+)
+from maskparam.constraints.base import Constraint
+from maskparam.errors import error
+
+__all__ = ["remove_constraints", "remove_parametrizations"]
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def remove_parametrizations(model: ModuleT, *, leave_parametrized: bool = True) -> ModuleT:
+    """Bake maskparam's constraints into plain tensors, for export; in place, returns ``model``.
+
+    Removes only maskparam's own parametrizations: a user's ``weight_norm`` stays. Where
+    maskparam was the only one on a module, the module gets back its class and its state_dict
+    keys in their order; the baked Parameter is the same object the optimizer held, and its
+    values equal the effective tensor bit for bit. With ``leave_parametrized=False`` the stored
+    originals come back unconstrained instead (masked entries reappear).
+
+    >>> import torch, maskparam as mp
+    >>> layer = mp.apply_mask(torch.nn.Linear(3, 3), {"weight": mp.Triangular()})
+    >>> effective = layer.weight.detach().clone()
+    >>> layer = mp.remove_parametrizations(layer)
+    >>> type(layer).__name__, torch.equal(layer.weight, effective)
+    ('Linear', True)
+    """
+    owners: dict[int, tuple[nn.Module, list[str]]] = {}
+    for module in model.modules():
+        names = [n for n in parametrized_names(module) if maskparam_constraints(module, n)]
+        if names:
+            owners[id(module)] = (module, names)
+    for module, names in owners.values():  # check all before changing any
+        for tensor_name in names:
+            _check_removable(module, tensor_name, leave_parametrized=leave_parametrized)
+    baked: set[int] = set()
+    for module, names in owners.values():
+        give_own_class(module)  # once per module: a class copy per tensor would be quadratic
+        for tensor_name in names:
+            plist = parametrization_list(module, tensor_name)
+            original = id(plist.original) if plist.is_tensor else None
+            # A tied tensor is baked once; its other holders then just get the baked tensor.
+            again = original in baked
+            _remove(module, tensor_name, leave_parametrized=leave_parametrized and not again)
+            if original is not None:
+                baked.add(original)
+        restore_key_order(module)
+    return model
+
+
+def remove_constraints(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) -> None:
+    """Remove maskparam's constraints from one tensor (the rollback of a failed apply)."""
+    give_own_class(module)
+    _remove(module, tensor_name, leave_parametrized=leave_parametrized)
+    restore_key_order(module)
+
+
+def _check_removable(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) -> None:
+    plist = parametrization_list(module, tensor_name)
+    users = [p for p in plist if not isinstance(p, Constraint)]
+    if leave_parametrized and users and not all(hasattr(p, "right_inverse") for p in users):
+        raise error(
+            repr(tensor_name),
+            f"baking maskparam's constraint leaves {type(users[0]).__name__} in place, which has no "
+            "right_inverse to take the constrained value.",
+            fix="remove that parametrization first, or pass leave_parametrized=False.",
+        )
+
+
+def _remove(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) -> None:
+    plist = parametrization_list(module, tensor_name)
+    ours = maskparam_constraints(module, tensor_name)
+    original = plist.original if plist.is_tensor else None
+    # A compact original holds only the free entries: the full tensor is the effective one.
+    leave_parametrized = leave_parametrized or any(p.reshapes_original for p in ours)
+    if len(ours) == len(plist):
+        # torch bakes with set_(), keeping the Parameter object, and restores the class.
+        parametrize.remove_parametrizations(
+            module, tensor_name, leave_parametrized=leave_parametrized
+        )
+    else:
+        # A user's parametrization stays: drop ours, then let theirs take the constrained value
+        # through its right_inverse (exact when theirs is; weight_norm's is up to rounding).
+        with torch.no_grad():
+            effective = getattr(module, tensor_name)
+            for i in reversed(range(len(plist))):
+                if isinstance(plist[i], Constraint):
+                    del plist[i]
+            if leave_parametrized:
+                plist.right_inverse(effective)
+    if original is not None:
+        for constraint in ours:
+            constraint.on_removed(original)

@@ -1,0 +1,116 @@
+"""Workarounds for ``torch.nn.utils.parametrize`` internals, kept apart from the lifecycle.
+
+* torch injects one class per parametrized module, and ``copy.deepcopy`` (``AveragedModel``
+  too) gives the copy that *same* class: :func:`give_own_class` keeps copies apart;
+* a parametrized module cannot be pickled: :func:`refuse_pickling` says what to do instead;
+* removal re-registers a baked tensor last, reordering ``parameters()`` and the state_dict
+  (optimizer state_dicts map by position): :func:`remember_key_order` and
+  :func:`restore_key_order` put each tensor back in its place;
+* lookups of the ``ParametrizationList`` and of maskparam's constraints in it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from maskparam.constraints.base import Constraint
+from maskparam.errors import error
+
+__all__ = [
+    "give_own_class",
+    "maskparam_constraints",
+    "parametrization_list",
+    "parametrized_names",
+    "refuse_pickling",
+    "remember_key_order",
+    "restore_key_order",
+]
+
+# The module attribute that holds its parameter and buffer names in their order before
+# maskparam first constrained one of them. A plain attribute: deepcopy carries it along.
+_KEY_ORDER = "_maskparam_key_order"
+
+
+def parametrized_names(module: nn.Module) -> list[str]:
+    """Names of the parametrized tensors of ``module`` (empty when it has none)."""
+    if not parametrize.is_parametrized(module):
+        return []
+    return list(cast(nn.ModuleDict, module.parametrizations).keys())
+
+
+def parametrization_list(module: nn.Module, tensor_name: str) -> parametrize.ParametrizationList:
+    """The ``ParametrizationList`` that holds ``module.<tensor_name>``'s originals."""
+    plists = cast(nn.ModuleDict, module.parametrizations)
+    return cast(parametrize.ParametrizationList, plists[tensor_name])
+
+
+def maskparam_constraints(module: nn.Module, tensor_name: str) -> list[Constraint]:
+    """maskparam's constraints on ``module.<tensor_name>``, in order (empty when none)."""
+    if not parametrize.is_parametrized(module, tensor_name):
+        return []
+    plist = parametrization_list(module, tensor_name)
+    return [p for p in plist if isinstance(p, Constraint)]
+
+
+def give_own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before its properties change.
+
+    ``register_parametrization`` adds a property to the injected class and
+    ``remove_parametrizations`` deletes one from it; on a deep copy, which shares that class,
+    changing the copy would change the original (a removed property breaks it). A fresh
+    subclass per apply or removal keeps them apart.
+    """
+    if not parametrize.is_parametrized(module):
+        return
+    cls = type(module)
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
+def refuse_pickling(module: nn.Module) -> None:
+    """Replace torch's pickling error for parametrized modules with one that names the fix."""
+    cls = type(module)
+    if cls.__dict__.get("__getstate__") is not _getstate:
+        cls.__getstate__ = _getstate  # type: ignore[method-assign]
+
+
+def _getstate(self: nn.Module) -> object:
+    raise error(
+        f"torch.save of {type(self).__name__}",
+        "a parametrized module is an instance of a class that torch creates at run time, which "
+        "cannot be pickled; save the state_dict instead.",
+        fix="torch.save(model.state_dict()), then apply the same rules to a new model and "
+        "load_state_dict; or save a baked copy: "
+        "torch.save(mp.remove_parametrizations(copy.deepcopy(model))).",
+    )
+
+
+def remember_key_order(module: nn.Module) -> None:
+    """Record the module's parameter and buffer order, unless an earlier constraint did."""
+    if _KEY_ORDER not in module.__dict__:
+        order = {"parameters": tuple(module._parameters), "buffers": tuple(module._buffers)}
+        object.__setattr__(module, _KEY_ORDER, order)
+
+
+def restore_key_order(module: nn.Module) -> None:
+    """Put the module's parameters and buffers back in their recorded order.
+
+    Names recorded first, in their order; names maskparam's removal left that were not there
+    (none, normally) after them. The record is dropped once no maskparam constraint is left.
+    """
+    order: dict[str, tuple[str, ...]] | None = module.__dict__.get(_KEY_ORDER)
+    if order is None:
+        return
+    for kind in ("parameters", "buffers"):
+        tensors: dict[str, Any] = module._parameters if kind == "parameters" else module._buffers
+        recorded = [name for name in order[kind] if name in tensors]
+        seen = set(recorded)
+        names = [*recorded, *(name for name in tensors if name not in seen)]
+        reordered = {name: tensors[name] for name in names}
+        tensors.clear()
+        tensors.update(reordered)
+    if not any(maskparam_constraints(module, name) for name in parametrized_names(module)):
+        del module.__dict__[_KEY_ORDER]

@@ -1,0 +1,78 @@
+"""``Triangular``: effective tensor = ``tril(original, diagonal)`` (or ``triu``).
+
+Invariant: every entry of the other triangle is exactly zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from maskparam.constraints.base import Constraint, Layout, Pins, Spec, check_layout, zeros_pinned
+from maskparam.constraints.compact import CompactScatter, check_compact_possible
+from maskparam.errors import error
+
+__all__ = ["Triangular", "TriangularPart"]
+
+
+@dataclass(frozen=True)
+class Triangular(Spec):
+    """Effective tensor = ``tril(original, diagonal)`` (or ``triu`` with ``lower=False``).
+
+    The other triangle is exactly zero and never trains. Works on matrices and on batches of
+    matrices (the last two dimensions).
+
+    >>> import torch, maskparam as mp
+    >>> layer = torch.nn.Linear(3, 3)
+    >>> _ = mp.apply_mask(layer, {"weight": mp.Triangular()})
+    >>> bool((layer.weight.triu(1) == 0).all())
+    True
+    """
+
+    lower: bool = True
+    diagonal: int = 0
+    layout: Layout = field(default="dense", kw_only=True)
+
+    def __post_init__(self) -> None:
+        check_layout(self)
+
+    @override
+    def build(self, name: str, tensor: Tensor) -> Constraint:
+        if tensor.dim() < 2:
+            raise error(
+                f"Triangular for {name!r}",
+                f"needs a matrix or a batch of matrices, but the tensor has shape "
+                f"{tuple(tensor.shape)}.",
+                fix="select only tensors with 2 or more dimensions (e.g. '*.weight', not '*.bias').",
+            )
+        part = TriangularPart(lower=self.lower, diagonal=self.diagonal)
+        if self.layout == "compact":
+            check_compact_possible(f"Triangular for {name!r}", tensor)
+            triangle = part(torch.ones(tensor.shape[-2:], dtype=torch.bool, device=tensor.device))
+            return CompactScatter(triangle, tensor.shape, None, part.describe()[:-1] + ", compact)")
+        return part
+
+
+class TriangularPart(Constraint):
+    """``tril(x, diagonal)`` or ``triu(x, diagonal)`` over the last two dimensions; no storage."""
+
+    def __init__(self, *, lower: bool, diagonal: int) -> None:
+        super().__init__()
+        self.lower = lower
+        self.diagonal = diagonal
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        return x.tril(self.diagonal) if self.lower else x.triu(self.diagonal)
+
+    @override
+    def pins(self, value: Tensor) -> Pins:
+        ones = torch.ones(value.shape[-2:], dtype=torch.bool, device=value.device)
+        return zeros_pinned(~self.forward(ones).expand(value.shape), value)
+
+    @override
+    def describe(self) -> str:
+        return f"Triangular({'lower' if self.lower else 'upper'}, diagonal={self.diagonal})"
