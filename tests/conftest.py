@@ -1,4 +1,5 @@
-"""Shared fixtures: small models and a snapshot that proves a model was left untouched."""
+"""Shared fixtures: small models, the one training helper, and a snapshot that proves a model
+was left untouched."""
 
 from __future__ import annotations
 
@@ -52,6 +53,51 @@ def make_tiny() -> type[TinyNet]:
 @pytest.fixture
 def tiny_input() -> Tensor:
     return torch.randn(4, 3, 6, 6)
+
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+def default_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    # AdamW with weight decay: the optimizer that defeats gradient masking (decoupled decay
+    # moves every entry whose gradient is zero).
+    return torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)
+
+
+def train_steps(
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    steps: int = 3,
+    optimizer: torch.optim.Optimizer | OptimizerFactory = default_optimizer,
+    target: Tensor | None = None,
+) -> list[float]:
+    """Train ``model`` for ``steps`` steps on one batch (MSE to ``target``, or to zeros); losses.
+
+    ``optimizer`` is an optimizer or a factory of one over ``model.parameters()``. Works with
+    closure-based optimizers (LBFGS) too, and with half-precision models (the loss is in float32).
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer(list(model.parameters()))
+    losses = []
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        out = model(inputs).float()
+        goal = torch.zeros_like(out) if target is None else target.float()
+        loss = nn.functional.mse_loss(out, goal)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        losses.append(float(optimizer.step(closure)))  # type: ignore[arg-type]
+    return losses
+
+
+@pytest.fixture
+def train() -> Callable[..., list[float]]:
+    """The one training loop of the test suite: see :func:`train_steps`."""
+    return train_steps
 
 
 @dataclass
