@@ -90,7 +90,7 @@ def train_steps(
         return loss
 
     for _ in range(steps):
-        losses.append(float(optimizer.step(closure)))  # type: ignore[arg-type]
+        losses.append(float(optimizer.step(closure).detach()))  # type: ignore[union-attr]
     return losses
 
 

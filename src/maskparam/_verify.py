@@ -89,13 +89,17 @@ def _check(ref: TensorRef) -> list[str]:
 
 
 def _mismatches(actual: Tensor, expected: Tensor, where: Tensor, *, bitwise: bool) -> int:
-    """How many entries in ``where`` differ (bitwise: the sign of zero too; NaN never matches)."""
+    """How many entries in ``where`` differ (bitwise: the sign of zero too).
+
+    NaN matches only an expected NaN (a subspace whose θ diverged still is θ₀ + E·θ); a masked
+    entry, expected to be 0, never matches NaN.
+    """
     a, e = actual[where], expected[where]
     if bitwise and a.is_floating_point():
         same = (a == e) & (torch.signbit(a) == torch.signbit(e))
         same = same | (a.isnan() & e.isnan() & _same_bits(a, e))
     else:
-        same = a == e
+        same = (a == e) | (a.isnan() & e.isnan())
     return int((~same).sum())
 
 

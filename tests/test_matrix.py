@@ -1,0 +1,291 @@
+"""The matrix: every constraint (each layout, a few stacks) through every workflow.
+
+One assertion decides every cell: ``mp.verify(model) == []``, each constraint's invariant checked
+exactly on the tensors the model computes with (masked entries zero, frozen entries bit-identical,
+the triangle exact, subspace members equal θ₀ + E·θ). There are no per-kind branches: a cell that
+needs one is a sign that a constraint's invariant is missing something.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import maskparam as mp
+
+# --- the constraints ----------------------------------------------------------------------------
+# Each case maps the two weights of a small MLP to its spec(s); both weights are 6 x 6 so that a
+# stack with Triangular fits every spec.
+Rules = dict[str, Any]
+
+
+def _random(density: float, seed: int) -> mp.masks.MaskGenerator:
+    return mp.masks.random(density, seed=seed)
+
+
+CASES: dict[str, Callable[[], Rules]] = {
+    "mask": lambda: {"*.weight": mp.Mask(_random(0.5, 1))},
+    "mask-compact": lambda: {"*.weight": mp.Mask(_random(0.5, 1), layout="compact")},
+    "mask-rows": lambda: {"*.weight": mp.Mask(mp.masks.rows([1, 4]))},
+    "freeze": lambda: {"*.weight": mp.Freeze(_random(0.5, 2))},
+    "freeze-compact": lambda: {"*.weight": mp.Freeze(_random(0.5, 2), layout="compact")},
+    "freeze-slices": lambda: {"*.weight": mp.Freeze(dim=0, index=[0, 2])},
+    "triangular": lambda: {"*.weight": mp.Triangular()},
+    "triangular-compact": lambda: {"*.weight": mp.Triangular(diagonal=-1, layout="compact")},
+    "subspace-gaussian": lambda: {"*.weight": mp.Subspace(5)},
+    "subspace-sparse": lambda: {"*.weight": mp.Subspace(5, projection="sparse")},
+    "subspace-fastfood-group": lambda: {
+        "*.weight": mp.Subspace(5, projection="fastfood", group="all")
+    },
+    "learnable-hard": lambda: {"*.weight": mp.LearnableMask()},
+    "learnable-soft": lambda: {"*.weight": mp.LearnableMask("soft")},
+    "stack-triangular-freeze": lambda: {
+        "*.weight": [mp.Triangular(), mp.Freeze(dim=1, index=[3])]
+    },
+    "stack-freeze-triangular": lambda: {
+        "*.weight": [mp.Freeze(dim=1, index=[3]), mp.Triangular()]
+    },
+    "stack-mask-freeze": lambda: {"*.weight": [mp.Mask(_random(0.6, 3)), mp.Freeze(_random(0.3, 4))]},
+    "stack-compact-mask-triangular": lambda: {
+        "*.weight": [mp.Mask(_random(0.7, 5), layout="compact"), mp.Triangular()]
+    },
+}
+
+
+def _mlp(dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6)).to(dtype)
+
+
+def _constrained(case: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return mp.apply_mask(_mlp(dtype), CASES[case]())
+
+
+def _inputs(dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.randn(16, 6, generator=torch.Generator().manual_seed(7)).to(dtype)
+
+
+def _assert_holds(model: nn.Module) -> None:
+    # Only the constraints' promises: an unconstrained fp16 bias may well turn NaN under Adam
+    # (eps=1e-8 rounds to 0 in fp16), as it does without maskparam.
+    assert mp.verify(model) == []
+
+
+# --- optimizers × dtypes --------------------------------------------------------------------------
+
+
+class _Pair(torch.optim.Optimizer):
+    """Two optimizers stepped as one (Muon takes matrices only; the usual recipe adds AdamW)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+        params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
+        super().__init__(params, {})
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = closure() if closure is not None else None
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+
+def _muon(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    matrices = [p for p in params if p.dim() == 2]
+    others = [p for p in params if p.dim() != 2]
+    if not matrices:
+        return torch.optim.AdamW(others, lr=0.05)
+    return _Pair(torch.optim.Muon(matrices, lr=0.05), torch.optim.AdamW(others, lr=0.05))
+
+
+OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.1),
+    "SGD-nesterov-wd": lambda p: torch.optim.SGD(
+        p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1
+    ),
+    "Adam": lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.1),
+    "Adam-amsgrad": lambda p: torch.optim.Adam(p, lr=0.05, amsgrad=True),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.5),
+    "AdamW-fused": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.5, fused=True),
+    "RMSprop": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9, weight_decay=0.1),
+    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1, weight_decay=0.1),
+    "Adadelta": lambda p: torch.optim.Adadelta(p, lr=1.0, weight_decay=0.1),
+    "Adamax": lambda p: torch.optim.Adamax(p, lr=0.05, weight_decay=0.1),
+    "NAdam": lambda p: torch.optim.NAdam(p, lr=0.05, weight_decay=0.1, decoupled_weight_decay=True),
+    "RAdam": lambda p: torch.optim.RAdam(p, lr=0.05, weight_decay=0.1, decoupled_weight_decay=True),
+    "ASGD": lambda p: torch.optim.ASGD(p, lr=0.05, weight_decay=0.1),
+    "Rprop": lambda p: torch.optim.Rprop(p, lr=0.01),
+    "LBFGS": lambda p: torch.optim.LBFGS(p, lr=0.5, max_iter=4),
+    "Adafactor": lambda p: torch.optim.Adafactor(p, lr=0.05, weight_decay=0.1),
+    "Muon": _muon,
+}
+# SparseAdam needs sparse gradients; a parametrized tensor's gradient is dense.
+NOT_APPLICABLE = {"SparseAdam"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def test_every_torch_optimizer_is_in_the_matrix():
+    in_torch = {
+        name
+        for name, cls in vars(torch.optim).items()
+        if inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)
+    } - {"Optimizer"}
+    covered = {name.split("-")[0] for name in OPTIMIZERS} | NOT_APPLICABLE
+    assert in_torch <= covered, f"add to OPTIMIZERS: {sorted(in_torch - covered)}"
+
+
+def _applicable(case: str, optimizer: str, dtype: str) -> str | None:
+    """Why a cell cannot run (torch's own limits, not maskparam's), or None."""
+    if optimizer == "Muon" and "compact" in case:
+        return "Muon orthogonalizes matrices; a compact original is a vector"
+    return None
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_keeps_the_invariant(case, optimizer, dtype, train):
+    reason = _applicable(case, optimizer, dtype)
+    if reason:
+        pytest.skip(reason)
+    model = _constrained(case, DTYPES[dtype])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, _inputs(DTYPES[dtype]), steps=3, optimizer=OPTIMIZERS[optimizer])
+    _assert_holds(model)
+    # Something trained (the cell is not vacuous).
+    after = model.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if v.is_floating_point())
+
+
+# --- workflows ----------------------------------------------------------------------------------
+
+
+def _trained(case: str, train: Callable[..., list[float]]) -> nn.Sequential:
+    model = _constrained(case)
+    train(model, _inputs(), steps=2)
+    return model
+
+
+def _ema(model: nn.Module, use_buffers: bool) -> AveragedModel:
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=use_buffers)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("use_buffers", [False, True], ids=["params", "params+buffers"])
+@pytest.mark.parametrize("kind", ["swa", "ema"])
+def test_averaged_model(case, kind, use_buffers, train):
+    model = _constrained(case)
+    averaged = (
+        _ema(model, use_buffers) if kind == "ema" else AveragedModel(model, use_buffers=use_buffers)
+    )
+    for _ in range(3):
+        train(model, _inputs(), steps=1)
+        averaged.update_parameters(model)
+    _assert_holds(averaged.module)
+    x = _inputs()
+    with torch.no_grad():
+        before = averaged(x)
+        mp.remove_parametrizations(averaged.module)
+        assert torch.equal(averaged(x), before)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_timm_style_ema_over_the_state_dict(case, train):
+    # timm's ModelEmaV2: lerp every floating-point state_dict entry, copy the rest.
+    model = _trained(case, train)
+    ema = copy.deepcopy(model)
+    for _ in range(3):
+        train(model, _inputs(), steps=1)
+        with torch.no_grad():
+            for ema_v, model_v in zip(
+                ema.state_dict().values(), model.state_dict().values(), strict=True
+            ):
+                if ema_v.is_floating_point():
+                    ema_v.lerp_(model_v, 0.1)
+                else:
+                    ema_v.copy_(model_v)
+    _assert_holds(ema)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_deepcopy_then_bake_the_copy(case, train):
+    model = _trained(case, train)
+    clone = copy.deepcopy(model)
+    x = _inputs()
+    assert torch.equal(clone(x), model(x))
+    mp.remove_parametrizations(clone)
+    _assert_holds(model)  # the original is untouched by baking its copy
+    assert torch.equal(clone(x), model(x))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_state_dict_round_trip_into_a_fresh_model(case, train):
+    model = _trained(case, train)
+    fresh = _constrained(case, seed=1)  # other random weights, same rules
+    fresh.load_state_dict(model.state_dict())
+    _assert_holds(fresh)
+    x = _inputs()
+    assert torch.equal(fresh(x), model(x))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bake_gives_a_plain_model_with_identical_outputs(case, train):
+    model = _trained(case, train)
+    x = _inputs()
+    with torch.no_grad():
+        before = model(x)
+        mp.remove_parametrizations(model)
+        assert torch.equal(model(x), before)
+    assert not any("parametrizations" in key for key in model.state_dict())
+    assert type(model[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_plain_checkpoint_load_then_train(case, train):
+    model = _constrained(case)
+    torch.manual_seed(3)
+    pretrained = _mlp().state_dict()  # plain keys, other values
+    mp.load_state_dict(model, pretrained)
+    _assert_holds(model)
+    train(model, _inputs(), steps=2)
+    _assert_holds(model)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_assigning_the_weight_then_train(case, train):
+    model = _constrained(case)
+    with torch.no_grad():
+        model[0].weight = torch.randn(6, 6)
+    _assert_holds(model)
+    train(model, _inputs(), steps=2)
+    _assert_holds(model)
+
+
+@pytest.mark.parametrize("dtype", ["fp64", "fp16", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_to_dtype_after_apply_then_train_and_reload(case, dtype, train):
+    target = {"fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    model = _constrained(case).to(target)
+    _assert_holds(model)
+    train(model, _inputs(target), steps=2, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    _assert_holds(model)
+    fresh = _constrained(case, seed=1).to(target)
+    fresh.load_state_dict(model.state_dict())
+    _assert_holds(fresh)
+    assert torch.equal(fresh(_inputs(target)), model(_inputs(target)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_compile_trains_and_keeps_the_invariant(case, train):
+    model = _constrained(case)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    train(compiled, _inputs(), steps=2)
+    _assert_holds(model)
+    torch._dynamo.reset()
