@@ -46,13 +46,11 @@ CASES: dict[str, Callable[[], Rules]] = {
     },
     "learnable-hard": lambda: {"*.weight": mp.LearnableMask()},
     "learnable-soft": lambda: {"*.weight": mp.LearnableMask("soft")},
-    "stack-triangular-freeze": lambda: {
-        "*.weight": [mp.Triangular(), mp.Freeze(dim=1, index=[3])]
+    "stack-triangular-freeze": lambda: {"*.weight": [mp.Triangular(), mp.Freeze(dim=1, index=[3])]},
+    "stack-freeze-triangular": lambda: {"*.weight": [mp.Freeze(dim=1, index=[3]), mp.Triangular()]},
+    "stack-mask-freeze": lambda: {
+        "*.weight": [mp.Mask(_random(0.6, 3)), mp.Freeze(_random(0.3, 4))]
     },
-    "stack-freeze-triangular": lambda: {
-        "*.weight": [mp.Freeze(dim=1, index=[3]), mp.Triangular()]
-    },
-    "stack-mask-freeze": lambda: {"*.weight": [mp.Mask(_random(0.6, 3)), mp.Freeze(_random(0.3, 4))]},
     "stack-compact-mask-triangular": lambda: {
         "*.weight": [mp.Mask(_random(0.7, 5), layout="compact"), mp.Triangular()]
     },
@@ -78,7 +76,7 @@ def _assert_holds(model: nn.Module) -> None:
     assert mp.verify(model) == []
 
 
-# --- optimizers × dtypes --------------------------------------------------------------------------
+# --- optimizers x dtypes --------------------------------------------------------------------------
 
 
 class _Pair(torch.optim.Optimizer):
@@ -285,7 +283,8 @@ def test_to_dtype_after_apply_then_train_and_reload(case, dtype, train):
 @pytest.mark.parametrize("case", list(CASES))
 def test_compile_trains_and_keeps_the_invariant(case, train):
     model = _constrained(case)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    # torch.compile cannot trace sparse tensors (the sparse projection): a graph break there.
+    compiled = torch.compile(model, backend="aot_eager", fullgraph="sparse" not in case)
     train(compiled, _inputs(), steps=2)
     _assert_holds(model)
     torch._dynamo.reset()

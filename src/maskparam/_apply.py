@@ -26,6 +26,7 @@ from maskparam._selectors import Selector, check_selector, describe, is_exact_na
 from maskparam._tensors import TensorRef, find_tensors
 from maskparam._torch_parametrize import (
     give_own_class,
+    link_stack,
     maskparam_constraints,
     refuse_pickling,
     remember_key_order,
@@ -292,6 +293,7 @@ def _register(built: list[tuple[_Target, list[Constraint]]]) -> None:
                         touched.append(ref)
                 constraint.on_registered(ref.storage)
                 _watch_optimizers(ref, constraint, full_shapes[id(ref)])
+            link_stack(ref.module, ref.local_name)
     except Exception:
         # Dense layouts store the tensor unchanged, so removing without baking restores each
         # original; a compact one gets its full values back.

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from maskparam import _optimizer_guard
 from maskparam._torch_parametrize import (
     give_own_class,
     maskparam_constraints,
@@ -110,3 +111,6 @@ def _remove(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) ->
     if original is not None:
         for constraint in ours:
             constraint.on_removed(original)
+        _optimizer_guard.forget(original)
+        if original.grad is not None and original.grad.shape != original.shape:
+            original.grad = None  # a compact gradient cannot apply to the baked full tensor

@@ -21,6 +21,7 @@ from maskparam.errors import error
 
 __all__ = [
     "give_own_class",
+    "link_stack",
     "maskparam_constraints",
     "parametrization_list",
     "parametrized_names",
@@ -53,6 +54,15 @@ def maskparam_constraints(module: nn.Module, tensor_name: str) -> list[Constrain
         return []
     plist = parametrization_list(module, tensor_name)
     return [p for p in plist if isinstance(p, Constraint)]
+
+
+def link_stack(module: nn.Module, tensor_name: str) -> None:
+    """Tell each maskparam constraint on the tensor what stands before it in the stack."""
+    plist = list(parametrization_list(module, tensor_name))
+    for position, parametrization in enumerate(plist):
+        if isinstance(parametrization, Constraint):
+            # A plain attribute, not a submodule: the list already owns these modules.
+            object.__setattr__(parametrization, "stack_before", tuple(plist[:position]))
 
 
 def give_own_class(module: nn.Module) -> None:

@@ -27,14 +27,14 @@ Adding a constraint of your own takes one subclass of each (see the README's "Ho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from maskparam.errors import error
+from maskparam.errors import MaskparamError, error
 
 __all__ = ["Constraint", "Layout", "Pins", "Spec"]
 
@@ -57,7 +57,122 @@ class Pins:
     captured: bool = False
 
 
-class Constraint(nn.Module):
+class FixedTensors(nn.Module):
+    """A module with *fixed tensors*: tensors that are not state to average, cast or broadcast.
+
+    Indices, seeds, derived positions and regenerated matrices are fixed tensors, set with
+    :meth:`set_fixed`: plain attributes that follow the module's device but never its dtype, and
+    that ``buffers()`` (so ``AveragedModel`` and DDP) never yields. A persistent one is saved in the state_dict and must load back equal: a checkpoint
+    made with other settings is refused rather than silently mixed in.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fixed: dict[str, bool] = {}  # name -> persistent
+
+    def set_fixed(self, name: str, value: Tensor, *, persistent: bool = False) -> None:
+        """Keep ``value`` as the fixed tensor ``name`` (see the class docstring)."""
+        self._fixed[name] = persistent
+        object.__setattr__(self, name, value)
+
+    def regenerate(self, name: str, device: torch.device) -> Tensor:
+        """A fixed tensor's value on ``device`` when it holds none (after ``to_empty``)."""
+        raise NotImplementedError
+
+    def check_loaded(self, name: str, loaded: Tensor) -> str | None:
+        """Why a persistent fixed tensor's checkpoint value cannot load, or None. Default: equal."""
+        current: Tensor = getattr(self, name)
+        if loaded.shape != current.shape or not torch.equal(loaded.cpu(), current.cpu()):
+            return (
+                f"the checkpoint's {name!r} is {_short(loaded)}, this model's {_short(current)}: "
+                "it was made with other settings"
+            )
+        return None
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FixedTensors:
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        for name in self._fixed:
+            tensor: Tensor = getattr(self, name)
+            # The device fn moves to, never its dtype: probe it with an empty integer tensor.
+            device = fn(torch.empty(0, dtype=torch.int64, device=tensor.device)).device
+            if tensor.device.type == "meta" and device.type != "meta":
+                moved = self.regenerate(name, device)
+            else:
+                moved = tensor.to(device)
+            object.__setattr__(self, name, moved)
+        return self
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, persistent in self._fixed.items():
+            if persistent:  # a copy: in-place updates of a state_dict (EMA) cannot reach it
+                destination[prefix + name] = getattr(self, name).detach().clone()
+
+    def check_state(self, state: Mapping[str, Tensor]) -> list[str]:
+        """What is wrong with this module's entries of a checkpoint (by local name), if anything.
+
+        Called before anything is loaded (see :func:`maskparam.apply_mask`'s load guard), so a
+        bad checkpoint is refused with the model unchanged. Subclasses add their own checks.
+        """
+        problems = []
+        for name, persistent in self._fixed.items():
+            if persistent and name in state:
+                problem = self.check_loaded(name, state[name])
+                if problem:
+                    problems.append(f"{name}: {problem}")
+        return problems
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        names = [*self._buffers, *self._parameters, *self._fixed]
+        local = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
+        problems = self.check_state(local)
+        if problems:  # reached only when this module is loaded on its own, without the guard
+            raise load_error(prefix, type(self).__name__, problems)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        for name, persistent in self._fixed.items():
+            key = prefix + name
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
+            if persistent and key not in state_dict and strict:
+                missing_keys.append(key)
+
+
+def binary_mask_problem(name: str, loaded: Tensor, current: Tensor) -> str | None:
+    """Why ``loaded`` cannot replace the 0/1 mask ``current`` (shape, dtype, values), or None."""
+    if loaded.shape != current.shape:
+        return f"{name}: shape {tuple(loaded.shape)}, this model's {tuple(current.shape)}"
+    if loaded.dtype not in (torch.uint8, torch.bool):
+        return f"{name}: dtype {loaded.dtype}; a mask is stored as uint8 0/1"
+    bad = (loaded != 0) & (loaded != 1)
+    if bool(bad.any()):
+        examples = sorted(set(loaded[bad].tolist()))[:5]
+        return f"{name}: {int(bad.sum())} values are neither 0 nor 1 (e.g. {examples})"
+    return None
+
+
+def load_error(prefix: str, kind: str, problems: Sequence[str]) -> MaskparamError:
+    """The error for a checkpoint that a constraint at ``prefix`` refuses."""
+    return error(
+        f"load_state_dict ({kind} at {prefix.rstrip('.')!r})",
+        "the checkpoint does not fit this constraint; nothing was loaded.",
+        *problems,
+        fix="load a checkpoint saved by a model with the same rules (same masks, seeds and "
+        "settings); for pretrained plain weights, use mp.load_state_dict.",
+    )
+
+
+class Constraint(FixedTensors):
     """Base of every parametrization maskparam registers: ``forward(original) -> effective``.
 
     :func:`maskparam.remove_parametrizations` removes exactly the instances of this class, so a
@@ -69,6 +184,24 @@ class Constraint(nn.Module):
     #: True when the stored original is not the tensor's shape (the compact layout): the
     #: lifecycle then keeps the full values for a rollback and refuses to stack it second.
     reshapes_original: ClassVar[bool] = False
+
+    #: The parametrizations before this one on its tensor (set when registered): what
+    #: :meth:`level_input` runs a new value through.
+    stack_before: tuple[nn.Module, ...] = ()
+
+    def level_input(self, value: Tensor) -> Tensor:
+        """What this constraint sees when the tensor is assigned ``value`` (``module.weight = w``,
+        a plain checkpoint): ``value`` through the constraints before it in the stack.
+
+        torch calls ``right_inverse`` from the last parametrization to the first, so a constraint
+        that captures values (Freeze) would otherwise capture the raw value, and a frozen row
+        above the diagonal of an earlier Triangular would hold non-zeros.
+        """
+        with torch.no_grad():
+            for earlier in self.stack_before:
+                inverse = getattr(earlier, "right_inverse", None)
+                value = earlier(inverse(value) if inverse is not None else value)
+        return value
 
     def right_inverse(self, value: Tensor) -> Tensor:
         # Assigning ``module.weight = value`` stores ``value`` as the original; the constraint
@@ -82,6 +215,13 @@ class Constraint(nn.Module):
         output in a stack). ``None``: nothing is fixed (a soft learnable mask).
         """
         raise NotImplementedError
+
+    def check_original(self, original: Tensor, state: Mapping[str, Tensor]) -> str | None:
+        """Whether a checkpoint's stored ``original`` fits this (first) constraint, given this
+        constraint's ``state`` entries from the same checkpoint. Default: any shape torch accepts.
+        """
+        del original, state
+        return None
 
     def free_entries(self, free: Tensor) -> Tensor:
         """Given a bool tensor of the entries that train before this constraint, those after.
@@ -110,6 +250,11 @@ class Constraint(nn.Module):
     def describe(self) -> str:
         """A short human-readable description for :func:`maskparam.summary`."""
         raise NotImplementedError
+
+
+def _short(tensor: Tensor) -> str:
+    values = tensor.flatten()[:6].tolist()
+    return f"{values}{' ...' if tensor.numel() > 6 else ''} (shape {tuple(tensor.shape)})"
 
 
 class Spec:

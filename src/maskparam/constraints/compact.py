@@ -10,13 +10,14 @@ its tensor, and it needs real values (not meta tensors) to know the positions.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from maskparam.constraints.base import Constraint, Pins
+from maskparam.constraints.base import Constraint, Pins, binary_mask_problem
 from maskparam.errors import error
 
 __all__ = ["CompactScatter", "check_compact_possible"]
@@ -55,13 +56,32 @@ class CompactScatter(Constraint):
         self.numel = math.prod(shape)
         self.description = description
         self.register_buffer("free", free.to(torch.uint8).contiguous())
-        self.register_buffer("index", self._index(), persistent=False)
+        self.set_fixed("index", self._index())  # derived from `free`: recomputed, never stored
         self.register_buffer(
             "fill", fill if fill is not None else torch.zeros(0), persistent=fill is not None
         )
 
     def _index(self) -> Tensor:
         return self.free.bool().expand(self.shape).reshape(-1).nonzero().reshape(-1)
+
+    @override
+    def regenerate(self, name: str, device: torch.device) -> Tensor:
+        return torch.empty(0, dtype=torch.int64, device=device)  # until `free` is loaded
+
+    @override
+    def check_state(self, state: Mapping[str, Tensor]) -> list[str]:
+        problem = binary_mask_problem("free", state["free"], self.free) if "free" in state else None
+        return [*super().check_state(state), *([problem] if problem else [])]
+
+    @override
+    def check_original(self, original: Tensor, state: Mapping[str, Tensor]) -> str | None:
+        free = state.get("free", self.free)
+        n_free = int(free.to(torch.bool).expand(self.shape).sum())
+        if original.numel() != n_free:
+            return (
+                f"the checkpoint stores {original.numel()} free entries, its mask selects {n_free}"
+            )
+        return None
 
     @override
     def forward(self, compact: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ Invariant: every frozen entry equals its recorded value bit for bit (the sign of
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -13,8 +14,16 @@ from torch import Tensor
 from typing_extensions import override
 
 from maskparam import masks
-from maskparam.constraints.base import Constraint, Layout, Pins, Spec, check_layout
+from maskparam.constraints.base import (
+    Constraint,
+    Layout,
+    Pins,
+    Spec,
+    binary_mask_problem,
+    check_layout,
+)
 from maskparam.constraints.compact import CompactScatter, check_compact_possible
+from maskparam.constraints.kernels import keep_or_frozen
 from maskparam.errors import error
 from maskparam.masks import IndexLike, MaskSource
 
@@ -77,8 +86,8 @@ class Freeze(Spec):
             self._frozen(value, subject)  # validates dim and index
             dim = self.dim % value.dim()
             index = masks.normalize_index(self.index, value.shape[dim], subject, "index")
-            index = index.to(value.device)  # computed on the CPU: works for meta tensors too
-            return FreezeSlices(dim, index, value.index_select(dim, index).clone())
+            frozen_values = value.index_select(dim, index.to(value.device)).clone()
+            return FreezeSlices(dim, index, frozen_values)
         frozen = self._frozen(value, subject)
         # where(), not a multiply: a non-finite value at a free entry must not leak into the rest.
         frozen_values = torch.where(frozen, value, torch.zeros((), dtype=value.dtype))
@@ -86,10 +95,10 @@ class Freeze(Spec):
 
 
 class FreezeEntries(Constraint):
-    """``frozen_values + x * keep``: entries where ``keep`` is 0 hold their value at apply time.
+    """Entries where ``keep`` is 0 hold their value at apply time, bit for bit.
 
-    One fused ``addcmul`` (about a quarter of ``torch.where``'s time here) and exact: a frozen
-    entry is ``v + x*0 = v`` and a free one ``0 + x*1 = x``.
+    Selected bitwise (see constraints/kernels.py): a frozen ``-0.0`` stays ``-0.0`` and a
+    non-finite stored original at a frozen entry cannot leak in, which ``v + x * 0`` allowed.
     """
 
     keep: Tensor
@@ -102,19 +111,38 @@ class FreezeEntries(Constraint):
 
     @override
     def forward(self, x: Tensor) -> Tensor:
-        return torch.addcmul(self.frozen_values, x, self.keep)
+        return keep_or_frozen(x, self.keep, self.frozen_values)
 
     @override
     def right_inverse(self, value: Tensor) -> Tensor:
         # Assigning the tensor (or loading a plain checkpoint) sets the values to hold: as if
         # the constraint had been applied to a model holding `value`.
         with torch.no_grad():
-            self.frozen_values.copy_(torch.where(self.keep.bool(), 0, value))
+            held = self.level_input(value)
+            self.frozen_values.copy_(torch.where(self.keep.bool(), 0, held))
         return value
 
     @override
     def pins(self, value: Tensor) -> Pins:
         return Pins((self.keep == 0).expand(value.shape), self.frozen_values, captured=True)
+
+    @override
+    def check_state(self, state: Mapping[str, Tensor]) -> list[str]:
+        problems = super().check_state(state)
+        keep = state.get("keep", self.keep)
+        if "keep" in state:
+            problem = binary_mask_problem("keep", keep, self.keep)
+            if problem:
+                return [*problems, problem]
+        frozen = state.get("frozen_values", self.frozen_values)
+        if frozen.shape != self.frozen_values.shape:
+            shapes = f"{tuple(frozen.shape)}, this model's {tuple(self.frozen_values.shape)}"
+            return [*problems, f"frozen_values: shape {shapes}"]
+        # The forward ORs the frozen bits in: at free entries they must be +0.0 (no bits set).
+        stray = (keep.to(torch.bool) & (frozen.ne(0) | frozen.signbit() | frozen.isnan())).sum()
+        if stray:
+            problems.append(f"frozen_values: {int(stray)} free entries hold values, not +0.0")
+        return problems
 
     @override
     def describe(self) -> str:
@@ -133,8 +161,16 @@ class FreezeSlices(Constraint):
     def __init__(self, dim: int, index: Tensor, frozen_values: Tensor) -> None:
         super().__init__()
         self.dim = dim
-        self.register_buffer("index", index)
+        # The spec's sorted, duplicate-free slice indices (computed on the CPU, so meta tensors
+        # work): fixed (never averaged or cast), saved so that a checkpoint of other slices is
+        # refused, and kept on the CPU for to_empty().
+        self._index_cpu = index
+        self.set_fixed("index", index.to(frozen_values.device), persistent=True)
         self.register_buffer("frozen_values", frozen_values.contiguous())
+
+    @override
+    def regenerate(self, name: str, device: torch.device) -> Tensor:
+        return self._index_cpu.to(device)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
@@ -143,7 +179,8 @@ class FreezeSlices(Constraint):
     @override
     def right_inverse(self, value: Tensor) -> Tensor:
         with torch.no_grad():  # as FreezeEntries.right_inverse: the new values to hold
-            self.frozen_values.copy_(value.index_select(self.dim, self.index))
+            held = self.level_input(value)
+            self.frozen_values.copy_(held.index_select(self.dim, self.index))
         return value
 
     @override

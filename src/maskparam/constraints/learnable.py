@@ -30,8 +30,9 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from maskparam._tensors import find_tensors
-from maskparam._torch_parametrize import parametrization_list
+from maskparam._torch_parametrize import link_stack, parametrization_list
 from maskparam.constraints.base import Constraint, Pins, Spec, zeros_pinned
+from maskparam.constraints.kernels import straight_through_mask
 from maskparam.constraints.mask import MaskMultiply
 from maskparam.errors import error
 from maskparam.masks import check_fraction
@@ -61,7 +62,11 @@ class ScoredMask(Constraint):
 
     @override
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.mask_values()
+        if self.mode == "soft":
+            return x * self.mask_values()
+        # x where the score is above 0, exactly +0.0 elsewhere (bitwise, so a NaN or inf stored
+        # at a dropped entry cannot leak in); the scores learn straight through.
+        return straight_through_mask(x, self.scores)
 
     def keep(self) -> Tensor:
         """The binary mask that ``harden`` with the default threshold would fix."""
@@ -197,8 +202,8 @@ def harden(
         ]
     densities = {}
     for (name, module, local, position, _), keep in zip(found, keeps, strict=True):
-        replacement = MaskMultiply(keep)
-        parametrization_list(module, local)[position] = replacement
+        parametrization_list(module, local)[position] = MaskMultiply(keep)
+        link_stack(module, local)
         densities[name] = float(keep.float().mean()) if keep.numel() else 0.0
     return densities
 

@@ -5,6 +5,7 @@ Invariant: every entry outside the mask is exactly zero.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -12,8 +13,17 @@ from torch import Tensor
 from typing_extensions import override
 
 from maskparam import masks
-from maskparam.constraints.base import Constraint, Layout, Pins, Spec, check_layout, zeros_pinned
+from maskparam.constraints.base import (
+    Constraint,
+    Layout,
+    Pins,
+    Spec,
+    binary_mask_problem,
+    check_layout,
+    zeros_pinned,
+)
 from maskparam.constraints.compact import CompactScatter, check_compact_possible
+from maskparam.constraints.kernels import keep_bits
 from maskparam.masks import MaskSource
 
 __all__ = ["Mask", "MaskMultiply"]
@@ -50,7 +60,8 @@ class Mask(Spec):
 
 
 class MaskMultiply(Constraint):
-    """``x * mask`` with a uint8 0/1 mask (1 byte per entry, or per slice when it broadcasts)."""
+    """``x`` at kept entries, ``+0.0`` elsewhere, with a uint8 0/1 mask (1 byte per entry, or per
+    slice when it broadcasts)."""
 
     mask: Tensor
 
@@ -60,14 +71,18 @@ class MaskMultiply(Constraint):
 
     @override
     def forward(self, x: Tensor) -> Tensor:
-        # Convert once per forward: autograd saves the converted mask for the backward, which
-        # then multiplies float by float. Multiplying by the uint8 mask directly would hide a
-        # conversion in both passes (~25% slower, measured in benchmarks/kernels.py).
-        return x * self.mask.to(x.dtype)
+        # Bitwise, not a multiply: a masked entry is +0.0 even where the stored original holds
+        # inf or NaN (inf * 0 = NaN), at the cost of a multiply (see constraints/kernels.py).
+        return keep_bits(x, self.mask)
 
     @override
     def pins(self, value: Tensor) -> Pins:
         return zeros_pinned((self.mask == 0).expand(value.shape), value)
+
+    @override
+    def check_state(self, state: Mapping[str, Tensor]) -> list[str]:
+        problem = binary_mask_problem("mask", state["mask"], self.mask) if "mask" in state else None
+        return [*super().check_state(state), *([problem] if problem else [])]
 
     @override
     def describe(self) -> str:

@@ -19,11 +19,12 @@ seed, so checkpoints store the seed, not the matrix.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
+
+from maskparam.constraints.base import FixedTensors
 
 __all__ = [
     "BasisProjection",
@@ -36,12 +37,12 @@ __all__ = [
 ]
 
 
-class BasisProjection(nn.Module):
+class BasisProjection(FixedTensors):
     """Base of the projections: ``forward(theta) -> flat`` and the columns' squared norms.
 
-    Random projections keep their matrices in non-persistent buffers and regenerate them from
-    their seed when a state_dict is loaded: after ``to_empty()`` (meta-device construction) the
-    buffers hold garbage, and checkpoints carry the seed, not the matrix.
+    Random projections keep their matrices as fixed tensors (never in the state_dict, never
+    averaged or cast) in the dtype they were drawn in, and draw them again from their seed where
+    they hold nothing (after ``to_empty()``): checkpoints carry the seed, not the matrix.
     """
 
     def column_sq_norms(self) -> Tensor:
@@ -49,24 +50,16 @@ class BasisProjection(nn.Module):
         raise NotImplementedError
 
     def generate(self) -> dict[str, Tensor]:
-        """The seeded buffers, freshly drawn on the CPU (empty for a given matrix)."""
+        """The seeded tensors, freshly drawn on the CPU (empty for a given matrix)."""
         return {}
 
-    def _install(self, buffers: dict[str, Tensor], device: torch.device | None = None) -> None:
-        for name, value in buffers.items():
-            placed = value if device is None else value.to(device)
-            if name in self._buffers:
-                setattr(self, name, placed)
-            else:
-                self.register_buffer(name, placed, persistent=False)
+    def _install(self, tensors: dict[str, Tensor]) -> None:
+        for name, value in tensors.items():
+            self.set_fixed(name, value)
 
     @override
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        buffers = self.generate()
-        current = next((b for b in self._buffers.values() if b is not None), None)
-        if buffers and current is not None:
-            self._install(buffers, current.device)
+    def regenerate(self, name: str, device: torch.device) -> Tensor:
+        return self.generate()[name].to(device)
 
 
 def hadamard(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -126,7 +119,11 @@ class DenseProjection(BasisProjection):
         super().__init__()
         self.seed = seed
         # A seeded Gaussian regenerates bit for bit: no need to store D·d floats in checkpoints.
-        self.register_buffer("matrix", matrix, persistent=seed is None)
+        # A basis of the user's own is state like any buffer.
+        if seed is None:
+            self.register_buffer("matrix", matrix)
+        else:
+            self.set_fixed("matrix", matrix)
 
     @classmethod
     def gaussian(cls, rows: int, dim: int, seed: int, dtype: torch.dtype) -> DenseProjection:
@@ -141,7 +138,7 @@ class DenseProjection(BasisProjection):
 
     @override
     def forward(self, theta: Tensor) -> Tensor:
-        return self.matrix @ theta
+        return self.matrix @ theta.to(self.matrix.dtype)
 
     @override
     def column_sq_norms(self) -> Tensor:
@@ -184,7 +181,7 @@ class SparseProjection(BasisProjection):
 
     @override
     def forward(self, theta: Tensor) -> Tensor:
-        product: Tensor = torch.sparse.mm(self.matrix, theta.unsqueeze(1))
+        product: Tensor = torch.sparse.mm(self.matrix, theta.to(self.dtype).unsqueeze(1))
         return product.squeeze(1)
 
     @override
@@ -228,7 +225,7 @@ class FastfoodProjection(BasisProjection):
 
     @override
     def forward(self, theta: Tensor) -> Tensor:
-        padded = nn.functional.pad(theta, (0, self.length - self.dim))
+        padded = nn.functional.pad(theta.to(self.dtype), (0, self.length - self.dim))
         factors = (self.hadamard_left, self.hadamard_right)
         x = fwht(self.signs * padded, factors)  # (blocks, L): every block sees the same θ
         x = torch.gather(x, 1, self.permutation) * self.gaussian

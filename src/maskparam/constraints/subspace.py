@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from maskparam.constraints.base import Constraint, Pins, Spec
+from maskparam.constraints.base import Constraint, FixedTensors, Pins, Spec
 from maskparam.constraints.projections import (
     BasisProjection,
     DenseProjection,
@@ -37,8 +37,13 @@ ProjectionName = Literal["gaussian", "sparse", "fastfood"]
 _PROJECTIONS = ("gaussian", "sparse", "fastfood")
 
 
-class SubspaceCoordinates(nn.Module):
-    """The trainable θ of one subspace (shared by a group) and the column scaling of its basis."""
+class SubspaceCoordinates(FixedTensors):
+    """The trainable θ of one subspace (shared by a group) and the column scaling of its basis.
+
+    ``seed`` and ``inv_norm`` are fixed tensors (never averaged or cast): both are saved, and a
+    checkpoint whose seed, or whose column norms (another projection, dim or set of tensors),
+    differ from this model's is refused instead of pairing its θ with another subspace.
+    """
 
     theta: nn.Parameter
     inv_norm: Tensor
@@ -52,35 +57,47 @@ class SubspaceCoordinates(nn.Module):
         seed: int,
         label: str,
         group: str | None,
+        device: torch.device,
     ) -> None:
         super().__init__()
-        self.theta = nn.Parameter(torch.zeros(dim, dtype=dtype, device=inv_norm.device))
-        self.register_buffer("inv_norm", inv_norm)
-        self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
+        self.theta = nn.Parameter(torch.zeros(dim, dtype=dtype, device=device))
+        # Computed on the CPU from the regenerated basis, so known on meta tensors too.
+        self._inv_norm_cpu = inv_norm
+        self.set_fixed("inv_norm", inv_norm.to(device), persistent=True)
+        self.set_fixed(
+            "seed", torch.tensor(seed, dtype=torch.int64, device=device), persistent=True
+        )
         self.seed_value = seed
         self.label = label  # the group's name, or the one tensor's name, for messages
         self.group = group
 
     def scaled(self) -> Tensor:
         """θ with the basis' column scaling folded in: E·scaled() has unit-norm columns."""
-        scaled: Tensor = self.theta * self.inv_norm
+        scaled: Tensor = self.theta * self.inv_norm.to(self.theta.dtype)
         return scaled
 
     @override
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # The basis is regenerated from the seed, not loaded: a checkpoint made with another seed
-        # would silently pair its θ with a different subspace.
-        incoming = state_dict.get(prefix + "seed")
-        # Compare with the seed this model was built with (a Python int): after to_empty() the
-        # buffer holds garbage until this very load fills it.
-        if incoming is not None and int(incoming) != self.seed_value:
-            raise error(
-                f"subspace {self.label!r}",
-                f"the checkpoint was made with seed={int(incoming)}, this model with "
-                f"seed={self.seed_value}: its θ belongs to another subspace.",
-                fix=f"apply Subspace(..., seed={int(incoming)}) before loading.",
+    def regenerate(self, name: str, device: torch.device) -> Tensor:
+        if name == "seed":
+            return torch.tensor(self.seed_value, dtype=torch.int64, device=device)
+        return self._inv_norm_cpu.to(device)
+
+    @override
+    def check_loaded(self, name: str, loaded: Tensor) -> str | None:
+        if name == "seed" and int(loaded) != self.seed_value:
+            return (
+                f"the checkpoint of subspace {self.label!r} was made with seed={int(loaded)}, "
+                f"this model with seed={self.seed_value}: its θ belongs to another subspace "
+                f"(apply Subspace(..., seed={int(loaded)}) before loading)"
             )
-        super()._load_from_state_dict(state_dict, prefix, *args)
+        current = self._inv_norm_cpu
+        if name == "inv_norm" and not torch.equal(loaded.cpu().to(current.dtype), current):
+            return (
+                f"the checkpoint of subspace {self.label!r} has other basis column norms: it was "
+                "made with another projection, dim or set of tensors, so its θ means another "
+                "subspace"
+            )
+        return super().check_loaded(name, loaded) if name != "inv_norm" else None
 
 
 class SubspaceShift(Constraint):
@@ -110,8 +127,10 @@ class SubspaceShift(Constraint):
     @override
     def forward(self, x: Tensor) -> Tensor:
         # detach(): θ₀ never trains, even if a script sets requires_grad on every parameter.
-        shift: Tensor = self.projection(self.coordinates.scaled().to(x.dtype))
-        return x.detach() + shift.reshape(x.shape)
+        # The basis keeps the dtype it was generated in (a later .double() or .half() casts θ
+        # and the result, never E), so a checkpoint reloads bit for bit after any cast.
+        shift: Tensor = self.projection(self.coordinates.scaled())
+        return x.detach() + shift.to(x.dtype).reshape(x.shape)
 
     @override
     def trained_parameters(self) -> list[Tensor]:
@@ -236,7 +255,7 @@ class Subspace(Spec):
         else:
             inv_norm = torch.ones(self.dim, dtype=dtype)  # the user's basis is used as given
         coordinates = SubspaceCoordinates(
-            self.dim, dtype, inv_norm.to(device), self.seed, label, self.group
+            self.dim, dtype, inv_norm, self.seed, label, self.group, device
         )
         kind = "basis" if self.basis is not None else self.projection
         description = f"Subspace({kind}, dim={self.dim} of D={total:,}" + (

@@ -1,0 +1,144 @@
+"""Exact selection kernels shared by Mask, Freeze and LearnableMask: bitwise, not arithmetic.
+
+A multiply by a 0/1 mask is not exact where it matters most: ``inf * 0`` and ``nan * 0`` are NaN
+(an fp16 Adam step turns a masked entry's stored original into 0/0 = NaN), and ``v + x * 0``
+turns a frozen ``-0.0`` into ``+0.0``. Selecting bits instead is exact whatever the stored
+original holds: ``bits(x) & 0`` is ``+0.0`` and ``(bits(x) & 0) | bits(v)`` is ``v``, sign and
+NaN payload included. Measured here (benchmarks/kernels.py, 1 thread): an AND with a 1-byte
+mask costs the same as the multiply (torch's ``where`` costs 8x).
+
+Masks are stored as uint8 0/1 (the state_dict format; EMA and SWA leave 0/1 exact) and widened
+per call to ``0`` / ``-1`` (all bits set) of the tensor's width.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["keep_bits", "keep_or_frozen", "straight_through_mask"]
+
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bit_view(x: Tensor) -> torch.dtype | None:
+    """The integer dtype of ``x``'s width, or None where no bitwise view exists."""
+    if not (x.is_floating_point() or x.is_complex()):
+        return None
+    return _BITS.get(x.element_size())
+
+
+def _and(x: Tensor, ones: Tensor) -> Tensor:
+    """``x`` where ``ones`` is -1 (all bits), ``+0`` where it is 0; ``ones`` broadcasts."""
+    view = _bit_view(x)
+    if view is None:  # complex128 and friends: where() is exact too, only slower
+        return torch.where(ones != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return (x.contiguous().view(view) & ones).view(x.dtype)
+
+
+def _ones(mask: Tensor) -> Tensor:
+    # uint8 0/1 -> int8 0/-1; the AND widens it by sign extension to 0 / all bits set.
+    return mask.view(torch.int8).neg()
+
+
+class _KeepBits(torch.autograd.Function):
+    """``x`` at kept entries, exactly ``+0.0`` elsewhere; the gradient likewise."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, ones: Tensor) -> Tensor:
+        return _and(x, ones)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], _output: Tensor) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (ones,) = ctx.saved_tensors
+        return _and(grad, ones), None
+
+
+class _KeepOrFrozen(torch.autograd.Function):
+    """``x`` at kept entries, the frozen value bit for bit elsewhere; gradient only where kept."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, ones: Tensor, frozen: Tensor) -> Tensor:
+        view = _bit_view(x)
+        if view is None:
+            return torch.where(ones != 0, x, frozen)
+        # frozen holds +0.0 (no bits) at kept entries, so OR-ing it in changes nothing there.
+        kept = x.contiguous().view(view) & ones
+        return kept.bitwise_or_(frozen.contiguous().view(view)).view(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], _output: Tensor) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (ones,) = ctx.saved_tensors
+        return _and(grad, ones), None, None
+
+
+class _StraightThrough(torch.autograd.Function):
+    """A hard mask ``scores > 0`` whose scores learn straight through: d/ds = upstream * x.
+
+    The value is :func:`keep_bits` of ``x``, exact whatever the scores hold (a NaN score drops
+    its entry); non-finite entries of ``x`` give the scores a zero gradient.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, scores: Tensor) -> Tensor:
+        return _and(x, (scores > 0).view(torch.int8).neg())
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], _output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        x, scores = ctx.saved_tensors
+        grad_x = _and(grad, (scores > 0).view(torch.int8).neg())
+        finite_x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        return grad_x, (grad * finite_x).to(scores.dtype)
+
+
+def straight_through_mask(x: Tensor, scores: Tensor) -> Tensor:
+    """``x`` where ``scores > 0``, exactly ``+0.0`` elsewhere; the scores get ``upstream * x``.
+
+    >>> x = torch.tensor([2.0, 3.0], requires_grad=True)
+    >>> s = torch.tensor([1.0, -1.0], requires_grad=True)
+    >>> straight_through_mask(x, s).sum().backward()
+    >>> x.grad.tolist(), s.grad.tolist()
+    ([1.0, 0.0], [2.0, 3.0])
+    """
+    return _StraightThrough.apply(x, scores)  # type: ignore[no-untyped-call,no-any-return]
+
+
+def keep_bits(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` where the uint8 ``mask`` is 1, exactly ``+0.0`` where it is 0 (NaN and inf too).
+
+    >>> keep_bits(torch.tensor([float("nan"), -2.0, float("inf")]), torch.tensor([0, 1, 0], dtype=torch.uint8))
+    tensor([ 0., -2.,  0.])
+    """
+    return _KeepBits.apply(x, _ones(mask))  # type: ignore[no-untyped-call,no-any-return]
+
+
+def keep_or_frozen(x: Tensor, keep: Tensor, frozen: Tensor) -> Tensor:
+    """``x`` where the uint8 ``keep`` is 1, ``frozen`` bit for bit where it is 0.
+
+    ``frozen`` must hold ``+0.0`` at kept entries.
+
+    >>> x = torch.tensor([1.0, float("nan"), 3.0])
+    >>> keep_or_frozen(x, torch.tensor([1, 0, 0], dtype=torch.uint8), torch.tensor([0.0, -0.0, 7.0]))
+    tensor([1., -0., 7.])
+    """
+    return _KeepOrFrozen.apply(x, _ones(keep), frozen.to(x.dtype))  # type: ignore[no-untyped-call,no-any-return]
