@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from harness import interleaved_medians, markdown_table
 
+from maskparam.constraints.kernels import keep_bits, keep_or_frozen
+
 
 def run(size: int = 1024, rounds: int = 30) -> str:
     x = torch.randn(size, size, requires_grad=True)
@@ -31,12 +33,16 @@ def run(size: int = 1024, rounds: int = 30) -> str:
         "identity (x * 1.0)": lambda: x * 1.0,
         "Mask: x * float mask": lambda: x * kept_f,
         "Mask: x * uint8 mask": lambda: x * kept_u8,
-        "Mask: x * uint8 mask.to(x.dtype) (used)": lambda: x * kept_u8.to(x.dtype),
+        "Mask: x * uint8 mask.to(x.dtype) (0.1)": lambda: x * kept_u8.to(x.dtype),
+        "Mask: keep_bits(x, uint8 mask) (used, exact)": lambda: keep_bits(x, kept_u8),
         "Mask: x * bool mask": lambda: x * selected,
         "Mask: torch.where(mask, x, 0)": lambda: torch.where(selected, x, 0.0),
         "Mask: x.masked_fill(~mask, 0)": lambda: x.masked_fill(~selected, 0.0),
         "Triangular: x.tril() (used)": x.tril,
-        "Freeze: addcmul(v, x, keep_u8) (used)": lambda: torch.addcmul(frozen_values, x, keep_u8),
+        "Freeze: addcmul(v, x, keep_u8) (0.1)": lambda: torch.addcmul(frozen_values, x, keep_u8),
+        "Freeze: keep_or_frozen(x, keep_u8, v) (used, exact)": lambda: keep_or_frozen(
+            x, keep_u8, frozen_values
+        ),
         "Freeze: torch.where(frozen, v, x)": lambda: torch.where(selected, frozen_values, x),
         "Freeze rows: index_copy (used)": lambda: x.index_copy(0, rows, frozen_rows),
     }
