@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from maskparam import _optimizer_guard
+from maskparam._load_guard import guard_loads
 from maskparam._remove import remove_constraints
 from maskparam._selectors import Selector, check_selector, describe, is_exact_name, matches
 from maskparam._tensors import TensorRef, find_tensors
@@ -77,6 +78,7 @@ def apply_mask(model: ModuleT, rules: Rules, *, strict: bool = True) -> ModuleT:
         )
     targets = _plan(model, rules, strict=strict)
     _register(list(zip(targets, _build(targets), strict=True)))
+    guard_loads(model)
     return model
 
 
@@ -241,7 +243,7 @@ def _build(targets: list[_Target]) -> list[list[Constraint]]:
                 spec = target.specs[level]
                 key = spec.group_key()
                 if key is None:
-                    built[i].append(spec.build(target.ref.name, values[i]))
+                    built[i].append(_checked(spec, spec.build(target.ref.name, values[i])))
                 else:
                     if group_levels.setdefault(key, level) != level:
                         raise error(
@@ -256,12 +258,22 @@ def _build(targets: list[_Target]) -> list[list[Constraint]]:
                 for i, parametrization in zip(
                     members, specs[0].build_group(pairs, specs), strict=True
                 ):
-                    built[i].append(parametrization)
+                    built[i].append(_checked(specs[0], parametrization))
             for i, target in enumerate(targets):
                 if level < len(target.specs):
                     # The next level sees this level's output for what it would store.
                     parametrization = built[i][level]
                     values[i] = parametrization(parametrization.right_inverse(values[i]))
+    return built
+
+
+def _checked(spec: Spec, built: object) -> Constraint:
+    if not isinstance(built, Constraint):
+        raise error(
+            f"{type(spec).__name__}.build",
+            f"returned a {type(built).__name__}, not a maskparam Constraint.",
+            fix="subclass mp.Constraint for the module your spec builds (see constraints/base.py).",
+        )
     return built
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from maskparam._load_guard import check_checkpoint
 from maskparam._tensors import find_tensors
 from maskparam.errors import error
 
@@ -65,29 +66,32 @@ def load_state_dict(
                 f"{tuple(current.shape)}.",
                 fix="load a checkpoint of the same architecture.",
             )
+    rest = {k: v for k, v in state_dict.items() if k not in assigned}
+    # Everything is checked before anything changes: missing and unexpected keys, then what each
+    # constraint says of its entries (the load guard, run here before the plain assignments).
+    assigned_prefixes = tuple(_parametrization_prefix(name) for name in assigned)
+    missing = [k for k in own_keys if k not in rest and not k.startswith(assigned_prefixes)]
+    unexpected = [k for k in rest if k not in own_keys]
+    if strict and (missing or unexpected):
+        raise error(
+            f"load_state_dict into {type(model).__name__}",
+            "the checkpoint does not match the model; nothing was loaded.",
+            f"missing keys: {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}",
+            f"unexpected keys: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}",
+            fix="load a checkpoint of the same architecture, or pass strict=False.",
+        )
+    check_checkpoint(model, rest, "")
     with torch.no_grad():
         for module, local, value in assigned.values():
             # Goes through each parametrization's right_inverse, like `module.weight = value`,
             # which ends in set_(): clone, or training would write into the checkpoint's tensor.
             current = getattr(module, local)
             setattr(module, local, value.to(device=current.device, dtype=current.dtype, copy=True))
-    rest = {k: v for k, v in state_dict.items() if k not in assigned}
-    result = model.load_state_dict(rest, strict=False)
-    assigned_prefixes = tuple(
-        f"{name.rsplit('.', 1)[0]}.parametrizations.{name.rsplit('.', 1)[-1]}.".lstrip(".")
-        if "." in name
-        else f"parametrizations.{name}."
-        for name in assigned
-    )
-    # Constraint state (masks, frozen values) stays as applied when a plain value is assigned.
-    missing = [k for k in result.missing_keys if not k.startswith(assigned_prefixes)]
-    unexpected = list(result.unexpected_keys)
-    if strict and (missing or unexpected):
-        raise error(
-            f"load_state_dict into {type(model).__name__}",
-            "the checkpoint does not match the model.",
-            f"missing keys: {missing[:5]}{' ...' if len(missing) > 5 else ''}",
-            f"unexpected keys: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}",
-            fix="load a checkpoint of the same architecture, or pass strict=False.",
-        )
+    model.load_state_dict(rest, strict=False)
     return _IncompatibleKeys(missing, unexpected)
+
+
+def _parametrization_prefix(name: str) -> str:
+    """Where a tensor's constraint state lives: ``fc.weight`` -> ``fc.parametrizations.weight.``."""
+    module, _, local = name.rpartition(".")
+    return f"{module}.parametrizations.{local}." if module else f"parametrizations.{local}."

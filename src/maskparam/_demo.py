@@ -149,7 +149,8 @@ def _learnable_mask_with_swa(steps: int) -> list[tuple[str, str, bool]]:
     torch.manual_seed(0)
     x = torch.randn(256, 16)
     y = x[:, :4] @ torch.randn(4, 2)  # only 4 of 16 inputs matter
-    model = nn.Sequential(nn.Linear(16, 2))
+    layer = nn.Linear(16, 2)
+    model = nn.Sequential(layer)
     mp.apply_mask(model, {"0.weight": mp.LearnableMask(init=0.3)})
     first, last = _train(model, x, y, steps * 2, penalty=0.5)
     # Harden first, then average: scores do not average like weights (see the README).
@@ -157,7 +158,7 @@ def _learnable_mask_with_swa(steps: int) -> list[tuple[str, str, bool]]:
     swa = AveragedModel(model)
     _train(model, x, y, steps, after_step=lambda _: swa.update_parameters(model))
     held = mp.verify(swa.module) == [] and mp.verify(model) == []
-    masked = model[0].weight.detach() == 0
+    masked = layer.weight.detach() == 0
     return [
         ("L1 penalty made the mask sparse", f"density {100 * density:.0f}%", density < 1.0),
         ("masked entries 0 in model and SWA", "mp.verify", held and bool(masked.any())),

@@ -77,6 +77,12 @@ class CompactScatter(Constraint):
     def check_original(self, original: Tensor, state: Mapping[str, Tensor]) -> str | None:
         free = state.get("free", self.free)
         n_free = int(free.to(torch.bool).expand(self.shape).sum())
+        if original.numel() != self.index.numel():
+            # load_state_dict cannot resize the stored Parameter: the mask must not load either.
+            return (
+                f"the checkpoint stores {original.numel()} free entries, this model "
+                f"{self.index.numel()}: a mask of another density (apply the same rules first)"
+            )
         if original.numel() != n_free:
             return (
                 f"the checkpoint stores {original.numel()} free entries, its mask selects {n_free}"

@@ -1,0 +1,60 @@
+"""Atomic loads: check every constraint's part of a checkpoint before torch copies anything.
+
+torch's ``load_state_dict`` copies module by module, so a constraint that refuses its entries
+(a corrupt mask, another seed or projection, a compact original of another density) would leave
+the modules loaded before it changed. :func:`guard_loads` registers one pre-hook on the model
+that :func:`maskparam.apply_mask` constrained; it runs before any module loads, checks every
+constraint below it, and raises with the model unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from maskparam._torch_parametrize import maskparam_constraints, parametrized_names
+from maskparam.constraints.base import FixedTensors, load_error
+
+__all__ = ["check_checkpoint", "guard_loads"]
+
+_GUARDED = "_maskparam_load_guard"
+
+
+def guard_loads(model: nn.Module) -> None:
+    """Check constraint entries of every checkpoint loaded into ``model`` first (once per model)."""
+    if getattr(model, _GUARDED, False):
+        return
+    model.register_load_state_dict_pre_hook(check_checkpoint)  # type: ignore[no-untyped-call]
+    object.__setattr__(model, _GUARDED, True)
+
+
+def check_checkpoint(
+    model: nn.Module, state_dict: Mapping[str, Any], prefix: str, *_: Any, **__: Any
+) -> None:
+    """Raise, naming the constraint and what is wrong, if any of its entries cannot load."""
+    for name, module in model.named_modules(prefix=prefix.rstrip(".")):
+        here = f"{name}." if name else ""
+        if isinstance(module, FixedTensors):
+            names = [*module._buffers, *module._parameters, *module._fixed]
+            local = {n: state_dict[here + n] for n in names if here + n in state_dict}
+            problems = module.check_state(local)
+            if problems:
+                raise load_error(here, type(module).__name__, problems)
+        for tensor_name in parametrized_names(module):
+            constraints = maskparam_constraints(module, tensor_name)
+            key = f"{here}parametrizations.{tensor_name}.original"
+            if not constraints or key not in state_dict:
+                continue
+            first = constraints[0]
+            first_prefix = f"{here}parametrizations.{tensor_name}.0."
+            state = {
+                n: state_dict[first_prefix + n]
+                for n in [*first._buffers, *first._fixed]
+                if first_prefix + n in state_dict
+            }
+            original: Tensor = state_dict[key]
+            problem = first.check_original(original, state)
+            if problem:
+                raise load_error(first_prefix, type(first).__name__, [problem])

@@ -1,0 +1,1172 @@
+"""Regression tests for the defects found by attacking maskparam 0.1: no silent failure.
+
+Each test asserts the CORRECT behaviour, so it fails on 0.1 and passes once the defect is fixed.
+Where the right fix is either "make it work exactly" or "refuse with mp.MaskparamError", the test
+accepts both (``outcome_is_exact_or_refused``: a refusal must leave the model bit-identical).
+Parametrized cases that pass on 0.1 are guards: they pin what already works (noted below).
+Only the public API is used (``mp.*``), plus plain torch.
+
+Status on 0.1 (155 of 253 cases fail, 98 pass):
+
+Silent wrong results
+ 1. fp16 + adaptive optimizers -> NaN. fails on 0.1: yes, fp16 Mask / Freeze(mask) / hard
+    LearnableMask (found by helper) with all 6 optimizers: weight all NaN (0/0 at masked
+    entries, NaN * 0). Guards pass: Triangular, Freeze(dim), compact, and every bf16 case.
+ 2. inf * 0 = NaN at a masked entry. fails on 0.1: yes, Mask, Freeze(mask) and hard
+    LearnableMask (helper) give NaN for inf/-inf/nan originals. Guards pass: Triangular,
+    Freeze(dim).
+ 3. Plain checkpoint / `module.weight = w` into a stack. fails on 0.1: yes, 36 of 54: every
+    stack where a Freeze follows another constraint (4 of the 6 orders of the issue's triple)
+    takes its frozen values from the raw value; Freeze(mask) after Triangular/Mask (helper)
+    too. Guards pass: stacks with the Freeze first, or none.
+    Found by helper: `module.weight = nn.Parameter(w)` raises torch's KeyError ("attribute
+    'weight' already exists") though the README says assigning works: fails on 0.1: yes.
+ 4. EMA with buffers. fails on 0.1: yes, AveragedModel(use_buffers=True, EMA 0.9) truncates
+    int64 indices (3 -> 2): Freeze(dim) writes frozen values into free row 2, compact layouts
+    scatter to wrong places; timm ModelEmaV2-style (all state_dict tensors) breaks Freeze(dim).
+    Guards pass: timm-style over floating tensors only, compact under timm-style. Note: a
+    float-only EMA still rounds frozen values (v*d + (1-d)*v != v, off by ulps), so the timm
+    tests compare frozen rows to 1e-6, not bitwise. Found by helper: the EMA also turns a
+    Subspace seed buffer 3 into 2, so the averaged checkpoint is refused by its own rules.
+ 5. harden on a tied LearnableMask. fails on 0.1: yes, with sparsity/threshold the tie splits
+    (emb.weight != head.weight); with the default the scores stay in the model (the head's
+    slot keeps its LearnedMask).
+ 6. Half-applied loads. fails on 0.1: yes, all 3: mp.load_state_dict of a compact checkpoint
+    of another density changes biases and the `free` mask before raising (torch's own loader
+    too: the effective weight changes); strict=True with a missing key changes 4 tensors
+    before raising.
+ 7. Foreign and corrupt checkpoints. fails on 0.1: yes, all 24: a Subspace checkpoint of
+    another projection loads silently (mp and torch loaders); mask entries 2/255 scale the
+    weight, a float 0.7 mask zeroes it, a duplicated frozen index unfreezes a row. Found by
+    helper: an out-of-range frozen index loads silently and every forward then raises
+    IndexError; a Freeze(mask) keep entry of 2 scales the free entry.
+ 8. Wildcards. fails on 0.1: yes, "*" parametrizes a non-persistent RoPE buffer and a
+    requires_grad=False parameter; "*.weight" masks the frozen sinusoidal table. Guard passes:
+    magnitude masks of all-equal values are deterministic and equal prune.l1_unstructured
+    (ties are not the problem). Not tested: "*.weight" missing MHA's in_proj_weight (design).
+ 9. One Parameter, two names in one module. fails on 0.1: yes, the other name stays
+    unconstrained, whichever name the rule uses.
+10. dtype changed after apply. fails on 0.1: yes, gaussian after .double() reloads its own
+    checkpoint 7.7e-8 off; sparse/fastfood after .half()/.double() crash in every forward after
+    any load_state_dict (the basis is regenerated in the apply-time dtype). Guard passes:
+    gaussian after .half().
+11. Optimizer state order. fails on 0.1: yes, both directions: a Linear gets a RuntimeError at
+    the next step; two same-shaped parameters of one module silently swap their Adam moments.
+12. Frozen -0.0. fails on 0.1: yes, Freeze(mask) under SGD and SGD(momentum, weight decay)
+    (v + x*0 with x = +0.0). Guards pass: Adam/AdamW (they keep x = -0.0), Freeze(dim),
+    compact.
+13. Learnable masks: fails on 0.1: yes, harden of a soft mask drops the scale of the kept
+    entries (sigmoid(s/T), between 0.5 and 1) without saying how to fold it; AveragedModel over a hard
+    LearnableMask averages scores, not effective weights (mean of W and 0 comes out as 0).
+
+Crashes and unhelpful errors (all fail on 0.1: yes)
+ - Optimizer guard false positives: a new optimizer after baking a Subspace (old one alive),
+   theta and the rest in separate optimizers, an optimizer after a rolled-back apply while the
+   exception lives: each refused with "would train nothing".
+ - Compact bake with a compact-shaped .grad: the grad stays (6,) on a (3, 4) weight; the next
+   backward, the new optimizer's and the old optimizer's steps raise size mismatches.
+ - Memory: Fastfood d=20000 over 1M entries tries 5.2 GB (an identity for the column norms),
+   sparse d=1e5 800 MB at once (~5.9 GB peak). The test caps this process's address space at
+   +512 MB (RLIMIT_AS), so on 0.1 torch's allocator fails at once instead of allocating.
+ - nn.Embedding(sparse=True): Freeze(dim), compact, Subspace, Triangular apply, then crash at
+   backward (Freeze(mask), Mask and LearnableMask do work).
+ - Meta device: gaussian/fastfood + load_state_dict(assign=True) raise "not on the expected
+   device meta"; sparse fails at apply (SparseMeta addmm). Found by helper: Fastfood applied
+   under `with torch.device("meta")` (the README's order) raises "Tensor.item() cannot be
+   called on meta tensors".
+ - Python errors instead of MaskparamError: 0-d tensor + Freeze(dim=0, index=0) (and
+   Mask(masks.rows) on it) ZeroDivisionError; index=1.5, dim=0.0, Triangular(diagonal=0.5)
+   TypeError; Subspace seed 2**44 ValueError (overflow); {"weight": None} TypeError; mixed-dtype
+   Subspace group RuntimeError; a raising mask callable ZeroDivisionError. Accepted silently:
+   NaN/inf basis, LearnableMask(temperature=inf), init=nan; found by helper: init=inf (every
+   weight NaN). Silently reinterpreted: masks.random(True), Freeze(dim=True), Triangular(
+   lower="no"); found by helper: masks.magnitude(True), Subspace(seed=True) (accepted), and
+   masks.random(0.5, seed=True) (accepted, then torch's RuntimeError at apply).
+ - Found by helper: a raising selector predicate gives a bare ZeroDivisionError; a weight tied
+   to an RNN weight is not refused, and the RNN then silently runs on stale weights
+   (_flat_weights keeps the apply-time value; copy.deepcopy of the model fails).
+
+Scale (measured only, no timed test): N parameters of shape (2, 2) registered on one module,
+one exact-name rule each, this machine (2 shared cores):
+    N = 250:  apply 0.27 s, remove_parametrizations 0.04 s   (one "p*" glob: apply 0.03 s)
+    N = 500:  apply 0.70 s, remove_parametrizations 0.20 s   (one glob: 0.07 s)
+    N = 1000: apply 2.8-3.6 s, remove_parametrizations 1.5-1.9 s   (one glob: 0.3-0.4 s)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import re
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize, prune
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import maskparam as mp
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def state_of(model: nn.Module) -> dict[str, Tensor]:
+    """Every tensor a failed call could have changed: the state_dict plus all buffers
+    (non-persistent ones included, e.g. a compact layout's index)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    for name, buffer in model.named_buffers():
+        state.setdefault(f"buffer:{name}", buffer.detach().clone())
+    return state
+
+
+def assert_state_unchanged(model: nn.Module, before: dict[str, Tensor]) -> None:
+    after = state_of(model)
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype, key
+        assert after[key].shape == value.shape, key
+        assert torch.equal(after[key], value), key
+
+
+def refusal_of(fn: Callable[[], object]) -> mp.MaskparamError | None:
+    """The MaskparamError ``fn()`` raises, or None when it returns (other errors propagate)."""
+    try:
+        fn()
+    except mp.MaskparamError as refusal:
+        return refusal
+    return None
+
+
+def outcome_is_exact_or_refused(
+    fn: Callable[[], object],
+    check: Callable[[], None],
+    model: nn.Module,
+    match: str | None = None,
+) -> str:
+    """Pass if ``fn()`` raises MaskparamError (the model then unchanged bit for bit, the message
+    matching ``match``), or if ``fn()`` succeeds and ``check()`` holds. Returns which."""
+    before = state_of(model)
+    refusal = refusal_of(fn)
+    if refusal is not None:
+        if match is not None:
+            assert re.search(match, str(refusal)), str(refusal)
+        assert_state_unchanged(model, before)
+        return "refused"
+    check()
+    return "exact"
+
+
+def refused_naming(make_spec: Callable[[], mp.Spec], model: nn.Module, names: str) -> None:
+    """A bad argument must be a MaskparamError: when the spec is constructed (there is no tensor
+    to name yet), or when applied, naming the tensor (``names``: a regex) and changing nothing."""
+    try:
+        spec = make_spec()
+    except mp.MaskparamError:
+        return
+    before = state_of(model)
+    with pytest.raises(mp.MaskparamError, match=names):
+        mp.apply_mask(model, {"weight": spec})
+    assert_state_unchanged(model, before)
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, steps: int = 3) -> None:
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(x).float().square().sum().backward()
+        optimizer.step()
+
+
+def zeros_like_selected(tensor: Tensor, selected: Tensor) -> Tensor:
+    return torch.zeros(int(selected.sum()), dtype=tensor.dtype)
+
+
+# A 4x4 keep-mask: columns 1 and 3 are masked (Mask) or frozen (Freeze takes True = frozen).
+KEEP4 = torch.tensor([[True, False, True, False]] * 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 1: fp16 + adaptive optimizers -> NaN (eps underflows, 0/0 at masked entries)
+# ---------------------------------------------------------------------------------------------
+
+ADAPTIVE = {
+    "Adam": lambda p: torch.optim.Adam(p, lr=0.01),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=0.01),
+    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=0.01),
+    "RMSprop": lambda p: torch.optim.RMSprop(p, lr=0.01),
+    "Adamax": lambda p: torch.optim.Adamax(p, lr=0.01),
+    "NAdam": lambda p: torch.optim.NAdam(p, lr=0.01),
+}
+
+
+def _constrained_4x4(kind: str) -> tuple[nn.Linear, Tensor]:
+    """A Linear(4, 4) under ``kind``; returns it and the bool tensor of its constrained entries
+    (to hold their apply-time value: 0 where masked, the frozen value where frozen)."""
+    layer = nn.Linear(4, 4)
+    if kind == "mask":
+        spec, constrained = mp.Mask(KEEP4), ~KEEP4
+    elif kind == "freeze_mask":
+        spec, constrained = mp.Freeze(~KEEP4), ~KEEP4
+    elif kind == "mask_compact":
+        spec, constrained = mp.Mask(KEEP4, layout="compact"), ~KEEP4
+    elif kind == "triangular":
+        spec, constrained = mp.Triangular(), torch.ones(4, 4, dtype=torch.bool).triu(1)
+    elif kind == "freeze_dim":
+        spec, constrained = mp.Freeze(dim=0, index=[1]), torch.zeros(4, 4, dtype=torch.bool)
+        constrained[1] = True
+    elif kind == "learnable_hard":  # found by helper: a hard LearnableMask has the same x*0
+        spec, constrained = mp.LearnableMask(), ~KEEP4
+    else:
+        raise AssertionError(kind)
+    mp.apply_mask(layer, {"weight": spec})
+    if kind == "learnable_hard":
+        with torch.no_grad():
+            layer.parametrizations.weight[0].scores[~KEEP4] = -1.0
+    return layer, constrained
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("optimizer", list(ADAPTIVE))
+@pytest.mark.parametrize(
+    "kind",
+    ["mask", "freeze_mask", "triangular", "freeze_dim", "mask_compact", "learnable_hard"],
+)
+def test_item01_half_adaptive_optimizers_masked_entries_stay_zero(kind, optimizer, dtype):
+    layer, constrained = _constrained_4x4(kind)
+    layer.to(dtype)
+    before = layer.weight.detach().clone()
+    params = [p for n, p in layer.named_parameters() if not n.endswith("scores")]
+    train(layer, ADAPTIVE[optimizer](params), torch.randn(8, 4, dtype=dtype))
+    after = layer.weight.detach()
+    assert not after.isnan().any(), "NaN in the effective weight"
+    assert torch.equal(after[constrained], before[constrained])  # masked 0, frozen bit-identical
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 2: inf * 0 = NaN: a non-finite stored original at a masked entry
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=str)
+@pytest.mark.parametrize(
+    "kind", ["mask", "freeze_mask", "triangular", "freeze_dim", "learnable_hard"]
+)
+def test_item02_nonfinite_original_at_constrained_entry_is_exact(kind, bad):
+    layer, constrained = _constrained_4x4(kind)
+    before = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.parametrizations.weight.original[constrained] = bad
+    after = layer.weight.detach()
+    # Masked entries exactly 0, frozen entries exactly their frozen values.
+    assert torch.equal(after[constrained], before[constrained])
+    assert not after[constrained].isnan().any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 3: stacks and loading: a plain checkpoint (or `module.weight = w`) into a stack
+# ---------------------------------------------------------------------------------------------
+
+# Mask: column 0 and row 4 masked (row 4 crosses the frozen column 3 below the diagonal).
+# Freeze(mask) (found by helper): a few entries, two of them in the upper triangle, one in the
+# masked row.
+MASK6 = torch.ones(6, 6, dtype=torch.bool)
+MASK6[:, 0] = False
+MASK6[4, :] = False
+FROZEN6 = torch.zeros(6, 6, dtype=torch.bool)
+FROZEN6[0, 4] = FROZEN6[1, 1] = FROZEN6[4, 2] = FROZEN6[2, 5] = True
+
+STACK_POOL: dict[str, Callable[[], mp.Spec]] = {
+    "tri": mp.Triangular,
+    "freeze_col3": lambda: mp.Freeze(dim=1, index=[3]),
+    "mask": lambda: mp.Mask(MASK6),
+    "freeze_mask": lambda: mp.Freeze(FROZEN6),
+}
+STACKS = [
+    order
+    for size in (2, 3)
+    for order in itertools.permutations(STACK_POOL, size)
+    # The three of the issue, plus (found by helper) Freeze(mask) after Triangular or Mask.
+    if "freeze_mask" not in order or order.index("freeze_mask") > 0
+]
+
+
+def _stack_constraints_hold(layer: nn.Linear, order: tuple[str, ...]) -> None:
+    weight = layer.weight.detach()
+    if "tri" in order:
+        assert torch.equal(weight.triu(1), torch.zeros(6, 6)), "upper triangle not zero"
+    if "mask" in order:
+        assert torch.equal(weight[~MASK6], zeros_like_selected(weight, ~MASK6)), "masked != 0"
+
+
+@pytest.mark.parametrize("how", ["mp_load_state_dict", "assign_tensor"])
+@pytest.mark.parametrize("order", STACKS, ids="+".join)
+def test_item03_plain_checkpoint_into_stack_keeps_every_constraint(order, how):
+    def build(state: dict[str, Tensor] | None = None) -> nn.Linear:
+        layer = nn.Linear(6, 6)
+        if state is not None:
+            layer.load_state_dict(state)
+        return mp.apply_mask(layer, {"weight": [STACK_POOL[name]() for name in order]})
+
+    plain = nn.Linear(6, 6).state_dict()
+    layer = build()
+    if how == "mp_load_state_dict":
+        mp.load_state_dict(layer, plain)
+    else:
+        with torch.no_grad():
+            layer.weight = plain["weight"].clone()
+    # As documented: as if the rules had been applied to a model holding the plain weights.
+    reference = build(plain)
+    assert torch.equal(layer.weight, reference.weight)
+    _stack_constraints_hold(layer, order)
+    frozen_col = layer.weight.detach()[:, 3].clone()
+    train(layer, torch.optim.SGD(layer.parameters(), lr=0.1), torch.randn(4, 6))
+    _stack_constraints_hold(layer, order)
+    if "freeze_col3" in order and order.index("freeze_col3") == len(order) - 1:
+        assert torch.equal(layer.weight.detach()[:, 3], frozen_col)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "parameter"])
+def test_helper01_assigning_to_constrained_weight_works_or_refuses(kind):
+    """Found by helper: `module.weight = nn.Parameter(w)` raises torch's KeyError
+    ("attribute 'weight' already exists") although the README says assigning works."""
+    layer = mp.apply_mask(nn.Linear(4, 4), {"weight": mp.Triangular()})
+    value = torch.randn(4, 4)
+
+    def assign() -> None:
+        with torch.no_grad():
+            layer.weight = nn.Parameter(value.clone()) if kind == "parameter" else value.clone()
+
+    def check() -> None:
+        assert torch.equal(layer.weight, value.tril())
+
+    outcome_is_exact_or_refused(assign, check, layer, match="'weight'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 4: EMA over buffers averages maskparam's integer index buffers
+# ---------------------------------------------------------------------------------------------
+
+EMA_DECAY = 0.9
+FROZEN_ROWS = [3, 5]  # 3 * 0.9 + 3 * 0.1 truncates to 2 in float32
+FREE_ROWS = [0, 1, 2, 4]
+EMA_SPECS: dict[str, Callable[[], mp.Spec]] = {
+    "freeze_dim": lambda: mp.Freeze(dim=0, index=FROZEN_ROWS),
+    "freeze_rows_compact": lambda: mp.Freeze(mp.masks.rows(FROZEN_ROWS), layout="compact"),
+    "mask_rows_compact": lambda: mp.Mask(mp.masks.rows(FREE_ROWS), layout="compact"),
+}
+
+
+def _ema_model(kind: str) -> tuple[nn.Linear, Tensor]:
+    model = mp.apply_mask(nn.Linear(6, 6), {"weight": EMA_SPECS[kind]()})
+    return model, model.weight.detach()[FROZEN_ROWS].clone()  # frozen values, or zeros
+
+
+@pytest.mark.parametrize("kind", list(EMA_SPECS))
+def test_item04_ema_with_buffers_keeps_constraints(kind):
+    model, constant_rows = _ema_model(kind)
+    averaged = AveragedModel(model, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 6)
+    expected = None  # the EMA of the model's effective weight, as AveragedModel computes it
+    for _ in range(3):
+        train(model, optimizer, x, steps=1)
+        averaged.update_parameters(model)
+        weight = model.weight.detach()
+        expected = weight.clone() if expected is None else expected.lerp(weight, 1 - EMA_DECAY)
+    result = averaged.module.weight.detach()
+    assert torch.equal(result[FROZEN_ROWS], constant_rows)
+    assert torch.equal(result[FREE_ROWS], expected[FREE_ROWS])
+
+
+@pytest.mark.parametrize("which", ["all_tensors", "floating_only"])
+@pytest.mark.parametrize("kind", list(EMA_SPECS))
+def test_item04_timm_style_ema_over_state_dict_keeps_constraints(kind, which):
+    """timm's ModelEmaV2 updates every state_dict entry (`ema * d + (1 - d) * model`), integer
+    ones included; ModelEmaV3 only floating ones. Frozen values are floats that the user's
+    arithmetic rounds (v * d + (1 - d) * v != v), so they are compared to 1e-6 here."""
+    model, constant_rows = _ema_model(kind)
+    ema = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 6)
+    expected = model.weight.detach().clone()
+    for _ in range(3):
+        train(model, optimizer, x, steps=1)
+        with torch.no_grad():
+            model_state = model.state_dict()
+            for key, value in ema.state_dict().items():
+                if which == "all_tensors" or value.is_floating_point():
+                    value.copy_(value * EMA_DECAY + (1 - EMA_DECAY) * model_state[key])
+            expected = expected * EMA_DECAY + (1 - EMA_DECAY) * model.weight
+    result = ema.weight.detach()
+    assert torch.allclose(result[FROZEN_ROWS], constant_rows, rtol=1e-6, atol=0)
+    assert torch.equal(result[FREE_ROWS], expected[FREE_ROWS])
+
+
+def test_helper02_ema_with_buffers_keeps_subspace_checkpoint_loadable():
+    """Found by helper: AveragedModel(use_buffers=True) with EMA 0.9 turns the int64 seed buffer
+    3 into 2, so the averaged model's checkpoint is refused by a model built with seed=3."""
+    model = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Subspace(2, seed=3)})
+    averaged = AveragedModel(model, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        train(model, optimizer, torch.randn(4, 4), steps=1)
+        averaged.update_parameters(model)
+    fresh = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Subspace(2, seed=3)})
+    fresh.load_state_dict(averaged.module.state_dict())
+    x = torch.randn(5, 4)
+    assert torch.equal(fresh(x), averaged.module(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 5: harden on a learnable mask of a tied weight hardens one slot only
+# ---------------------------------------------------------------------------------------------
+
+
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(8, 4)
+        self.head = nn.Linear(4, 8, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"sparsity": 0.75}, {"threshold": 0.5}], ids=["default", "sparsity", "threshold"]
+)
+def test_item05_harden_tied_learnable_mask_keeps_the_tie(kwargs):
+    model = mp.apply_mask(TiedLM(), {"emb.weight": mp.LearnableMask()})
+    with torch.no_grad():
+        scores = model.emb.parametrizations.weight[0].scores
+        scores.copy_(torch.randn_like(scores))
+    ids = torch.arange(8)
+    before = model(ids).detach()
+    mp.harden(model, **kwargs)
+    hardened = model(ids).detach()
+    assert torch.equal(model.emb.weight, model.head.weight), "the tie split"
+    assert not [n for n, _ in model.named_parameters() if n.endswith("scores")]
+    if not kwargs:
+        assert torch.equal(hardened, before)
+    mp.remove_parametrizations(model)
+    assert model.emb.weight is model.head.weight
+    assert torch.equal(model(ids), hardened)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 6: half-applied loads
+# ---------------------------------------------------------------------------------------------
+
+
+def _compact_net(density: float) -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    return mp.apply_mask(model, {
+        "0.weight": mp.Mask(mp.masks.random(density), layout="compact"),
+        "2.weight": mp.Mask(mp.masks.random(0.5)),
+    })  # fmt: skip
+
+
+def test_item06_mp_load_compact_of_other_density_is_atomic():
+    checkpoint = _compact_net(0.5).state_dict()
+    model = _compact_net(0.75)
+    before = state_of(model)
+    x = torch.randn(3, 4)
+    output = model(x).detach()
+    with pytest.raises(Exception):  # noqa: B017, PT011 - any exception, ideally MaskparamError
+        mp.load_state_dict(model, checkpoint)
+    assert_state_unchanged(model, before)
+    assert torch.equal(model(x), output)
+
+
+def test_item06_torch_load_compact_of_other_density_leaves_the_constraint_intact():
+    """torch's own loader copies the matching keys before it raises (not maskparam's to fix),
+    but maskparam's `free` mask must not be overwritten while the original keeps its size."""
+    checkpoint = _compact_net(0.5).state_dict()
+    model = _compact_net(0.75)
+    free = model[0].parametrizations.weight[0].free.clone()
+    effective = model[0].weight.detach().clone()
+    with pytest.raises(Exception):  # noqa: B017, PT011 - torch's size-mismatch RuntimeError
+        model.load_state_dict(checkpoint)
+    assert torch.equal(model[0].parametrizations.weight[0].free, free)
+    assert torch.equal(model[0].weight, effective)
+
+
+def test_item06_mp_load_strict_missing_key_is_atomic():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    mp.apply_mask(model, {"0.weight": mp.Triangular(), "1.weight": mp.Freeze(dim=0, index=[0])})
+    plain = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).state_dict()
+    del plain["1.bias"]
+    before = state_of(model)
+    with pytest.raises(mp.MaskparamError, match=r"1\.bias"):
+        mp.load_state_dict(model, plain, strict=True)
+    assert_state_unchanged(model, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 7: foreign and corrupt checkpoints
+# ---------------------------------------------------------------------------------------------
+
+PROJECTIONS = ["gaussian", "sparse", "fastfood"]
+
+
+def _subspace_linear(projection: str) -> nn.Linear:
+    layer = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Subspace(3, projection=projection)})
+    with torch.no_grad():
+        layer.parametrizations.weight[0].coordinates.theta.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("loader", ["mp", "torch"])
+@pytest.mark.parametrize(
+    ("saved", "loaded"),
+    [(a, b) for a in PROJECTIONS for b in PROJECTIONS if a != b],
+    ids=lambda p: p,
+)
+def test_item07_subspace_checkpoint_of_other_projection_is_refused(saved, loaded, loader):
+    source = _subspace_linear(saved)
+    model = _subspace_linear(loaded)
+    checkpoint = source.state_dict()
+    x = torch.randn(5, 4)
+
+    def load() -> None:
+        if loader == "mp":
+            mp.load_state_dict(model, checkpoint)
+        else:
+            model.load_state_dict(checkpoint)
+
+    def check() -> None:  # loading "exactly" would mean computing what the source computes
+        assert torch.equal(model(x), source(x))
+
+    if loader == "mp":
+        outcome_is_exact_or_refused(load, check, model)
+    elif refusal_of(load) is None:  # torch's loader may copy other keys before it refuses
+        check()
+
+
+def _mask_linear() -> nn.Linear:
+    return mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Mask(mp.masks.random(0.5))})
+
+
+def _freeze_rows_linear() -> nn.Linear:
+    return mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Freeze(dim=0, index=[0, 2])})
+
+
+def _freeze_mask_linear() -> nn.Linear:
+    return mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Freeze(mp.masks.random(0.5))})
+
+
+def _first_entry(value: float) -> Callable[[Tensor], Tensor]:
+    def corrupt(t: Tensor) -> Tensor:
+        t = t.clone()
+        t.view(-1)[0] = value
+        return t
+
+    return corrupt
+
+
+CORRUPT = {
+    "mask_entry_2": (_mask_linear, "0.mask", _first_entry(2)),
+    "mask_entry_255": (_mask_linear, "0.mask", _first_entry(255)),
+    "float_mask_0.7": (_mask_linear, "0.mask", lambda t: torch.full(t.shape, 0.7)),
+    "duplicate_frozen_index": (_freeze_rows_linear, "0.index", lambda t: torch.tensor([0, 0])),
+    # found by helper: loads silently, then every forward raises IndexError
+    "frozen_index_out_of_range": (_freeze_rows_linear, "0.index", lambda t: torch.tensor([0, 7])),
+    # found by helper: Freeze(mask)'s keep mask, like Mask's, scales the free entry by 2
+    "keep_entry_2": (_freeze_mask_linear, "0.keep", _first_entry(2)),
+}
+
+
+@pytest.mark.parametrize("loader", ["mp", "torch"])
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_item07_corrupt_constraint_buffers_are_refused(case, loader):
+    build, key, corrupt = CORRUPT[case]
+    key = f"parametrizations.weight.{key}"
+    checkpoint = build().state_dict()
+    checkpoint[key] = corrupt(checkpoint[key])
+    model = build()
+    before = state_of(model)
+    constraint_before = model.state_dict()[key].clone()
+    load = mp.load_state_dict if loader == "mp" else type(model).load_state_dict
+    with pytest.raises(mp.MaskparamError, match="weight"):
+        load(model, checkpoint)
+    if loader == "mp":
+        assert_state_unchanged(model, before)
+    else:  # torch's loader copies keys before the failing one: the constraint must be intact
+        assert torch.equal(model.state_dict()[key], constraint_before)
+        model(torch.randn(2, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 8: wildcards select what users do not mean
+# ---------------------------------------------------------------------------------------------
+
+
+class RopeLike(nn.Module):
+    """A trainable Linear, a RoPE-style non-persistent float buffer and a frozen sinusoidal
+    position table (requires_grad=False, like Whisper's embed_positions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.embed_positions = nn.Embedding(6, 4)
+        self.embed_positions.weight.requires_grad_(False)
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, 4, 2, dtype=torch.float32) / 4)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+
+@pytest.mark.parametrize("selector", ["*", "*.weight"])
+def test_item08_wildcards_skip_nonpersistent_buffers_and_frozen_parameters(selector):
+    model = RopeLike()
+    inv_freq = model.inv_freq.clone()
+    positions = model.embed_positions.weight.detach().clone()
+    mp.apply_mask(model, {selector: mp.Mask(mp.masks.magnitude(0.5))})
+    assert parametrize.is_parametrized(model.fc, "weight")  # the rule did apply
+    assert not parametrize.is_parametrized(model, "inv_freq")
+    assert torch.equal(model.inv_freq, inv_freq)
+    assert not parametrize.is_parametrized(model.embed_positions, "weight")
+    assert torch.equal(model.embed_positions.weight, positions)
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (64,), (300, 300)], ids=str)
+def test_item08_magnitude_mask_on_ties_is_deterministic_and_matches_prune(shape):
+    """Guard (passes on 0.1): LayerNorm gains are all 1.0; the tie-break must be reproducible."""
+    ones = torch.ones(shape)
+    first = mp.masks.magnitude(0.5)(ones)
+    assert torch.equal(first, mp.masks.magnitude(0.5)(ones.clone()))
+    holder = nn.Module()
+    holder.weight = nn.Parameter(torch.ones(shape))
+    prune.l1_unstructured(holder, "weight", amount=0.5)
+    assert torch.equal(first, holder.weight_mask.bool())
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 9: one Parameter under two names of one module
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_item09_one_parameter_two_names_both_constrained_or_refused(name):
+    module = nn.Module()
+    module.a = nn.Parameter(torch.randn(3, 3))
+    module.b = module.a
+    expected = module.a.detach().tril()
+
+    def check() -> None:
+        assert torch.equal(module.a, expected)
+        assert torch.equal(module.b, expected)
+
+    outcome_is_exact_or_refused(
+        lambda: mp.apply_mask(module, {name: mp.Triangular()}), check, module, match="'[ab]'"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 10: dtype changed after apply
+# ---------------------------------------------------------------------------------------------
+
+
+def _subspace_in(projection: str, dtype: torch.dtype) -> nn.Linear:
+    layer = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Subspace(4, projection=projection)})
+    return layer.to(dtype)
+
+
+def test_item10_gaussian_subspace_after_double_reloads_its_checkpoint_exactly():
+    trained = _subspace_in("gaussian", torch.float64)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    train(trained, torch.optim.SGD(trained.parameters(), lr=0.1), x, steps=1)
+    fresh = _subspace_in("gaussian", torch.float64)
+    fresh.load_state_dict(trained.state_dict())
+    assert torch.equal(fresh(x), trained(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["half", "double"])
+@pytest.mark.parametrize("projection", ["gaussian", "sparse", "fastfood"])
+def test_item10_subspace_after_dtype_change_reloads_or_refuses(projection, dtype):
+    trained = _subspace_in(projection, dtype)
+    x = torch.randn(5, 4, dtype=dtype)
+    train(trained, torch.optim.SGD(trained.parameters(), lr=0.1), x, steps=1)
+    checkpoint = trained.state_dict()
+    model = _subspace_in(projection, dtype)
+    output = model(x).detach()
+
+    def check() -> None:
+        assert torch.equal(model(x), trained(x))
+
+    if outcome_is_exact_or_refused(lambda: model.load_state_dict(checkpoint), check, model) == (
+        "refused"
+    ):
+        assert torch.equal(model(x), output)  # still usable
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 11: optimizer state saved under one parameter order, loaded under another
+# ---------------------------------------------------------------------------------------------
+
+
+class TwoMatrices(nn.Module):
+    """Two parameters of one shape in one module: a swapped optimizer state goes unnoticed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(4, 4))
+        self.b = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.a @ self.b
+
+
+def _module_for_item11(kind: str) -> tuple[nn.Module, str]:
+    """The model and the name of the tensor to constrain (it is registered first)."""
+    return (nn.Linear(4, 3), "weight") if kind == "linear" else (TwoMatrices(), "a")
+
+
+def _adam_state_by_parameter(optimizer: torch.optim.Optimizer) -> dict[int, Tensor]:
+    return {id(p): s["exp_avg"].clone() for p, s in optimizer.state.items()}
+
+
+def _load_then_step_matches_or_refuses(
+    model: nn.Module, saved: dict[str, object], expected: dict[int, Tensor]
+) -> None:
+    optimizer = torch.optim.Adam(model.parameters())
+    try:
+        optimizer.load_state_dict(saved)
+        matches = all(
+            id(p) in expected and torch.equal(optimizer.state[p]["exp_avg"], expected[id(p)])
+            for p in model.parameters()
+        )
+        train(model, optimizer, torch.randn(2, 4), steps=1)
+    except mp.MaskparamError:
+        return  # a clear refusal
+    assert matches, "a parameter received another parameter's optimizer state"
+
+
+@pytest.mark.parametrize("kind", ["linear", "two_matrices"])
+def test_item11_optimizer_state_saved_constrained_loaded_after_bake(kind):
+    model, name = _module_for_item11(kind)
+    mp.apply_mask(model, {name: mp.Triangular()})
+    optimizer = torch.optim.Adam(model.parameters())
+    train(model, optimizer, torch.randn(2, 4), steps=1)
+    saved, expected = optimizer.state_dict(), _adam_state_by_parameter(optimizer)
+    mp.remove_parametrizations(model)  # the baked tensor is the same Parameter object
+    _load_then_step_matches_or_refuses(model, saved, expected)
+
+
+@pytest.mark.parametrize("kind", ["linear", "two_matrices"])
+def test_item11_optimizer_state_saved_plain_loaded_after_apply(kind):
+    model, name = _module_for_item11(kind)
+    optimizer = torch.optim.Adam(model.parameters())
+    train(model, optimizer, torch.randn(2, 4), steps=1)
+    saved, expected = optimizer.state_dict(), _adam_state_by_parameter(optimizer)
+    mp.apply_mask(model, {name: mp.Triangular()})  # keeps the Parameter object
+    _load_then_step_matches_or_refuses(model, saved, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 12: a frozen -0.0 becomes +0.0
+# ---------------------------------------------------------------------------------------------
+
+SIGN_OPTIMIZERS = {
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.1),
+    "SGD_momentum_wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1),
+    "Adam": lambda p: torch.optim.Adam(p, lr=0.1),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1),
+}
+ROW1 = torch.zeros(4, 4, dtype=torch.bool)
+ROW1[1] = True
+SIGN_SPECS: dict[str, Callable[[], mp.Spec]] = {
+    "freeze_mask": lambda: mp.Freeze(ROW1),
+    "freeze_dim": lambda: mp.Freeze(dim=0, index=[1]),
+    "freeze_mask_compact": lambda: mp.Freeze(ROW1, layout="compact"),
+}
+
+
+@pytest.mark.parametrize("optimizer", list(SIGN_OPTIMIZERS))
+@pytest.mark.parametrize("kind", list(SIGN_SPECS))
+def test_item12_frozen_negative_zero_keeps_its_sign(kind, optimizer):
+    layer = nn.Linear(4, 4)
+    with torch.no_grad():
+        layer.weight[1] = -0.0
+    mp.apply_mask(layer, {"weight": SIGN_SPECS[kind]()})
+    assert torch.signbit(layer.weight[1]).all()
+    train(layer, SIGN_OPTIMIZERS[optimizer](layer.parameters()), torch.randn(2, 4))
+    assert torch.signbit(layer.weight.detach()[1]).all(), layer.weight.detach()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 13: averaging and hardening learnable masks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_item13_harden_soft_mask_keeps_outputs_or_says_how_to_fold():
+    layer = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.LearnableMask("soft")})
+    scores = layer.parametrizations.weight[0].scores
+    with torch.no_grad():
+        scores.copy_(torch.randn_like(scores) * 3)
+    kept = scores.detach() > 0
+    before = layer.weight.detach().clone()
+
+    def check() -> None:
+        after = layer.weight.detach()
+        assert torch.equal(after[~kept], zeros_like_selected(after, ~kept))
+        # The kept entries keep their scaled values: the scale is folded into the weight.
+        assert torch.allclose(after[kept], before[kept], rtol=1e-6, atol=1e-6)
+
+    outcome_is_exact_or_refused(lambda: mp.harden(layer), check, layer, match="(?i)fold")
+
+
+def test_item13_swa_over_learnable_mask_averages_effective_weights_or_refuses():
+    layer = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.LearnableMask()})
+    scores = layer.parametrizations.weight[0].scores
+    effective = []
+
+    def average() -> AveragedModel:
+        averaged = AveragedModel(layer)
+        for value in (0.5, -1.5):  # the hard mask keeps everything, then nothing
+            with torch.no_grad():
+                scores.fill_(value)
+            effective.append(layer.weight.detach().clone())
+            averaged.update_parameters(layer)
+        return averaged
+
+    averaged: list[AveragedModel] = []
+    if refusal_of(lambda: averaged.append(average())) is None:
+        mean = (effective[0] + effective[1]) / 2
+        assert torch.allclose(averaged[0].module.weight, mean, rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crashes: optimizer guard false positives
+# ---------------------------------------------------------------------------------------------
+
+
+def test_crash01_new_optimizer_after_baking_subspace_steps():
+    model = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Subspace(2)})
+    old = torch.optim.Adam(model.parameters())
+    train(model, old, torch.randn(2, 4), steps=1)
+    mp.remove_parametrizations(model)
+    new = torch.optim.Adam(model.parameters())  # `old` is still alive
+    before = model.weight.detach().clone()
+    train(model, new, torch.randn(2, 4), steps=1)
+    assert not torch.equal(model.weight, before)
+
+
+def test_crash02_theta_and_the_rest_in_separate_optimizers_step():
+    model = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Subspace(2)})
+    theta = model.parametrizations.weight[0].coordinates.theta
+    rest = [p for p in model.parameters() if p is not theta]  # the frozen θ₀ and the bias
+    theta_optimizer = torch.optim.Adam([theta], lr=0.1)
+    rest_optimizer = torch.optim.SGD(rest, lr=0.1)
+    bias = model.bias.detach().clone()
+    for optimizer in (theta_optimizer, rest_optimizer):
+        train(model, optimizer, torch.randn(2, 4), steps=1)
+    assert theta.detach().abs().sum() > 0
+    assert not torch.equal(model.bias, bias)
+
+
+class _Flatten(nn.Module):
+    compact = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(-1)
+
+    def right_inverse(self, x: Tensor) -> Tensor:
+        return x
+
+
+class _RefusedByTorch(mp.Spec):
+    """Passes maskparam's checks; torch refuses it at registration, so apply_mask rolls back."""
+
+    def build(self, name: str, tensor: Tensor) -> nn.Module:  # type: ignore[override]
+        return _Flatten()
+
+
+def test_crash03_optimizer_after_rolled_back_apply_steps():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="shape|not a maskparam Constraint") as failed:
+        mp.apply_mask(model, {"0.weight": mp.Subspace(2), "1.weight": _RefusedByTorch()})
+    assert failed.value is not None  # the exception (and its traceback) is still alive
+    assert not parametrize.is_parametrized(model[0])  # rolled back
+    optimizer = torch.optim.Adam(model.parameters())
+    train(model, optimizer, torch.randn(2, 4), steps=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crashes: compact layout baked while a .grad of the compact shape exists
+# ---------------------------------------------------------------------------------------------
+
+
+def _compact_trained() -> tuple[nn.Linear, torch.optim.Optimizer]:
+    layer = mp.apply_mask(
+        nn.Linear(4, 3), {"weight": mp.Mask(mp.masks.random(0.5), layout="compact")}
+    )
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    train(layer, optimizer, torch.randn(2, 4), steps=1)  # leaves a compact-shaped .grad
+    return layer, optimizer
+
+
+def test_crash04_compact_bake_with_grad_then_new_optimizer_steps():
+    layer, _ = _compact_trained()
+    mp.remove_parametrizations(layer)
+    assert layer.weight.grad is None or layer.weight.grad.shape == layer.weight.shape
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.randn(2, 4)).square().sum().backward()  # accumulates into .grad
+    optimizer.step()
+
+
+def test_crash04_compact_bake_then_old_optimizer_steps_or_refuses():
+    layer, optimizer = _compact_trained()
+    mp.remove_parametrizations(layer)
+    optimizer.zero_grad()
+    layer(torch.randn(2, 4)).square().sum().backward()
+    refusal = refusal_of(optimizer.step)
+    assert refusal is None or "'weight'" in str(refusal)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crashes: memory (must be refused, naming the bytes, before allocating)
+# ---------------------------------------------------------------------------------------------
+
+
+def _virtual_memory_size() -> int:
+    with open("/proc/self/status") as status:  # noqa: PTH123
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmSize")
+
+
+@contextlib.contextmanager
+def address_space_headroom(extra: int) -> Iterator[None]:
+    """Cap this process's address space at its current size + ``extra`` bytes, so that a call
+    that would allocate gigabytes fails at once (torch raises) instead of allocating them."""
+    resource = pytest.importorskip("resource")
+    try:
+        cap = _virtual_memory_size() + extra
+    except OSError:
+        pytest.skip("needs /proc/self/status")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY and cap > hard:
+        pytest.skip("the hard address-space limit is below the cap")
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.mark.parametrize(
+    ("projection", "dim"), [("fastfood", 20_000), ("sparse", 100_000)], ids=["fastfood", "sparse"]
+)
+def test_crash05_subspace_that_needs_gigabytes_is_refused_before_allocating(projection, dim):
+    """On 0.1 Fastfood (d=20000 over 1M entries) allocates a 5.2 GB identity for the column norms
+    and sparse (d=1e5) peaks at ~5.9 GB; under a 512 MB cap both die in torch's allocator."""
+    layer = nn.Linear(1000, 1000)
+    before = state_of(layer)
+    with address_space_headroom(512 * 2**20):
+        refusal = refusal_of(
+            lambda: mp.apply_mask(layer, {"weight": mp.Subspace(dim, projection=projection)})
+        )
+    if refusal is not None:
+        assert "bytes" in str(refusal)
+        assert_state_unchanged(layer, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crashes: nn.Embedding(sparse=True) and the meta device
+# ---------------------------------------------------------------------------------------------
+
+SPARSE_GRAD_SPECS: dict[str, Callable[[], mp.Spec]] = {
+    "freeze_dim": lambda: mp.Freeze(dim=0, index=[1]),
+    "mask_compact": lambda: mp.Mask(mp.masks.random(0.5), layout="compact"),
+    "subspace": lambda: mp.Subspace(3),
+    "triangular": mp.Triangular,
+}
+
+
+@pytest.mark.parametrize("kind", list(SPARSE_GRAD_SPECS))
+def test_crash06_sparse_gradient_embedding_is_refused_at_apply(kind):
+    embedding = nn.Embedding(6, 4, sparse=True)
+    before = state_of(embedding)
+    with pytest.raises(mp.MaskparamError, match="'weight'"):
+        mp.apply_mask(embedding, {"weight": SPARSE_GRAD_SPECS[kind]()})
+    assert_state_unchanged(embedding, before)
+
+
+@pytest.mark.parametrize("projection", ["gaussian", "fastfood"])
+def test_crash07_meta_subspace_load_with_assign_works_or_refuses(projection):
+    source = _subspace_linear(projection)
+    model = nn.Linear(4, 3, device="meta")
+    mp.apply_mask(model, {"weight": mp.Subspace(3, projection=projection)})
+    x = torch.randn(2, 4)
+
+    def load_and_run() -> None:
+        model.load_state_dict(source.state_dict(), assign=True)
+        assert torch.equal(model(x), source(x))
+
+    refusal = refusal_of(load_and_run)
+    assert refusal is None or "'weight'" in str(refusal)
+
+
+def test_crash07_meta_sparse_subspace_applies_or_refuses():
+    source = _subspace_linear("sparse")
+    model = nn.Linear(4, 3, device="meta")
+    refusal = refusal_of(
+        lambda: mp.apply_mask(model, {"weight": mp.Subspace(3, projection="sparse")})
+    )
+    if refusal is not None:
+        assert "'weight'" in str(refusal)
+        return
+    model.to_empty(device="cpu")
+    model.load_state_dict(source.state_dict())
+    x = torch.randn(2, 4)
+    assert torch.equal(model(x), source(x))
+
+
+def test_helper03_fastfood_applied_under_meta_device_context_works_or_refuses():
+    """Found by helper: the README's order ("apply under torch.device('meta')") crashes for
+    Fastfood with "Tensor.item() cannot be called on meta tensors" (its seeded buffers are
+    drawn under the meta default device)."""
+    source = _subspace_linear("fastfood")
+    with torch.device("meta"):
+        model = nn.Linear(4, 3)
+        refusal = refusal_of(
+            lambda: mp.apply_mask(model, {"weight": mp.Subspace(3, projection="fastfood")})
+        )
+    if refusal is not None:
+        assert "'weight'" in str(refusal)
+        return
+    model.to_empty(device="cpu")
+    model.load_state_dict(source.state_dict())
+    x = torch.randn(2, 4)
+    assert torch.equal(model(x), source(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Crashes: Python errors instead of MaskparamError, and silently reinterpreted arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def _nan_basis() -> Tensor:
+    basis = torch.randn(12, 2)
+    basis[0, 0] = float("nan")
+    return basis
+
+
+def _inf_basis() -> Tensor:
+    basis = torch.randn(12, 2)
+    basis[3, 1] = float("inf")
+    return basis
+
+
+BAD_SPECS: dict[str, Callable[[], mp.Spec]] = {
+    "freeze_index_1.5": lambda: mp.Freeze(dim=0, index=1.5),
+    "freeze_dim_0.0": lambda: mp.Freeze(dim=0.0, index=[1]),
+    "triangular_diagonal_0.5": lambda: mp.Triangular(diagonal=0.5),
+    "subspace_nan_basis": lambda: mp.Subspace(2, basis=_nan_basis()),
+    "subspace_inf_basis": lambda: mp.Subspace(2, basis=_inf_basis()),
+    "learnable_temperature_inf": lambda: mp.LearnableMask("soft", temperature=float("inf")),
+    "learnable_init_nan": lambda: mp.LearnableMask(init=float("nan")),
+    # found by helper: an infinite init makes every weight NaN (inf - inf in the straight-through)
+    "learnable_init_inf (helper)": lambda: mp.LearnableMask(init=float("inf")),
+    # silently reinterpreted on 0.1
+    "masks_random_True": lambda: mp.Mask(mp.masks.random(True)),
+    "freeze_dim_True": lambda: mp.Freeze(dim=True, index=[0]),
+    "triangular_lower_no": lambda: mp.Triangular(lower="no"),
+    # found by helper: the same bool-as-number reinterpretation elsewhere
+    "masks_magnitude_True (helper)": lambda: mp.Mask(mp.masks.magnitude(True)),
+    # found by helper: accepted when constructed, then a RuntimeError from torch.manual_seed
+    "masks_random_seed_True (helper)": lambda: mp.Mask(mp.masks.random(0.5, seed=True)),
+    "subspace_seed_True (helper)": lambda: mp.Subspace(2, seed=True),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPECS))
+def test_crash08_bad_arguments_raise_maskparam_error(case):
+    refused_naming(BAD_SPECS[case], nn.Linear(4, 3), "'weight'")
+
+
+def test_crash08_freeze_slices_of_a_0d_tensor_raise_maskparam_error():
+    model = nn.Module()
+    model.scale = nn.Parameter(torch.tensor(2.0))
+    before = state_of(model)
+    with pytest.raises(mp.MaskparamError, match="'scale'"):
+        mp.apply_mask(model, {"scale": mp.Freeze(dim=0, index=0)})
+    with pytest.raises(mp.MaskparamError, match="'scale'"):
+        mp.apply_mask(model, {"scale": mp.Mask(mp.masks.rows([0]))})
+    assert_state_unchanged(model, before)
+
+
+def test_crash08_rule_value_none_raises_maskparam_error():
+    layer = nn.Linear(4, 3)
+    with pytest.raises(mp.MaskparamError, match="'weight'"):
+        mp.apply_mask(layer, {"weight": None})
+
+
+def test_crash08_subspace_seed_beyond_int64_works_or_refuses():
+    layer = nn.Linear(4, 3)
+
+    def check() -> None:
+        checkpoint = layer.state_dict()
+        fresh = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Subspace(2, seed=2**44)})
+        fresh.load_state_dict(checkpoint)
+        x = torch.randn(2, 4)
+        assert torch.equal(fresh(x), layer(x))
+
+    outcome_is_exact_or_refused(
+        lambda: mp.apply_mask(layer, {"weight": mp.Subspace(2, seed=2**44)}), check, layer
+    )
+
+
+@pytest.mark.parametrize("order", ["fp32_first", "fp64_first"])
+def test_crash08_mixed_dtype_subspace_group_raises_maskparam_error(order):
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3).double()
+    model = nn.Sequential(first, second) if order == "fp32_first" else nn.Sequential(second, first)
+    before = state_of(model)
+    with pytest.raises(mp.MaskparamError, match=r"'[01]\.weight'|'g'"):
+        mp.apply_mask(model, {"*.weight": mp.Subspace(2, group="g")})
+    assert_state_unchanged(model, before)
+
+
+@pytest.mark.parametrize("spec", ["Mask", "Freeze"])
+def test_crash08_error_in_user_mask_callable_names_the_tensor(spec):
+    def broken(tensor: Tensor) -> Tensor:
+        return 1 / 0  # type: ignore[return-value]
+
+    layer = nn.Linear(4, 3)
+    with pytest.raises(mp.MaskparamError, match="'weight'"):
+        mp.apply_mask(layer, {"weight": getattr(mp, spec)(broken)})
+
+
+def test_helper04_error_in_selector_predicate_names_the_tensor():
+    """Found by helper: a predicate selector that raises gives a bare ZeroDivisionError."""
+    layer = nn.Linear(4, 3)
+    with pytest.raises(mp.MaskparamError, match="'weight'|'bias'"):
+        mp.apply_mask(layer, {lambda name, module, tensor: 1 / 0: mp.Triangular()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by helper: a weight tied to an RNN weight slips past the RNN refusal
+# ---------------------------------------------------------------------------------------------
+
+
+class TiedToRNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 12, bias=False)
+        self.rnn = nn.RNN(3, 12)
+        self.rnn.weight_ih_l0 = self.lin.weight
+
+
+def test_helper05_weight_tied_to_an_rnn_weight_is_refused():
+    """On 0.1 the RNN's _flat_weights keep the value computed at apply time (pytorch issue 65688,
+    the very reason RNN weights are refused): after training, the RNN silently uses stale
+    weights, and copy.deepcopy of the model fails."""
+    model = TiedToRNN()
+    before = state_of(model)
+    with pytest.raises(mp.MaskparamError, match="weight_ih_l0"):
+        mp.apply_mask(model, {"lin.weight": mp.Mask(mp.masks.random(0.5))})
+    assert_state_unchanged(model, before)
