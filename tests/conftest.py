@@ -1,5 +1,5 @@
-"""Shared fixtures: small models, the one training helper, and a snapshot that proves a model
-was left untouched."""
+"""Shared fixtures: small models, the one training helper, a snapshot that proves a model was left
+untouched, and the check that a trained model's constraints still hold."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import pytest
 import torch
 from hypothesis import settings
 from torch import Tensor, nn
+
+import maskparam as mp
 
 settings.register_profile("default", deadline=None, max_examples=60)
 settings.register_profile("ci", deadline=None, max_examples=150, derandomize=True)
@@ -94,7 +96,7 @@ def train_steps(
     return losses
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # stateless; session scope lets hypothesis tests use it too
 def train() -> Callable[..., list[float]]:
     """The one training loop of the test suite: see :func:`train_steps`."""
     return train_steps
@@ -128,3 +130,74 @@ class Snapshot:
 @pytest.fixture
 def snapshot() -> Callable[[nn.Module], Snapshot]:
     return Snapshot.of
+
+
+@dataclass
+class Invariants:
+    """What training must leave alone on a constrained model: every buffer (masks, frozen values,
+    indices, projections) and every parameter that does not require grad (a subspace's θ₀).
+
+    With those unchanged, ``mp.verify(model) == []`` pins every constrained entry to what it was
+    at apply time: masked entries zero, frozen entries their old values, the triangle exact.
+    Not for models with BatchNorm in training mode (its running statistics are buffers).
+    """
+
+    fixed: dict[str, Tensor]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Invariants:
+        fixed = {name: b.detach().clone() for name, b in model.named_buffers()}
+        fixed.update(
+            (name, p.detach().clone())
+            for name, p in model.named_parameters()
+            if not p.requires_grad
+        )
+        return cls(fixed)
+
+    def assert_hold(self, model: nn.Module) -> None:
+        assert mp.verify(model) == []
+        now = dict(model.named_buffers())
+        now.update((name, p) for name, p in model.named_parameters() if not p.requires_grad)
+        assert now.keys() == self.fixed.keys()
+        for name, value in self.fixed.items():
+            assert torch.equal(now[name], value), name
+
+
+@pytest.fixture(scope="session")
+def invariants() -> Callable[[nn.Module], Invariants]:
+    """``held = invariants(model)`` before training, ``held.assert_hold(model)`` after."""
+    return Invariants.of
+
+
+class Holder(nn.Module):
+    """A module holding one tensor ``weight`` of any shape and dtype, for property tests.
+
+    ``forward(x)`` is ``weight * x``: with ``x = torch.ones(())`` the output is the tensor itself.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(shape).to(dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * x
+
+
+def backward_random(holder: Holder, seed: int) -> tuple[Tensor, Tensor]:
+    """Backpropagate a random linear loss; return (the upstream gradient, the original's grad)."""
+    upstream = torch.randn(holder.weight.shape, generator=torch.Generator().manual_seed(seed))
+    upstream = upstream.to(holder.weight.dtype)
+    (holder.weight * upstream).sum().backward()
+    return upstream, holder.parametrizations.weight.original.grad
+
+
+# Session-scoped: hypothesis refuses function-scoped fixtures in @given tests.
+@pytest.fixture(scope="session")
+def make_holder() -> type[Holder]:
+    return Holder
+
+
+@pytest.fixture(scope="session")
+def backward() -> Callable[[Holder, int], tuple[Tensor, Tensor]]:
+    """``upstream, grad = backward(holder, seed)``: see :func:`backward_random`."""
+    return backward_random

@@ -1,4 +1,5 @@
-"""The intrinsic-dimension example runs and finds what it promises (needs scikit-learn)."""
+"""examples/: the intrinsic-dimension example runs and finds what it promises (needs
+scikit-learn)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("sklearn")
+pytestmark = pytest.mark.slow  # trains small models on the digits data
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "intrinsic_dimension.py"
 

@@ -6,6 +6,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -17,6 +19,7 @@ def test_readme_has_snippets():
     assert len(_snippets()) >= 5
 
 
+@pytest.mark.slow  # the snippets train, and one imports transformers
 def test_readme_snippets_run(capsys):
     namespace: dict[str, object] = {"__name__": "readme"}
     for snippet in _snippets():

@@ -1,4 +1,6 @@
-"""DistributedDataParallel on CPU with gloo, two processes."""
+"""Distributed training on CPU with gloo, two processes: DistributedDataParallel (with and without
+exclude_constants_from_ddp, _distributed.py) and FSDP2's fully_shard (apply_mask first; after
+sharding it is refused)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ from torch import nn
 
 import maskparam as mp
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable"),
+    pytest.mark.slow,  # two processes per test, a few seconds each
+]
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, exclude: bool) -> None:
@@ -31,6 +36,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, exclude: bool) 
     frozen = model[2].weight.detach()[[0, 1]].clone()
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=0.05, weight_decay=0.1)
     generator = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    # Not the shared `train` fixture: this runs in a spawned process, a fresh batch each step.
     for _ in range(4):
         optimizer.zero_grad()
         ddp(torch.randn(6, 8, generator=generator)).square().mean().backward()
@@ -49,13 +55,13 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, exclude: bool) 
     dist.destroy_process_group()
 
 
-ROOT = str(Path(__file__).resolve().parents[1])
+ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def _spawn(worker, *args) -> list[dict]:
     """Run ``worker(rank, 2, init_file, out_dir, *args)`` in two processes; return their results."""
-    # Spawned children unpickle `worker` by importing tests.test_distributed, with the parent's
-    # sys.path: under pytest's importlib mode the repository root is not on it by itself.
+    # Spawned children unpickle `worker` by importing tests.workflows.test_distributed, with the
+    # parent's sys.path: under pytest's importlib mode the repository root is not on it by itself.
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     with tempfile.TemporaryDirectory() as out_dir:
@@ -64,8 +70,13 @@ def _spawn(worker, *args) -> list[dict]:
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-@pytest.mark.parametrize("exclude", [False, True])
-def test_ddp_ranks_stay_identical_and_constraints_hold(exclude):
+# Re-sent before every forward unless excluded: the uint8 mask and the float32 frozen rows
+# (the int64 index is a fixed tensor, no longer a buffer).
+CONSTANT_BYTES = 16 * 8 + 2 * 16 * 4  # uint8 mask, float32 frozen rows (the index is fixed)
+
+
+@pytest.mark.parametrize(("exclude", "rebroadcast_bytes"), [(False, CONSTANT_BYTES), (True, 0)])
+def test_ddp_ranks_stay_identical_and_constraints_hold(exclude, rebroadcast_bytes):
     ranks = _spawn(_worker, exclude)
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), key
@@ -73,55 +84,66 @@ def test_ddp_ranks_stay_identical_and_constraints_hold(exclude):
         assert torch.equal(result["frozen_after"], result["frozen_before"])
         mask = result["state"]["0.parametrizations.weight.0.mask"].bool()
         assert torch.equal(result["weight0"][~mask], torch.zeros(int((~mask).sum())))
-    constants = 16 * 8 + 2 * 16 * 4 + 2 * 8  # uint8 mask, float32 frozen rows, int64 index
-    if exclude:
-        assert ranks[0]["rebroadcast_bytes"] == 0  # nothing is re-sent before each forward
-    else:
-        assert ranks[0]["rebroadcast_bytes"] == constants  # every step, for constants
+    assert ranks[0]["rebroadcast_bytes"] == rebroadcast_bytes
 
 
-def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str, order: str) -> None:
+def _fsdp_rules() -> mp.Rules:
+    return {"0.weight": mp.Mask(mp.masks.random(0.5)), "2.weight": mp.Freeze(dim=0, index=[0, 1])}
+
+
+def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
-    rules = {"0.weight": mp.Mask(mp.masks.random(0.5)), "2.weight": mp.Freeze(dim=0, index=[0, 1])}
-    result: dict[str, object] = {}
-    if order == "after":
-        fully_shard(model)
-        try:
-            mp.apply_mask(model, rules)
-        except mp.MaskparamError as refused:
-            result["error"] = str(refused)
-    else:
-        mp.apply_mask(model, rules)
-        for layer in (model[0], model[2]):
-            fully_shard(layer)
-        fully_shard(model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
-        generator = torch.Generator().manual_seed(rank)
-        for _ in range(3):
-            optimizer.zero_grad()
-            model(torch.randn(4, 8, generator=generator)).square().mean().backward()
-            grad = model[0].parametrizations.weight.original.grad.full_tensor()
-            optimizer.step()
-        mask = model[0].parametrizations.weight[0].mask.bool()
-        result["masked_grad"] = grad[~mask].clone()
-        result["weight0"] = model[0].parametrizations.weight.original.full_tensor().clone()
+    mp.apply_mask(model, _fsdp_rules())
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(rank)
+    # Not the shared `train` fixture (a spawned process), and the loop reads the gradient.
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 8, generator=generator)).square().mean().backward()
+        grad = model[0].parametrizations.weight.original.grad.full_tensor()
+        optimizer.step()
+    mask = model[0].parametrizations.weight[0].mask.bool()
+    result = {
+        "masked_grad": grad[~mask].clone(),
+        "weight0": model[0].parametrizations.weight.original.full_tensor().clone(),
+    }
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("order", ["before", "after"])
-def test_fsdp2_fully_shard(order):
+def _fsdp_after_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    fully_shard(model)
+    result: dict[str, str] = {}
+    try:
+        mp.apply_mask(model, _fsdp_rules())
+    except mp.MaskparamError as refused:
+        result["error"] = str(refused)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_fsdp2_apply_then_fully_shard_trains_with_the_constraints():
     pytest.importorskip("torch.distributed.fsdp")
-    ranks = _spawn(_fsdp_worker, order)
-    if order == "after":
-        for result in ranks:
-            assert "already sharded (a DTensor" in result["error"]
-            assert "apply_mask before fully_shard" in result["error"]
-        return
+    ranks = _spawn(_fsdp_worker)
     assert torch.equal(ranks[0]["weight0"], ranks[1]["weight0"])
     for result in ranks:
         assert torch.equal(result["masked_grad"], torch.zeros_like(result["masked_grad"]))
+
+
+def test_fsdp2_apply_after_fully_shard_is_refused():
+    pytest.importorskip("torch.distributed.fsdp")
+    for result in _spawn(_fsdp_after_worker):
+        assert "already sharded (a DTensor" in result["error"]
+        assert "apply_mask before fully_shard" in result["error"]

@@ -1,6 +1,8 @@
 """The core promise under every optimizer in torch.optim, momentum and (decoupled) weight decay
 included: masked entries stay exactly zero, frozen entries bit-identical, the triangle exact, and
-the free entries do train."""
+the free entries do train; the same over random shapes and masks (hypothesis); and an optimizer
+created before apply_mask that would silently misbehave is refused with the fix
+(_optimizer_guard.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import maskparam as mp
@@ -97,7 +101,7 @@ def _constrained_model(layout: str = "dense") -> tuple[nn.Module, dict[str, torc
 
 @pytest.mark.parametrize("layout", ["dense", "compact"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_constraints_hold_and_free_entries_train(name, layout):
+def test_constraints_hold_and_free_entries_train(name, layout, train):
     if name.startswith("Muon") and layout == "compact":
         pytest.skip("Muon orthogonalizes matrices; a compact original is a vector: use dense")
     torch.manual_seed(0)
@@ -106,17 +110,8 @@ def test_constraints_hold_and_free_entries_train(name, layout):
         t.detach().clone()
         for t in (model[0].weight, model[2].weight, model[4].weight, model[0].bias)
     )
-    optimizer = OPTIMIZERS[name](list(model.parameters()))
     x, y = torch.randn(32, 6), torch.randn(32, 3)
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    for _ in range(8):
-        optimizer.step(closure)
+    train(model, x, steps=8, optimizer=OPTIMIZERS[name], target=y)
 
     kept, frozen = masks["kept"], masks["frozen"]
     eff0, eff2, eff4, bias0 = (
@@ -133,3 +128,79 @@ def test_constraints_hold_and_free_entries_train(name, layout):
     assert not torch.equal(eff4[~frozen], w4[~frozen])
     assert torch.equal(bias0[[0, 3]], b0[[0, 3]])
     assert not torch.equal(bias0[[1, 2, 4, 5, 6, 7]], b0[[1, 2, 4, 5, 6, 7]])
+    assert mp.verify(model) == []
+
+
+# Property: a stack of all three selection constraints under random shapes, masks and optimizers.
+MATRIX_SHAPES = st.lists(st.integers(1, 6), min_size=2, max_size=4).map(tuple)
+DENSITIES = st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0))
+SEEDS = st.integers(0, 2**31 - 1)
+PROPERTY_OPTIMIZERS = {
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.5),
+    "RMSprop": lambda p: torch.optim.RMSprop(p, lr=0.1, weight_decay=0.1),
+    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1, weight_decay=0.1),
+}
+
+
+@given(
+    MATRIX_SHAPES,
+    st.sampled_from([torch.float32, torch.float64]),
+    DENSITIES,
+    SEEDS,
+    st.sampled_from(list(PROPERTY_OPTIMIZERS)),
+)
+def test_optimizers_never_move_constrained_entries(
+    make_holder, train, shape, dtype, density, seed, optimizer_name
+):
+    holder = make_holder(shape, dtype)
+    kept = mp.masks.random(density, seed)(holder.weight)
+    frozen = mp.masks.random(0.5, seed + 1)(holder.weight)
+    # Stack all three: masked entries zero, frozen entries fixed, lower triangle only.
+    mp.apply_mask(holder, {"weight": [mp.Mask(kept), mp.Freeze(frozen), mp.Triangular()]})
+    start = holder.weight.detach().clone()
+    target = torch.randn(shape, dtype=dtype)
+    # holder(ones) is the tensor itself: the loss pulls it towards `target`.
+    train(holder, torch.ones((), dtype=dtype), optimizer=PROPERTY_OPTIMIZERS[optimizer_name],
+          target=target)  # fmt: skip
+    effective = holder.weight.detach()
+    lower = torch.ones(shape, dtype=torch.bool).tril()
+    zero = ~kept | ~lower
+    assert torch.equal(effective[zero], torch.zeros_like(effective[zero]))
+    assert torch.equal(effective[frozen], start[frozen])
+
+
+def test_compact_layout_refuses_optimizer_state_from_before_apply():
+    layer = nn.Linear(5, 4)
+    optimizer = torch.optim.Adam(layer.parameters())
+    layer(torch.randn(2, 5)).sum().backward()
+    optimizer.step()
+    mp.apply_mask(layer, {"weight": mp.Mask(mp.masks.random(0.5), layout="compact")})
+    optimizer.zero_grad()
+    layer(torch.randn(2, 5)).sum().backward()
+    with pytest.raises(
+        mp.MaskparamError,
+        match=r"(?s)'weight': Adam's state 'exp_avg' has shape \(4, 5\).*create the optimizer after apply_mask",
+    ):
+        optimizer.step()
+    optimizer.state.pop(layer.parametrizations.weight.original)  # the fix the message names
+    optimizer.step()
+
+
+def test_subspace_refuses_an_optimizer_created_before_apply_not_silently_idle():
+    model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 3))
+    optimizer = torch.optim.Adam(model.parameters())
+    mp.apply_mask(model, {"*": mp.Subspace(5, projection="fastfood", group="all")})
+    model(torch.randn(2, 12)).sum().backward()
+    theta = model[0].parametrizations.weight[0].coordinates.theta
+    optimizer.step()  # θ might live in another optimizer: the first step cannot tell yet
+    assert torch.equal(theta, torch.zeros(5))  # ...but nothing trained it since
+    with pytest.raises(
+        mp.MaskparamError,
+        match=r"(?s)'0.weight': this Adam holds the tensor's original.*created before apply_mask",
+    ):
+        optimizer.step()
+    optimizer.add_param_group({"params": [theta]})  # the fix the message names
+    before = theta.detach().clone()
+    optimizer.step()
+    assert not torch.equal(theta, before)

@@ -1,4 +1,6 @@
-"""Real third-party models built from small configs (no downloads); skipped where not installed."""
+"""Real third-party models built from small configs (no downloads): Hugging Face transformers
+(GPT-2 with tied embeddings, BERT in a subspace, save_pretrained round trips) and x-transformers;
+skipped where not installed."""
 
 from __future__ import annotations
 
@@ -8,8 +10,11 @@ from torch import nn
 
 import maskparam as mp
 
+pytestmark = pytest.mark.slow  # importing transformers alone takes seconds
+
 
 def _train(model: nn.Module, parameters, batch, steps: int = 3) -> None:
+    # Not the shared `train` fixture: a Hugging Face model computes its own loss from labels.
     optimizer = torch.optim.AdamW(parameters, lr=0.05, weight_decay=0.1)
     for _ in range(steps):
         optimizer.zero_grad()
@@ -19,6 +24,7 @@ def _train(model: nn.Module, parameters, batch, steps: int = 3) -> None:
 
 def _bake_save_reload_identical(model: nn.Module, tokens: torch.Tensor, path) -> None:
     """Bake, save_pretrained, from_pretrained: the reloaded model gives identical logits."""
+    assert mp.verify(model) == []
     model.eval()
     with torch.no_grad():
         logits = model(tokens).logits
@@ -76,7 +82,7 @@ def test_bert_trains_in_a_global_subspace(tmp_path):
     _bake_save_reload_identical(model, tokens, tmp_path)
 
 
-def test_x_transformers_decoder_with_masks():
+def test_x_transformers_decoder_with_masks(train):
     x_transformers = pytest.importorskip("x_transformers")
     torch.manual_seed(0)
     model = x_transformers.TransformerWrapper(
@@ -93,16 +99,13 @@ def test_x_transformers_decoder_with_masks():
     masked = [r.name for r in mp.summary(model).tensors]
     assert masked
     tokens = torch.randint(0, 50, (2, 16))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
-    for _ in range(2):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(tokens).transpose(1, 2), tokens).backward()
-        optimizer.step()
+    train(model, tokens, steps=2)
     for ref_name in masked:
         module_name, local = ref_name.rsplit(".", 1)
         module = model.get_submodule(module_name)
         kept = module.parametrizations[local][0].mask.bool().expand_as(getattr(module, local))
         assert torch.equal(getattr(module, local).detach()[~kept], torch.zeros(int((~kept).sum())))
+    assert mp.verify(model) == []
     model.eval()
     with torch.no_grad():
         expected = model(tokens)

@@ -1,4 +1,5 @@
-"""remove_parametrizations: bake exactly, remove only ours, give back a plain, exportable model."""
+"""remove_parametrizations (_remove.py): bake exactly, remove only ours, give back a plain,
+exportable model."""
 
 from __future__ import annotations
 
@@ -17,17 +18,14 @@ RULES: mp.Rules = {
 }
 
 
-def test_bake_restores_class_keys_parameter_identity_and_values(tiny, tiny_input):
+def test_bake_restores_class_keys_parameter_identity_and_values(tiny, tiny_input, train):
     untouched_keys = list(tiny.state_dict().keys())
     params_before = dict(tiny.named_parameters())
     classes_before = {name: type(m) for name, m in tiny.named_modules()}
     optimizer = torch.optim.AdamW(tiny.parameters(), lr=0.1, weight_decay=0.1)  # before apply
 
     mp.apply_mask(tiny, RULES)
-    for _ in range(3):
-        optimizer.zero_grad()
-        tiny(tiny_input).sum().backward()
-        optimizer.step()
+    train(tiny, tiny_input, optimizer=optimizer)
     tiny.eval()
     with torch.no_grad():
         effective = {
@@ -51,9 +49,7 @@ def test_bake_restores_class_keys_parameter_identity_and_values(tiny, tiny_input
         assert torch.equal(tiny(tiny_input), outputs)
     # The old optimizer still trains the baked model (now without constraints).
     before = tiny.fc1.weight.detach().clone()
-    optimizer.zero_grad()
-    tiny(tiny_input).sum().backward()
-    optimizer.step()
+    train(tiny, tiny_input, steps=1, optimizer=optimizer)
     assert not torch.equal(tiny.fc1.weight, before)
     assert int((tiny.fc1.weight == 0).sum()) < int((before == 0).sum())
 

@@ -1,4 +1,5 @@
-"""Mask generators: reproducible, exact counts, and the same masks users know from torch.prune."""
+"""Mask generators (masks.py): reproducible, exact counts, broadcast shapes, the same masks users
+know from torch.nn.utils.prune, and bad arguments refused when the generator is made."""
 
 from __future__ import annotations
 
@@ -56,28 +57,14 @@ def test_structured_masks_are_broadcast_shaped(generator, expected):
     assert torch.equal(generator(torch.empty(3, 2)), expected)
 
 
-def test_a_per_row_mask_zeroes_whole_rows_with_one_byte_per_row():
-    layer = nn.Linear(5, 4)
-    mp.apply_mask(layer, {"weight": mp.Mask(mp.masks.rows([1, 2]))})
-    stored = layer.parametrizations.weight[0].mask
-    assert stored.shape == (4, 1)
-    assert stored.dtype == torch.uint8
-    assert torch.equal(layer.weight[[0, 3]], torch.zeros(2, 5))
-    assert bool((layer.weight[[1, 2]] != 0).all())
-
-
-def test_callable_masks_receive_the_tensor():
-    layer = nn.Linear(4, 4)
-    mp.apply_mask(layer, {"weight": mp.Mask(lambda w: w > 0)})
-    assert bool((layer.weight >= 0).all())
-
-
 @pytest.mark.parametrize(
-    "mask",
-    [torch.tensor([1, 0, 1]), torch.tensor([1.0, 0.0, 1.0]), torch.tensor([True, False, True])],
+    ("make", "message"),
+    [
+        (lambda: mp.masks.random(1.5), "density must be a number between 0 and 1"),
+        (lambda: mp.masks.magnitude(-0.1), "sparsity must be a number between 0 and 1"),
+        (lambda: mp.masks.random(0.5, seed=1.5), "seed must be an int"),
+    ],
 )
-def test_numeric_and_bool_masks_are_equivalent(mask):
-    layer = nn.Linear(3, 2)
-    before = layer.weight.detach().clone()
-    mp.apply_mask(layer, {"weight": mp.Mask(mask)})
-    assert torch.equal(layer.weight, before * torch.tensor([1.0, 0.0, 1.0]))
+def test_bad_arguments_fail_when_the_generator_is_made(make, message):
+    with pytest.raises(mp.MaskparamError, match=message):
+        make()

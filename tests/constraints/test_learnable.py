@@ -1,4 +1,5 @@
-"""Learnable masks: modes, penalty, harden (threshold and target sparsity), export."""
+"""LearnableMask (constraints/learnable.py): hard and soft modes, mask_penalty, harden (threshold
+and target sparsity), export, summary, bad input."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def _mlp() -> nn.Sequential:
 
 
 def _train(model: nn.Module, steps: int, penalty: float) -> None:
+    # Not the shared `train` fixture: the loss adds the mask penalty.
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     x, y = torch.randn(64, 8), torch.randn(64, 4)
     for _ in range(steps):

@@ -1,4 +1,5 @@
-"""summary: free entries (what trains) against the total, per tensor and for the model."""
+"""summary (_summary.py): free entries (what trains) against the total, per tensor and for the
+model. Each constraint's own description is tested in its file (constraints/test_*.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,99 @@
+"""Freeze (constraints/freeze.py): by mask or by slices, frozen entries keep their values bit for
+bit and get exactly zero gradient, the rest train; applying changes no output; bad specs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import maskparam as mp
+
+DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16])
+SHAPES = st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple)
+DENSITIES = st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0))
+SEEDS = st.integers(0, 2**31 - 1)
+
+
+@given(SHAPES, DTYPES, DENSITIES, SEEDS)
+def test_freeze_mask_gradient_is_exactly_zero_where_frozen(
+    make_holder, backward, shape, dtype, density, seed
+):
+    holder = make_holder(shape, dtype)
+    frozen = mp.masks.random(density, seed)(holder.weight)
+    before = holder.weight.detach().clone()
+    mp.apply_mask(holder, {"weight": mp.Freeze(frozen)})
+    assert torch.equal(holder.weight, before)  # outputs bit-identical at apply time
+    upstream, grad = backward(holder, seed)
+    assert torch.equal(grad[frozen], torch.zeros_like(grad[frozen]))
+    assert torch.equal(grad[~frozen], upstream[~frozen])
+
+
+@given(SHAPES, DTYPES, st.data())
+def test_freeze_slices_gradient_is_exactly_zero_in_frozen_slices(
+    make_holder, backward, shape, dtype, data
+):
+    holder = make_holder(shape, dtype)
+    dim = data.draw(st.integers(-len(shape), len(shape) - 1))
+    index = data.draw(st.lists(st.integers(0, shape[dim] - 1), unique=True))
+    before = holder.weight.detach().clone()
+    mp.apply_mask(holder, {"weight": mp.Freeze(dim=dim, index=index)})
+    assert torch.equal(holder.weight, before)
+    frozen = mp.masks.slices(dim, index)(before).expand(shape)
+    upstream, grad = backward(holder, 0)
+    assert torch.equal(grad[frozen], torch.zeros_like(grad[frozen]))
+    assert torch.equal(grad[~frozen], upstream[~frozen])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "spec", [lambda: mp.Freeze(mp.masks.random(0.5)), lambda: mp.Freeze(dim=0, index=[0, 2])]
+)
+def test_applying_in_half_precision_changes_no_output(spec, dtype):
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    x = torch.randn(4, 6, dtype=dtype)
+    before = model(x)
+    mp.apply_mask(model, {"*.weight": spec()})
+    assert model[0].weight.dtype == dtype
+    assert torch.equal(model(x), before)
+
+
+BAD_FREEZES = [
+    (
+        {"conv.weight": mp.Freeze(dim=0, index=[10])},
+        (
+            r"Freeze for 'conv.weight'.*index \[10\] out of "
+            r"range for a dimension of size 10.*fix: use indices in \[-10, 9\]"
+        ),
+    ),
+    (
+        {"conv.weight": mp.Freeze(dim=4, index=[0])},
+        r"Freeze for 'conv.weight'.*dim=4 is out of range",
+    ),
+    ({"conv.weight": mp.Freeze(dim=0, index=[0.5])}, r"index must be integers"),
+]
+
+
+@pytest.mark.parametrize(("rules", "message"), BAD_FREEZES)
+def test_bad_freezes_raise_and_leave_the_model_untouched(tiny, snapshot, rules, message):
+    before = snapshot(tiny)
+    with pytest.raises(mp.MaskparamError, match=re.compile(message, re.DOTALL)):
+        mp.apply_mask(tiny, rules)
+    before.assert_same(tiny)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (mp.Freeze, "(?s)needs the entries to freeze.*requires_grad_\\(False\\)"),
+        (lambda: mp.Freeze(dim=0), "needs the entries to freeze"),
+        (lambda: mp.Freeze(torch.ones(2), dim=0, index=[0]), "both a mask and dim/index"),
+    ],
+)
+def test_bad_freeze_specs_fail_when_constructed(make, message):
+    with pytest.raises(mp.MaskparamError, match=message):
+        make()

@@ -1,0 +1,44 @@
+"""Triangular (constraints/triangular.py): entries outside the triangle are exactly zero and get
+exactly zero gradient, inside they pass unchanged; only matrices (and batches of them)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import maskparam as mp
+
+DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16])
+MATRIX_SHAPES = st.lists(st.integers(1, 6), min_size=2, max_size=4).map(tuple)
+
+
+@given(MATRIX_SHAPES, DTYPES, st.integers(-3, 3), st.booleans())
+def test_triangular_gradient_is_exactly_zero_outside_the_triangle(
+    make_holder, backward, shape, dtype, diagonal, lower
+):
+    holder = make_holder(shape, dtype)
+    before = holder.weight.detach().clone()
+    mp.apply_mask(holder, {"weight": mp.Triangular(lower=lower, diagonal=diagonal)})
+    ones = torch.ones(shape, dtype=torch.bool)
+    inside = ones.tril(diagonal) if lower else ones.triu(diagonal)
+    assert torch.equal(holder.weight[inside], before[inside])
+    assert torch.equal(holder.weight[~inside], torch.zeros_like(before[~inside]))
+    upstream, grad = backward(holder, 1)
+    assert torch.equal(grad[~inside], torch.zeros_like(grad[~inside]))
+    assert torch.equal(grad[inside], upstream[inside])
+
+
+def test_a_vector_is_refused_and_the_model_left_untouched(tiny, snapshot):
+    before = snapshot(tiny)
+    with pytest.raises(
+        mp.MaskparamError,
+        match=re.compile(
+            r"Triangular for 'fc1.bias'.*needs a matrix.*shape \(6,\).*fix: select only", re.DOTALL
+        ),
+    ):
+        mp.apply_mask(tiny, {"fc1.bias": mp.Triangular()})
+    before.assert_same(tiny)

@@ -1,0 +1,156 @@
+"""apply_mask (_apply.py): what it changes, what it keeps, how rules combine, and bad rules that
+raise a clear error and leave the model exactly as it was (a failed registration rolls back)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import maskparam as mp
+
+
+def test_returns_the_model_and_keeps_the_parameter_object(tiny):
+    weight = tiny.fc1.weight
+    assert mp.apply_mask(tiny, {"fc1.weight": mp.Triangular()}) is tiny
+    # The optimizer tracks Parameters by identity: the original must be the same object.
+    assert tiny.fc1.parametrizations.weight.original is weight
+    assert parametrize.is_parametrized(tiny.fc1, "weight")
+    assert not parametrize.is_parametrized(tiny.fc2)
+
+
+def test_stacked_specs_apply_in_order():
+    layer = nn.Linear(4, 4)
+    before = layer.weight.detach().clone()
+    frozen = torch.zeros(4, 4, dtype=torch.bool)
+    frozen[0, 0] = frozen[3, 0] = True
+    # Triangular first, then Freeze: the frozen values are those of the triangle.
+    mp.apply_mask(layer, {"weight": [mp.Triangular(), mp.Freeze(frozen)]})
+    assert torch.equal(layer.weight, before.tril())
+    assert len(layer.parametrizations.weight) == 2
+    row = mp.summary(layer).tensors[0]
+    assert row.constraint == "Triangular(lower, diagonal=0) + Freeze(mask)"
+    assert row.free == 10 - 2
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.arange(1.0, 5.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def test_buffers_can_be_targets():
+    module = Scaled()
+    mp.apply_mask(module, {"scale": mp.Mask(torch.tensor([1, 1, 0, 1]))})
+    assert torch.equal(module(torch.ones(4)), torch.tensor([1.0, 2.0, 0.0, 4.0]))
+    assert "parametrizations.scale.original" in module.state_dict()
+
+
+def test_strict_false_allows_rules_that_match_nothing(tiny, snapshot):
+    before = snapshot(tiny)
+    mp.apply_mask(tiny, {"no.such.tensor": mp.Triangular()}, strict=False)
+    before.assert_same(tiny)
+
+
+def test_user_parametrization_below_ours_keeps_working():
+    layer = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
+    mask = torch.rand(4, 4) < 0.5
+    mp.apply_mask(layer, {"weight": mp.Mask(mask)})
+    assert len(layer.parametrizations.weight) == 2
+    assert bool((layer.weight[~mask] == 0).all())
+    row = mp.summary(layer).tensors[0]
+    assert (row.name, row.free, row.total) == ("weight", int(mask.sum()), 16)
+
+
+def test_assigning_the_tensor_keeps_the_constraint():
+    layer = nn.Linear(3, 3)
+    mp.apply_mask(layer, {"weight": mp.Triangular()})
+    layer.weight = torch.ones(3, 3)
+    assert torch.equal(layer.weight, torch.ones(3, 3).tril())
+
+
+def test_error_is_a_value_error():
+    assert issubclass(mp.MaskparamError, ValueError)
+
+
+BAD_RULES = [
+    (
+        {"fc1.weight": mp.Triangular(), "fc*.weight": mp.Mask(torch.ones(1))},
+        r"'fc1.weight': selected by two rules, 'fc1.weight' and 'fc\*.weight'.*list of specs",
+    ),
+    (
+        {"fc1.weight": "triangular"},
+        r"rule 'fc1.weight': the value must be a spec or a non-empty list",
+    ),
+    ({"fc1.weight": []}, r"non-empty list of specs"),
+    # A later rule fails after earlier ones were fine: nothing at all is applied.
+    (
+        {"fc1.weight": mp.Triangular(), "fc2.weight": mp.Mask(torch.ones(3))},
+        r"Mask for 'fc2.weight'",
+    ),
+]
+# Bad rules of one constraint are tested in its file (constraints/test_*.py), bad selectors in
+# lifecycle/test_selectors.py.
+
+
+@pytest.mark.parametrize(("rules", "message"), BAD_RULES)
+def test_bad_rules_raise_and_leave_the_model_untouched(tiny, snapshot, rules, message):
+    before = snapshot(tiny)
+    with pytest.raises(mp.MaskparamError, match=re.compile(message, re.DOTALL)):
+        mp.apply_mask(tiny, rules)
+    before.assert_same(tiny)
+
+
+def test_applying_twice_to_the_same_tensor_is_refused(tiny, snapshot):
+    mp.apply_mask(tiny, {"fc1.weight": mp.Triangular()})
+    before = snapshot(tiny)
+    with pytest.raises(
+        mp.MaskparamError, match="(?s)already constrains this tensor.*one list in one call"
+    ):
+        mp.apply_mask(tiny, {"fc*.weight": mp.Triangular()})
+    before.assert_same(tiny)
+
+
+def test_rnn_weights_are_refused_not_silently_ignored():
+    lstm = nn.LSTM(3, 4)
+    with pytest.raises(mp.MaskparamError, match="_flat_weights.*silently ignored.*65688"):
+        mp.apply_mask(lstm, {"weight_hh_l0": mp.Triangular()})
+
+
+def test_not_a_model_and_not_a_mapping():
+    with pytest.raises(mp.MaskparamError, match="must be a torch.nn.Module"):
+        mp.apply_mask(torch.ones(2), {"weight": mp.Triangular()})  # type: ignore[type-var]
+    with pytest.raises(mp.MaskparamError, match="rules must be a mapping"):
+        mp.apply_mask(nn.Linear(2, 2), [("weight", mp.Triangular())])  # type: ignore[arg-type]
+
+
+class _ShapeChanging(mp.Constraint):
+    def forward(self, x):
+        return x.reshape(-1)
+
+
+class _BadSpec(mp.Spec):
+    """Passes maskparam's checks but torch refuses it at registration: exercises the rollback."""
+
+    def build(self, name, tensor):
+        return _ShapeChanging()
+
+
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+def test_a_registration_failure_rolls_back_what_was_registered(tiny, snapshot, layout):
+    # fc1 is registered first, then fc2 fails: fc1 must be restored exactly. A compact fc1 has
+    # shrunk its Parameter in place by then, and gets its full values back.
+    before = snapshot(tiny)
+    with pytest.raises(ValueError, match="may not change the shape"):
+        mp.apply_mask(
+            tiny,
+            {"fc1.weight": mp.Mask(mp.masks.random(0.5), layout=layout), "fc2.weight": _BadSpec()},
+        )
+    before.assert_same(tiny)
+    assert not hasattr(tiny.fc1, "parametrizations")

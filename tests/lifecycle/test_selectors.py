@@ -1,0 +1,173 @@
+"""Selectors (_selectors.py) and which tensors they can select (_tensors.py): the matcher is a
+pure function, checked on a table of (selector, names, module) -> expected; then end to end
+through apply_mask: every selector kind, wildcards skipping what cannot be constrained, aliases
+and ties found once, and selectors that match nothing or name a tensor that cannot be
+constrained."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import maskparam as mp
+from maskparam._selectors import check_selector, describe, is_exact_name, matches
+from maskparam.errors import MaskparamError
+
+LINEAR = nn.Linear(2, 2)
+CONV = nn.Conv2d(1, 1, 1)
+EMPTY = torch.empty(0)
+
+TABLE = [
+    # glob on qualified names
+    ("fc.weight", ["fc.weight"], LINEAR, True),
+    ("fc.weight", ["fc.bias"], LINEAR, False),
+    ("fc.weight", ["encoder.fc.weight"], LINEAR, False),  # exact names are not suffixes
+    ("*.weight", ["encoder.layers.0.weight"], LINEAR, True),  # * crosses dots
+    ("encoder.layers.*.weight", ["encoder.layers.11.weight"], LINEAR, True),
+    ("encoder.layers.*.weight", ["decoder.layers.0.weight"], LINEAR, False),
+    ("layer?.weight", ["layer1.weight"], LINEAR, True),
+    ("layer[12].weight", ["layer3.weight"], LINEAR, False),
+    ("FC.weight", ["fc.weight"], LINEAR, False),  # case-sensitive
+    ("*", ["anything.at.all"], LINEAR, True),
+    # aliases: a shared module reachable under two names
+    ("b.weight", ["a.weight", "b.weight"], LINEAR, True),
+    # regex, full match
+    (re.compile(r"fc\d\.weight"), ["fc1.weight"], LINEAR, True),
+    (re.compile(r"fc\d"), ["fc1.weight"], LINEAR, False),
+    (re.compile(r".*\.bias"), ["x.bias"], LINEAR, True),
+    # module type and local tensor name
+    ((nn.Linear, "weight"), ["fc.weight"], LINEAR, True),
+    ((nn.Linear, "weight"), ["fc.bias"], LINEAR, False),
+    ((nn.Linear, "weight"), ["conv.weight"], CONV, False),
+    ((nn.Linear, "*"), ["fc.bias"], LINEAR, True),
+    (((nn.Linear, nn.Conv2d), "weight"), ["conv.weight"], CONV, True),
+    # predicate
+    (lambda name, module, t: name.endswith("bias"), ["fc.bias"], LINEAR, True),
+    (lambda name, module, t: isinstance(module, nn.Conv2d), ["fc.weight"], LINEAR, False),
+]
+
+
+@pytest.mark.parametrize(("selector", "names", "module", "expected"), TABLE)
+def test_matches(selector, names, module, expected):
+    check_selector(selector)
+    assert matches(selector, names, module, EMPTY) is expected
+
+
+@pytest.mark.parametrize(
+    ("selector", "message"),
+    [
+        (3, "cannot be a int"),
+        (None, "cannot be a NoneType"),
+        ((nn.Linear,), "must be \\(module type, tensor name glob\\)"),
+        (("fc", "weight"), "must be \\(module type, tensor name glob\\)"),
+        ((nn.Linear, 3), "must be \\(module type, tensor name glob\\)"),
+        (nn.Linear, "a module type alone"),
+    ],
+)
+def test_bad_selectors_are_refused(selector, message):
+    with pytest.raises(MaskparamError, match=message):
+        check_selector(selector)
+
+
+@pytest.mark.parametrize(
+    ("selector", "exact"),
+    [
+        ("fc.weight", True),
+        ("*.weight", False),
+        ("a?", False),
+        ("a[0]", False),
+        (re.compile("a"), False),
+    ],
+)
+def test_is_exact_name(selector, exact):
+    assert is_exact_name(selector) is exact
+
+
+def test_describe_is_readable():
+    assert describe("fc.*") == "'fc.*'"
+    assert describe(re.compile("a.b")) == "re.compile('a.b')"
+    assert describe((nn.Linear, "weight")) == "(Linear, 'weight')"
+
+
+def test_every_selector_kind_in_one_call(tiny):
+    mp.apply_mask(
+        tiny,
+        {
+            "fc1.weight": mp.Triangular(),
+            re.compile(r"fc2\.(weight|bias)"): mp.Mask(mp.masks.random(0.5)),
+            (nn.Conv2d, "weight"): mp.Freeze(dim=0, index=[0, 1]),
+            lambda name, module, t: name == "head.bias": mp.Freeze(torch.tensor([True, False])),
+        },
+    )
+    constrained = {row.name for row in mp.summary(tiny).tensors}
+    assert constrained == {"fc1.weight", "fc2.weight", "fc2.bias", "conv.weight", "head.bias"}
+
+
+def test_wildcards_pass_over_integer_buffers(tiny):
+    mp.apply_mask(tiny, {"*": mp.Mask(mp.masks.random(1.0))})
+    names = {row.name for row in mp.summary(tiny).tensors}
+    assert "position_ids" not in names
+    assert "norm.num_batches_tracked" not in names
+    # BatchNorm updates its running statistics in place: wildcards pass over them too.
+    assert "norm.running_mean" not in names
+    assert {"conv.weight", "norm.weight", "head.bias"} <= names
+    assert tiny.position_ids.dtype == torch.int64
+
+
+def test_shared_module_reached_by_two_names_is_one_tensor():
+    shared = nn.Linear(3, 3)
+    model = nn.ModuleDict({"a": shared, "b": shared})
+    mp.apply_mask(model, {"b.weight": mp.Triangular()})
+    assert [row.name for row in mp.summary(model).tensors] == ["a.weight"]  # one tensor, found once
+    assert torch.equal(model.a.weight.triu(1), torch.zeros(3, 3))  # constrained under either name
+
+
+def test_a_rule_naming_the_tied_side_constrains_both():
+    embed = nn.Embedding(12, 5)
+    head = nn.Linear(5, 12, bias=False)
+    head.weight = embed.weight
+    model = nn.ModuleDict({"embed": embed, "head": head})
+    mp.apply_mask(model, {"head.weight": mp.Mask(mp.masks.rows([0, 1]))})
+    assert torch.equal(model.embed.weight[2:], torch.zeros(10, 5))
+
+
+BAD_SELECTIONS = [
+    (
+        {"fc3.weight": mp.Triangular()},
+        (
+            r"rule 'fc3.weight'.*no floating-point tensor.*"
+            r"closest tensor names: 'fc2.weight', 'fc1.weight'.*fix: correct the selector"
+        ),
+    ),
+    (
+        {re.compile("nothing"): mp.Triangular()},
+        r"matched no floating-point tensor.*tensor names: 'conv.weight'",
+    ),
+    ({3: mp.Triangular()}, r"selector 3: a selector cannot be a int"),
+    (
+        {"position_ids": mp.Mask(torch.ones(4))},
+        (
+            r"'position_ids' has dtype torch.int64.*"
+            r"only floating-point and complex"
+        ),
+    ),
+    (
+        {"*position_ids": mp.Mask(torch.ones(4))},
+        r"matched 1 tensor\(s\) that cannot be constrained",
+    ),
+    (
+        {"norm.running_var": mp.Mask(torch.ones(10))},
+        r"'norm.running_var' is a running statistic.*updates in place",
+    ),
+]
+
+
+@pytest.mark.parametrize(("rules", "message"), BAD_SELECTIONS)
+def test_bad_selections_raise_and_leave_the_model_untouched(tiny, snapshot, rules, message):
+    before = snapshot(tiny)
+    with pytest.raises(mp.MaskparamError, match=re.compile(message, re.DOTALL)):
+        mp.apply_mask(tiny, rules)
+    before.assert_same(tiny)
