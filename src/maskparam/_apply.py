@@ -82,15 +82,20 @@ def apply_mask(model: ModuleT, rules: Rules, *, strict: bool = True) -> ModuleT:
     return model
 
 
-def _spec_list(selector: Selector, specs: Spec | Sequence[Spec]) -> list[Spec]:
-    spec_list = [specs] if isinstance(specs, Spec) else list(specs)
+def _spec_list(selector: Selector, specs: object) -> list[Spec]:
+    if isinstance(specs, Spec):
+        spec_list: list[object] = [specs]
+    elif isinstance(specs, (list, tuple)):
+        spec_list = list(specs)
+    else:
+        spec_list = []
     if not spec_list or not all(isinstance(spec, Spec) for spec in spec_list):
         raise error(
             f"rule {describe(selector)}",
             f"the value must be a spec or a non-empty list of specs; got {specs!r}.",
             fix="map the selector to e.g. mp.Mask(...), or to [mp.Freeze(...), mp.Triangular()].",
         )
-    return spec_list
+    return spec_list  # type: ignore[return-value]  # checked just above
 
 
 def _plan(model: nn.Module, rules: Rules, *, strict: bool) -> list[_Target]:
@@ -145,7 +150,16 @@ def _selects(selector: Selector, ref: TensorRef) -> bool:
     # Only a predicate looks at values; the others must not evaluate parametrizations.
     is_predicate = callable(selector) and not isinstance(selector, (str, re.Pattern, tuple))
     tensor = ref.value if is_predicate else ref.storage
-    return matches(selector, ref.all_names, ref.module, tensor)
+    try:
+        return matches(selector, ref.all_names, ref.module, tensor)
+    except Exception as failure:
+        if not is_predicate:
+            raise
+        raise error(
+            f"rule {describe(selector)}",
+            f"the predicate raised {type(failure).__name__} for tensor {ref.name!r}: {failure}",
+            fix="make the predicate return a bool for every (name, module, tensor).",
+        ) from failure
 
 
 def _no_match_error(

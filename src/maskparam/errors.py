@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["MaskparamError"]
+import math
+
+__all__ = ["MaskparamError", "check_bool", "check_finite", "check_int", "error"]
 
 
 class MaskparamError(ValueError):
@@ -22,3 +24,42 @@ def error(subject: str, problem: str, *details: str, fix: str) -> MaskparamError
     """
     lines = [f"{subject}: {problem}", *(f"  {d}" for d in details), f"  fix: {fix}"]
     return MaskparamError("\n".join(lines))
+
+
+def check_int(value: object, subject: str, what: str, *, minimum: int | None = None) -> None:
+    """Refuse anything but an int (a bool is not one: ``dim=True`` would silently mean 1).
+
+    >>> check_int(True, "Freeze", "dim")
+    Traceback (most recent call last):
+    ...
+    maskparam.errors.MaskparamError: Freeze: dim must be an int; got True (bool).
+      fix: pass e.g. dim=0.
+    """
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise error(
+            subject,
+            f"{what} must be an int; got {value!r} ({type(value).__name__}).",
+            fix=f"pass e.g. {what}={minimum if minimum is not None else 0}.",
+        )
+    if minimum is not None and value < minimum:
+        raise error(
+            subject, f"{what} must be >= {minimum}; got {value}.", fix=f"pass {what}>={minimum}."
+        )
+
+
+def check_bool(value: object, subject: str, what: str) -> None:
+    """Refuse anything but a bool (``lower="no"`` is truthy: it would silently mean True)."""
+    if not isinstance(value, bool):
+        raise error(
+            subject,
+            f"{what} must be True or False; got {value!r} ({type(value).__name__}).",
+            fix=f"pass {what}=True or {what}=False.",
+        )
+
+
+def check_finite(value: object, subject: str, what: str, *, positive: bool = False) -> None:
+    """Refuse anything but a finite real number (and, with ``positive``, one above 0)."""
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if number is None or not math.isfinite(number) or (positive and number <= 0):
+        kind = "a finite positive number" if positive else "a finite number"
+        raise error(subject, f"{what} must be {kind}; got {value!r}.", fix=f"pass e.g. {what}=1.0.")

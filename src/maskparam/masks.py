@@ -59,8 +59,9 @@ MaskSource: TypeAlias = Tensor | Callable[[Tensor], Tensor] | MaskGenerator
 
 
 def check_fraction(value: object, what: str) -> None:
-    """Refuse anything but a number in [0, 1], naming ``what``."""
-    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+    """Refuse anything but a number in [0, 1], naming ``what`` (a bool is not a number here)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and 0.0 <= value <= 1.0):  # type: ignore[operator]
         raise error(
             f"{what}={value!r}",
             f"{what} must be a number between 0 and 1.",
@@ -77,7 +78,7 @@ class RandomMask(MaskGenerator):
 
     def __post_init__(self) -> None:
         check_fraction(self.density, "density")
-        if not isinstance(self.seed, int):
+        if type(self.seed) is not int:  # a bool is an int to isinstance
             raise error(
                 f"masks.random(seed={self.seed!r})", "the seed must be an int.", fix="pass seed=0."
             )
@@ -117,6 +118,21 @@ class MagnitudeMask(MaskGenerator):
         return mask.reshape(tensor.shape)
 
 
+def check_index(index: object, subject: str, what: str) -> None:
+    """Refuse slice indices that are not ints (a list of them, a range or an integer tensor)."""
+    values = index.tolist() if isinstance(index, Tensor) else index
+    values = [values] if isinstance(values, int) else values
+    ints = isinstance(values, (list, tuple, range)) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in values
+    )
+    if not ints or (isinstance(index, Tensor) and index.is_floating_point()):
+        raise error(
+            subject,
+            f"{what} must be integers; got {index!r}.",
+            fix="pass an int, a list of ints, a range or an integer tensor.",
+        )
+
+
 def normalize_index(index: IndexLike, size: int, subject: str, what: str) -> Tensor:
     """Validate slice indices against a dimension of ``size``; negative ones count from the end.
 
@@ -149,6 +165,12 @@ class SliceMask(MaskGenerator):
 
     @override
     def build(self, tensor: Tensor, subject: str) -> Tensor:
+        if tensor.dim() == 0:
+            raise error(
+                subject,
+                "the tensor is a scalar (0-d): it has no dimension to select slices along.",
+                fix="use a mask tensor of shape () instead, or select tensors with dimensions.",
+            )
         if not -tensor.dim() <= self.dim < max(tensor.dim(), 1):
             raise error(
                 subject,
@@ -228,8 +250,15 @@ def resolve(source: MaskSource, tensor: Tensor, subject: str) -> Tensor:
     elif isinstance(source, Tensor):
         mask = source
     elif callable(source):
-        with torch.no_grad():
-            mask = source(tensor.detach())
+        try:
+            with torch.no_grad():
+                mask = source(tensor.detach())
+        except Exception as failure:
+            raise error(
+                subject,
+                f"the mask callable {source!r} raised {type(failure).__name__}: {failure}",
+                fix="fix the callable; it is called once, at apply time, with the tensor.",
+            ) from failure
         if not isinstance(mask, Tensor):
             raise error(
                 subject,

@@ -132,7 +132,7 @@ def test_summary_shows_density_and_counts_scores():
         (lambda: mp.mask_penalty(nn.Linear(2, 2)), "Linear has no learnable mask"),
         (lambda: mp.harden(nn.Linear(2, 2)), "Linear has no learnable mask"),
         (lambda: mp.LearnableMask("medium"), "unknown mode 'medium'"),
-        (lambda: mp.LearnableMask(temperature=0.0), "temperature must be positive"),
+        (lambda: mp.LearnableMask(temperature=0.0), "temperature must be a finite positive number"),
     ],
 )
 def test_bad_input(call, message):

@@ -24,7 +24,7 @@ from maskparam.constraints.base import (
 )
 from maskparam.constraints.compact import CompactScatter, check_compact_possible
 from maskparam.constraints.kernels import keep_or_frozen
-from maskparam.errors import error
+from maskparam.errors import check_int, error
 from maskparam.masks import IndexLike, MaskSource
 
 __all__ = ["Freeze", "FreezeEntries", "FreezeSlices"]
@@ -60,6 +60,10 @@ class Freeze(Spec):
                 "got both a mask and dim/index.",
                 fix="pass either mask= or dim= with index=.",
             )
+        if self.dim is not None:
+            check_int(self.dim, "Freeze", "dim")
+        if self.index is not None:
+            masks.check_index(self.index, "Freeze", "index")
         if self.mask is None and (self.dim is None or self.index is None):
             raise error(
                 "Freeze",

@@ -34,7 +34,7 @@ from maskparam._torch_parametrize import link_stack, parametrization_list
 from maskparam.constraints.base import Constraint, Pins, Spec, zeros_pinned
 from maskparam.constraints.kernels import straight_through_mask
 from maskparam.constraints.mask import MaskMultiply
-from maskparam.errors import error
+from maskparam.errors import check_finite, error
 from maskparam.masks import check_fraction
 
 __all__ = ["LearnableMask", "harden", "learned_masks", "mask_penalty"]
@@ -101,12 +101,9 @@ class LearnableMask(Spec):
             raise error(
                 "LearnableMask", f"unknown mode {self.mode!r}.", fix="use 'hard' or 'soft'."
             )
-        if not self.temperature > 0:
-            raise error(
-                "LearnableMask",
-                f"temperature must be positive; got {self.temperature!r}.",
-                fix="pass e.g. temperature=1.0.",
-            )
+        check_finite(self.temperature, "LearnableMask", "temperature", positive=True)
+        if self.init is not None:
+            check_finite(self.init, "LearnableMask", "init")
 
     @override
     def build(self, name: str, tensor: Tensor) -> Constraint:

@@ -29,12 +29,13 @@ from maskparam.constraints.projections import (
     FastfoodProjection,
     SparseProjection,
 )
-from maskparam.errors import error
+from maskparam.errors import check_int, error
 
 __all__ = ["Subspace", "SubspaceCoordinates", "SubspaceShift"]
 
 ProjectionName = Literal["gaussian", "sparse", "fastfood"]
 _PROJECTIONS = ("gaussian", "sparse", "fastfood")
+_MAX_SEED = 2**43
 
 
 class SubspaceCoordinates(FixedTensors):
@@ -196,8 +197,22 @@ class Subspace(Spec):
                 f"unknown projection {self.projection!r}.",
                 fix=f"use one of {', '.join(map(repr, _PROJECTIONS))}, or pass basis=.",
             )
-        if not isinstance(self.seed, int):
-            raise error("Subspace", f"seed must be an int; got {self.seed!r}.", fix="pass seed=0.")
+        check_int(self.seed, "Subspace", "seed", minimum=0)
+        if self.seed >= _MAX_SEED:
+            # Each member's block is drawn from seed * 2**20 + i, which must fit torch's int64.
+            raise error(
+                "Subspace",
+                f"seed must be below 2**43; got {self.seed}.",
+                fix="pass a smaller seed (e.g. seed % 2**43).",
+            )
+        if self.basis is not None and not bool(torch.isfinite(self.basis).all()):
+            bad = int((~torch.isfinite(self.basis)).sum())
+            raise error(
+                "Subspace",
+                f"the basis holds {bad} non-finite values (NaN or inf): every entry it drives "
+                "would be NaN.",
+                fix="pass a finite basis.",
+            )
 
     @override
     def group_key(self) -> str | None:
@@ -245,6 +260,14 @@ class Subspace(Spec):
                     f"Subspace for {name!r}", f"needs a floating-point tensor; got {tensor.dtype}.",
                     fix="select floating-point tensors only.",
                 )  # fmt: skip
+            if tensor.dtype != dtype or tensor.device != device:
+                raise error(
+                    subject,
+                    f"one θ cannot drive tensors of different dtypes or devices: "
+                    f"{members[0][0]!r} is {dtype} on {device}, {name!r} {tensor.dtype} on "
+                    f"{tensor.device}.",
+                    fix="cast the model to one dtype and device first, or use one group per dtype.",
+                )
         projections = self._projections(subject, sizes, total, dtype)
         if self.basis is None:
             norms = sum(

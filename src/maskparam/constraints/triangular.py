@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from maskparam.constraints.base import Constraint, Layout, Pins, Spec, check_layout, zeros_pinned
 from maskparam.constraints.compact import CompactScatter, check_compact_possible
-from maskparam.errors import error
+from maskparam.errors import check_bool, check_int, error
 
 __all__ = ["Triangular", "TriangularPart"]
 
@@ -38,6 +38,8 @@ class Triangular(Spec):
 
     def __post_init__(self) -> None:
         check_layout(self)
+        check_bool(self.lower, "Triangular", "lower")
+        check_int(self.diagonal, "Triangular", "diagonal")
 
     @override
     def build(self, name: str, tensor: Tensor) -> Constraint:
