@@ -129,7 +129,12 @@ def _plan(model: nn.Module, rules: Rules, *, strict: bool) -> list[_Target]:
             selected = [exact] if exact is not None else []
         else:
             selected = [ref for ref in refs if _selects(selector, ref)]
-        trainable = [ref for ref in selected if ref.unconstrainable is None]
+        trainable = [
+            ref
+            for ref in selected
+            if ref.unconstrainable is None
+            and (is_exact_name(selector) or _is_predicate(selector) or ref.not_a_weight is None)
+        ]
         if is_exact_name(selector) and len(trainable) < len(selected):
             ref = selected[0]
             raise error(
@@ -146,9 +151,13 @@ def _plan(model: nn.Module, rules: Rules, *, strict: bool) -> list[_Target]:
     return list(targets.values())
 
 
+def _is_predicate(selector: Selector) -> bool:
+    return callable(selector) and not isinstance(selector, (str, re.Pattern, tuple))
+
+
 def _selects(selector: Selector, ref: TensorRef) -> bool:
     # Only a predicate looks at values; the others must not evaluate parametrizations.
-    is_predicate = callable(selector) and not isinstance(selector, (str, re.Pattern, tuple))
+    is_predicate = _is_predicate(selector)
     tensor = ref.value if is_predicate else ref.storage
     try:
         return matches(selector, ref.all_names, ref.module, tensor)
@@ -177,7 +186,8 @@ def _no_match_error(
         )
     if skipped:
         details.append(
-            f"it matched {skipped} tensor(s) that cannot be constrained (integer, bool, running stats)"
+            f"it matched {skipped} tensor(s) that wildcards pass over (buffers, frozen parameters, "
+            "integer or bool tensors, running statistics); name one exactly to constrain it"
         )
     return error(
         f"rule {describe(selector)}",
@@ -212,6 +222,14 @@ def _check_target(ref: TensorRef, selector: Selector, targets: dict[int, _Target
             repr(ref.name),
             f"selected by two rules, {describe(earlier.selector)} and {describe(selector)}.",
             fix="select each tensor with one rule; to stack constraints, map it to a list of specs.",
+        )
+    if ref.local_aliases:
+        names = ", ".join(repr(a) for a in [ref.local_name, *ref.local_aliases])
+        raise error(
+            repr(ref.name),
+            f"this Parameter is registered under several names of one module ({names}): a "
+            "constraint can replace only one of them, and the others would stay unconstrained.",
+            fix="keep one name (e.g. del module.<alias> and use a property for the other).",
         )
     if ref.has_constraint:
         raise error(

@@ -35,6 +35,8 @@ class TensorRef:
     is_parameter: bool
     # Other modules holding the same tensor object (tied weights): (qualified name, module, local).
     tied: list[tuple[str, nn.Module, str]] = field(default_factory=list)
+    # Other local names of the same tensor in the same module (``m.b = m.a``).
+    local_aliases: list[str] = field(default_factory=list)
 
     @property
     def tied_names(self) -> list[str]:
@@ -90,6 +92,20 @@ class TensorRef:
         return self.storage.dtype
 
     @property
+    def not_a_weight(self) -> str | None:
+        """Why a wildcard passes over this tensor although it could be constrained, or None.
+
+        A wildcard selects what a user means by "the model's weights": parameters that train.
+        Buffers (RoPE's ``inv_freq``, a user's statistics) and frozen parameters (Whisper's
+        sinusoidal positions) are constrained only when a rule names them exactly.
+        """
+        if not self.is_parameter:
+            return "is a buffer, not a trainable parameter"
+        if not self.has_constraint and not self.storage.requires_grad:
+            return "is a frozen parameter (requires_grad=False)"
+        return None
+
+    @property
     def unconstrainable(self) -> str | None:
         """Why this tensor can never be constrained, or None."""
         if not (self.dtype.is_floating_point or self.dtype.is_complex):
@@ -120,6 +136,8 @@ def find_tensors(model: nn.Module) -> list[TensorRef]:
             refs.append(ref)
         elif ref.module is module:
             ref.names.append(qualified)  # the same module reached by another path
+            if local != ref.local_name and local not in ref.local_aliases:
+                ref.local_aliases.append(local)
         else:
             ref.tied.append((qualified, module, local))
 
