@@ -128,14 +128,10 @@ OPEN = {
     "test_helper01_assigning_to_constrained_weight_works_or_refuses[parameter]",
     "test_helper03_fastfood_applied_under_meta_device_context_works_or_refuses",
     "test_helper05_weight_tied_to_an_rnn_weight_is_refused",
-    "test_item05_harden_tied_learnable_mask_keeps_the_tie[default]",
-    "test_item05_harden_tied_learnable_mask_keeps_the_tie[sparsity]",
-    "test_item05_harden_tied_learnable_mask_keeps_the_tie[threshold]",
     "test_item11_optimizer_state_saved_constrained_loaded_after_bake[linear]",
     "test_item11_optimizer_state_saved_constrained_loaded_after_bake[two_matrices]",
     "test_item11_optimizer_state_saved_plain_loaded_after_apply[linear]",
     "test_item11_optimizer_state_saved_plain_loaded_after_apply[two_matrices]",
-    "test_item13_harden_soft_mask_keeps_outputs_or_says_how_to_fold",
     "test_item13_swa_over_learnable_mask_averages_effective_weights_or_refuses",
 }
 

@@ -146,3 +146,24 @@ def test_harden_refuses_bad_sparsity_before_changing_anything():
     with pytest.raises(mp.MaskparamError, match="sparsity must be a number between 0 and 1"):
         mp.harden(layer, sparsity=1.5)
     assert "weight" in mp.learned_masks(layer)
+
+
+def test_harden_folds_a_soft_scale_into_the_kept_weights_exactly():
+    layer = mp.apply_mask(nn.Linear(5, 4), {"weight": mp.LearnableMask("soft")})
+    with torch.no_grad():
+        layer.parametrizations.weight[0].scores.copy_(torch.randn(4, 5) * 3)
+    kept = layer.parametrizations.weight[0].scores.detach() > 0
+    before = layer.weight.detach().clone()
+    mp.harden(layer)
+    after = layer.weight.detach()
+    assert torch.equal(after[kept], before[kept])  # the same float product w * m
+    assert torch.equal(after[~kept], torch.zeros(int((~kept).sum())))
+    assert mp.verify(layer) == []
+
+
+def test_harden_without_fold_keeps_the_weights_unscaled():
+    layer = mp.apply_mask(nn.Linear(5, 4), {"weight": mp.LearnableMask("soft")})
+    raw = layer.parametrizations.weight.original.detach().clone()
+    mp.harden(layer, fold=False)
+    assert torch.equal(layer.parametrizations.weight.original, raw)
+    assert torch.equal(layer.weight, raw)  # every score starts at 3T > 0: all kept, unscaled

@@ -34,7 +34,7 @@ from maskparam._torch_parametrize import link_stack, parametrization_list
 from maskparam.constraints.base import Constraint, Pins, Spec, zeros_pinned
 from maskparam.constraints.kernels import straight_through_mask
 from maskparam.constraints.mask import MaskMultiply
-from maskparam.errors import check_finite, error
+from maskparam.errors import check_bool, check_finite, error
 from maskparam.masks import check_fraction
 
 __all__ = ["LearnableMask", "harden", "learned_masks", "mask_penalty"]
@@ -122,19 +122,23 @@ class LearnableMask(Spec):
         return ScoredMask(scores, mode=self.mode, temperature=self.temperature)
 
 
-def _learned(model: nn.Module) -> list[tuple[str, nn.Module, str, int, ScoredMask]]:
-    """Every learnable mask of ``model``: (tensor name, module, local name, position, mask)."""
+Found = tuple[str, list[tuple[nn.Module, str]], int, ScoredMask]
+
+
+def _learned(model: nn.Module) -> list[Found]:
+    """Every learnable mask of ``model``: (tensor name, its holders, position, mask).
+
+    A tied tensor has several holders (module, local name), which share one mask object.
+    """
     found = []
     for ref in find_tensors(model):
         for position, parametrization in enumerate(ref.parametrizations):
             if isinstance(parametrization, ScoredMask):
-                found.append((ref.name, ref.module, ref.local_name, position, parametrization))
+                found.append((ref.name, ref.holders, position, parametrization))
     return found
 
 
-def _require_learned(
-    model: nn.Module, caller: str
-) -> list[tuple[str, nn.Module, str, int, ScoredMask]]:
+def _require_learned(model: nn.Module, caller: str) -> list[Found]:
     found = _learned(model)
     if not found:
         raise error(
@@ -147,7 +151,7 @@ def _require_learned(
 
 def learned_masks(model: nn.Module) -> dict[str, Tensor]:
     """The current mask values of every learnable mask, by tensor name (detached)."""
-    return {name: mask.mask_values().detach() for name, _, _, _, mask in _learned(model)}
+    return {name: mask.mask_values().detach() for name, _, _, mask in _learned(model)}
 
 
 def mask_penalty(model: nn.Module, *, normalize: bool = False) -> Tensor:
@@ -170,14 +174,19 @@ def harden(
     threshold: float = 0.0,
     sparsity: float | None = None,
     per_tensor: bool = False,
+    fold: bool = True,
 ) -> dict[str, float]:
     """Replace every learnable mask by a fixed binary :class:`~maskparam.Mask`; in place.
 
     By default an entry is kept where its score exceeds ``threshold`` (0: the hard mask as it is,
     or a soft mask above 0.5). With ``sparsity`` the scores are ranked instead and the
     ``sparsity`` fraction with the lowest scores is dropped, across all learnable masks of the
-    model at once, or tensor by tensor with ``per_tensor=True``. The weights themselves are left
-    as they are (a soft mask's scaling is not folded into them).
+    model at once, or tensor by tensor with ``per_tensor=True``.
+
+    A soft mask scales every weight by ``sigmoid(score / T)``. With ``fold=True`` (the default)
+    that scale is folded into the kept weights, so they compute what they computed before
+    (``w * m``, the same float product); with ``fold=False`` the weights are left as they are and
+    the kept entries lose their scale. Hard masks scale by exactly 1: nothing to fold.
 
     The scores leave the model; then :func:`~maskparam.remove_parametrizations` exports a plain
     model whose outputs equal the hardened model's exactly. Returns the density of each mask.
@@ -185,6 +194,10 @@ def harden(
     found = _require_learned(model, "harden")
     if sparsity is not None:
         check_fraction(sparsity, "sparsity")
+    check_bool(fold, "harden", "fold")
+    folds = [_fold_target(name, holders, position, mask) for name, holders, position, mask in found]
+    if not fold:
+        folds = [None for _ in found]
     scores = [mask.scores.detach() for *_, mask in found]
     if sparsity is None:
         keeps = [s > threshold for s in scores]
@@ -198,11 +211,35 @@ def harden(
             for s, end in zip(scores, ends, strict=True)
         ]
     densities = {}
-    for (name, module, local, position, _), keep in zip(found, keeps, strict=True):
-        parametrization_list(module, local)[position] = MaskMultiply(keep)
-        link_stack(module, local)
+    for (name, holders, position, mask), keep, target in zip(found, keeps, folds, strict=True):
+        if target is not None:
+            with torch.no_grad():  # kept entries become w * m: exactly the product computed before
+                target.copy_(torch.where(keep, target * mask.mask_values(), target))
+        fixed = MaskMultiply(keep)  # one object on every holder: a tied tensor stays tied
+        for module, local in holders:
+            parametrization_list(module, local)[position] = fixed
+            link_stack(module, local)
         densities[name] = float(keep.float().mean()) if keep.numel() else 0.0
     return densities
+
+
+def _fold_target(
+    name: str, holders: list[tuple[nn.Module, str]], position: int, mask: ScoredMask
+) -> Tensor | None:
+    """The stored original to fold a soft mask's scale into, or None for a hard mask."""
+    if mask.mode == "hard":
+        return None
+    module, local = holders[0]
+    plist = parametrization_list(module, local)
+    if position != 0 or not plist.is_tensor:
+        raise error(
+            f"harden {name!r}",
+            "a soft mask that is not the tensor's first constraint cannot fold its scale into "
+            "the stored weights (they feed the constraints before it).",
+            fix="pass fold=False to keep the weights unscaled, or put the LearnableMask first.",
+        )
+    original: Tensor = plist.original
+    return original
 
 
 def _top(values: Tensor, sparsity: float) -> Tensor:
