@@ -20,6 +20,7 @@ from maskparam import constraints, masks
 from maskparam._apply import Rules, apply_mask
 from maskparam._checkpoints import load_state_dict
 from maskparam._distributed import exclude_constants_from_ddp
+from maskparam._optimizer_state import load_optimizer_state_dict, optimizer_state_dict
 from maskparam._remove import remove_parametrizations
 from maskparam._selectors import Selector
 from maskparam._summary import Summary, TensorSummary, summary
@@ -51,9 +52,11 @@ __all__ = [
     "exclude_constants_from_ddp",
     "harden",
     "learned_masks",
+    "load_optimizer_state_dict",
     "load_state_dict",
     "mask_penalty",
     "masks",
+    "optimizer_state_dict",
     "remove_parametrizations",
     "summary",
     "verify",

@@ -1,0 +1,132 @@
+"""Optimizer checkpoints keyed by tensor names, so that they survive apply and bake.
+
+torch's ``Optimizer.state_dict`` maps state to parameters by *position*, and constraining a tensor
+moves it in ``parameters()`` (``fc.weight`` becomes ``fc.parametrizations.weight.original``, listed
+after the module's other parameters). A state saved before ``apply_mask`` and loaded after it, or
+saved constrained and loaded after baking, gives one tensor another's moments: an error where the
+shapes differ, silently where they agree. :func:`optimizer_state_dict` records the name of each
+position (the name a user sees: ``fc.weight`` whether constrained or not) and
+:func:`load_optimizer_state_dict` puts each state back on the tensor of that name.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from maskparam._tensors import find_tensors
+from maskparam.errors import error
+
+__all__ = ["load_optimizer_state_dict", "optimizer_state_dict"]
+
+_NAMES = "maskparam_param_names"
+
+
+def _names(model: nn.Module) -> dict[int, str]:
+    """id(Parameter) -> the name a user sees; a constraint's own parameters (θ, scores) by path."""
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    for ref in find_tensors(model):
+        if ref.is_parameter:
+            names[id(ref.storage)] = ref.name  # fc.weight, not fc.parametrizations.weight.original
+    return names
+
+
+def _group_names(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[list[str]]:
+    result = []
+    for group in optimizer.param_groups:
+        missing = [p for p in group["params"] if id(p) not in names]
+        if missing:
+            raise error(
+                f"{type(optimizer).__name__}",
+                f"holds {len(missing)} parameter(s) that are not in the model (shapes "
+                f"{[tuple(p.shape) for p in missing[:3]]}).",
+                fix="pass the model whose parameters the optimizer trains.",
+            )
+        result.append([names[id(p)] for p in group["params"]])
+    return result
+
+
+def optimizer_state_dict(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """``optimizer.state_dict()`` plus the name of every parameter position, for
+    :func:`load_optimizer_state_dict`. Save it with ``torch.save`` as usual.
+
+    >>> import torch, maskparam as mp
+    >>> model = torch.nn.Linear(3, 2)
+    >>> opt = torch.optim.Adam(model.parameters())
+    >>> model(torch.ones(1, 3)).sum().backward(); opt.step()
+    >>> saved = mp.optimizer_state_dict(opt, model)  # plain: order weight, bias
+    >>> _ = mp.apply_mask(model, {"weight": mp.Triangular()})  # now: bias, weight
+    >>> new = torch.optim.Adam(model.parameters())
+    >>> mp.load_optimizer_state_dict(new, model, saved)
+    >>> new.state[model.parametrizations.weight.original]["exp_avg"].shape
+    torch.Size([2, 3])
+    """
+    state = optimizer.state_dict()
+    state[_NAMES] = _group_names(optimizer, _names(model))
+    return state
+
+
+def load_optimizer_state_dict(
+    optimizer: torch.optim.Optimizer, model: nn.Module, state: Mapping[str, Any]
+) -> None:
+    """Load a state from :func:`optimizer_state_dict`, each parameter's state onto the tensor of
+    the same name, whatever the order of ``parameters()`` now (constrained, baked or plain).
+
+    Checked before anything is loaded: the same names in each group, and each state tensor of
+    its parameter's shape (a compact layout changes the shape: apply the same layout first).
+    """
+    if _NAMES not in state:
+        raise error(
+            f"load_optimizer_state_dict into {type(optimizer).__name__}",
+            "the state has no parameter names: it was saved with optimizer.state_dict(), which "
+            "maps by position, and positions change when a tensor is constrained or baked.",
+            fix="save it with mp.optimizer_state_dict(optimizer, model).",
+        )
+    saved_names: list[list[str]] = state[_NAMES]
+    current_names = _group_names(optimizer, _names(model))
+    if [sorted(g) for g in saved_names] != [sorted(g) for g in current_names]:
+        raise error(
+            f"load_optimizer_state_dict into {type(optimizer).__name__}",
+            "the saved parameter groups hold other tensors than this optimizer's.",
+            f"saved: {saved_names}",
+            f"here:  {current_names}",
+            fix="create the optimizer with the same parameter groups as the one that was saved.",
+        )
+    # Renumber the saved state so that position i holds the state of current_names[i].
+    saved_ids = [list(g["params"]) for g in state["param_groups"]]
+    by_name = {
+        name: pid
+        for names, ids in zip(saved_names, saved_ids, strict=True)
+        for name, pid in zip(names, ids, strict=True)
+    }
+    position = 0
+    new_state: dict[int, Any] = {}
+    groups = []
+    for group, saved_group, names in zip(
+        optimizer.param_groups, state["param_groups"], current_names, strict=True
+    ):
+        ids = []
+        for parameter, name in zip(group["params"], names, strict=True):
+            old = by_name[name]
+            if old in state["state"]:
+                _check_shapes(name, state["state"][old], parameter)
+                new_state[position] = copy.copy(state["state"][old])
+            ids.append(position)
+            position += 1
+        groups.append({**saved_group, "params": ids})
+    optimizer.load_state_dict({"state": new_state, "param_groups": groups})
+
+
+def _check_shapes(name: str, entry: Mapping[str, Any], parameter: Tensor) -> None:
+    for key, value in entry.items():
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape != parameter.shape:
+            raise error(
+                repr(name),
+                f"its saved optimizer state {key!r} has shape {tuple(value.shape)}, the parameter "
+                f"{tuple(parameter.shape)} (a compact layout stores only the free entries).",
+                fix="apply the same rules (same layout) as when the state was saved.",
+            )
