@@ -252,11 +252,27 @@ def _check_target(ref: TensorRef, selector: Selector, targets: dict[int, _Target
             "first); a constraint must see the whole tensor.",
             fix="apply_mask before fully_shard / parallelize_module, then shard.",
         )
-    if isinstance(ref.module, nn.RNNBase) and ref.local_name in ref.module._flat_weights_names:
+    for module, local in ref.holders:
+        if isinstance(module, nn.Embedding) and module.sparse and local == "weight":
+            raise error(
+                repr(ref.name),
+                "nn.Embedding(sparse=True) produces sparse gradients, which cannot flow through a "
+                "parametrization (it would fail at backward).",
+                fix="build the embedding with sparse=False (and a dense optimizer).",
+            )
+    rnn_slots = [
+        (module, local)
+        for module, local in ref.holders
+        if isinstance(module, nn.RNNBase) and local in module._flat_weights_names
+    ]
+    if rnn_slots:
+        module, local = rnn_slots[0]
         raise error(
             repr(ref.name),
-            f"{type(ref.module).__name__} reads its weights from _flat_weights, so a parametrized "
+            f"{type(module).__name__} reads its weights from _flat_weights, so a parametrized "
             "weight would be silently ignored (pytorch issue 65688).",
+            f"the tensor is {type(module).__name__}'s {local!r} (names: "
+            f"{', '.join(map(repr, ref.all_names))})",
             fix="leave RNN weights unconstrained, or build the RNN from nn.Linear cells.",
         )
 
@@ -338,6 +354,15 @@ def _register(built: list[tuple[_Target, list[Constraint]]]) -> None:
                 constraint.on_registered(ref.storage)
                 _watch_optimizers(ref, constraint, full_shapes[id(ref)])
             link_stack(ref.module, ref.local_name)
+        # Once per module, now that torch has injected its class: ours adds the __setattr__
+        # that lets `module.weight = nn.Parameter(w)` go through the constraint.
+        done: set[int] = set()
+        for target, _ in built:
+            for module, _local in target.ref.holders:
+                if id(module) not in done:
+                    give_own_class(module)
+                    refuse_pickling(module)
+                    done.add(id(module))
     except Exception:
         # Dense layouts store the tensor unchanged, so removing without baking restores each
         # original; a compact one gets its full values back.

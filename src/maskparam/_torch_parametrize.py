@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -77,7 +78,19 @@ def give_own_class(module: nn.Module) -> None:
         return
     cls = type(module)
     namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    namespace["__setattr__"] = _setattr
     module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
+def _setattr(self: nn.Module, name: str, value: object) -> None:
+    """``module.weight = nn.Parameter(w)`` on a constrained tensor: torch would raise a KeyError
+    ("attribute 'weight' already exists"); take the values like an assigned tensor instead (they
+    go through the constraint, and the stored Parameter object, which optimizers hold, stays)."""
+    if isinstance(value, nn.Parameter) and maskparam_constraints(self, name):
+        with torch.no_grad():
+            nn.Module.__setattr__(self, name, value.detach())
+        return
+    nn.Module.__setattr__(self, name, value)  # type: ignore[arg-type]  # torch checks it
 
 
 def refuse_pickling(module: nn.Module) -> None:

@@ -277,7 +277,7 @@ BAD = [
     ({"0.bias": mp.Subspace(21)}, r"dim=21 exceeds the 20 entries"),
     (
         {"*": mp.Subspace(100, max_dense_bytes=1000, group="g")},
-        r"(?s)needs 129,200 bytes.*projection='fastfood'",
+        r"(?s)takes about 387,600 bytes.*projection='fastfood'",
     ),
     (
         {"0.*": mp.Subspace(5, group="g"), "2.*": mp.Subspace(6, group="g")},

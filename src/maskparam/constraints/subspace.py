@@ -14,6 +14,7 @@ tensor selected with that group shares one θ: the "intrinsic dimension" setting
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -173,8 +174,8 @@ class Subspace(Spec):
     the order of the group's tensors, as ``parameters_to_vector`` orders them), used as given.
     Otherwise a random E from ``projection`` and ``seed``, with unit-norm columns over the group:
     ``"gaussian"`` (dense, D·dim floats), ``"sparse"`` (Li et al.'s very sparse ±1 projection) or
-    ``"fastfood"`` (O(D) memory, O(D log dim) time). A dense basis above ``max_dense_bytes``
-    is refused. ``group``: tensors selected with the same group name share one θ.
+    ``"fastfood"`` (O(D) memory, O(D log dim) time). A basis whose generation needs more than
+    ``max_dense_bytes`` beyond O(D) (any projection; the name is 0.1's) is refused. ``group``: tensors selected with the same group name share one θ.
     """
 
     dim: int
@@ -296,21 +297,21 @@ class Subspace(Spec):
             return self._user_blocks(subject, sizes, total, dtype)
         # One seed per member, so each tensor's block is independent and regenerates alone.
         seeds = [self.seed * 2**20 + i for i in range(len(sizes))]
+        needed = self._peak_bytes(sizes, total, dtype)
+        if needed > self.max_dense_bytes:
+            raise error(
+                subject,
+                f"generating a {self.projection} basis of {total:,} x {self.dim} takes about "
+                f"{needed:,} bytes at its peak (limit max_dense_bytes={self.max_dense_bytes:,}).",
+                fix=_LESS_MEMORY[self.projection] + ", or raise max_dense_bytes.",
+            )
         if self.projection == "gaussian":
-            needed = total * self.dim * torch.finfo(dtype).bits // 8
-            if needed > self.max_dense_bytes:
-                raise error(
-                    subject,
-                    f"a dense Gaussian basis of {total:,} x {self.dim} needs {needed:,} bytes "
-                    f"(limit max_dense_bytes={self.max_dense_bytes:,}).",
-                    fix="use projection='fastfood' (O(D) memory) or 'sparse', or raise max_dense_bytes.",
-                )
             return [
                 DenseProjection.gaussian(n, self.dim, s, dtype)
                 for n, s in zip(sizes, seeds, strict=True)
             ]
         if self.projection == "sparse":
-            density = 1 / max(total**0.5, 1.0)  # s = √D, as Li et al. use it
+            density = _sparse_density(total)
             return [
                 SparseProjection(n, self.dim, density, s, dtype)
                 for n, s in zip(sizes, seeds, strict=True)
@@ -318,6 +319,23 @@ class Subspace(Spec):
         return [
             FastfoodProjection(n, self.dim, s, dtype) for n, s in zip(sizes, seeds, strict=True)
         ]
+
+    def _peak_bytes(self, sizes: list[int], total: int, dtype: torch.dtype) -> int:
+        """The memory a random basis takes while it is generated beyond what grows with the
+        model (the largest temporaries of each generator, from their shapes)."""
+        element = torch.finfo(dtype).bits // 8
+        if self.projection == "gaussian":  # a float64 draw, then the cast
+            return total * self.dim * (8 + element)
+        if self.projection == "sparse":
+            # Per expected nonzero: the float64 uniforms, int64 gaps, positions and 2 indices,
+            # the signs; drawn with a 6-sigma margin.
+            nonzeros = total * self.dim * _sparse_density(total)
+            return int(nonzeros * (8 + 8 + 8 + 16 + element) * 1.1) + 4096
+        # Fastfood's per-entry buffers grow with the model, as its weights do, and are not
+        # counted; the column norms of a truncated last block need a (dim, L) float64 identity
+        # and its two transforms, which grow with dim * L.
+        length = 1 << max(self.dim - 1, 0).bit_length()
+        return 3 * self.dim * length * 8 if any(n % length for n in sizes) else 0
 
     def _user_blocks(
         self, subject: str, sizes: list[int], total: int, dtype: torch.dtype
@@ -342,3 +360,14 @@ class Subspace(Spec):
             DenseProjection(basis.detach()[start : start + size].contiguous())
             for start, size in zip(starts, sizes, strict=True)
         ]
+
+
+_LESS_MEMORY = {
+    "gaussian": "use projection='fastfood' (O(D) memory) or 'sparse'",
+    "sparse": "use projection='fastfood' (O(D) memory) or a smaller dim",
+    "fastfood": "use a smaller dim (the norms of a truncated last block need dim x L floats)",
+}
+
+
+def _sparse_density(total: int) -> float:
+    return 1.0 / max(math.sqrt(total), 1.0)  # s = √D, as Li et al. use it
