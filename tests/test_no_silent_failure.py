@@ -116,10 +116,6 @@ import maskparam as mp
 # Cases of issue 10 that are not fixed yet: expected to fail (strict), so a fix shows up at
 # once. Everything else in this file failed on 0.1 and passes now.
 OPEN = {
-    "test_crash07_meta_sparse_subspace_applies_or_refuses",
-    "test_crash07_meta_subspace_load_with_assign_works_or_refuses[fastfood]",
-    "test_crash07_meta_subspace_load_with_assign_works_or_refuses[gaussian]",
-    "test_helper03_fastfood_applied_under_meta_device_context_works_or_refuses",
     "test_item13_swa_over_learnable_mask_averages_effective_weights_or_refuses",
 }
 

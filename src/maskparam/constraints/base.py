@@ -79,9 +79,23 @@ class FixedTensors(nn.Module):
         """A fixed tensor's value on ``device`` when it holds none (after ``to_empty``)."""
         raise NotImplementedError
 
+    def materialize_like(self, tensor: Tensor) -> None:
+        """Regenerate fixed tensors left on the meta device onto ``tensor``'s device.
+
+        ``load_state_dict(assign=True)`` into a model built on meta replaces its parameters and
+        buffers but cannot reach fixed tensors (they are not state): they come back on first use.
+        """
+        if tensor.is_meta:
+            return
+        for name in self._fixed:
+            if getattr(self, name).is_meta:
+                object.__setattr__(self, name, self.regenerate(name, tensor.device))
+
     def check_loaded(self, name: str, loaded: Tensor) -> str | None:
         """Why a persistent fixed tensor's checkpoint value cannot load, or None. Default: equal."""
         current: Tensor = getattr(self, name)
+        if current.is_meta:
+            current = self.regenerate(name, torch.device("cpu"))
         if loaded.shape != current.shape or not torch.equal(loaded.cpu(), current.cpu()):
             return (
                 f"the checkpoint's {name!r} is {_short(loaded)}, this model's {_short(current)}: "

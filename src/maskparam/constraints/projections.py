@@ -53,13 +53,27 @@ class BasisProjection(FixedTensors):
         """The seeded tensors, freshly drawn on the CPU (empty for a given matrix)."""
         return {}
 
+    rows: int
+
     def _install(self, tensors: dict[str, Tensor]) -> None:
         for name, value in tensors.items():
             self.set_fixed(name, value)
 
     @override
     def regenerate(self, name: str, device: torch.device) -> Tensor:
-        return self.generate()[name].to(device)
+        with torch.device("cpu"):  # drawn on the CPU even under a `torch.device("meta")` context
+            return self.generate()[name].to(device)
+
+    @override
+    def forward(self, theta: Tensor) -> Tensor:
+        if theta.is_meta:  # shapes only (registration on a meta model evaluates once)
+            return theta.new_empty(self.rows)
+        self.materialize_like(theta)
+        return self.project(theta)
+
+    def project(self, theta: Tensor) -> Tensor:
+        """``E @ θ`` as a flat vector of ``rows`` entries."""
+        raise NotImplementedError
 
 
 def hadamard(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -118,6 +132,7 @@ class DenseProjection(BasisProjection):
     def __init__(self, matrix: Tensor, *, seed: int | None = None) -> None:
         super().__init__()
         self.seed = seed
+        self.rows = matrix.shape[0]
         # A seeded Gaussian regenerates bit for bit: no need to store D·d floats in checkpoints.
         # A basis of the user's own is state like any buffer.
         if seed is None:
@@ -137,7 +152,7 @@ class DenseProjection(BasisProjection):
         return {"matrix": _gaussian(rows, dim, self.seed, self.matrix.dtype)}
 
     @override
-    def forward(self, theta: Tensor) -> Tensor:
+    def project(self, theta: Tensor) -> Tensor:
         return self.matrix @ theta.to(self.matrix.dtype)
 
     @override
@@ -180,7 +195,7 @@ class SparseProjection(BasisProjection):
         return {"matrix": matrix}
 
     @override
-    def forward(self, theta: Tensor) -> Tensor:
+    def project(self, theta: Tensor) -> Tensor:
         product: Tensor = torch.sparse.mm(self.matrix, theta.to(self.dtype).unsqueeze(1))
         return product.squeeze(1)
 
@@ -224,7 +239,7 @@ class FastfoodProjection(BasisProjection):
         }
 
     @override
-    def forward(self, theta: Tensor) -> Tensor:
+    def project(self, theta: Tensor) -> Tensor:
         padded = nn.functional.pad(theta.to(self.dtype), (0, self.length - self.dim))
         factors = (self.hadamard_left, self.hadamard_right)
         x = fwht(self.signs * padded, factors)  # (blocks, L): every block sees the same θ

@@ -75,6 +75,7 @@ class SubspaceCoordinates(FixedTensors):
 
     def scaled(self) -> Tensor:
         """θ with the basis' column scaling folded in: E·scaled() has unit-norm columns."""
+        self.materialize_like(self.theta)
         scaled: Tensor = self.theta * self.inv_norm.to(self.theta.dtype)
         return scaled
 
@@ -99,7 +100,7 @@ class SubspaceCoordinates(FixedTensors):
                 "made with another projection, dim or set of tensors, so its θ means another "
                 "subspace"
             )
-        return super().check_loaded(name, loaded) if name != "inv_norm" else None
+        return None  # the seed matched; inv_norm was compared above
 
 
 class SubspaceShift(Constraint):
@@ -269,15 +270,16 @@ class Subspace(Spec):
                     f"{tensor.device}.",
                     fix="cast the model to one dtype and device first, or use one group per dtype.",
                 )
-        projections = self._projections(subject, sizes, total, dtype)
-        if self.basis is None:
-            norms = sum(
-                (p.column_sq_norms() for p in projections),
-                torch.zeros(self.dim, dtype=torch.float64),
-            )
-            inv_norm = norms.rsqrt().to(dtype)
-        else:
-            inv_norm = torch.ones(self.dim, dtype=dtype)  # the user's basis is used as given
+        with torch.device("cpu"):  # drawn on the CPU, even under a `torch.device("meta")` context
+            projections = self._projections(subject, sizes, total, dtype)
+            if self.basis is None:
+                norms = sum(
+                    (p.column_sq_norms() for p in projections),
+                    torch.zeros(self.dim, dtype=torch.float64),
+                )
+                inv_norm = norms.rsqrt().to(dtype)
+            else:
+                inv_norm = torch.ones(self.dim, dtype=dtype)  # the user's basis: used as given
         coordinates = SubspaceCoordinates(
             self.dim, dtype, inv_norm, self.seed, label, self.group, device
         )
