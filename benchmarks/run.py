@@ -17,6 +17,7 @@ from pathlib import Path
 import alternatives
 import inference
 import kernels
+import lifecycle
 import memory
 import plots
 import subspace
@@ -46,6 +47,7 @@ def main(argv: list[str]) -> int:
         "alternatives": ("maskparam against the alternatives", alternatives.run(rounds=rounds)),
         "inference": ("Inference", inference.run(rounds=rounds)),
         "memory": ("Peak memory", memory.run()),
+        "lifecycle": ("Apply and remove at scale (seconds, one run)", lifecycle.run()),
         "subspace": (
             "Subspace training cost",
             subspace.run(rounds=rounds, plot=RESULTS / "subspace_cost.png"),
