@@ -17,6 +17,7 @@ to write your own). Modules whose names start with ``_`` are internal.
 from __future__ import annotations
 
 from maskparam import constraints, masks
+from maskparam._accessors import frozen_entries, kept_entries, subspace_theta
 from maskparam._apply import Rules, apply_mask
 from maskparam._checkpoints import load_state_dict
 from maskparam._distributed import exclude_constants_from_ddp
@@ -50,7 +51,9 @@ __all__ = [
     "apply_mask",
     "constraints",
     "exclude_constants_from_ddp",
+    "frozen_entries",
     "harden",
+    "kept_entries",
     "learned_masks",
     "load_optimizer_state_dict",
     "load_state_dict",
@@ -58,6 +61,7 @@ __all__ = [
     "masks",
     "optimizer_state_dict",
     "remove_parametrizations",
+    "subspace_theta",
     "summary",
     "verify",
 ]

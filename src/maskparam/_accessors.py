@@ -1,0 +1,118 @@
+"""Read what constrains a tensor without reaching into ``parametrizations.weight[0]``.
+
+All three read the constraints' invariants (:class:`~maskparam.Pins`), so they work for every
+constraint, layout and stack, and for constraints of your own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from maskparam._tensors import TensorRef, find_tensors
+from maskparam._torch_parametrize import parametrization_list
+from maskparam.constraints.base import Constraint
+from maskparam.constraints.subspace import SubspaceShift
+from maskparam.errors import error
+
+__all__ = ["frozen_entries", "kept_entries", "subspace_theta"]
+
+
+def _ref(model: nn.Module, name: str, caller: str) -> TensorRef:
+    refs = [ref for ref in find_tensors(model) if name in ref.all_names]
+    if not refs or not refs[0].has_constraint:
+        constrained = [ref.name for ref in find_tensors(model) if ref.has_constraint]
+        raise error(
+            f"{caller}({name!r})",
+            "no tensor of this name is constrained by maskparam."
+            if refs
+            else "the model has no tensor of this name.",
+            f"constrained tensors: {constrained[:8]}{' ...' if len(constrained) > 8 else ''}",
+            fix="pass the name a user sees, e.g. 'fc.weight'.",
+        )
+    return refs[0]
+
+
+def _pins(ref: TensorRef) -> list[tuple[Tensor, Tensor, bool]]:
+    """(entries, values, captured) of every constraint on the tensor, in stack order."""
+    result = []
+    value = ref.storage
+    with torch.no_grad():
+        for parametrization in parametrization_list(ref.module, ref.local_name):
+            if isinstance(parametrization, Constraint):
+                pins = parametrization.pins(value)
+                if pins is not None:
+                    result.append((pins.entries, pins.values, pins.captured))
+            value = parametrization(value)
+    return result
+
+
+def kept_entries(model: nn.Module, name: str) -> Tensor:
+    """The entries of tensor ``name`` that no constraint forces to zero (a bool tensor).
+
+    For a ``Mask`` this is the mask; for a learnable mask the current hard mask; for a triangle
+    the triangle; combined over a stack.
+
+    >>> import torch, maskparam as mp
+    >>> layer = mp.apply_mask(torch.nn.Linear(3, 2), {"weight": mp.Mask(mp.masks.rows([1]))})
+    >>> mp.kept_entries(layer, "weight")
+    tensor([[False, False, False],
+            [ True,  True,  True]])
+    """
+    ref = _ref(model, name, "kept_entries")
+    shape = getattr(ref.module, ref.local_name).shape
+    kept = torch.ones(shape, dtype=torch.bool, device=ref.storage.device)
+    for entries, values, captured in _pins(ref):
+        if not captured:
+            zero = entries.expand(shape) & (values.expand(shape) == 0)
+            kept &= ~zero.to(kept.device)
+    return kept
+
+
+def frozen_entries(model: nn.Module, name: str) -> tuple[Tensor, Tensor]:
+    """``(frozen, values)``: which entries of tensor ``name`` are frozen, and their values.
+
+    ``values`` holds the frozen values at frozen entries and 0 elsewhere.
+
+    >>> import torch, maskparam as mp
+    >>> layer = mp.apply_mask(torch.nn.Linear(3, 2), {"weight": mp.Freeze(dim=0, index=[0])})
+    >>> frozen, values = mp.frozen_entries(layer, "weight")
+    >>> frozen.sum().item(), torch.equal(values[0], layer.weight[0].detach())
+    (3, True)
+    """
+    ref = _ref(model, name, "frozen_entries")
+    effective: Tensor = getattr(ref.module, ref.local_name).detach()
+    frozen = torch.zeros(effective.shape, dtype=torch.bool, device=effective.device)
+    for entries, _values, captured in _pins(ref):
+        if captured:
+            frozen |= entries.expand(effective.shape).to(frozen.device)
+    return frozen, torch.where(frozen, effective, torch.zeros((), dtype=effective.dtype))
+
+
+def subspace_theta(model: nn.Module, name: str) -> nn.Parameter:
+    """The trainable θ of a subspace, by group name or by the name of one of its tensors.
+
+    >>> import torch, maskparam as mp
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    >>> _ = mp.apply_mask(model, {"*": mp.Subspace(3, group="all")})
+    >>> mp.subspace_theta(model, "all").shape, mp.subspace_theta(model, "1.bias").shape
+    (torch.Size([3]), torch.Size([3]))
+    """
+    groups: dict[str, nn.Parameter] = {}
+    for ref in find_tensors(model):
+        for parametrization in (
+            parametrization_list(ref.module, ref.local_name) if ref.is_parametrized else []
+        ):
+            if isinstance(parametrization, SubspaceShift):
+                theta = parametrization.coordinates.theta
+                groups.setdefault(parametrization.coordinates.label, theta)
+                for alias in ref.all_names:
+                    groups.setdefault(alias, theta)
+    if name not in groups:
+        raise error(
+            f"subspace_theta({name!r})",
+            "no subspace group or subspace tensor of this name.",
+            f"known: {sorted(groups)[:8]}",
+            fix="pass a group name (Subspace(..., group=...)) or a constrained tensor's name.",
+        )
+    return groups[name]
