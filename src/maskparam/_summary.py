@@ -14,6 +14,7 @@ from torch import nn
 from maskparam._tables import text_table
 from maskparam._tensors import find_tensors
 from maskparam._torch_parametrize import maskparam_constraints
+from maskparam.constraints.subspace import SubspaceShift
 
 __all__ = ["Summary", "TensorSummary", "summary"]
 
@@ -26,6 +27,8 @@ class TensorSummary:
     constraint: str
     free: int
     total: int
+    #: What trains this tensor when its own entries do not: e.g. "θ of 'all' (12)".
+    trained_through: str = ""
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,13 @@ class Summary:
     def __str__(self) -> str:
         header = ("tensor", "constraint", "free", "total", "free %")
         rows = [
-            (t.name, t.constraint, f"{t.free:,}", f"{t.total:,}", _percent(t.free, t.total))
+            (
+                t.name,
+                t.constraint,
+                t.trained_through or f"{t.free:,}",
+                f"{t.total:,}",
+                "-" if t.trained_through else _percent(t.free, t.total),
+            )
             for t in self.tensors
         ]
         # Names and constraints align left, numbers right.
@@ -80,9 +89,13 @@ def summary(model: nn.Module) -> Summary:
             for parametrization in ours:
                 free = parametrization.free_entries(free)
             n_free, numel = int(free.sum()), free.numel()
-            rows.append(
-                TensorSummary(ref.name, " + ".join(p.describe() for p in ours), n_free, numel)
-            )
+            through = [
+                f"θ of {p.coordinates.label!r} ({p.coordinates.theta.numel():,})"
+                for p in ours
+                if isinstance(p, SubspaceShift)
+            ]
+            description = " + ".join(p.describe() for p in ours)
+            rows.append(TensorSummary(ref.name, description, n_free, numel, ", ".join(through)))
             # Coordinates that the constraints themselves train (a learnable mask's scores).
             extra = sum(q.numel() for p in ours for q in p.parameters() if q.requires_grad)
             trainable += extra

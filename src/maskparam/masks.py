@@ -53,6 +53,10 @@ class MaskGenerator:
     def __call__(self, tensor: Tensor) -> Tensor:
         return self.build(tensor, subject="tensor")
 
+    def describe(self) -> str:
+        """What the generator selects, in words (``Mask(keeps ...)``, ``Freeze(freezes ...)``)."""
+        return type(self).__name__
+
 
 MaskSource: TypeAlias = Tensor | Callable[[Tensor], Tensor] | MaskGenerator
 """A bool or 0/1 tensor, a callable of the tensor that returns one, or a generator from here."""
@@ -84,6 +88,10 @@ class RandomMask(MaskGenerator):
             )
 
     @override
+    def describe(self) -> str:
+        return f"a random {100 * self.density:g}% (seed {self.seed})"
+
+    @override
     def build(self, tensor: Tensor, subject: str) -> Tensor:
         del subject  # every density in [0, 1] fits every tensor
         numel = tensor.numel()
@@ -104,6 +112,10 @@ class MagnitudeMask(MaskGenerator):
 
     def __post_init__(self) -> None:
         check_fraction(self.sparsity, "sparsity")
+
+    @override
+    def describe(self) -> str:
+        return f"the {100 * (1 - self.sparsity):g}% largest |w|"
 
     @override
     def build(self, tensor: Tensor, subject: str) -> Tensor:
@@ -162,6 +174,11 @@ class SliceMask(MaskGenerator):
 
     dim: int
     index: tuple[int, ...]
+
+    @override
+    def describe(self) -> str:
+        shown = ", ".join(map(str, self.index[:6])) + (", ..." if len(self.index) > 6 else "")
+        return f"slices [{shown}] along dim {self.dim}"
 
     @override
     def build(self, tensor: Tensor, subject: str) -> Tensor:
@@ -238,6 +255,15 @@ def columns(index: IndexLike) -> SliceMask:
 def filters(index: IndexLike) -> SliceMask:
     """Select conv filters (output channels: slices along dim 0 of a conv weight)."""
     return slices(0, index)
+
+
+def describe_source(source: object) -> str:
+    """A mask source in words, for summaries: what it *selects*."""
+    if isinstance(source, MaskGenerator):
+        return source.describe()
+    if isinstance(source, Tensor):
+        return "the given entries"
+    return f"what {getattr(source, '__name__', type(source).__name__)}(tensor) selected"
 
 
 def resolve(source: MaskSource, tensor: Tensor, subject: str) -> Tensor:

@@ -32,7 +32,7 @@ def test_stacked_specs_apply_in_order():
     assert torch.equal(layer.weight, before.tril())
     assert len(layer.parametrizations.weight) == 2
     row = mp.summary(layer).tensors[0]
-    assert row.constraint == "Triangular(lower, diagonal=0) + Freeze(mask)"
+    assert row.constraint == "Triangular(lower, diagonal=0) + Freeze(freezes the given entries)"
     assert row.free == 10 - 2
 
 

@@ -47,3 +47,17 @@ def test_free_entries_of_a_frozen_parameter_are_zero():
     layer.weight.requires_grad_(False)
     mp.apply_mask(layer, {"weight": mp.Mask(torch.ones(3, 3))})
     assert mp.summary(layer).tensors[0].free == 0
+
+
+def test_summary_says_what_a_generator_selects_and_what_trains_a_subspace():
+    model = nn.Sequential(nn.Conv2d(3, 10, 3), nn.Linear(4, 4), nn.Linear(4, 2))
+    mp.apply_mask(model, {
+        "0.weight": mp.Mask(mp.masks.filters([5, 6, 7, 8, 9])),
+        "1.weight": mp.Freeze(mp.masks.magnitude(0.9)),
+        "2.*": mp.Subspace(3, group="head"),
+    })  # fmt: skip
+    rows = {t.name: t for t in mp.summary(model).tensors}
+    assert rows["0.weight"].constraint == "Mask(keeps slices [5, 6, 7, 8, 9] along dim 0)"
+    assert rows["1.weight"].constraint == "Freeze(freezes the 10% largest |w|)"
+    assert rows["2.weight"].trained_through == "θ of 'head' (3)"
+    assert "θ of 'head' (3)" in str(mp.summary(model))

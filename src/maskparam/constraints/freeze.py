@@ -85,7 +85,9 @@ class Freeze(Spec):
             check_compact_possible(subject, value)
             frozen = self._frozen(value, subject)
             fill = torch.where(frozen, value, torch.zeros((), dtype=value.dtype))
-            return CompactScatter(~frozen, value.shape, fill, "Freeze(compact)")
+            return CompactScatter(
+                ~frozen, value.shape, fill, f"Freeze(freezes {self._what()}, compact)"
+            )
         if self.dim is not None and self.index is not None:
             self._frozen(value, subject)  # validates dim and index
             dim = self.dim % value.dim()
@@ -95,7 +97,12 @@ class Freeze(Spec):
         frozen = self._frozen(value, subject)
         # where(), not a multiply: a non-finite value at a free entry must not leak into the rest.
         frozen_values = torch.where(frozen, value, torch.zeros((), dtype=value.dtype))
-        return FreezeEntries(~frozen, frozen_values)
+        return FreezeEntries(~frozen, frozen_values, description=f"Freeze(freezes {self._what()})")
+
+    def _what(self) -> str:
+        if self.dim is not None and self.index is not None:
+            return masks.slices(self.dim, self.index).describe()
+        return masks.describe_source(self.mask)
 
 
 class FreezeEntries(Constraint):
@@ -108,8 +115,11 @@ class FreezeEntries(Constraint):
     keep: Tensor
     frozen_values: Tensor
 
-    def __init__(self, keep: Tensor, frozen_values: Tensor) -> None:
+    def __init__(
+        self, keep: Tensor, frozen_values: Tensor, *, description: str = "Freeze(mask)"
+    ) -> None:
         super().__init__()
+        self.description = description
         self.register_buffer("keep", keep.to(torch.uint8).contiguous())
         self.register_buffer("frozen_values", frozen_values.contiguous())
 
@@ -150,7 +160,7 @@ class FreezeEntries(Constraint):
 
     @override
     def describe(self) -> str:
-        return "Freeze(mask)"
+        return self.description
 
 
 class FreezeSlices(Constraint):

@@ -215,7 +215,8 @@ def harden(
         if target is not None:
             with torch.no_grad():  # kept entries become w * m: exactly the product computed before
                 target.copy_(torch.where(keep, target * mask.mask_values(), target))
-        fixed = MaskMultiply(keep)  # one object on every holder: a tied tensor stays tied
+        # One object on every holder: a tied tensor stays tied.
+        fixed = MaskMultiply(keep, description="Mask(keeps the hardened learnable mask)")
         for module, local in holders:
             parametrization_list(module, local)[position] = fixed
             link_stack(module, local)

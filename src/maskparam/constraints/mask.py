@@ -53,10 +53,11 @@ class Mask(Spec):
     @override
     def build(self, name: str, tensor: Tensor) -> Constraint:
         kept = masks.resolve(self.mask, tensor, f"Mask for {name!r}")
+        keeps = masks.describe_source(self.mask)
         if self.layout == "compact":
             check_compact_possible(f"Mask for {name!r}", tensor)
-            return CompactScatter(kept, tensor.shape, None, "Mask(compact)")
-        return MaskMultiply(kept)
+            return CompactScatter(kept, tensor.shape, None, f"Mask(keeps {keeps}, compact)")
+        return MaskMultiply(kept, description=f"Mask(keeps {keeps})")
 
 
 class MaskMultiply(Constraint):
@@ -65,8 +66,9 @@ class MaskMultiply(Constraint):
 
     mask: Tensor
 
-    def __init__(self, mask: Tensor) -> None:
+    def __init__(self, mask: Tensor, *, description: str = "Mask") -> None:
         super().__init__()
+        self.description = description
         self.register_buffer("mask", mask.to(torch.uint8).contiguous())
 
     @override
@@ -86,4 +88,4 @@ class MaskMultiply(Constraint):
 
     @override
     def describe(self) -> str:
-        return "Mask"
+        return self.description
