@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from maskparam import constraints, masks
 from maskparam._accessors import frozen_entries, kept_entries, subspace_theta
-from maskparam._apply import Rules, apply_mask
+from maskparam._apply import Preview, Rules, apply_mask, preview
 from maskparam._checkpoints import load_state_dict
 from maskparam._distributed import exclude_constants_from_ddp
 from maskparam._optimizer_state import load_optimizer_state_dict, optimizer_state_dict
@@ -41,6 +41,7 @@ __all__ = [
     "Mask",
     "MaskparamError",
     "Pins",
+    "Preview",
     "Rules",
     "Selector",
     "Spec",
@@ -60,6 +61,7 @@ __all__ = [
     "mask_penalty",
     "masks",
     "optimizer_state_dict",
+    "preview",
     "remove_parametrizations",
     "subspace_theta",
     "summary",

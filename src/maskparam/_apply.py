@@ -24,6 +24,7 @@ from maskparam import _optimizer_guard
 from maskparam._load_guard import guard_loads
 from maskparam._remove import remove_constraints
 from maskparam._selectors import Selector, check_selector, describe, is_exact_name, matches
+from maskparam._tables import text_table
 from maskparam._tensors import TensorRef, find_tensors
 from maskparam._torch_parametrize import (
     give_own_class,
@@ -35,7 +36,7 @@ from maskparam._torch_parametrize import (
 from maskparam.constraints.base import Constraint, Spec
 from maskparam.errors import MaskparamError, error
 
-__all__ = ["ModuleT", "Rules", "apply_mask"]
+__all__ = ["ModuleT", "Preview", "Rules", "apply_mask", "preview"]
 
 Rules: TypeAlias = Mapping[Selector, Spec | Sequence[Spec]]
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
@@ -98,7 +99,13 @@ def _spec_list(selector: Selector, specs: object) -> list[Spec]:
     return spec_list  # type: ignore[return-value]  # checked just above
 
 
-def _plan(model: nn.Module, rules: Rules, *, strict: bool) -> list[_Target]:
+def _plan(
+    model: nn.Module,
+    rules: Rules,
+    *,
+    strict: bool,
+    passed_over: list[tuple[Selector, str, str]] | None = None,
+) -> list[_Target]:
     if not isinstance(rules, Mapping):
         raise error(
             "apply_mask",
@@ -135,6 +142,11 @@ def _plan(model: nn.Module, rules: Rules, *, strict: bool) -> list[_Target]:
             if ref.unconstrainable is None
             and (is_exact_name(selector) or _is_predicate(selector) or ref.not_a_weight is None)
         ]
+        if passed_over is not None:
+            for ref in selected:
+                if ref not in trainable:
+                    reason = ref.unconstrainable or ref.not_a_weight or ""
+                    passed_over.append((selector, ref.name, reason))
         if is_exact_name(selector) and len(trainable) < len(selected):
             ref = selected[0]
             raise error(
@@ -384,3 +396,51 @@ def _watch_optimizers(ref: TensorRef, constraint: Constraint, full_shape: torch.
         _optimizer_guard.watch_added_parameters(ref.storage, ref.name, added)
     if constraint.reshapes_original:
         _optimizer_guard.watch_reshaped(ref.storage, ref.name, full_shape)
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What :func:`preview` found: the tensors each rule would constrain, and those it passes over.
+
+    ``selected``: (tensor name, rule, specs) per tensor; ``passed_over``: (rule, tensor name, why).
+    ``str(preview)`` is a readable table.
+    """
+
+    selected: tuple[tuple[str, str, str], ...]
+    passed_over: tuple[tuple[str, str, str], ...]
+
+    def __str__(self) -> str:
+        lines = [text_table(("tensor", "rule", "specs"), self.selected, left=3)]
+        if self.passed_over:
+            lines += ["", "passed over:"]
+            lines.append(text_table(("rule", "tensor", "why"), self.passed_over, left=3))
+        return "\n".join(lines)
+
+
+def preview(model: nn.Module, rules: Rules, *, strict: bool = True) -> Preview:
+    """A dry run of :func:`apply_mask`: the same checks (each spec is built, not registered),
+    nothing changed. Says which tensors each rule would constrain and which it passes over, and why.
+
+    >>> import torch, maskparam as mp
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    >>> found = mp.preview(model, {"1.*": mp.Mask(mp.masks.random(0.5))})
+    >>> [name for name, _, _ in found.selected]
+    ['1.weight', '1.bias']
+    >>> [(name, why.split(":")[0]) for _, name, why in found.passed_over][-1]
+    ('1.num_batches_tracked', 'has dtype torch.int64; only floating-point and complex tensors can be constrained')
+    """
+    if not isinstance(model, nn.Module):
+        raise error(
+            "preview",
+            f"the model must be a torch.nn.Module; got a {type(model).__name__}.",
+            fix="pass the model itself, e.g. preview(model, rules).",
+        )
+    skipped: list[tuple[Selector, str, str]] = []
+    targets = _plan(model, rules, strict=strict, passed_over=skipped)
+    _build(targets)  # the specs' own checks (shapes, dtypes, memory); nothing is registered
+    selected = tuple(
+        (t.ref.name, describe(t.selector), " + ".join(repr(spec) for spec in t.specs))
+        for t in targets
+    )
+    passed = tuple((describe(sel), name, why) for sel, name, why in skipped)
+    return Preview(selected, passed)

@@ -154,3 +154,24 @@ def test_a_registration_failure_rolls_back_what_was_registered(tiny, snapshot, l
         )
     before.assert_same(tiny)
     assert not hasattr(tiny.fc1, "parametrizations")
+
+
+def test_preview_reports_selected_and_passed_over_and_changes_nothing(snapshot):
+    class WithBuffers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.frozen = nn.Linear(3, 3).requires_grad_(False)
+            self.register_buffer("inv_freq", torch.ones(2), persistent=False)
+
+    model = WithBuffers()
+    before = snapshot(model)
+    found = mp.preview(model, {"*.weight": mp.Triangular(), "inv_freq": mp.Mask(torch.ones(2))})
+    assert [name for name, _, _ in found.selected] == ["fc.weight", "inv_freq"]
+    assert ("'*.weight'", "frozen.weight", "is a frozen parameter (requires_grad=False)") in (
+        found.passed_over
+    )
+    assert "passed over:" in str(found)
+    before.assert_same(model)
+    with pytest.raises(mp.MaskparamError, match="needs a matrix"):  # the specs' checks run too
+        mp.preview(model, {"fc.bias": mp.Triangular()})
