@@ -4,8 +4,10 @@ untouched, and the check that a trained model's constraints still hold."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,10 @@ from hypothesis import settings
 from torch import Tensor, nn
 
 import maskparam as mp
+
+# Shared, non-test modules of the suite (torch_optimizers.py) import by name; pytest's importlib
+# mode does not put this folder on sys.path by itself.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 settings.register_profile("default", deadline=None, max_examples=60)
 settings.register_profile("ci", deadline=None, max_examples=150, derandomize=True)

@@ -9,7 +9,6 @@ needs one is a sign that a constraint's invariant is missing something.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch_optimizers import OPTIMIZERS, uncovered
 
 import maskparam as mp
 
@@ -79,63 +79,11 @@ def _assert_holds(model: nn.Module) -> None:
 # --- optimizers x dtypes --------------------------------------------------------------------------
 
 
-class _Pair(torch.optim.Optimizer):
-    """Two optimizers stepped as one (Muon takes matrices only; the usual recipe adds AdamW)."""
-
-    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
-        self.optimizers = optimizers
-        params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
-        super().__init__(params, {})
-
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        loss = closure() if closure is not None else None
-        for optimizer in self.optimizers:
-            optimizer.step()
-        return loss
-
-
-def _muon(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    matrices = [p for p in params if p.dim() == 2]
-    others = [p for p in params if p.dim() != 2]
-    if not matrices:
-        return torch.optim.AdamW(others, lr=0.05)
-    return _Pair(torch.optim.Muon(matrices, lr=0.05), torch.optim.AdamW(others, lr=0.05))
-
-
-OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
-    "SGD": lambda p: torch.optim.SGD(p, lr=0.1),
-    "SGD-nesterov-wd": lambda p: torch.optim.SGD(
-        p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1
-    ),
-    "Adam": lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.1),
-    "Adam-amsgrad": lambda p: torch.optim.Adam(p, lr=0.05, amsgrad=True),
-    "AdamW": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.5),
-    "AdamW-fused": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.5, fused=True),
-    "RMSprop": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9, weight_decay=0.1),
-    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1, weight_decay=0.1),
-    "Adadelta": lambda p: torch.optim.Adadelta(p, lr=1.0, weight_decay=0.1),
-    "Adamax": lambda p: torch.optim.Adamax(p, lr=0.05, weight_decay=0.1),
-    "NAdam": lambda p: torch.optim.NAdam(p, lr=0.05, weight_decay=0.1, decoupled_weight_decay=True),
-    "RAdam": lambda p: torch.optim.RAdam(p, lr=0.05, weight_decay=0.1, decoupled_weight_decay=True),
-    "ASGD": lambda p: torch.optim.ASGD(p, lr=0.05, weight_decay=0.1),
-    "Rprop": lambda p: torch.optim.Rprop(p, lr=0.01),
-    "LBFGS": lambda p: torch.optim.LBFGS(p, lr=0.5, max_iter=4),
-    "Adafactor": lambda p: torch.optim.Adafactor(p, lr=0.05, weight_decay=0.1),
-    "Muon": _muon,
-}
-# SparseAdam needs sparse gradients; a parametrized tensor's gradient is dense.
-NOT_APPLICABLE = {"SparseAdam"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def test_every_torch_optimizer_is_in_the_matrix():
-    in_torch = {
-        name
-        for name, cls in vars(torch.optim).items()
-        if inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)
-    } - {"Optimizer"}
-    covered = {name.split("-")[0] for name in OPTIMIZERS} | NOT_APPLICABLE
-    assert in_torch <= covered, f"add to OPTIMIZERS: {sorted(in_torch - covered)}"
+    assert not uncovered(), f"add to tests/torch_optimizers.py: {sorted(uncovered())}"
 
 
 def _applicable(case: str, optimizer: str, dtype: str) -> str | None:

@@ -36,24 +36,6 @@ def test_mask_gradient_is_exactly_zero_where_masked(
     assert torch.equal(grad[kept], upstream[kept])
 
 
-def test_per_sample_gradients_are_exactly_zero_at_masked_entries():
-    # torch.func.vmap over functional_call: every sample's gradient is zero where masked.
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5))})
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    buffers = dict(model.named_buffers())
-    x, y = torch.randn(5, 6), torch.randn(5, 3)
-
-    def loss(params, xi, yi):
-        out = torch.func.functional_call(model, (params, buffers), (xi.unsqueeze(0),))
-        return (out - yi).square().sum()
-
-    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
-    kept = model[0].parametrizations.weight[0].mask.bool()
-    grads = per_sample["0.parametrizations.weight.original"]
-    assert torch.equal(grads[:, ~kept], torch.zeros(5, int((~kept).sum())))
-
-
 def test_a_per_row_mask_zeroes_whole_rows_with_one_byte_per_row():
     layer = nn.Linear(5, 4)
     mp.apply_mask(layer, {"weight": mp.Mask(mp.masks.rows([1, 2]))})

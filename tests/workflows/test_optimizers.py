@@ -6,81 +6,18 @@ created before apply_mask that would silently misbehave is refused with the fix
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from typing import Any
-
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from torch_optimizers import OPTIMIZERS, uncovered
 
 import maskparam as mp
 
-Factory = Callable[[list[Any]], torch.optim.Optimizer]
-
-
-def _muon(params: list[Any]) -> torch.optim.Optimizer:
-    # Muon only takes matrices: the usual recipe gives the rest to AdamW.
-    matrices = [p for p in params if p.dim() == 2]
-    others = [p for p in params if p.dim() != 2]
-    return _Both(torch.optim.Muon(matrices, lr=0.05), torch.optim.AdamW(others, lr=0.05))
-
-
-class _Both(torch.optim.Optimizer):
-    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
-        self.optimizers = optimizers
-        super().__init__([p for o in optimizers for g in o.param_groups for p in g["params"]], {})
-
-    def step(self, closure: Any = None) -> Any:
-        loss = closure() if closure is not None else None
-        for optimizer in self.optimizers:
-            optimizer.step()
-        return loss
-
-
-OPTIMIZERS: dict[str, Factory] = {
-    "SGD": lambda p: torch.optim.SGD(p, lr=0.1),
-    "SGD-momentum-nesterov-wd": lambda p: torch.optim.SGD(
-        p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1
-    ),
-    "Adam-wd": lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.1),
-    "Adam-amsgrad": lambda p: torch.optim.Adam(p, lr=0.05, amsgrad=True),
-    "AdamW": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.5),
-    "RMSprop-momentum-wd": lambda p: torch.optim.RMSprop(
-        p, lr=0.01, momentum=0.9, weight_decay=0.1
-    ),
-    "Adagrad-wd": lambda p: torch.optim.Adagrad(p, lr=0.1, weight_decay=0.1),
-    "Adadelta-wd": lambda p: torch.optim.Adadelta(p, lr=1.0, weight_decay=0.1),
-    "Adamax-wd": lambda p: torch.optim.Adamax(p, lr=0.05, weight_decay=0.1),
-    "NAdam-decoupled-wd": lambda p: torch.optim.NAdam(
-        p, lr=0.05, weight_decay=0.1, decoupled_weight_decay=True
-    ),
-    "RAdam-decoupled-wd": lambda p: torch.optim.RAdam(
-        p, lr=0.05, weight_decay=0.1, decoupled_weight_decay=True
-    ),
-    "ASGD-wd": lambda p: torch.optim.ASGD(p, lr=0.05, weight_decay=0.1),
-    "Rprop": lambda p: torch.optim.Rprop(p, lr=0.01),
-    "LBFGS": lambda p: torch.optim.LBFGS(p, lr=0.5, max_iter=4),
-    "Adafactor-wd": lambda p: torch.optim.Adafactor(p, lr=0.05, weight_decay=0.1),
-    "Muon+AdamW": _muon,
-}
-# SparseAdam needs sparse gradients (nn.Embedding(sparse=True)); a parametrized tensor's gradient
-# flows through the parametrization and is dense, so SparseAdam cannot train it at all.
-NOT_APPLICABLE = {"SparseAdam"}
-
 
 def test_every_torch_optimizer_is_covered():
-    in_torch = {
-        name
-        for name, cls in vars(torch.optim).items()
-        if inspect.isclass(cls)
-        and issubclass(cls, torch.optim.Optimizer)
-        and cls is not torch.optim.Optimizer
-    }
-    covered = {name.split("-")[0].split("+")[0] for name in OPTIMIZERS} | NOT_APPLICABLE
-    assert in_torch <= covered, f"add these to OPTIMIZERS: {sorted(in_torch - covered)}"
+    assert not uncovered(), f"add to tests/torch_optimizers.py: {sorted(uncovered())}"
 
 
 def _constrained_model(layout: str = "dense") -> tuple[nn.Module, dict[str, torch.Tensor]]:
