@@ -1227,6 +1227,27 @@ REFUSED_MODEL_CHANGED = "MaskparamError, model changed"
 #: test_the_record_of_what_happens_now_is_accurate checks the outcome: once a case is fixed,
 #: both report it; then drop it from here.
 NOT_REFUSED: dict[str, tuple[str, str]] = {
+    # --- torch's own strict-key errors (see the README's Checkpoints section)
+    "Mask checkpoint into a Freeze model[torch]": (
+        RUNTIME_ERROR_MODEL_CHANGED,
+        "torch's load_state_dict copies the rest before raising on keys; its pre-hooks always get strict=True, so maskparam cannot tell; mp.load_state_dict checks keys first",
+    ),
+    "missing bias, strict[torch]": (
+        RUNTIME_ERROR_MODEL_CHANGED,
+        "torch's load_state_dict copies the rest before raising on keys; its pre-hooks always get strict=True, so maskparam cannot tell; mp.load_state_dict checks keys first",
+    ),
+    "missing mask, strict[torch]": (
+        RUNTIME_ERROR_MODEL_CHANGED,
+        "torch's load_state_dict copies the rest before raising on keys; its pre-hooks always get strict=True, so maskparam cannot tell; mp.load_state_dict checks keys first",
+    ),
+    "unexpected key, strict[torch]": (
+        RUNTIME_ERROR_MODEL_CHANGED,
+        "torch's load_state_dict copies the rest before raising on keys; its pre-hooks always get strict=True, so maskparam cannot tell; mp.load_state_dict checks keys first",
+    ),
+    "constrained checkpoint into a baked model[torch]": (
+        RUNTIME_ERROR_MODEL_CHANGED,
+        "a baked model is plain torch: nothing of maskparam is left to check the load",
+    ),
     # --- spec and generator arguments
     "Mask(meta tensor)": (
         NOT_IMPLEMENTED_ERROR,
@@ -1296,11 +1317,6 @@ NOT_REFUSED: dict[str, tuple[str, str]] = {
     ),
     "predicate returns 'no'": (ACCEPTED, "any truthy value selects (bool('no') is True)"),
     "predicate returns [False]": (ACCEPTED, "any truthy value selects (bool([False]) is True)"),
-    "apply_mask(strict=None)": (ACCEPTED, "strict is not checked; None means non-strict"),
-    "apply_mask(strict=0) silences a typo": (
-        ACCEPTED,
-        "strict=0 means non-strict, the typo'd rule constrains nothing",
-    ),
     # --- custom specs
     "custom build raises ValueError": (
         VALUE_ERROR,
@@ -1324,123 +1340,10 @@ NOT_REFUSED: dict[str, tuple[str, str]] = {
         "mp.verify and mp.summary then raise NotImplementedError",
     ),
     # --- harden, mask_penalty
-    "harden(threshold=nan)": (ACCEPTED, "every score > nan is False, all entries dropped"),
-    "harden(threshold='0')": (TYPE_ERROR, "'>' not supported between Tensor and str"),
-    "harden(threshold=None)": (
-        TYPE_ERROR,
-        "'>' not supported between Tensor and NoneType",
-    ),
-    "harden(threshold=True)": (ACCEPTED, "threshold=True is taken as 1.0"),
-    "harden(per_tensor='yes')": (ACCEPTED, "per_tensor is not checked (truthy)"),
-    "harden(per_tensor=True) without sparsity": (ACCEPTED, "per_tensor is silently ignored"),
-    "mask_penalty(normalize='yes')": (ACCEPTED, "normalize is not checked (truthy)"),
     # --- checkpoints (torch's loader is not atomic for keys and shapes; mp's is meant to be)
-    "Mask checkpoint into a Freeze model[torch]": (
-        RUNTIME_ERROR_MODEL_CHANGED,
-        "torch's missing/unexpected keys error, raised after loading the rest",
-    ),
-    "missing bias, strict[torch]": (
-        RUNTIME_ERROR_MODEL_CHANGED,
-        "torch's missing key error, raised after loading the rest",
-    ),
-    "missing mask, strict[torch]": (
-        RUNTIME_ERROR_MODEL_CHANGED,
-        "torch's missing key error, raised after loading the rest",
-    ),
-    "unexpected key, strict[torch]": (
-        RUNTIME_ERROR_MODEL_CHANGED,
-        "torch's unexpected key error, raised after loading everything",
-    ),
-    "bias of the wrong shape[torch]": (
-        RUNTIME_ERROR_MODEL_CHANGED,
-        "torch's size mismatch error, raised after loading the rest",
-    ),
-    "bias of the wrong shape[mp]": (
-        RUNTIME_ERROR_MODEL_CHANGED,
-        "torch's size mismatch, after loading the rest (mp checks constrained shapes only)",
-    ),
-    "learnable scores of the wrong shape[torch]": (
-        RUNTIME_ERROR_MODEL_CHANGED,
-        "torch's size mismatch error, raised after loading the rest",
-    ),
-    "learnable scores of the wrong shape[mp]": (
-        RUNTIME_ERROR_MODEL_CHANGED,
-        "torch's size mismatch error, raised after loading the rest",
-    ),
-    "constrained checkpoint into a baked model[torch]": (
-        RUNTIME_ERROR_MODEL_CHANGED,
-        "torch's missing/unexpected keys error, raised after loading the rest",
-    ),
-    "plain checkpoint, a list for a constrained tensor[mp]": (
-        ATTRIBUTE_ERROR,
-        "'list' object has no attribute 'shape'",
-    ),
-    "plain checkpoint, str values[mp]": (
-        RUNTIME_ERROR_MODEL_CHANGED,
-        "torch's 'expected Tensor' error, raised after loading the rest",
-    ),
-    "mp.load_state_dict(None)": (TYPE_ERROR, "'NoneType' object is not iterable"),
-    "mp.load_state_dict(strict=None) with a missing key": (
-        ACCEPTED,
-        "strict is not checked; None loads non-strict",
-    ),
-    "submodule load with a corrupt mask[torch]": (
-        REFUSED_MODEL_CHANGED,
-        "the bias loads first: the atomic load guard sits on the root module only",
-    ),
     # --- optimizer states
-    "optimizer: state None": (TYPE_ERROR, "argument of type 'NoneType' is not iterable"),
-    "optimizer: not an optimizer": (
-        ATTRIBUTE_ERROR,
-        "'list' object has no attribute 'param_groups'",
-    ),
-    "optimizer: model None": (
-        ATTRIBUTE_ERROR,
-        "'NoneType' object has no attribute 'named_parameters'",
-    ),
-    "optimizer_state_dict(not an optimizer)": (
-        ATTRIBUTE_ERROR,
-        "'list' object has no attribute 'state_dict'",
-    ),
-    "optimizer_state_dict(model None)": (
-        ATTRIBUTE_ERROR,
-        "'NoneType' object has no attribute 'named_parameters'",
-    ),
     # --- remove_parametrizations
-    "remove(leave_parametrized='no')": (ACCEPTED, "'no' is truthy, the model is baked"),
-    "remove(leave_parametrized=None)": (
-        ACCEPTED,
-        "None means False, the raw originals come back (masked entries reappear)",
-    ),
     # --- not a Module: only apply_mask and preview check
-    "summary(None)": (ATTRIBUTE_ERROR, "the argument is used as a Module"),
-    "summary(state_dict)": (ATTRIBUTE_ERROR, "the argument is used as a Module"),
-    "verify(None)": (ATTRIBUTE_ERROR, "the argument is used as a Module"),
-    "verify(list of modules)": (
-        ATTRIBUTE_ERROR,
-        "the argument is used as a Module",
-    ),
-    "remove_parametrizations(None)": (
-        ATTRIBUTE_ERROR,
-        "the argument is used as a Module",
-    ),
-    "harden(None)": (ATTRIBUTE_ERROR, "the argument is used as a Module"),
-    "mask_penalty(None)": (ATTRIBUTE_ERROR, "the argument is used as a Module"),
-    "learned_masks(None)": (ATTRIBUTE_ERROR, "the argument is used as a Module"),
-    "kept_entries(None)": (ATTRIBUTE_ERROR, "the argument is used as a Module"),
-    "frozen_entries(str)": (ATTRIBUTE_ERROR, "the argument is used as a Module"),
-    "subspace_theta(model None)": (
-        ATTRIBUTE_ERROR,
-        "the argument is used as a Module",
-    ),
-    "mp.load_state_dict(None, state)": (
-        ATTRIBUTE_ERROR,
-        "the argument is used as a Module",
-    ),
-    "exclude_constants_from_ddp(None)": (
-        ATTRIBUTE_ERROR,
-        "the argument is used as a Module",
-    ),
 }
 
 #: Inputs that look odd but are legitimately fine: they must be accepted (one line why).

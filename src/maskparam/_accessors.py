@@ -13,12 +13,14 @@ from maskparam._tensors import TensorRef, find_tensors
 from maskparam._torch_parametrize import parametrization_list
 from maskparam.constraints.base import Constraint
 from maskparam.constraints.subspace import SubspaceShift
-from maskparam.errors import error
+from maskparam.errors import check_module, error
 
 __all__ = ["frozen_entries", "kept_entries", "subspace_theta"]
 
 
 def _ref(model: nn.Module, name: str, caller: str) -> TensorRef:
+    check_module(model, caller)
+    _check_name(name, caller)
     refs = [ref for ref in find_tensors(model) if name in ref.all_names]
     if not refs or not refs[0].has_constraint:
         constrained = [ref.name for ref in find_tensors(model) if ref.has_constraint]
@@ -45,6 +47,11 @@ def _pins(ref: TensorRef) -> list[tuple[Tensor, Tensor, bool]]:
                     result.append((pins.entries, pins.values, pins.captured))
             value = parametrization(value)
     return result
+
+
+def _check_name(name: object, caller: str) -> None:
+    if not isinstance(name, str):
+        raise error(caller, f"the name must be a str; got {name!r}.", fix="pass e.g. 'fc.weight'.")
 
 
 def kept_entries(model: nn.Module, name: str) -> Tensor:
@@ -98,6 +105,8 @@ def subspace_theta(model: nn.Module, name: str) -> nn.Parameter:
     >>> mp.subspace_theta(model, "all").shape, mp.subspace_theta(model, "1.bias").shape
     (torch.Size([3]), torch.Size([3]))
     """
+    check_module(model, "subspace_theta")
+    _check_name(name, "subspace_theta")
     groups: dict[str, nn.Parameter] = {}
     for ref in find_tensors(model):
         for parametrization in (

@@ -34,7 +34,7 @@ from maskparam._torch_parametrize import (
     remember_key_order,
 )
 from maskparam.constraints.base import Constraint, Spec
-from maskparam.errors import MaskparamError, error
+from maskparam.errors import MaskparamError, check_bool, check_module, error
 
 __all__ = ["ModuleT", "Preview", "Rules", "apply_mask", "preview"]
 
@@ -71,15 +71,14 @@ def apply_mask(model: ModuleT, rules: Rules, *, strict: bool = True) -> ModuleT:
     >>> sorted(name for name, _ in model.named_parameters())  # doctest: +NORMALIZE_WHITESPACE
     ['0.bias', '0.parametrizations.weight.original', '2.bias', '2.parametrizations.weight.original']
     """
-    if not isinstance(model, nn.Module):
-        raise error(
-            "apply_mask",
-            f"the model must be a torch.nn.Module; got a {type(model).__name__}.",
-            fix="pass the model itself, e.g. apply_mask(model, rules).",
-        )
+    check_module(model, "apply_mask")
+    check_bool(strict, "apply_mask", "strict")
     targets = _plan(model, rules, strict=strict)
     _register(list(zip(targets, _build(targets), strict=True)))
     guard_loads(model)
+    for target in targets:  # a load into one constrained submodule is checked first too
+        for module, _ in target.ref.holders:
+            guard_loads(module)
     return model
 
 
@@ -429,12 +428,8 @@ def preview(model: nn.Module, rules: Rules, *, strict: bool = True) -> Preview:
     >>> [(name, why.split(":")[0]) for _, name, why in found.passed_over][-1]
     ('1.num_batches_tracked', 'has dtype torch.int64; only floating-point and complex tensors can be constrained')
     """
-    if not isinstance(model, nn.Module):
-        raise error(
-            "preview",
-            f"the model must be a torch.nn.Module; got a {type(model).__name__}.",
-            fix="pass the model itself, e.g. preview(model, rules).",
-        )
+    check_module(model, "preview")
+    check_bool(strict, "preview", "strict")
     skipped: list[tuple[Selector, str, str]] = []
     targets = _plan(model, rules, strict=strict, passed_over=skipped)
     _build(targets)  # the specs' own checks (shapes, dtypes, memory); nothing is registered

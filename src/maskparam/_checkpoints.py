@@ -19,7 +19,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from maskparam._load_guard import check_checkpoint
 from maskparam._tensors import find_tensors
-from maskparam.errors import error
+from maskparam.errors import check_bool, check_module, error
 
 __all__ = ["load_state_dict"]
 
@@ -41,6 +41,22 @@ def load_state_dict(
     >>> torch.equal(model.weight, pretrained["weight"].tril())
     True
     """
+    check_module(model, "load_state_dict")
+    check_bool(strict, "load_state_dict", "strict")
+    if not isinstance(state_dict, Mapping):
+        raise error(
+            "load_state_dict",
+            f"the checkpoint must be a mapping of names to tensors; got a "
+            f"{type(state_dict).__name__}.",
+            fix="pass e.g. torch.load(path, weights_only=True).",
+        )
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise error(
+            "load_state_dict",
+            f"the checkpoint's values must be tensors; {not_tensors[:3]} are not.",
+            fix="pass a state_dict (names to tensors).",
+        )
     own_keys = set(model.state_dict().keys())
     foreign = sorted(k for k in state_dict if _MARK in f".{k}" and k not in own_keys)
     if foreign:
@@ -80,7 +96,7 @@ def load_state_dict(
             f"unexpected keys: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}",
             fix="load a checkpoint of the same architecture, or pass strict=False.",
         )
-    check_checkpoint(model, rest, "")
+    check_checkpoint(model, rest, "")  # keys were checked above; shapes and entries here
     with torch.no_grad():
         for module, local, value in assigned.values():
             # Goes through each parametrization's right_inverse, like `module.weight = value`,

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from maskparam.constraints.base import Constraint
+from maskparam.errors import check_module
 
 __all__ = ["constant_buffer_names", "exclude_constants_from_ddp"]
 
@@ -35,6 +36,7 @@ def exclude_constants_from_ddp(model: nn.Module) -> list[str]:
     DDP is told to ignore them, so that it does not send them again before every forward. Other
     buffers (BatchNorm statistics) are still broadcast as usual. Returns the ignored names.
     """
+    check_module(model, "exclude_constants_from_ddp")
     names = constant_buffer_names(model)
     if dist.is_available() and dist.is_initialized():
         buffers = dict(model.named_buffers(remove_duplicate=False))

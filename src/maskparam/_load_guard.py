@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from maskparam._torch_parametrize import maskparam_constraints, parametrized_names
 from maskparam.constraints.base import FixedTensors, load_error
+from maskparam.errors import error
 
 __all__ = ["check_checkpoint", "guard_loads"]
 
@@ -33,7 +34,14 @@ def guard_loads(model: nn.Module) -> None:
 def check_checkpoint(
     model: nn.Module, state_dict: Mapping[str, Any], prefix: str, *_: Any, **__: Any
 ) -> None:
-    """Raise, naming the constraint and what is wrong, if any of its entries cannot load."""
+    """Raise, naming the constraint and what is wrong, if any of its entries cannot load, or if
+    torch would refuse a tensor of another shape after copying the others.
+
+    Missing and unexpected keys are not checked here: torch passes ``strict=True`` to every
+    module's pre-hook whatever the caller asked, so a hook cannot tell an error from a partial
+    load; :func:`maskparam.load_state_dict` checks keys before anything is loaded.
+    """
+    _check_shapes(model, state_dict, prefix)
     for name, module in model.named_modules(prefix=prefix.rstrip(".")):
         here = f"{name}." if name else ""
         if isinstance(module, FixedTensors):
@@ -58,3 +66,23 @@ def check_checkpoint(
             problem = first.check_original(original, state)
             if problem:
                 raise load_error(first_prefix, type(first).__name__, [problem])
+
+
+def _check_shapes(model: nn.Module, state_dict: Mapping[str, Any], prefix: str) -> None:
+    own = {prefix + k: v for k, v in model.state_dict().items()}
+    problems = []
+    for key, current in own.items():
+        loaded = state_dict.get(key)
+        if isinstance(loaded, Tensor) and loaded.shape != current.shape:
+            problems.append(
+                f"{key}: shape {tuple(loaded.shape)}, this model's {tuple(current.shape)}"
+            )
+    if problems:
+        raise error(
+            f"load_state_dict into {type(model).__name__}"
+            + (f" at {prefix.rstrip('.')!r}" if prefix else ""),
+            "a tensor of the checkpoint has another shape; nothing was loaded (torch would "
+            "have copied the others first).",
+            *problems,
+            fix="load a checkpoint of the same architecture saved with the same rules.",
+        )

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from maskparam._tensors import find_tensors
-from maskparam.errors import error
+from maskparam.errors import check_module, error
 
 __all__ = ["load_optimizer_state_dict", "optimizer_state_dict"]
 
@@ -65,6 +65,7 @@ def optimizer_state_dict(optimizer: torch.optim.Optimizer, model: nn.Module) -> 
     >>> new.state[model.parametrizations.weight.original]["exp_avg"].shape
     torch.Size([2, 3])
     """
+    _check_arguments(optimizer, model, "optimizer_state_dict")
     state = optimizer.state_dict()
     state[_NAMES] = _group_names(optimizer, _names(model))
     return state
@@ -79,6 +80,13 @@ def load_optimizer_state_dict(
     Checked before anything is loaded: the same names in each group, and each state tensor of
     its parameter's shape (a compact layout changes the shape: apply the same layout first).
     """
+    _check_arguments(optimizer, model, "load_optimizer_state_dict")
+    if not isinstance(state, Mapping):
+        raise error(
+            "load_optimizer_state_dict",
+            f"the state must be a mapping; got a {type(state).__name__}.",
+            fix="pass what mp.optimizer_state_dict returned (e.g. after torch.load).",
+        )
     if _NAMES not in state:
         raise error(
             f"load_optimizer_state_dict into {type(optimizer).__name__}",
@@ -119,6 +127,16 @@ def load_optimizer_state_dict(
             position += 1
         groups.append({**saved_group, "params": ids})
     optimizer.load_state_dict({"state": new_state, "param_groups": groups})
+
+
+def _check_arguments(optimizer: object, model: object, caller: str) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise error(
+            caller,
+            f"the optimizer must be a torch.optim.Optimizer; got a {type(optimizer).__name__}.",
+            fix=f"call {caller}(optimizer, model, ...).",
+        )
+    check_module(model, caller)
 
 
 def _check_shapes(name: str, entry: Mapping[str, Any], parameter: Tensor) -> None:

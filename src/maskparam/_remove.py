@@ -22,7 +22,7 @@ from maskparam._torch_parametrize import (
     restore_key_order,
 )
 from maskparam.constraints.base import Constraint
-from maskparam.errors import error
+from maskparam.errors import check_bool, check_module, error
 
 __all__ = ["remove_constraints", "remove_parametrizations"]
 
@@ -45,6 +45,8 @@ def remove_parametrizations(model: ModuleT, *, leave_parametrized: bool = True) 
     >>> type(layer).__name__, torch.equal(layer.weight, effective)
     ('Linear', True)
     """
+    check_module(model, "remove_parametrizations")
+    check_bool(leave_parametrized, "remove_parametrizations", "leave_parametrized")
     owners: dict[int, tuple[nn.Module, list[str]]] = {}
     for module in model.modules():
         names = [n for n in parametrized_names(module) if maskparam_constraints(module, n)]

@@ -15,6 +15,7 @@ from maskparam._tables import text_table
 from maskparam._tensors import find_tensors
 from maskparam._torch_parametrize import maskparam_constraints
 from maskparam.constraints.subspace import SubspaceShift
+from maskparam.errors import check_module
 
 __all__ = ["Summary", "TensorSummary", "summary"]
 
@@ -78,6 +79,7 @@ def summary(model: nn.Module) -> Summary:
     weight  Triangular(lower, diagonal=0)    10     16   62.5%
     trainable entries: 14 of 20 (70.0%)
     """
+    check_module(model, "summary")
     rows: list[TensorSummary] = []
     trainable = total = 0
     for ref in find_tensors(model):

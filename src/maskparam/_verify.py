@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from maskparam._tensors import TensorRef, find_tensors
 from maskparam._torch_parametrize import parametrization_list
 from maskparam.constraints.base import Constraint, Pins
+from maskparam.errors import check_module
 
 __all__ = ["verify"]
 
@@ -32,6 +33,7 @@ def verify(model: nn.Module) -> list[str]:
     >>> mp.verify(layer)  # ...the upper triangle is still exactly zero
     []
     """
+    check_module(model, "verify")
     problems: list[str] = []
     with torch.no_grad():
         for ref in find_tensors(model):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["MaskparamError", "check_bool", "check_finite", "check_int", "error"]
+__all__ = ["MaskparamError", "check_bool", "check_finite", "check_int", "check_module", "error"]
 
 
 class MaskparamError(ValueError):
@@ -63,3 +63,15 @@ def check_finite(value: object, subject: str, what: str, *, positive: bool = Fal
     if number is None or not math.isfinite(number) or (positive and number <= 0):
         kind = "a finite positive number" if positive else "a finite number"
         raise error(subject, f"{what} must be {kind}; got {value!r}.", fix=f"pass e.g. {what}=1.0.")
+
+
+def check_module(model: object, caller: str) -> None:
+    """Refuse anything but a ``torch.nn.Module`` as the model a public function works on."""
+    from torch import nn  # noqa: PLC0415 - errors.py stays importable without torch's nn first
+
+    if not isinstance(model, nn.Module):
+        raise error(
+            caller,
+            f"the model must be a torch.nn.Module; got a {type(model).__name__}.",
+            fix=f"pass the model itself, e.g. {caller}(model, ...).",
+        )

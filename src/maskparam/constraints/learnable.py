@@ -34,7 +34,7 @@ from maskparam._torch_parametrize import link_stack, parametrization_list
 from maskparam.constraints.base import Constraint, Pins, Spec, zeros_pinned
 from maskparam.constraints.kernels import straight_through_mask
 from maskparam.constraints.mask import MaskMultiply
-from maskparam.errors import check_bool, check_finite, error
+from maskparam.errors import check_bool, check_finite, check_module, error
 from maskparam.masks import check_fraction
 
 __all__ = ["LearnableMask", "harden", "learned_masks", "mask_penalty"]
@@ -139,6 +139,7 @@ def _learned(model: nn.Module) -> list[Found]:
 
 
 def _require_learned(model: nn.Module, caller: str) -> list[Found]:
+    check_module(model, caller)
     found = _learned(model)
     if not found:
         raise error(
@@ -151,6 +152,7 @@ def _require_learned(model: nn.Module, caller: str) -> list[Found]:
 
 def learned_masks(model: nn.Module) -> dict[str, Tensor]:
     """The current mask values of every learnable mask, by tensor name (detached)."""
+    check_module(model, "learned_masks")
     return {name: mask.mask_values().detach() for name, _, _, mask in _learned(model)}
 
 
@@ -162,6 +164,7 @@ def mask_penalty(model: nn.Module, *, normalize: bool = False) -> Tensor:
     propagate its gradient straight through to their scores.
     """
     masks = [mask.mask_values() for *_, mask in _require_learned(model, "mask_penalty")]
+    check_bool(normalize, "mask_penalty", "normalize")
     total = torch.stack([m.sum(dtype=torch.float32) for m in masks]).sum()
     if normalize:
         total = total / sum(m.numel() for m in masks)
@@ -195,6 +198,14 @@ def harden(
     if sparsity is not None:
         check_fraction(sparsity, "sparsity")
     check_bool(fold, "harden", "fold")
+    check_bool(per_tensor, "harden", "per_tensor")
+    check_finite(threshold, "harden", "threshold")
+    if per_tensor and sparsity is None:
+        raise error(
+            "harden",
+            "per_tensor=True ranks scores tensor by tensor, which needs a target sparsity.",
+            fix="pass sparsity= too, or drop per_tensor (the threshold applies per entry).",
+        )
     folds = [_fold_target(name, holders, position, mask) for name, holders, position, mask in found]
     if not fold:
         folds = [None for _ in found]
