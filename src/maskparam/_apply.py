@@ -302,7 +302,7 @@ def _build(targets: list[_Target]) -> list[list[Constraint]]:
                 spec = target.specs[level]
                 key = spec.group_key()
                 if key is None:
-                    built[i].append(_checked(spec, spec.build(target.ref.name, values[i])))
+                    built[i].append(_built(spec, target.ref.name, values[i]))
                 else:
                     if group_levels.setdefault(key, level) != level:
                         raise error(
@@ -326,7 +326,33 @@ def _build(targets: list[_Target]) -> list[list[Constraint]]:
     return built
 
 
+def _built(spec: Spec, name: str, tensor: torch.Tensor) -> Constraint:
+    """``spec.build`` with anything but a MaskparamError turned into one naming the tensor."""
+    try:
+        built = spec.build(name, tensor)
+    except MaskparamError:
+        raise
+    except Exception as failure:
+        raise error(
+            f"{type(spec).__name__} for {name!r}",
+            f"its build raised {type(failure).__name__}: {failure}",
+            fix="fix the spec (a spec of your own implements build(name, tensor) -> Constraint).",
+        ) from failure
+    return _checked(spec, built)
+
+
 def _checked(spec: Spec, built: object) -> Constraint:
+    if isinstance(built, Constraint):
+        missing = [
+            m for m in ("pins", "describe") if getattr(type(built), m) is getattr(Constraint, m)
+        ]
+        if missing:
+            raise error(
+                f"{type(spec).__name__}.build",
+                f"returned a {type(built).__name__} without {' and '.join(missing)}: mp.verify "
+                "and mp.summary need the constraint's invariant and description.",
+                fix="implement pins(value) -> Pins | None and describe() -> str.",
+            )
     if not isinstance(built, Constraint):
         raise error(
             f"{type(spec).__name__}.build",
@@ -346,9 +372,11 @@ def _register(built: list[tuple[_Target, list[Constraint]]]) -> None:
     }
     full_shapes = {id(target.ref): target.ref.storage.shape for target, _ in built}
     own_class_given: set[int] = set()
+    failing: TensorRef | None = None
     try:
         for target, constraints in built:
             ref = target.ref
+            failing = ref
             for module, _ in ref.holders:
                 remember_key_order(module)
                 if id(module) not in own_class_given:
@@ -374,7 +402,7 @@ def _register(built: list[tuple[_Target, list[Constraint]]]) -> None:
                     give_own_class(module)
                     refuse_pickling(module)
                     done.add(id(module))
-    except Exception:
+    except Exception as failure:
         # Dense layouts store the tensor unchanged, so removing without baking restores each
         # original; a compact one gets its full values back.
         for ref in reversed(touched):
@@ -384,7 +412,14 @@ def _register(built: list[tuple[_Target, list[Constraint]]]) -> None:
             if id(ref) in full_values:
                 with torch.no_grad():
                     getattr(ref.module, ref.local_name).set_(full_values[id(ref)])
-        raise
+        if isinstance(failure, MaskparamError):
+            raise
+        raise error(
+            repr(failing.name) if failing is not None else "apply_mask",
+            f"torch refused the parametrization ({type(failure).__name__}: {failure}); "
+            "everything registered so far was removed again.",
+            fix="a constraint must return a tensor of its input's shape and dtype.",
+        ) from failure
 
 
 def _watch_optimizers(ref: TensorRef, constraint: Constraint, full_shape: torch.Size) -> None:

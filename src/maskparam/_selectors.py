@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 from torch import Tensor, nn
+from torch import bool as torch_bool
 
 from maskparam.errors import error
 
@@ -54,6 +55,12 @@ def _is_module_types(candidate: object) -> bool:
 
 def check_selector(selector: object) -> None:
     """Raise a clear error for anything that is not one of the selector kinds above."""
+    if isinstance(selector, re.Pattern) and not isinstance(selector.pattern, str):
+        raise error(
+            f"selector {selector!r}",
+            "a regex selector must be compiled from a str (tensor names are str), not bytes.",
+            fix="compile the pattern from a str, e.g. re.compile(r'fc\\d\\.weight').",
+        )
     if isinstance(selector, (str, re.Pattern)):
         return
     if isinstance(selector, tuple):
@@ -90,7 +97,23 @@ def matches(selector: Selector, names: Sequence[str], module: nn.Module, tensor:
         module_types, tensor_glob = selector
         local = names[0].rsplit(".", 1)[-1]
         return isinstance(module, module_types) and fnmatch.fnmatchcase(local, tensor_glob)
-    return any(bool(selector(name, module, tensor)) for name in names)
+    results = [_as_bool(selector(name, module, tensor)) for name in names]
+    for result in results:
+        if not isinstance(result, bool):
+            raise error(
+                f"selector {describe(selector)}",
+                f"the predicate returned {result!r} ({type(result).__name__}) for {names[0]!r}; "
+                "only True or False can select (a truthy value would select by accident).",
+                fix="return a bool, e.g. bool(...) of your condition.",
+            )
+    return any(results)
+
+
+def _as_bool(result: object) -> object:
+    """A one-element bool tensor (``t.sum() != 0``) is a bool; anything else stays as it is."""
+    if isinstance(result, Tensor) and result.dtype == torch_bool and result.numel() == 1:
+        return bool(result)
+    return result
 
 
 def describe(selector: Any) -> str:

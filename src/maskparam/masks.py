@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from maskparam.errors import error
+from maskparam.errors import check_int, error
 
 __all__ = [
     "MaskGenerator",
@@ -82,9 +82,11 @@ class RandomMask(MaskGenerator):
 
     def __post_init__(self) -> None:
         check_fraction(self.density, "density")
-        if type(self.seed) is not int:  # a bool is an int to isinstance
+        if type(self.seed) is not int or not 0 <= self.seed < 2**63:  # a bool is an int too
             raise error(
-                f"masks.random(seed={self.seed!r})", "the seed must be an int.", fix="pass seed=0."
+                f"masks.random(seed={self.seed!r})",
+                "the seed must be an int in [0, 2**63).",
+                fix="pass e.g. seed=0.",
             )
 
     @override
@@ -132,8 +134,15 @@ class MagnitudeMask(MaskGenerator):
 
 def check_index(index: object, subject: str, what: str) -> None:
     """Refuse slice indices that are not ints (a list of them, a range or an integer tensor)."""
+    if isinstance(index, Tensor) and index.is_meta:
+        raise error(
+            subject,
+            f"{what} is a meta tensor: its values are needed.",
+            fix="pass the indices as a list of ints or a CPU tensor.",
+        )
     values = index.tolist() if isinstance(index, Tensor) else index
     values = [values] if isinstance(values, int) else values
+    values = sorted(values) if isinstance(values, (set, frozenset)) else values
     ints = isinstance(values, (list, tuple, range)) and all(
         isinstance(v, int) and not isinstance(v, bool) for v in values
     )
@@ -237,8 +246,11 @@ def slices(dim: int, index: IndexLike) -> SliceMask:
     >>> slices(1, [0, -1])(torch.empty(2, 3))
     tensor([[ True, False,  True]])
     """
+    check_int(dim, "masks.slices", "dim")
+    check_index(index, "masks.slices", "index")
     values = index.tolist() if isinstance(index, Tensor) else index
     values = [values] if isinstance(values, int) else values
+    values = sorted(values) if isinstance(values, (set, frozenset)) else values
     return SliceMask(dim, tuple(values))
 
 
@@ -274,6 +286,12 @@ def resolve(source: MaskSource, tensor: Tensor, subject: str) -> Tensor:
     if isinstance(source, MaskGenerator):
         mask = source.build(tensor, subject)
     elif isinstance(source, Tensor):
+        if source.is_meta:
+            raise error(
+                subject,
+                "the mask is a meta tensor: its values are needed.",
+                fix="build the mask on a real device (it may be a CPU tensor).",
+            )
         mask = source
     elif callable(source):
         try:

@@ -21,6 +21,10 @@ def test_triangular_gradient_is_exactly_zero_outside_the_triangle(
     make_holder, backward, shape, dtype, diagonal, lower
 ):
     holder = make_holder(shape, dtype)
+    if not -shape[-2] <= diagonal <= shape[-1]:  # beyond the matrix: a mistake, refused
+        with pytest.raises(mp.MaskparamError, match="lies beyond"):
+            mp.apply_mask(holder, {"weight": mp.Triangular(lower, diagonal)})
+        return
     before = holder.weight.detach().clone()
     mp.apply_mask(holder, {"weight": mp.Triangular(lower=lower, diagonal=diagonal)})
     ones = torch.ones(shape, dtype=torch.bool)

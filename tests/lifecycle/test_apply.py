@@ -134,6 +134,12 @@ class _ShapeChanging(mp.Constraint):
     def forward(self, x):
         return x.reshape(-1)
 
+    def pins(self, value):
+        return None
+
+    def describe(self):
+        return "ShapeChanging"
+
 
 class _BadSpec(mp.Spec):
     """Passes maskparam's checks but torch refuses it at registration: exercises the rollback."""

@@ -118,6 +118,14 @@ class LearnableMask(Spec):
             if self.init is not None
             else (1.0 if self.mode == "hard" else 3.0 * self.temperature)
         )
+        limit = torch.finfo(tensor.dtype).max
+        if not abs(init) <= limit or not self.temperature <= limit:
+            raise error(
+                f"LearnableMask for {name!r}",
+                f"init={init!r} or temperature={self.temperature!r} does not fit {tensor.dtype} "
+                f"(largest {limit:.3g}).",
+                fix="pass values within the tensor's dtype (the default init is 3 * temperature).",
+            )
         scores = torch.full_like(tensor, init, memory_format=torch.contiguous_format)
         return ScoredMask(scores, mode=self.mode, temperature=self.temperature)
 

@@ -200,6 +200,15 @@ class Subspace(Spec):
                 fix=f"use one of {', '.join(map(repr, _PROJECTIONS))}, or pass basis=.",
             )
         check_int(self.seed, "Subspace", "seed", minimum=0)
+        check_int(self.max_dense_bytes, "Subspace", "max_dense_bytes", minimum=0)
+        if self.group is not None and not isinstance(self.group, str):
+            raise error(
+                "Subspace",
+                f"group must be a str (the group's name) or None; got {self.group!r}.",
+                fix="pass e.g. group='all'.",
+            )
+        if self.basis is not None:
+            self._check_basis()
         if self.seed >= _MAX_SEED:
             # Each member's block is drawn from seed * 2**20 + i, which must fit torch's int64.
             raise error(
@@ -207,8 +216,29 @@ class Subspace(Spec):
                 f"seed must be below 2**43; got {self.seed}.",
                 fix="pass a smaller seed (e.g. seed % 2**43).",
             )
-        if self.basis is not None and not bool(torch.isfinite(self.basis).all()):
-            bad = int((~torch.isfinite(self.basis)).sum())
+
+    def _check_basis(self) -> None:
+        basis = self.basis
+        if not isinstance(basis, torch.Tensor):
+            raise error(
+                "Subspace",
+                f"basis must be a tensor of shape (numel, dim); got a {type(basis).__name__}.",
+                fix="pass e.g. basis=torch.randn(numel, dim).",
+            )
+        if self.projection != "gaussian" or self.seed != 0:
+            raise error(
+                "Subspace",
+                "basis= is used as given, so projection= and seed= would be silently ignored.",
+                fix="pass either basis= or projection=/seed=, not both.",
+            )
+        if basis.is_meta:
+            raise error(
+                "Subspace",
+                "the basis is a meta tensor: its values are needed.",
+                fix="pass a basis with values (on any real device).",
+            )
+        if not bool(torch.isfinite(basis).all()):
+            bad = int((~torch.isfinite(basis)).sum())
             raise error(
                 "Subspace",
                 f"the basis holds {bad} non-finite values (NaN or inf): every entry it drives "

@@ -50,6 +50,21 @@ class Triangular(Spec):
                 f"{tuple(tensor.shape)}.",
                 fix="select only tensors with 2 or more dimensions (e.g. '*.weight', not '*.bias').",
             )
+        rows, cols = tensor.shape[-2:]
+        # A diagonal beyond the matrix is a mistake, not a constraint (it zeroes nothing or
+        # everything of every such matrix); within [-rows, cols], tiny matrices included, the
+        # triangle is what the user asked for.
+        if not -rows <= self.diagonal <= cols:
+            raise error(
+                f"Triangular for {name!r}",
+                f"diagonal={self.diagonal} lies beyond a {rows} x {cols} matrix: it would "
+                + (
+                    "constrain no entry."
+                    if (self.diagonal > cols) == self.lower
+                    else "zero every entry."
+                ),
+                fix=f"choose a diagonal in [{-(rows - 1)}, {cols - 1}] (0 is the main diagonal).",
+            )
         part = TriangularPart(lower=self.lower, diagonal=self.diagonal)
         if self.layout == "compact":
             check_compact_possible(f"Triangular for {name!r}", tensor)
