@@ -391,6 +391,7 @@ def _register(built: list[tuple[_Target, list[Constraint]]]) -> None:
                     if not touched or touched[-1] is not ref:
                         touched.append(ref)
                 constraint.on_registered(ref.storage)
+                constraint.awaits_state = ref.storage.is_meta and bool(constraint._buffers)
                 _watch_optimizers(ref, constraint, full_shapes[id(ref)])
             link_stack(ref.module, ref.local_name)
         # Once per module, now that torch has injected its class: ours adds the __setattr__

@@ -19,6 +19,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from maskparam._load_guard import check_checkpoint
 from maskparam._tensors import find_tensors
+from maskparam._torch_parametrize import maskparam_constraints
 from maskparam.errors import check_bool, check_module, error
 
 __all__ = ["load_state_dict"]
@@ -74,6 +75,16 @@ def load_state_dict(
             if name in state_dict and name not in own_keys:
                 assigned[name] = (ref.module, ref.local_name, state_dict[name])
     for name, (module, local, value) in assigned.items():
+        waiting = [c for c in maskparam_constraints(module, local) if c.awaits_state]
+        if waiting:
+            raise error(
+                repr(name),
+                f"its {waiting[0].describe()} was built on the meta device, so its state (masks, "
+                "frozen values) exists only in a constrained checkpoint; a plain value cannot "
+                "supply it.",
+                fix="load a checkpoint of the constrained model, or load the plain weights first "
+                "and then apply the rules.",
+            )
         current = getattr(module, local)
         if value.shape != current.shape:
             raise error(

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from maskparam._tensors import TensorRef, find_tensors
-from maskparam._torch_parametrize import parametrization_list
+from maskparam._torch_parametrize import maskparam_constraints, parametrization_list
 from maskparam.constraints.base import Constraint, Pins
 from maskparam.errors import check_module
 
@@ -56,13 +56,23 @@ def _levels(ref: TensorRef) -> tuple[list[Constraint | None], list[Tensor]]:
 
 
 def _check(ref: TensorRef) -> list[str]:
+    problems = []
+    for constraint in maskparam_constraints(ref.module, ref.local_name):
+        if constraint.awaits_state:
+            problems.append(
+                f"{ref.name!r}: {constraint.describe()} was built on the meta device and its state "
+                "was never loaded"
+            )
+        own = {**constraint._buffers, **{n: getattr(constraint, n) for n in constraint._fixed}}
+        problems += [f"{ref.name!r}: {p}" for p in constraint.check_state(own)]
+    if problems:
+        return problems
     final: Tensor = getattr(ref.module, ref.local_name)
     layers, inputs = _levels(ref)
     pins: list[Pins | None] = [
         layer.pins(value) if layer is not None else None
         for layer, value in zip(layers, inputs, strict=True)
     ]
-    problems = []
     for level, (layer, pin) in enumerate(zip(layers, pins, strict=True)):
         if layer is None or pin is None:
             continue

@@ -174,7 +174,7 @@ def normalize_index(index: IndexLike, size: int, subject: str, what: str) -> Ten
             f"{what} {bad} out of range for a dimension of size {size}.",
             fix=f"use indices in [{-size}, {size - 1}].",
         )
-    return torch.tensor(sorted({v % size for v in values}), dtype=torch.int64)
+    return torch.tensor(sorted({v % size for v in values}), dtype=torch.int64, device="cpu")
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ class SliceMask(MaskGenerator):
         # Broadcast shape (1, ..., size, ..., 1): one byte per slice, not per entry.
         shape = [1] * tensor.dim()
         shape[dim] = size
-        mask = torch.zeros(size, dtype=torch.bool)
+        mask = torch.zeros(size, dtype=torch.bool, device="cpu")
         mask[index] = True
         return mask.reshape(shape).to(tensor.device)
 

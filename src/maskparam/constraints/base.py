@@ -69,6 +69,9 @@ class FixedTensors(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._fixed: dict[str, bool] = {}  # name -> persistent
+        # Set by the lifecycle for a constraint built on the meta device: its buffers (masks,
+        # frozen values) hold nothing real until a constrained checkpoint is loaded.
+        self.awaits_state = False
 
     def set_fixed(self, name: str, value: Tensor, *, persistent: bool = False) -> None:
         """Keep ``value`` as the fixed tensor ``name`` (see the class docstring)."""
@@ -154,6 +157,8 @@ class FixedTensors(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if all(prefix + name in state_dict for name in self._buffers):
+            self.awaits_state = False
         for name, persistent in self._fixed.items():
             key = prefix + name
             if key in unexpected_keys:
