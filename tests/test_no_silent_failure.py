@@ -820,11 +820,6 @@ def test_item13_harden_soft_mask_keeps_outputs_or_says_how_to_fold():
     outcome_is_exact_or_refused(lambda: mp.harden(layer), check, layer, match="(?i)fold")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: AveragedModel averages scores and weights separately, and torch gives no hook "
-    "to refuse it; the documented path is mp.harden first (README, demo)",
-)
 def test_item13_swa_over_learnable_mask_averages_effective_weights_or_refuses():
     layer = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.LearnableMask()})
     scores = layer.parametrizations.weight[0].scores

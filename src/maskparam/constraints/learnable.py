@@ -21,12 +21,16 @@ Two modes:
 
 from __future__ import annotations
 
+import copy
 import itertools
+import sys
 from dataclasses import dataclass
-from typing import Literal
+from types import FrameType
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
 from maskparam._tensors import find_tensors
@@ -67,6 +71,25 @@ class ScoredMask(Constraint):
         # x where the score is above 0, exactly +0.0 elsewhere (bitwise, so a NaN or inf stored
         # at a dropped entry cannot leak in); the scores learn straight through.
         return straight_through_mask(x, self.scores)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ScoredMask:
+        # torch.optim.swa_utils.AveragedModel deep-copies the model, then averages the scores and
+        # the weights separately: the mask of averaged scores is not the average of the masked
+        # weights (scores +0.5 and -1.5 average to a mask of zeros, the weights to W/2), and
+        # torch gives no hook to refuse the averaging itself. Refuse the copy it starts with.
+        if _called_by(AveragedModel.__init__):
+            raise error(
+                "AveragedModel over a LearnableMask",
+                "SWA/EMA would average the mask scores and the weights separately, which is not "
+                "averaging the masked weights (the averaged model would be silently wrong).",
+                fix="mp.harden(model) first (a fixed mask averages exactly), or average baked "
+                "copies of the model.",
+            )
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for key, value in self.__dict__.items():
+            copied.__dict__[key] = copy.deepcopy(value, memo)
+        return copied
 
     def keep(self) -> Tensor:
         """The binary mask that ``harden`` with the default threshold would fix."""
@@ -260,6 +283,19 @@ def _fold_target(
         )
     original: Tensor = plist.original
     return original
+
+
+def _called_by(function: Any, depth: int = 40) -> bool:
+    """Whether ``function``'s code is running in one of the callers' frames."""
+    target = function.__code__
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code is target:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _top(values: Tensor, sparsity: float) -> Tensor:
