@@ -1013,6 +1013,14 @@ def test_crash07_meta_subspace_load_with_assign_works_or_refuses(projection):
     assert refusal is None or "'weight'" in str(refusal)
 
 
+def _loads_to_the_same_outputs(model: nn.Module, source: nn.Module) -> None:
+    """A model built on meta, once materialised and loaded, computes what ``source`` computes."""
+    model.to_empty(device="cpu")
+    model.load_state_dict(source.state_dict())
+    x = torch.randn(2, 4)
+    assert torch.equal(model(x), source(x))
+
+
 def test_crash07_meta_sparse_subspace_applies_or_refuses():
     source = _subspace_linear("sparse")
     model = nn.Linear(4, 3, device="meta")
@@ -1022,10 +1030,7 @@ def test_crash07_meta_sparse_subspace_applies_or_refuses():
     if refusal is not None:
         assert "'weight'" in str(refusal)
         return
-    model.to_empty(device="cpu")
-    model.load_state_dict(source.state_dict())
-    x = torch.randn(2, 4)
-    assert torch.equal(model(x), source(x))
+    _loads_to_the_same_outputs(model, source)
 
 
 def test_helper03_fastfood_applied_under_meta_device_context_works_or_refuses():
@@ -1041,10 +1046,7 @@ def test_helper03_fastfood_applied_under_meta_device_context_works_or_refuses():
     if refusal is not None:
         assert "'weight'" in str(refusal)
         return
-    model.to_empty(device="cpu")
-    model.load_state_dict(source.state_dict())
-    x = torch.randn(2, 4)
-    assert torch.equal(model(x), source(x))
+    _loads_to_the_same_outputs(model, source)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,15 +8,10 @@ import re
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
+from strategies import DENSITIES, DTYPES, SEEDS, SHAPES
 from torch import nn
 
 import maskparam as mp
-
-DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16])
-SHAPES = st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple)
-DENSITIES = st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0))
-SEEDS = st.integers(0, 2**31 - 1)
 
 
 @given(SHAPES, DTYPES, DENSITIES, SEEDS)

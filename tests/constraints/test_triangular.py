@@ -9,11 +9,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import DTYPES, MATRIX_SHAPES
 
 import maskparam as mp
-
-DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16])
-MATRIX_SHAPES = st.lists(st.integers(1, 6), min_size=2, max_size=4).map(tuple)
 
 
 @given(MATRIX_SHAPES, DTYPES, st.integers(-3, 3), st.booleans())
