@@ -1,7 +1,7 @@
 """Forward+backward cost of candidate exact formulations for each spec, on one 1024x1024 weight.
 
-This is the measurement behind the kernels maskparam uses (see the README): a uint8 mask
-multiplies about as fast as a float one, while torch.where / masked_fill / bool masks are slower.
+This is the measurement behind the kernels maskparam uses (see the README): the exact bitwise
+selections against 0.1's multiplies, and torch.where / masked_fill / bool masks (much slower).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ class _Target:
 def apply_mask(model: ModuleT, rules: Rules, *, strict: bool = True) -> ModuleT:
     """Constrain the tensors of ``model`` that ``rules`` select; in place, returns ``model``.
 
-    ``rules`` maps selectors (see the README's "Selecting tensors") to a spec or a list of specs; a
+    ``rules`` maps selectors (see the README's "Rules", under "API in brief") to a spec or a list of specs; a
     list is stacked in order (each spec sees the tensor as the previous one leaves it). Each
     tensor may be selected by one rule only, and a tensor that maskparam already constrains is
     refused: to stack, put the specs in one list, or :func:`remove_parametrizations` first.

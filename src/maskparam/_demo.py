@@ -5,7 +5,7 @@ trains it with AdamW *with weight decay* (the optimizer that defeats gradient ho
 promise exactly (:func:`maskparam.verify` and a direct check), then bakes the model and checks
 that its outputs did not move. The four questions: a lower-triangular weight; training in a
 subspace (one small θ for the whole model); masks (fixed, and learnable with an L1 penalty,
-averaged with SWA); 5 of 10 conv filters frozen.
+hardened, then averaged with SWA); 5 of 10 conv filters frozen.
 """
 
 from __future__ import annotations

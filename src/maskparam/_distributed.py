@@ -1,8 +1,8 @@
 """Distributed training: keep DDP from re-broadcasting maskparam's constant buffers every step.
 
 ``DistributedDataParallel(broadcast_buffers=True)`` (the default) broadcasts every buffer from
-rank 0 before each forward, so that BatchNorm statistics agree. maskparam's masks, frozen values
-and subspace scalings are buffers too, but they never change: re-sending them each step costs as
+rank 0 before each forward, so that BatchNorm statistics agree. maskparam's masks and frozen values (and
+a subspace basis of your own) are buffers too, but they never change: re-sending them each step costs as
 much bandwidth as the masked weights themselves (1 byte per entry for a mask, 4-5 for frozen
 values). :func:`exclude_constants_from_ddp` broadcasts them once, then tells DDP to skip them.
 """

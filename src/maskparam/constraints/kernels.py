@@ -4,8 +4,8 @@ A multiply by a 0/1 mask is not exact where it matters most: ``inf * 0`` and ``n
 (an fp16 Adam step turns a masked entry's stored original into 0/0 = NaN), and ``v + x * 0``
 turns a frozen ``-0.0`` into ``+0.0``. Selecting bits instead is exact whatever the stored
 original holds: ``bits(x) & 0`` is ``+0.0`` and ``(bits(x) & 0) | bits(v)`` is ``v``, sign and
-NaN payload included. Measured here (benchmarks/kernels.py, 1 thread): an AND with a 1-byte
-mask costs the same as the multiply (torch's ``where`` costs 8x).
+NaN payload included. Measured here (benchmarks/results/kernels.md, 1 thread, 1M entries, forward
+and backward): 1.04 ms against 0.76 ms for 0.1's multiply; torch's ``where`` costs about 8 ms.
 
 Masks are stored as uint8 0/1 (the state_dict format; EMA and SWA leave 0/1 exact) and widened
 per call to ``0`` / ``-1`` (all bits set) of the tensor's width.

@@ -47,7 +47,7 @@ Mode = Literal["hard", "soft"]
 
 
 class ScoredMask(Constraint):
-    """``x * g(scores)`` with trainable ``scores`` of the tensor's shape (see the module doc)."""
+    """The original scaled by g(scores) (soft), or selected bitwise where ``scores > 0`` (hard)."""
 
     def __init__(self, scores: Tensor, *, mode: Mode, temperature: float) -> None:
         super().__init__()

@@ -1,4 +1,5 @@
-"""``Mask``: effective tensor = original ⊙ mask. Unselected entries are exactly zero and never train.
+"""``Mask``: the original at kept entries, exactly ``+0.0`` elsewhere (a bitwise selection, so a
+stored inf or NaN cannot leak in). Unselected entries never train.
 
 Invariant: every entry outside the mask is exactly zero.
 """
@@ -31,7 +32,7 @@ __all__ = ["Mask", "MaskMultiply"]
 
 @dataclass(frozen=True, eq=False)
 class Mask(Spec):
-    """Effective tensor = original ⊙ mask: unselected entries are exactly zero and never train.
+    """The original at kept entries, exactly ``+0.0`` elsewhere: unselected entries never train.
 
     ``mask``: a bool or 0/1 tensor of the tensor's shape or broadcastable to it (a per-row mask
     zeroes whole rows), a callable of the tensor, or a generator from :mod:`maskparam.masks`.

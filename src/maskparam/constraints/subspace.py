@@ -175,7 +175,7 @@ class Subspace(Spec):
     the order of the group's tensors, as ``parameters_to_vector`` orders them), used as given.
     Otherwise a random E from ``projection`` and ``seed``, with unit-norm columns over the group:
     ``"gaussian"`` (dense, D·dim floats), ``"sparse"`` (Li et al.'s very sparse ±1 projection) or
-    ``"fastfood"`` (O(D) memory, O(D log dim) time). A basis whose generation needs more than
+    ``"fastfood"`` (O(D) memory, O(D·√L) flops in small matmuls, L = 2^⌈log₂ dim⌉). A basis whose generation needs more than
     ``max_dense_bytes`` beyond O(D) (any projection; the name is 0.1's) is refused. ``group``: tensors selected with the same group name share one θ.
     """
 
