@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import maskparam as mp
 
@@ -34,4 +35,27 @@ def test_meta_device_construction_then_load(constrained, make_mlp, rules):
     model.load_state_dict(trained.state_dict())
     x = torch.randn(4, 6)
     assert torch.equal(model(x), trained(x))
+    assert mp.verify(model) == []
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: mp.Freeze(dim=0, index=[1]),
+        lambda: mp.Subspace(3),
+        lambda: mp.Subspace(3, projection="sparse"),
+        lambda: mp.Subspace(3, projection="fastfood"),
+    ],
+    ids=["freeze-slices", "subspace-gaussian", "subspace-sparse", "subspace-fastfood"],
+)
+def test_meta_build_then_load_with_assign_computes_what_the_checkpoint_did(make):
+    # assign=True makes parameters and buffers real; fixed tensors (indices, seeds, bases) are
+    # not state, so the load itself must bring them off the meta device.
+    source = mp.apply_mask(nn.Linear(4, 3), {"weight": make()})
+    with torch.device("meta"):
+        model = nn.Linear(4, 3)
+    mp.apply_mask(model, {"weight": make()})
+    model.load_state_dict(source.state_dict(), assign=True)
+    x = torch.randn(2, 4)
+    assert torch.equal(model(x), source(x))
     assert mp.verify(model) == []

@@ -111,3 +111,34 @@ def test_x_transformers_decoder_with_masks(train):
         expected = model(tokens)
         mp.remove_parametrizations(model)
         assert torch.equal(model(tokens), expected)
+
+
+def test_llama_global_subspace_passes_over_rope_buffers_and_round_trips(tmp_path):
+    # The 0.1 failure: "*" took RoPE's non-persistent inv_freq, which baking made persistent, so
+    # from_pretrained reported unexpected keys and other logits.
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    rules = {"*": mp.Subspace(40, projection="fastfood", group="all")}
+    passed_over = {name for _, name, _ in mp.preview(model, rules).passed_over}
+    assert "model.rotary_emb.inv_freq" in passed_over
+    mp.apply_mask(model, rules)
+    ids = torch.randint(0, 64, (2, 8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+    assert mp.verify(model) == []
+    with torch.no_grad():
+        before = model(ids).logits
+    mp.remove_parametrizations(model)
+    model.save_pretrained(tmp_path)
+    again, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, before)

@@ -86,7 +86,8 @@ class FixedTensors(nn.Module):
         """Regenerate fixed tensors left on the meta device onto ``tensor``'s device.
 
         ``load_state_dict(assign=True)`` into a model built on meta replaces its parameters and
-        buffers but cannot reach fixed tensors (they are not state): they come back on first use.
+        buffers but cannot reach fixed tensors (they are not state): the load brings them back
+        (a module without state of its own, a projection, does it on first use).
         """
         if tensor.is_meta:
             return
@@ -159,6 +160,11 @@ class FixedTensors(nn.Module):
         )
         if all(prefix + name in state_dict for name in self._buffers):
             self.awaits_state = False
+        # load_state_dict(assign=True) into a model built on meta makes parameters and buffers
+        # real but cannot reach fixed tensors: bring them to where the loaded state now lives.
+        loaded = [t for t in [*self._parameters.values(), *self._buffers.values()] if t is not None]
+        if loaded:
+            self.materialize_like(loaded[0])
         for name, persistent in self._fixed.items():
             key = prefix + name
             if key in unexpected_keys:

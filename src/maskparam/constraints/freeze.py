@@ -188,7 +188,6 @@ class FreezeSlices(Constraint):
 
     @override
     def forward(self, x: Tensor) -> Tensor:
-        self.materialize_like(x)
         return x.index_copy(self.dim, self.index, self.frozen_values)
 
     @override

@@ -75,7 +75,6 @@ class SubspaceCoordinates(FixedTensors):
 
     def scaled(self) -> Tensor:
         """θ with the basis' column scaling folded in: E·scaled() has unit-norm columns."""
-        self.materialize_like(self.theta)
         scaled: Tensor = self.theta * self.inv_norm.to(self.theta.dtype)
         return scaled
 
