@@ -18,6 +18,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from maskparam.constraints.base import Constraint, Pins, binary_mask_problem
+from maskparam.constraints.kernels import scatter_free
 from maskparam.errors import error
 
 __all__ = ["CompactScatter", "check_compact_possible"]
@@ -91,8 +92,8 @@ class CompactScatter(Constraint):
 
     @override
     def forward(self, compact: Tensor) -> Tensor:
-        base = self.fill.reshape(-1) if self.fill.numel() else compact.new_zeros(self.numel)
-        return base.scatter(0, self.index, compact).reshape(self.shape)
+        base = self.fill if self.fill.numel() else compact.new_zeros(self.shape)
+        return scatter_free(compact, self.index, base.to(compact.dtype))
 
     @override
     def right_inverse(self, value: Tensor) -> Tensor:
