@@ -194,7 +194,14 @@ def backward_random(holder: Holder, seed: int) -> tuple[Tensor, Tensor]:
     upstream = torch.randn(holder.weight.shape, generator=torch.Generator().manual_seed(seed))
     upstream = upstream.to(holder.weight.dtype)
     (holder.weight * upstream).sum().backward()
-    return upstream, holder.parametrizations.weight.original.grad
+    original = holder.parametrizations.weight.original
+    if original.shape == holder.weight.shape:
+        return upstream, original.grad
+    # The compact layout stores the free entries only: lay their gradient out in full, with
+    # zeros at the fixed entries (which are not stored, so nothing can train them).
+    index = holder.parametrizations.weight[0].index
+    full = torch.zeros(holder.weight.numel(), dtype=original.grad.dtype)
+    return upstream, full.index_copy_(0, index, original.grad).view(holder.weight.shape)
 
 
 # Session-scoped: hypothesis refuses function-scoped fixtures in @given tests.

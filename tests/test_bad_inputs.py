@@ -358,11 +358,11 @@ def with_entry(value: float, dtype: torch.dtype = torch.uint8) -> Callable[[Tens
 
 
 def random_mask() -> dict:
-    return {"0.weight": mp.Mask(mp.masks.random(0.5))}
+    return {"0.weight": mp.Mask(mp.masks.random(0.5), layout="dense")}
 
 
 def freeze_mask() -> dict:
-    return {"0.weight": mp.Freeze(mp.masks.random(0.5))}
+    return {"0.weight": mp.Freeze(mp.masks.random(0.5), layout="dense")}
 
 
 def freeze_rows(index: list[int]) -> Callable[[], dict]:
@@ -994,8 +994,11 @@ CASES: list[tuple[str, Setup]] = [
     ),
     ("optimizer: other parameter groups", optimizer_load(saved_optimizer(groups=2))),
     (
-        "optimizer: dense state into compact",
-        optimizer_load(saved_optimizer(), model=lambda: mp.apply_mask(mlp(), compact(0.5)())),
+        "optimizer: compact state of another density",
+        optimizer_load(
+            saved_optimizer(lambda: mp.apply_mask(mlp(), compact(0.25)())),
+            model=lambda: mp.apply_mask(mlp(), compact(0.5)()),
+        ),
     ),
     ("optimizer: state None", optimizer_load(lambda: None)),
     ("optimizer: state a list", optimizer_load(lambda: [1, 2])),

@@ -207,9 +207,9 @@ def _constrained_4x4(kind: str) -> tuple[nn.Linear, Tensor]:
     (to hold their apply-time value: 0 where masked, the frozen value where frozen)."""
     layer = nn.Linear(4, 4)
     if kind == "mask":
-        spec, constrained = mp.Mask(KEEP4), ~KEEP4
+        spec, constrained = mp.Mask(KEEP4, layout="dense"), ~KEEP4
     elif kind == "freeze_mask":
-        spec, constrained = mp.Freeze(~KEEP4), ~KEEP4
+        spec, constrained = mp.Freeze(~KEEP4, layout="dense"), ~KEEP4
     elif kind == "mask_compact":
         spec, constrained = mp.Mask(KEEP4, layout="compact"), ~KEEP4
     elif kind == "triangular":
@@ -281,8 +281,8 @@ FROZEN6[0, 4] = FROZEN6[1, 1] = FROZEN6[4, 2] = FROZEN6[2, 5] = True
 STACK_POOL: dict[str, Callable[[], mp.Spec]] = {
     "tri": mp.Triangular,
     "freeze_col3": lambda: mp.Freeze(dim=1, index=[3]),
-    "mask": lambda: mp.Mask(MASK6),
-    "freeze_mask": lambda: mp.Freeze(FROZEN6),
+    "mask": lambda: mp.Mask(MASK6, layout="dense"),
+    "freeze_mask": lambda: mp.Freeze(FROZEN6, layout="dense"),
 }
 STACKS = [
     order
@@ -548,7 +548,7 @@ def test_item07_subspace_checkpoint_of_other_projection_is_refused(saved, loaded
 
 
 def _mask_linear() -> nn.Linear:
-    return mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Mask(mp.masks.random(0.5))})
+    return mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Mask(mp.masks.random(0.5), layout="dense")})
 
 
 def _freeze_rows_linear() -> nn.Linear:
@@ -556,7 +556,9 @@ def _freeze_rows_linear() -> nn.Linear:
 
 
 def _freeze_mask_linear() -> nn.Linear:
-    return mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Freeze(mp.masks.random(0.5))})
+    return mp.apply_mask(
+        nn.Linear(4, 3), {"weight": mp.Freeze(mp.masks.random(0.5), layout="dense")}
+    )
 
 
 def _first_entry(value: float) -> Callable[[Tensor], Tensor]:
@@ -749,7 +751,7 @@ def _load_then_step_matches_or_refuses(
 @pytest.mark.parametrize("kind", ["linear", "two_matrices"])
 def test_item11_optimizer_state_saved_constrained_loaded_after_bake(kind):
     model, name = _module_for_item11(kind)
-    mp.apply_mask(model, {name: mp.Triangular()})
+    mp.apply_mask(model, {name: mp.Triangular(layout="dense")})
     optimizer = torch.optim.Adam(model.parameters())
     train(model, optimizer, torch.randn(2, 4), steps=1)
     saved, expected = mp.optimizer_state_dict(optimizer, model), _adam_state_by_parameter(optimizer)
@@ -763,7 +765,9 @@ def test_item11_optimizer_state_saved_plain_loaded_after_apply(kind):
     optimizer = torch.optim.Adam(model.parameters())
     train(model, optimizer, torch.randn(2, 4), steps=1)
     saved, expected = mp.optimizer_state_dict(optimizer, model), _adam_state_by_parameter(optimizer)
-    mp.apply_mask(model, {name: mp.Triangular()})  # keeps the Parameter object
+    # dense: state of the same shape, mapped by name (the compact layout's relayout of the
+    # state is tested in tests/workflows/test_optimizers.py)
+    mp.apply_mask(model, {name: mp.Triangular(layout="dense")})  # keeps the Parameter object
     _load_then_step_matches_or_refuses(model, saved, expected)
 
 

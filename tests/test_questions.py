@@ -51,7 +51,7 @@ def test_question_002_fixed_random_mask_keeps_masked_weights_at_zero(train):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=0))})
-    masks = {i: model[i].parametrizations.weight[0].mask.bool() for i in (0, 2)}
+    masks = {i: mp.kept_entries(model, f"{i}.weight") for i in (0, 2)}
     train(model, torch.randn(16, 8), steps=10)
     for i, mask in masks.items():
         assert torch.equal(model[i].weight.detach()[~mask], torch.zeros(int((~mask).sum())))

@@ -10,8 +10,10 @@ It works in three steps, so that bad input never leaves a half-changed model:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
@@ -157,8 +159,7 @@ def _plan(
             raise _no_match_error(model, selector, refs, skipped=len(selected))
         for ref in trainable:
             _check_target(ref, selector, targets)
-            _check_layouts(ref, spec_list)
-            targets[id(ref)] = _Target(ref, selector, spec_list)
+            targets[id(ref)] = _Target(ref, selector, _resolve_layouts(ref, spec_list))
     return list(targets.values())
 
 
@@ -208,7 +209,14 @@ def _no_match_error(
     )
 
 
-def _check_layouts(ref: TensorRef, spec_list: list[Spec]) -> None:
+def _resolve_layouts(ref: TensorRef, spec_list: list[Spec]) -> list[Spec]:
+    """``spec_list`` with ``layout="auto"`` turned into ``"dense"`` wherever compact is not
+    possible or cannot pay; an explicit ``"compact"`` that is not possible is refused.
+
+    Compact reshapes the stored Parameter, so it must be the first constraint of an untied
+    tensor; it needs real values for the positions, and pays only through an optimizer, so only
+    for a Parameter that trains. Where it is possible, the spec's build decides by density.
+    """
     compact_at = [i for i, spec in enumerate(spec_list) if spec.layout == "compact"]
     if compact_at and ref.tied:
         raise error(
@@ -224,6 +232,20 @@ def _check_layouts(ref: TensorRef, spec_list: list[Spec]) -> None:
             "the tensor" + (" (this one already has one)." if ref.is_parametrized else "."),
             fix="put the compact spec first in the list, or use the dense layout.",
         )
+    storage = ref.storage
+    compact_possible = (
+        not ref.tied
+        and not ref.is_parametrized
+        and not storage.is_meta
+        and isinstance(storage, nn.Parameter)
+        and storage.requires_grad
+    )
+    return [
+        spec
+        if spec.layout != "auto" or (i == 0 and compact_possible)
+        else dataclasses.replace(spec, layout="dense")  # type: ignore[type-var]
+        for i, spec in enumerate(spec_list)
+    ]
 
 
 def _check_target(ref: TensorRef, selector: Selector, targets: dict[int, _Target]) -> None:
@@ -430,7 +452,14 @@ def _watch_optimizers(ref: TensorRef, constraint: Constraint, full_shape: torch.
     if added and not ref.storage.requires_grad:
         _optimizer_guard.watch_added_parameters(ref.storage, ref.name, added)
     if constraint.reshapes_original:
-        _optimizer_guard.watch_reshaped(ref.storage, ref.name, full_shape)
+        # Read through a weak proxy: a loaded mask may move the free entries; a baked one is gone.
+        proxy = weakref.proxy(constraint)
+        _optimizer_guard.watch_reshaped(
+            ref.storage,
+            ref.name,
+            full_shape,
+            lambda: proxy.positions(),  # noqa: PLW0108 - weak, not bound
+        )
 
 
 @dataclass(frozen=True)

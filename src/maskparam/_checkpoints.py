@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from maskparam._layouts import translate_layouts
 from maskparam._load_guard import check_checkpoint
 from maskparam._tensors import find_tensors
 from maskparam._torch_parametrize import maskparam_constraints
@@ -58,6 +59,8 @@ def load_state_dict(
             f"the checkpoint's values must be tensors; {not_tensors[:3]} are not.",
             fix="pass a state_dict (names to tensors).",
         )
+    state_dict = dict(state_dict)  # a copy to translate: the caller's stays as it was
+    translate_layouts(model, state_dict, "")
     own_keys = set(model.state_dict().keys())
     foreign = sorted(k for k in state_dict if _MARK in f".{k}" and k not in own_keys)
     if foreign:

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from maskparam._layouts import translate_layouts
 from maskparam._torch_parametrize import maskparam_constraints, parametrized_names
 from maskparam.constraints.base import FixedTensors, load_error
 from maskparam.errors import error
@@ -37,10 +38,13 @@ def check_checkpoint(
     """Raise, naming the constraint and what is wrong, if any of its entries cannot load, or if
     torch would refuse a tensor of another shape after copying the others.
 
-    Missing and unexpected keys are not checked here: torch passes ``strict=True`` to every
+    A checkpoint saved in the other layout (dense or compact) is translated first (see
+    ``_layouts``). Missing and unexpected keys are not checked here: torch passes ``strict=True`` to every
     module's pre-hook whatever the caller asked, so a hook cannot tell an error from a partial
     load; :func:`maskparam.load_state_dict` checks keys before anything is loaded.
     """
+    if isinstance(state_dict, dict):  # torch's own copy of the checkpoint, which it loads from
+        translate_layouts(model, state_dict, prefix)
     _check_shapes(model, state_dict, prefix)
     for name, module in model.named_modules(prefix=prefix.rstrip(".")):
         here = f"{name}." if name else ""

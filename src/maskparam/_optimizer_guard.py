@@ -1,10 +1,14 @@
-"""Clear errors for an optimizer created before ``apply_mask``, instead of silent or cryptic ones.
+"""An optimizer created before ``apply_mask`` (or kept after baking) keeps working, or is refused
+with a clear error: never a silent or cryptic failure.
 
-``layout="compact"`` shrinks the stored Parameter in place (``set_``), keeping its identity, so an
-optimizer created before ``apply_mask`` still holds it. Once that optimizer has taken a step, its
-state (momentum, Adam's moments) has the old shape, and its next step would fail deep inside
-torch with a size mismatch. One global step pre-hook, registered with the first compact layout,
-checks the Parameters that maskparam made compact and names the fix.
+The compact layout shrinks the stored Parameter in place (``set_``), keeping its identity, so an
+optimizer created before ``apply_mask`` still holds it; baking grows it back. An optimizer that
+has taken a step then holds state (momentum, Adam's moments) of the other shape, and its next
+step would fail deep inside torch with a size mismatch. One global step pre-hook, registered
+with the first compact layout, lays that state out again before the step: full-shape state
+keeps the free entries' values (what the dense layout would train with), compact state comes
+back in full with zeros at the fixed entries (what a dense layout holds there under Adam: their
+gradient was zero). State of any other shape is left to the optimizer.
 
 A constraint that freezes the original and trains parameters of its own instead (a Subspace's θ)
 has the opposite trap: an optimizer created before ``apply_mask`` holds the frozen Parameter but
@@ -14,7 +18,7 @@ not θ, so it would silently train nothing. The same hook catches that.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,12 +27,12 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from maskparam.errors import error
 
-__all__ = ["watch_added_parameters", "watch_reshaped"]
+__all__ = ["relayout", "watch_added_parameters", "watch_reshaped"]
 
 # Keyed by id(): a WeakKeyDictionary would compare tensors with == (elementwise). The weak
 # reference drops the entry when the Parameter dies, before its id can be reused.
-# id(parameter) -> (weak parameter, tensor name, the shapes it has had: full and compact)
-_reshaped: dict[int, tuple[weakref.ref[Tensor], str, tuple[torch.Size, torch.Size]]] = {}
+# id(parameter) -> (weak parameter, the positions of its free entries in the full tensor)
+_reshaped: dict[int, tuple[weakref.ref[Tensor], _Layout]] = {}
 # id(original) -> (weak original, tensor name, weak added parameters)
 _added: dict[int, tuple[weakref.ref[Tensor], str, list[weakref.ref[Tensor]]]] = {}
 # optimizer -> {id(original): versions of the added parameters at its last step}
@@ -36,6 +40,42 @@ _seen: weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, list[int]]] = 
     weakref.WeakKeyDictionary()
 )
 _hook: Any = None
+# Optimizers whose update depends on a tensor's shape: Adafactor factors the second moment of a
+# matrix, and would silently run unfactored on the compact layout's vector. (Muon refuses a
+# vector itself, when constructed.)
+_SHAPE_AWARE = tuple(
+    cls for cls in (getattr(torch.optim, n, None) for n in ("Adafactor",)) if cls is not None
+)
+
+
+class _Layout:
+    """A compact Parameter's two shapes, and where its free entries sit in the full one.
+
+    The positions come from the constraint while it is registered (a load may change them) and
+    from the last ones seen once it is gone (baked).
+    """
+
+    def __init__(self, name: str, full_shape: torch.Size, positions: Callable[[], Tensor]) -> None:
+        self.name = name
+        self.full_shape = full_shape
+        self._positions: Callable[[], Tensor] | None = positions
+        self._last = positions()
+
+    def positions(self) -> Tensor:
+        if self._positions is not None:
+            try:
+                self._last = self._positions()
+            except ReferenceError:  # the constraint is gone: the parameter was baked
+                self._positions = None
+        return self._last
+
+    def relayout(self, value: Tensor, shape: torch.Size) -> Tensor:
+        """``value`` (state of the other layout) laid out in ``shape``."""
+        positions = self.positions().to(value.device)
+        if shape == self.full_shape:
+            full = value.new_zeros(self.full_shape)
+            return full.view(-1).index_copy_(0, positions, value.reshape(-1)).view(shape)
+        return value.reshape(-1).index_select(0, positions).view(shape)
 
 
 def _ensure_hook() -> None:
@@ -44,14 +84,18 @@ def _ensure_hook() -> None:
         _hook = register_optimizer_step_pre_hook(_check)
 
 
-def watch_reshaped(parameter: Tensor, name: str, full_shape: torch.Size) -> None:
-    """Check ``parameter`` (now compact, known as ``name``, once ``full_shape``) before each step.
+def watch_reshaped(
+    parameter: Tensor, name: str, full_shape: torch.Size, positions: Callable[[], Tensor]
+) -> None:
+    """Lay out optimizer state again before each step where ``parameter`` (now compact, once
+    ``full_shape``, known as ``name``; ``positions()`` gives where its entries sit, flat) changed
+    shape under it.
 
-    It stays watched after baking (full shape again), when state of the compact shape is the trap.
+    It stays watched after baking (full shape again), when state of the compact shape appears.
     """
     key = id(parameter)
-    shapes = (full_shape, parameter.shape)
-    _reshaped[key] = (weakref.ref(parameter, lambda _: _reshaped.pop(key, None)), name, shapes)
+    layout = _Layout(name, full_shape, positions)
+    _reshaped[key] = (weakref.ref(parameter, lambda _: _reshaped.pop(key, None)), layout)
     _ensure_hook()
 
 
@@ -82,23 +126,39 @@ def _check(optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
             watched = entry[0]() if entry is not None else None
             if entry is None or watched is None or watched is not parameter:
                 continue
-            _, name, shapes = entry
-            for key, value in optimizer.state.get(parameter, {}).items():
-                # Only per-parameter state of the other shape: LBFGS keeps flat vectors over all
-                # parameters under the first one, which are not this parameter's.
-                if (
-                    isinstance(value, Tensor)
-                    and value.shape != watched.shape
-                    and value.shape in shapes
-                ):
-                    raise error(
-                        repr(name),
-                        f"{type(optimizer).__name__}'s state {key!r} has shape {tuple(value.shape)}, "
-                        f"but the parameter now holds {tuple(watched.shape)} entries: layout="
-                        "'compact' changed what is stored after this optimizer took a step.",
-                        fix="create the optimizer after apply_mask (or after baking), or clear its "
-                        "state for this parameter (optimizer.state.pop(parameter)).",
-                    )
+            layout = entry[1]
+            if isinstance(optimizer, _SHAPE_AWARE) and watched.shape != layout.full_shape:
+                raise error(
+                    repr(layout.name),
+                    f"{type(optimizer).__name__} treats a matrix as a matrix, but the compact "
+                    "layout stores this tensor as the vector of its free entries: it would run "
+                    "another algorithm on it, or fail.",
+                    fix="pass layout='dense' to this tensor's spec (the default 'auto' chose "
+                    "compact), or train it with an elementwise optimizer (SGD, Adam, AdamW).",
+                )
+            state = optimizer.state.get(parameter, {})
+            for key, value in list(state.items()):
+                relaid = relayout(watched, value)
+                if relaid is not None:
+                    state[key] = relaid
+
+
+def relayout(parameter: Tensor, value: object) -> Tensor | None:
+    """``value`` (optimizer state) laid out for ``parameter``'s current shape, where it has the
+    shape of the parameter's other layout (full or compact); ``None`` where nothing is to do.
+
+    Only per-parameter state of the other shape: LBFGS keeps flat vectors over all parameters
+    under the first one, which are not this parameter's.
+    """
+    entry = _reshaped.get(id(parameter))
+    if entry is None or entry[0]() is not parameter or not isinstance(value, Tensor):
+        return None
+    layout = entry[1]
+    shapes = (layout.full_shape, torch.Size([layout.positions().numel()]))
+    if value.shape == parameter.shape or value.shape not in shapes or parameter.shape not in shapes:
+        return None
+    with torch.no_grad():
+        return layout.relayout(value, parameter.shape)
 
 
 def _check_added_parameters(optimizer: torch.optim.Optimizer) -> None:

@@ -11,13 +11,13 @@ position (the name a user sees: ``fc.weight`` whether constrained or not) and
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from maskparam import _optimizer_guard
 from maskparam._tensors import find_tensors
 from maskparam.errors import check_module, error
 
@@ -62,8 +62,8 @@ def optimizer_state_dict(optimizer: torch.optim.Optimizer, model: nn.Module) -> 
     >>> _ = mp.apply_mask(model, {"weight": mp.Triangular()})  # now: bias, weight
     >>> new = torch.optim.Adam(model.parameters())
     >>> mp.load_optimizer_state_dict(new, model, saved)
-    >>> new.state[model.parametrizations.weight.original]["exp_avg"].shape
-    torch.Size([2, 3])
+    >>> new.state[model.parametrizations.weight.original]["exp_avg"].shape  # the 3 free entries
+    torch.Size([3])
     """
     _check_arguments(optimizer, model, "optimizer_state_dict")
     state = optimizer.state_dict()
@@ -78,7 +78,8 @@ def load_optimizer_state_dict(
     the same name, whatever the order of ``parameters()`` now (constrained, baked or plain).
 
     Checked before anything is loaded: the same names in each group, and each state tensor of
-    its parameter's shape (a compact layout changes the shape: apply the same layout first).
+    its parameter's shape. State saved for the full tensor fits its compact layout (the free
+    entries' state is kept) and back (zeros at the fixed entries).
     """
     _check_arguments(optimizer, model, "load_optimizer_state_dict")
     if not isinstance(state, Mapping):
@@ -121,8 +122,7 @@ def load_optimizer_state_dict(
         for parameter, name in zip(group["params"], names, strict=True):
             old = by_name[name]
             if old in state["state"]:
-                _check_shapes(name, state["state"][old], parameter)
-                new_state[position] = copy.copy(state["state"][old])
+                new_state[position] = _laid_out(name, state["state"][old], parameter)
             ids.append(position)
             position += 1
         groups.append({**saved_group, "params": ids})
@@ -139,12 +139,19 @@ def _check_arguments(optimizer: object, model: object, caller: str) -> None:
     check_module(model, caller)
 
 
-def _check_shapes(name: str, entry: Mapping[str, Any], parameter: Tensor) -> None:
+def _laid_out(name: str, entry: Mapping[str, Any], parameter: Tensor) -> dict[str, Any]:
+    """A copy of one parameter's saved state, laid out for its layout now: state saved for the
+    dense or plain tensor fits its compact layout and back (see ``_optimizer_guard``)."""
+    laid_out = dict(entry)
     for key, value in entry.items():
-        if isinstance(value, Tensor) and value.dim() > 0 and value.shape != parameter.shape:
+        relaid = _optimizer_guard.relayout(parameter, value)
+        if relaid is not None:
+            laid_out[key] = relaid
+        elif isinstance(value, Tensor) and value.dim() > 0 and value.shape != parameter.shape:
             raise error(
                 repr(name),
                 f"its saved optimizer state {key!r} has shape {tuple(value.shape)}, the parameter "
-                f"{tuple(parameter.shape)} (a compact layout stores only the free entries).",
-                fix="apply the same rules (same layout) as when the state was saved.",
+                f"{tuple(parameter.shape)}.",
+                fix="apply the same rules as when the state was saved (the same masks).",
             )
+    return laid_out

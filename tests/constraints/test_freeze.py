@@ -9,20 +9,20 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import DENSITIES, DTYPES, SEEDS, SHAPES
+from strategies import DENSITIES, DTYPES, LAYOUTS, SEEDS, SHAPES
 from torch import nn
 
 import maskparam as mp
 
 
-@given(SHAPES, DTYPES, DENSITIES, SEEDS)
+@given(SHAPES, DTYPES, DENSITIES, SEEDS, LAYOUTS)
 def test_freeze_mask_gradient_is_exactly_zero_where_frozen(
-    make_holder, backward, shape, dtype, density, seed
+    make_holder, backward, shape, dtype, density, seed, layout
 ):
     holder = make_holder(shape, dtype)
     frozen = mp.masks.random(density, seed)(holder.weight)
     before = holder.weight.detach().clone()
-    mp.apply_mask(holder, {"weight": mp.Freeze(frozen)})
+    mp.apply_mask(holder, {"weight": mp.Freeze(frozen, layout=layout)})
     assert torch.equal(holder.weight, before)  # outputs bit-identical at apply time
     upstream, grad = backward(holder, seed)
     assert torch.equal(grad[frozen], torch.zeros_like(grad[frozen]))

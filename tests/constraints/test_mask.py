@@ -8,20 +8,20 @@ import re
 import pytest
 import torch
 from hypothesis import given
-from strategies import DENSITIES, DTYPES, SEEDS, SHAPES
+from strategies import DENSITIES, DTYPES, LAYOUTS, SEEDS, SHAPES
 from torch import nn
 
 import maskparam as mp
 
 
-@given(SHAPES, DTYPES, DENSITIES, SEEDS)
+@given(SHAPES, DTYPES, DENSITIES, SEEDS, LAYOUTS)
 def test_mask_gradient_is_exactly_zero_where_masked(
-    make_holder, backward, shape, dtype, density, seed
+    make_holder, backward, shape, dtype, density, seed, layout
 ):
     holder = make_holder(shape, dtype)
     kept = mp.masks.random(density, seed)(holder.weight)
     before = holder.weight.detach().clone()
-    mp.apply_mask(holder, {"weight": mp.Mask(kept)})
+    mp.apply_mask(holder, {"weight": mp.Mask(kept, layout=layout)})
     effective = holder.weight.detach()
     assert int(kept.sum()) == round(density * kept.numel())
     assert torch.equal(effective[~kept], torch.zeros_like(effective[~kept]))
@@ -33,7 +33,7 @@ def test_mask_gradient_is_exactly_zero_where_masked(
 
 def test_a_per_row_mask_zeroes_whole_rows_with_one_byte_per_row():
     layer = nn.Linear(5, 4)
-    mp.apply_mask(layer, {"weight": mp.Mask(mp.masks.rows([1, 2]))})
+    mp.apply_mask(layer, {"weight": mp.Mask(mp.masks.rows([1, 2]), layout="dense")})
     stored = layer.parametrizations.weight[0].mask
     assert stored.shape == (4, 1)
     assert stored.dtype == torch.uint8

@@ -9,14 +9,14 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import DTYPES, MATRIX_SHAPES
+from strategies import DTYPES, LAYOUTS, MATRIX_SHAPES
 
 import maskparam as mp
 
 
-@given(MATRIX_SHAPES, DTYPES, st.integers(-3, 3), st.booleans())
+@given(MATRIX_SHAPES, DTYPES, st.integers(-3, 3), st.booleans(), LAYOUTS)
 def test_triangular_gradient_is_exactly_zero_outside_the_triangle(
-    make_holder, backward, shape, dtype, diagonal, lower
+    make_holder, backward, shape, dtype, diagonal, lower, layout
 ):
     holder = make_holder(shape, dtype)
     if not -shape[-2] <= diagonal <= shape[-1]:  # beyond the matrix: a mistake, refused
@@ -24,7 +24,7 @@ def test_triangular_gradient_is_exactly_zero_outside_the_triangle(
             mp.apply_mask(holder, {"weight": mp.Triangular(lower, diagonal)})
         return
     before = holder.weight.detach().clone()
-    mp.apply_mask(holder, {"weight": mp.Triangular(lower=lower, diagonal=diagonal)})
+    mp.apply_mask(holder, {"weight": mp.Triangular(lower=lower, diagonal=diagonal, layout=layout)})
     ones = torch.ones(shape, dtype=torch.bool)
     inside = ones.tril(diagonal) if lower else ones.triu(diagonal)
     assert torch.equal(holder.weight[inside], before[inside])

@@ -47,15 +47,16 @@ def test_fresh_model_with_other_seeds_restores_bit_identical_outputs(make_tiny, 
     with torch.no_grad():
         assert torch.equal(fresh(tiny_input), trained(tiny_input))
     # The masks themselves came from the checkpoint, not from the fresh weights.
-    assert torch.equal(
-        fresh.fc1.parametrizations.weight[0].mask, trained.fc1.parametrizations.weight[0].mask
-    )
+    assert torch.equal(mp.kept_entries(fresh, "fc1.weight"), mp.kept_entries(trained, "fc1.weight"))
 
 
 def test_state_dict_holds_masks_and_frozen_values_compactly(tiny):
     mp.apply_mask(tiny, _rules())
     state = tiny.state_dict()
-    assert state["fc1.parametrizations.weight.0.mask"].dtype == torch.uint8  # 1 byte per entry
+    # fc1 keeps 40%: stored compact, its mask 1 byte per entry and only the kept entries
+    free = state["fc1.parametrizations.weight.0.free"]
+    assert free.dtype == torch.uint8
+    assert state["fc1.parametrizations.weight.original"].shape == (int(free.sum()),)
     frozen = state["conv.parametrizations.weight.0.frozen_values"]
     assert frozen.shape == (5, 3, 3, 3)  # only the frozen filters are stored
     assert torch.equal(state["conv.parametrizations.weight.0.index"], torch.tensor([5, 6, 7, 8, 9]))
@@ -74,7 +75,7 @@ def test_plain_checkpoint_into_constrained_model(train):
     # As if the rules had been applied to the pretrained model: frozen values are the new ones.
     assert torch.equal(model[0].weight, plain_state["0.weight"])
     assert torch.equal(model[0].bias, plain_state["0.bias"])
-    kept = model[2].parametrizations.weight[0].mask.bool()
+    kept = mp.kept_entries(model, "2.weight")
     assert torch.equal(model[2].weight, plain_state["2.weight"] * kept)
     assert torch.equal(model[2].bias, plain_state["2.bias"])
     # and training keeps them frozen from there

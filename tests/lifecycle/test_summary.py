@@ -11,6 +11,7 @@ import maskparam as mp
 
 def test_counts_free_entries_per_constraint():
     model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(2, 10, 3), nn.Linear(4, 4))
+    all_entries = sum(p.numel() for p in model.parameters())  # a compact layout stores fewer
     mp.apply_mask(
         model,
         {
@@ -26,7 +27,6 @@ def test_counts_free_entries_per_constraint():
     assert (rows["1.weight"].free, rows["1.weight"].total) == (90, 180)
     assert rows["1.weight"].constraint == "Freeze(dim=0, 5 slices)"
     assert (rows["2.weight"].free, rows["2.weight"].total) == (4, 16)
-    all_entries = sum(p.numel() for p in model.parameters())
     assert result.total == all_entries
     # biases 4 + 10 train, the last bias (4) is frozen by requires_grad
     assert result.trainable == 10 + 4 + 90 + 10 + 4
@@ -57,7 +57,8 @@ def test_summary_says_what_a_generator_selects_and_what_trains_a_subspace():
         "2.*": mp.Subspace(3, group="head"),
     })  # fmt: skip
     rows = {t.name: t for t in mp.summary(model).tensors}
-    assert rows["0.weight"].constraint == "Mask(keeps slices [5, 6, 7, 8, 9] along dim 0)"
+    # 50% of the filters: stored compact, and the summary says so (the layout "auto" chose)
+    assert rows["0.weight"].constraint == "Mask(keeps slices [5, 6, 7, 8, 9] along dim 0, compact)"
     assert rows["1.weight"].constraint == "Freeze(freezes the 10% largest |w|)"
     assert rows["2.weight"].trained_through == "θ of 'head' (3)"
     assert "θ of 'head' (3)" in str(mp.summary(model))

@@ -84,7 +84,7 @@ def _spawn(worker, *args) -> list[dict]:
 
 # Re-sent before every forward unless excluded: the uint8 mask and the float32 frozen rows
 # (the int64 index is a fixed tensor, no longer a buffer).
-CONSTANT_BYTES = 16 * 8 + 2 * 16 * 4  # uint8 mask, float32 frozen rows (the index is fixed)
+CONSTANT_BYTES = 16 * 8 + 2 * 16 * 4  # uint8 mask, float32 frozen rows (indices are fixed)
 
 
 @pytest.mark.parametrize(("exclude", "rebroadcast_bytes"), [(False, CONSTANT_BYTES), (True, 0)])
@@ -94,38 +94,52 @@ def test_ddp_ranks_stay_identical_and_constraints_hold(exclude, rebroadcast_byte
         assert torch.equal(value, ranks[1]["state"][key]), key
     for result in ranks:
         assert torch.equal(result["frozen_after"], result["frozen_before"])
-        mask = result["state"]["0.parametrizations.weight.0.mask"].bool()
+        # 50% magnitude: stored compact (layout "auto"); each rank drew its own mask, and DDP's
+        # broadcast of rank 0's must move the free entries with it.
+        mask = result["state"]["0.parametrizations.weight.0.free"].bool()
         assert torch.equal(result["weight0"][~mask], torch.zeros(int((~mask).sum())))
+        assert torch.equal(result["weight0"], ranks[0]["weight0"])
     assert ranks[0]["rebroadcast_bytes"] == rebroadcast_bytes
 
 
-def _fsdp_rules() -> mp.Rules:
-    return {"0.weight": mp.Mask(mp.masks.random(0.5)), "2.weight": mp.Freeze(dim=0, index=[0, 1])}
+def _fsdp_rules(layout: str = "auto") -> mp.Rules:
+    return {
+        "0.weight": mp.Mask(mp.masks.random(0.5), layout=layout),  # type: ignore[arg-type]
+        "2.weight": mp.Freeze(dim=0, index=[0, 1]),
+    }
 
 
 def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
-    mp.apply_mask(model, _fsdp_rules())
-    for layer in (model[0], model[2]):
-        fully_shard(layer)
-    fully_shard(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
-    generator = torch.Generator().manual_seed(rank)
-    # Not the shared `train` fixture (a spawned process), and the loop reads the gradient.
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(torch.randn(4, 8, generator=generator)).square().mean().backward()
-        grad = model[0].parametrizations.weight.original.grad.full_tensor()
-        optimizer.step()
-    mask = model[0].parametrizations.weight[0].mask.bool()
-    result = {
-        "masked_grad": grad[~mask].clone(),
-        "weight0": model[0].parametrizations.weight.original.full_tensor().clone(),
-    }
+    result = {}
+    for layout in ("dense", "auto"):  # auto: compact at 50%, a 1-D original to shard
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+        mp.apply_mask(model, _fsdp_rules(layout))
+        mask = mp.kept_entries(model, "0.weight")
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+        generator = torch.Generator().manual_seed(rank)
+        # Not the shared `train` fixture (a spawned process), and the loop reads the gradient.
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(4, 8, generator=generator)).square().mean().backward()
+            grad = model[0].parametrizations.weight.original.grad.full_tensor()
+            optimizer.step()
+        stored = model[0].parametrizations.weight.original.full_tensor().clone()
+        if layout == "auto":  # the free entries only: lay them out in full, zeros elsewhere
+            index = model[0].parametrizations.weight[0].index
+            full = torch.zeros(mask.numel()).index_copy_(0, index, stored).view(mask.shape)
+            result["compact_shape"] = tuple(stored.shape)
+            result[f"{layout}_weight0"] = full
+        else:
+            result["masked_grad"] = grad[~mask].clone()
+            result[f"{layout}_weight0"] = stored * mask
+        result[f"{layout}_mask"] = mask
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     _exit_cleanly()
 
@@ -149,7 +163,12 @@ def _fsdp_after_worker(rank: int, world: int, init_file: str, out_dir: str) -> N
 def test_fsdp2_apply_then_fully_shard_trains_with_the_constraints():
     pytest.importorskip("torch.distributed.fsdp")
     ranks = _spawn(_fsdp_worker)
-    assert torch.equal(ranks[0]["weight0"], ranks[1]["weight0"])
+    for layout in ("dense", "auto"):
+        assert torch.equal(ranks[0][f"{layout}_weight0"], ranks[1][f"{layout}_weight0"])
+    # Both layouts train the same kept entries to the same values (elementwise AdamW).
+    assert torch.equal(ranks[0]["dense_mask"], ranks[0]["auto_mask"])
+    assert ranks[0]["compact_shape"] == (int(ranks[0]["auto_mask"].sum()),)
+    torch.testing.assert_close(ranks[0]["auto_weight0"], ranks[0]["dense_weight0"])
     for result in ranks:
         assert torch.equal(result["masked_grad"], torch.zeros_like(result["masked_grad"]))
 

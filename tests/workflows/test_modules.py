@@ -105,7 +105,7 @@ def test_common_layers(module, shape, train):
     mp.apply_mask(
         layer, {"weight": mp.Mask(mp.masks.random(0.5)), "bias": mp.Freeze(mp.masks.random(0.5))}
     )
-    kept = layer.parametrizations.weight[0].mask.bool()
+    kept = mp.kept_entries(layer, "weight")
     x = torch.randn(shape)
     train(layer, x, steps=2, optimizer=lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1))
     assert torch.equal(layer.weight[~kept], torch.zeros(int((~kept).sum())))

@@ -103,7 +103,7 @@ def test_x_transformers_decoder_with_masks(train):
     for ref_name in masked:
         module_name, local = ref_name.rsplit(".", 1)
         module = model.get_submodule(module_name)
-        kept = module.parametrizations[local][0].mask.bool().expand_as(getattr(module, local))
+        kept = mp.kept_entries(model, ref_name)
         assert torch.equal(getattr(module, local).detach()[~kept], torch.zeros(int((~kept).sum())))
     assert mp.verify(model) == []
     model.eval()

@@ -38,7 +38,7 @@ from maskparam.errors import MaskparamError, error
 
 __all__ = ["Constraint", "Layout", "Pins", "Spec"]
 
-Layout = Literal["dense", "compact"]
+Layout = Literal["auto", "dense", "compact"]
 
 
 @dataclass(frozen=True)
@@ -291,8 +291,10 @@ class Spec:
     by :meth:`build_group` (a Subspace group shares one θ).
     """
 
-    #: ``"dense"``: the original keeps its shape (fastest compute). ``"compact"``: the original
-    #: stores only the free entries, so optimizer state shrinks with them.
+    #: ``"dense"``: the original keeps its shape. ``"compact"``: the original stores only the
+    #: free entries, so optimizer state shrinks with them. ``"auto"`` (the default of Mask,
+    #: Freeze and Triangular): compact where it is possible and pays, dense elsewhere (see
+    #: :func:`maskparam.constraints.compact.chooses_compact`). A spec of your own is dense.
     layout: Layout = "dense"
 
     def group_key(self) -> str | None:
@@ -317,12 +319,12 @@ class Spec:
 
 
 def check_layout(spec: Spec) -> None:
-    """Refuse a layout other than ``"dense"`` and ``"compact"``, naming the spec."""
-    if spec.layout not in ("dense", "compact"):
+    """Refuse a layout other than ``"auto"``, ``"dense"`` and ``"compact"``, naming the spec."""
+    if spec.layout not in ("auto", "dense", "compact"):
         raise error(
             type(spec).__name__,
             f"unknown layout {spec.layout!r}.",
-            fix="use layout='dense' (the default) or layout='compact'.",
+            fix="use layout='auto' (the default), 'dense' or 'compact'.",
         )
 
 

@@ -22,7 +22,11 @@ from maskparam.constraints.base import (
     binary_mask_problem,
     check_layout,
 )
-from maskparam.constraints.compact import CompactScatter, check_compact_possible
+from maskparam.constraints.compact import (
+    CompactScatter,
+    check_compact_possible,
+    chooses_compact,
+)
 from maskparam.constraints.kernels import keep_or_frozen
 from maskparam.errors import check_int, error
 from maskparam.masks import IndexLike, MaskSource
@@ -49,7 +53,7 @@ class Freeze(Spec):
     mask: MaskSource | None = None
     dim: int | None = field(default=None, kw_only=True)
     index: IndexLike | None = field(default=None, kw_only=True)
-    layout: Layout = field(default="dense", kw_only=True)
+    layout: Layout = field(default="auto", kw_only=True)
 
     def __post_init__(self) -> None:
         check_layout(self)
@@ -81,20 +85,21 @@ class Freeze(Spec):
     def build(self, name: str, tensor: Tensor) -> Constraint:
         subject = f"Freeze for {name!r}"
         value = tensor.detach()
-        if self.layout == "compact":
-            check_compact_possible(subject, value)
-            frozen = self._frozen(value, subject)
-            fill = torch.where(frozen, value, torch.zeros((), dtype=value.dtype))
-            return CompactScatter(
-                ~frozen, value.shape, fill, f"Freeze(freezes {self._what()}, compact)"
-            )
-        if self.dim is not None and self.index is not None:
+        if self.dim is not None and self.index is not None and self.layout != "compact":
+            # Frozen slices stay dense under "auto": they store only the frozen slices, and the
+            # optimizer state of a frozen row is a small part of a conv or linear layer's step.
             self._frozen(value, subject)  # validates dim and index
             dim = self.dim % value.dim()
             index = masks.normalize_index(self.index, value.shape[dim], subject, "index")
             frozen_values = value.index_select(dim, index.to(value.device)).clone()
             return FreezeSlices(dim, index, frozen_values)
         frozen = self._frozen(value, subject)
+        if chooses_compact(self.layout, ~frozen, value.shape):
+            check_compact_possible(subject, value)
+            fill = torch.where(frozen, value, torch.zeros((), dtype=value.dtype))
+            return CompactScatter(
+                ~frozen, value.shape, fill, f"Freeze(freezes {self._what()}, compact)"
+            )
         # where(), not a multiply: a non-finite value at a free entry must not leak into the rest.
         frozen_values = torch.where(frozen, value, torch.zeros((), dtype=value.dtype))
         return FreezeEntries(~frozen, frozen_values, description=f"Freeze(freezes {self._what()})")

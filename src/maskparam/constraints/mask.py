@@ -23,7 +23,11 @@ from maskparam.constraints.base import (
     check_layout,
     zeros_pinned,
 )
-from maskparam.constraints.compact import CompactScatter, check_compact_possible
+from maskparam.constraints.compact import (
+    CompactScatter,
+    check_compact_possible,
+    chooses_compact,
+)
 from maskparam.constraints.kernels import keep_bits
 from maskparam.masks import MaskSource
 
@@ -38,6 +42,11 @@ class Mask(Spec):
     zeroes whole rows), a callable of the tensor, or a generator from :mod:`maskparam.masks`.
     ``True`` (or 1) keeps an entry. A callable is evaluated once, at apply time.
 
+    ``layout``: ``"auto"`` (default) stores only the kept entries (``"compact"``) where at most
+    60% are kept and the tensor is a trainable, untied Parameter constrained first, so that the
+    optimizer never sees a masked entry; ``"dense"`` elsewhere. :func:`maskparam.summary` names
+    the compact ones.
+
     >>> import torch, maskparam as mp
     >>> layer = torch.nn.Linear(3, 2)
     >>> _ = mp.apply_mask(layer, {"weight": mp.Mask(torch.tensor([[1, 0, 1], [0, 1, 0]]))})
@@ -46,7 +55,7 @@ class Mask(Spec):
     """
 
     mask: MaskSource
-    layout: Layout = field(default="dense", kw_only=True)
+    layout: Layout = field(default="auto", kw_only=True)
 
     def __post_init__(self) -> None:
         check_layout(self)
@@ -55,7 +64,7 @@ class Mask(Spec):
     def build(self, name: str, tensor: Tensor) -> Constraint:
         kept = masks.resolve(self.mask, tensor, f"Mask for {name!r}")
         keeps = masks.describe_source(self.mask)
-        if self.layout == "compact":
+        if chooses_compact(self.layout, kept, tensor.shape):
             check_compact_possible(f"Mask for {name!r}", tensor)
             return CompactScatter(kept, tensor.shape, None, f"Mask(keeps {keeps}, compact)")
         return MaskMultiply(kept, description=f"Mask(keeps {keeps})")

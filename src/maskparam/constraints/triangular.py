@@ -12,7 +12,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from maskparam.constraints.base import Constraint, Layout, Pins, Spec, check_layout, zeros_pinned
-from maskparam.constraints.compact import CompactScatter, check_compact_possible
+from maskparam.constraints.compact import (
+    CompactScatter,
+    check_compact_possible,
+    chooses_compact,
+)
 from maskparam.errors import check_bool, check_int, error
 
 __all__ = ["Triangular", "TriangularPart"]
@@ -34,7 +38,7 @@ class Triangular(Spec):
 
     lower: bool = True
     diagonal: int = 0
-    layout: Layout = field(default="dense", kw_only=True)
+    layout: Layout = field(default="auto", kw_only=True)
 
     def __post_init__(self) -> None:
         check_layout(self)
@@ -66,9 +70,9 @@ class Triangular(Spec):
                 fix=f"choose a diagonal in [{-(rows - 1)}, {cols - 1}] (0 is the main diagonal).",
             )
         part = TriangularPart(lower=self.lower, diagonal=self.diagonal)
-        if self.layout == "compact":
+        triangle = part(torch.ones(tensor.shape[-2:], dtype=torch.bool, device=tensor.device))
+        if chooses_compact(self.layout, triangle, tensor.shape):
             check_compact_possible(f"Triangular for {name!r}", tensor)
-            triangle = part(torch.ones(tensor.shape[-2:], dtype=torch.bool, device=tensor.device))
             return CompactScatter(triangle, tensor.shape, None, part.describe()[:-1] + ", compact)")
         return part
 
