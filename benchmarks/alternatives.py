@@ -17,23 +17,9 @@ import torch
 from harness import interleaved_medians, markdown_table
 from torch import Tensor, nn
 from torch.nn.utils import prune
-from train_step import MODELS as BASE_MODELS
-from train_step import ModelFactory
+from train_step import MODELS
 
 import maskparam as mp
-
-
-def cnn() -> tuple[nn.Module, Tensor]:
-    model = nn.Sequential(
-        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
-    )  # fmt: skip
-    return model, torch.randn(64, 3, 32, 32)
-
-
-MODELS: dict[str, ModelFactory] = {**BASE_MODELS, "CNN 3x64 conv, 32x32": cnn}
 
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
     "SGD(momentum, wd)": lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9, weight_decay=0.01),
@@ -109,16 +95,16 @@ def _store_restore(model: nn.Module, selected: Selected, task: str) -> Callable[
 STRATEGIES: dict[str, dict[str, Strategy | None]] = {
     "mask": {
         "plain": None,
-        "maskparam Mask": _maskparam("dense"),
-        "maskparam Mask(compact)": _maskparam("compact"),
+        "maskparam Mask (default)": _maskparam("auto"),
+        "maskparam Mask(dense)": _maskparam("dense"),
         "prune.custom_from_mask": _prune,
         "grad hook": _grad_hook,
         "store/restore": _store_restore,
     },
     "freeze": {
         "plain": None,
-        "maskparam Freeze": _maskparam("dense"),
-        "maskparam Freeze(compact)": _maskparam("compact"),
+        "maskparam Freeze (default)": _maskparam("auto"),
+        "maskparam Freeze(dense)": _maskparam("dense"),
         "grad hook": _grad_hook,
         "store/restore": _store_restore,
     },
