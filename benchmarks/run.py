@@ -47,7 +47,10 @@ def main(argv: list[str]) -> int:
         "alternatives": ("maskparam against the alternatives", alternatives.run(rounds=rounds)),
         "inference": ("Inference", inference.run(rounds=rounds)),
         "memory": ("Peak memory", memory.run()),
-        "lifecycle": ("Apply and remove at scale (seconds, one run)", lifecycle.run()),
+        "lifecycle": (
+            "Apply and remove at scale (seconds; ViT-B/16: medians of 3 interleaved rounds)",
+            lifecycle.run(),
+        ),
         "subspace": (
             "Subspace training cost",
             subspace.run(rounds=rounds, plot=RESULTS / "subspace_cost.png"),

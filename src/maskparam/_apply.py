@@ -76,7 +76,7 @@ def apply_mask(model: ModuleT, rules: Rules, *, strict: bool = True) -> ModuleT:
     check_module(model, "apply_mask")
     check_bool(strict, "apply_mask", "strict")
     targets = _plan(model, rules, strict=strict)
-    _register(list(zip(targets, _build(targets), strict=True)))
+    _register(list(zip(targets, _build(targets, evaluate_last=False), strict=True)))
     guard_loads(model)
     for target in targets:  # a load into one constrained submodule is checked first too
         for module, _ in target.ref.holders:
@@ -310,8 +310,13 @@ def _check_target(ref: TensorRef, selector: Selector, targets: dict[int, _Target
         )
 
 
-def _build(targets: list[_Target]) -> list[list[Constraint]]:
-    """Build every target's stack level by level; specs with a group key are built together."""
+def _build(targets: list[_Target], *, evaluate_last: bool) -> list[list[Constraint]]:
+    """Build every target's stack level by level; specs with a group key are built together.
+
+    Each level but the last is evaluated on its input, for the next level to see its output; the
+    last only with ``evaluate_last`` (:func:`preview`): :func:`apply_mask`'s registration
+    evaluates it anyway, and twice would be a second pass over every weight.
+    """
     built: list[list[Constraint]] = [[] for _ in targets]
     values = [target.ref.value for target in targets]
     group_levels: dict[str, int] = {}
@@ -341,7 +346,7 @@ def _build(targets: list[_Target]) -> list[list[Constraint]]:
                 ):
                     built[i].append(_checked(specs[0], parametrization))
             for i, target in enumerate(targets):
-                if level < len(target.specs):
+                if level < len(target.specs) - (0 if evaluate_last else 1):
                     # The next level sees this level's output for what it would store.
                     parametrization = built[i][level]
                     values[i] = parametrization(parametrization.right_inverse(values[i]))
@@ -386,9 +391,13 @@ def _checked(spec: Spec, built: object) -> Constraint:
 
 def _register(built: list[tuple[_Target, list[Constraint]]]) -> None:
     touched: list[TensorRef] = []
-    # A compact layout shrinks the stored Parameter in place: keep its values for a rollback.
+    # A compact layout shrinks the stored Parameter in place: keep its full values for a
+    # rollback. An alias, not a copy: torch's registration points the Parameter at new storage
+    # (set_, or swap_tensors) and never writes into the old one, which the alias keeps alive
+    # until apply returns. A clone was a full extra copy of every compact weight (memory and a
+    # pass over them); the alias also gives a rollback the very storage it had, views included.
     full_values = {
-        id(target.ref): target.ref.storage.detach().clone()
+        id(target.ref): target.ref.storage.detach()
         for target, constraints in built
         if constraints[0].reshapes_original
     }
@@ -441,7 +450,8 @@ def _register(built: list[tuple[_Target, list[Constraint]]]) -> None:
             repr(failing.name) if failing is not None else "apply_mask",
             f"torch refused the parametrization ({type(failure).__name__}: {failure}); "
             "everything registered so far was removed again.",
-            fix="a constraint must return a tensor of its input's shape and dtype.",
+            fix="a constraint's forward must run on its input and return a tensor of the "
+            "input's shape and dtype.",
         ) from failure
 
 
@@ -497,7 +507,9 @@ def preview(model: nn.Module, rules: Rules, *, strict: bool = True) -> Preview:
     check_bool(strict, "preview", "strict")
     skipped: list[tuple[Selector, str, str]] = []
     targets = _plan(model, rules, strict=strict, passed_over=skipped)
-    _build(targets)  # the specs' own checks (shapes, dtypes, memory); nothing is registered
+    # The specs' own checks (shapes, dtypes, memory), and each constraint run once, as the
+    # registration would run it; nothing is registered.
+    _build(targets, evaluate_last=True)
     selected = tuple(
         (t.ref.name, describe(t.selector), " + ".join(repr(spec) for spec in t.specs))
         for t in targets

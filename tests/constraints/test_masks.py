@@ -44,6 +44,48 @@ def test_magnitude_with_ties_matches_prune_too():
     assert torch.equal(ours, layer.weight_mask.bool())
 
 
+def _large_weight(kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """300 x 300 = 90,000 entries: above the size where magnitude selects by radix, not topk."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(300, 300, generator=generator, dtype=torch.float64) * 0.02
+    if kind == "ties":  # few distinct magnitudes, each held by thousands of entries
+        weight = (weight * 200).round()
+    elif kind == "zeros":  # a third exactly zero, some of them -0.0
+        weight[:100] = 0.0
+        weight[:10] = -0.0
+    elif kind == "non-finite":
+        weight[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    return weight.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["continuous", "ties", "zeros", "non-finite"])
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9])
+def test_magnitude_on_large_tensors_equals_prune(dtype, kind, sparsity):
+    layer = nn.Linear(300, 300, bias=False, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(_large_weight(kind, dtype))
+    ours = mp.masks.magnitude(sparsity)(layer.weight)
+    prune.l1_unstructured(layer, "weight", amount=sparsity)
+    assert torch.equal(ours, layer.weight_mask.bool())
+
+
+def test_magnitude_asks_topk_only_when_the_threshold_is_tied(monkeypatch):
+    calls = []
+    topk = torch.topk
+
+    def counting_topk(*args, **kwargs):
+        calls.append(kwargs.get("k"))
+        return topk(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "topk", counting_topk)
+    distinct = _large_weight("continuous", torch.float32)
+    assert int(mp.masks.magnitude(0.5)(distinct).sum()) == 45_000
+    assert calls == []  # the radix select alone: the 45,000 smallest are unique
+    mp.masks.magnitude(0.5)(_large_weight("ties", torch.float32))
+    assert calls == [45_000]  # which tied entries go is topk's choice, as in prune
+
+
 @pytest.mark.parametrize(
     ("generator", "expected"),
     [

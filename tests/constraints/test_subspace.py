@@ -142,6 +142,26 @@ def test_fwht_is_the_sylvester_hadamard_transform():
         torch.testing.assert_close(fwht(fwht(x)), length * x)
 
 
+@pytest.mark.parametrize(
+    ("rows", "dim"), [(5, 3), (30, 6), (100, 64), (1000, 100), (768, 1000), (2304, 1000)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fastfood_column_norms_are_the_transformed_identitys_bit_for_bit(rows, dim, dtype):
+    # inv_norm is saved and compared exactly on load: building the first transform of the
+    # truncated block's identity instead of computing it must not move a bit.
+    projection = FastfoodProjection(rows, dim, 3, dtype)
+    length, full = projection.length, rows // projection.length
+    expected = torch.full(
+        (dim,), length * float(projection.gaussian[:full].double().square().sum())
+    ).double()
+    if rows % length:
+        eye = torch.eye(dim, length, dtype=torch.float64)
+        x = fwht(projection.signs[-1].double() * eye)
+        x = x[:, projection.permutation[-1]] * projection.gaussian[-1].double()
+        expected = expected + fwht(x)[:, : rows % length].square().sum(dim=1)
+    assert torch.equal(projection.column_sq_norms(), expected)
+
+
 class SumTargets(nn.Module):
     """Li et al.'s toy problem: D = 1000 parameters in 10 groups of 100 with fixed sums."""
 

@@ -153,6 +153,7 @@ def test_a_registration_failure_rolls_back_what_was_registered(tiny, snapshot, l
     # fc1 is registered first, then fc2 fails: fc1 must be restored exactly. A compact fc1 has
     # shrunk its Parameter in place by then, and gets its full values back.
     before = snapshot(tiny)
+    storage = tiny.fc1.weight.untyped_storage().data_ptr()
     with pytest.raises(ValueError, match="may not change the shape"):
         mp.apply_mask(
             tiny,
@@ -160,6 +161,43 @@ def test_a_registration_failure_rolls_back_what_was_registered(tiny, snapshot, l
         )
     before.assert_same(tiny)
     assert not hasattr(tiny.fc1, "parametrizations")
+    # Given back its own storage, not a copy (views of the weight still see it).
+    assert tiny.fc1.weight.untyped_storage().data_ptr() == storage
+
+
+class _Counted(mp.Constraint):
+    def __init__(self, calls: list[str]) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def forward(self, x):
+        self.calls.append("forward")
+        return x
+
+    def pins(self, value):
+        return None
+
+    def describe(self):
+        return "Counted"
+
+
+class _CountedSpec(mp.Spec):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def build(self, name, tensor):
+        return _Counted(self.calls)
+
+
+def test_apply_evaluates_a_constraint_once():
+    # Once, in torch's registration (which checks the shape and dtype): a second evaluation
+    # was a second pass over every weight (a Fastfood projection per tensor for a subspace).
+    spec = _CountedSpec()
+    mp.apply_mask(nn.Linear(3, 3), {"weight": spec})
+    assert spec.calls == ["forward"]
+    preview_spec = _CountedSpec()
+    mp.preview(nn.Linear(3, 3), {"weight": preview_spec})  # the dry run runs it once too
+    assert preview_spec.calls == ["forward"]
 
 
 def test_preview_reports_selected_and_passed_over_and_changes_nothing(snapshot):

@@ -256,8 +256,17 @@ class FastfoodProjection(BasisProjection):
         )
         tail = self.rows - full_blocks * self.length
         if tail:
-            eye = torch.eye(self.dim, self.length, dtype=torch.float64)
-            x = fwht(self.signs[-1].double() * eye)
-            x = x[:, self.permutation[-1]] * self.gaussian[-1].double()
+            # Column j enters the block as signs[j]·e_j, and its first transform is signs[j]
+            # times row j of H_L = H_a ⊗ H_b: built from the two factors' rows here rather than
+            # transformed (entries ±1, so bit for bit what transforming the identity gave: the
+            # norms are saved and compared exactly). ViT-B/16's 90 truncated blocks (d = 1000,
+            # 1 thread): 2.3 s to 1.7 s.
+            left, right = hadamard_factors(self.length, torch.float64)
+            column = torch.arange(self.dim)
+            size = right.shape[0]
+            rows = left[column // size].unsqueeze(2) * right[column % size].unsqueeze(1)
+            x = self.signs[-1, : self.dim].double().unsqueeze(1) * rows.reshape(self.dim, -1)
+            # index_select: the same copy as x[:, permutation], at 2/3 of its cost here.
+            x = x.index_select(1, self.permutation[-1]).mul_(self.gaussian[-1].double())
             norms = norms + fwht(x)[:, :tail].square().sum(dim=1)
         return norms.double()
