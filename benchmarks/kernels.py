@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from harness import interleaved_medians, markdown_table
 
-from maskparam.constraints.kernels import keep_bits, keep_or_frozen
+from maskparam.constraints.kernels import keep_bits, keep_or_frozen, scatter_free
 
 
 def run(size: int = 1024, rounds: int = 30) -> str:
@@ -21,11 +21,15 @@ def run(size: int = 1024, rounds: int = 30) -> str:
     rows = torch.arange(0, size, 2)
     frozen_rows = torch.randn(rows.numel(), size)
     upstream = torch.ones(size, size)
+    # The compact layout: the stored Parameter holds only the free entries.
+    positions = selected.reshape(-1).nonzero().reshape(-1)
+    compact = torch.randn(positions.numel(), requires_grad=True)
+    zeros = torch.zeros(size, size)
 
     def step(forward):
         def run_once():
             forward().backward(upstream)
-            x.grad = None
+            x.grad = compact.grad = None
 
         return run_once
 
@@ -38,6 +42,12 @@ def run(size: int = 1024, rounds: int = 30) -> str:
         "Mask: x * bool mask": lambda: x * selected,
         "Mask: torch.where(mask, x, 0)": lambda: torch.where(selected, x, 0.0),
         "Mask: x.masked_fill(~mask, 0)": lambda: x.masked_fill(~selected, 0.0),
+        "Mask compact: scatter(0, index, c) (0.1)": lambda: (
+            zeros.reshape(-1).scatter(0, positions, compact).view(size, size)
+        ),
+        "Mask compact: scatter_free (used: index_copy_ / index_select)": lambda: scatter_free(
+            compact, positions, zeros
+        ),
         "Triangular: x.tril() (used)": x.tril,
         "Freeze: addcmul(v, x, keep_u8) (0.1)": lambda: torch.addcmul(frozen_values, x, keep_u8),
         "Freeze: keep_or_frozen(x, keep_u8, v) (used, exact)": lambda: keep_or_frozen(

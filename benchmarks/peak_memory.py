@@ -34,34 +34,34 @@ CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
         torch.randn(256, 1024),
     ),
     "mlp8x4096-plain": lambda: (_mlp(4096, 8), torch.randn(64, 4096)),
-    "mlp8x4096-mask50": lambda: (
-        mp.apply_mask(_mlp(4096, 8), {_is_matrix: mp.Mask(mp.masks.random(0.5))}),
-        torch.randn(64, 4096),
-    ),
-    "mlp8x4096-mask50-compact": lambda: (
-        mp.apply_mask(_mlp(4096, 8), {_is_matrix: mp.Mask(mp.masks.random(0.5), layout="compact")}),
-        torch.randn(64, 4096),
-    ),
-    "mlp8x4096-mask10-compact": lambda: (
-        mp.apply_mask(_mlp(4096, 8), {_is_matrix: mp.Mask(mp.masks.random(0.1), layout="compact")}),
-        torch.randn(64, 4096),
-    ),
-    "mlp8x4096-triangular": lambda: (
-        mp.apply_mask(_mlp(4096, 8), {_is_matrix: mp.Triangular()}),
-        torch.randn(64, 4096),
-    ),
-    "mlp8x4096-freeze50": lambda: (
-        mp.apply_mask(_mlp(4096, 8), {_is_matrix: mp.Freeze(mp.masks.random(0.5))}),
-        torch.randn(64, 4096),
-    ),
 }
 
 
-def run_case(name: str, steps: int = 3) -> int:
+def _big(spec: mp.Spec) -> Callable[[], tuple[nn.Module, torch.Tensor]]:
+    return lambda: (mp.apply_mask(_mlp(4096, 8), {_is_matrix: spec}), torch.randn(64, 4096))
+
+
+CASES.update({
+    "mlp8x4096-mask50": _big(mp.Mask(mp.masks.random(0.5))),
+    "mlp8x4096-mask50-dense": _big(mp.Mask(mp.masks.random(0.5), layout="dense")),
+    "mlp8x4096-mask10": _big(mp.Mask(mp.masks.random(0.1))),
+    "mlp8x4096-mask90": _big(mp.Mask(mp.masks.random(0.9))),
+    "mlp8x4096-triangular": _big(mp.Triangular()),
+    "mlp8x4096-triangular-dense": _big(mp.Triangular(layout="dense")),
+    "mlp8x4096-freeze50": _big(mp.Freeze(mp.masks.random(0.5))),
+    "mlp8x4096-freeze50-dense": _big(mp.Freeze(mp.masks.random(0.5), layout="dense")),
+})  # fmt: skip
+OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=0.01),
+    "sgd": lambda p: torch.optim.SGD(p, lr=1e-4, momentum=0.9),
+}
+
+
+def run_case(name: str, optimizer_name: str = "adamw", steps: int = 3) -> int:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model, x = CASES[name]()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    optimizer = OPTIMIZERS[optimizer_name](list(model.parameters()))
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         model(x).square().mean().backward()
@@ -69,14 +69,17 @@ def run_case(name: str, steps: int = 3) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def peak_bytes(name: str) -> int:
-    """Peak RSS of ``name`` run alone in a subprocess."""
+def peak_bytes(name: str, optimizer_name: str = "adamw") -> int:
+    """Peak RSS of ``name`` trained by ``optimizer_name``, run alone in a subprocess."""
     script = Path(__file__).resolve()
     output = subprocess.run(
-        [sys.executable, str(script), name], check=True, capture_output=True, text=True
+        [sys.executable, str(script), name, optimizer_name],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return int(output.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
-    print(run_case(sys.argv[1]))
+    print(run_case(sys.argv[1], *sys.argv[2:3]))

@@ -24,13 +24,12 @@ from maskparam.errors import error
 __all__ = ["AUTO_COMPACT_MAX_FREE", "CompactScatter", "check_compact_possible", "chooses_compact"]
 
 #: ``layout="auto"`` stores a tensor compact when at most this fraction of its entries is free.
-#: Below it, compact is never the slower layout and never the larger one in memory; above it,
-#: dense is. Measured on an MLP 4 x 1024, 1 thread (benchmarks/results/train_step.md): at 50%
-#: free, compact costs the same as dense under SGD(momentum) and fused AdamW (1.07x) and avoids
-#: default AdamW's 1.30x (torch's CPU ``sqrt`` of the exact zeros that a dense layout leaves in
-#: ``exp_avg_sq``); at 90% free, dense is cheaper (1.09x against 1.13x). Memory: compact stores an
-#: 8-byte index per free entry and saves the parameter, gradient and optimizer state of every
-#: fixed entry (16 bytes under Adam, 12 under SGD with momentum): even at about 60% free.
+#: Measured on an MLP 4 x 1024, 1 thread (benchmarks/results/train_step.md): up to it, compact
+#: costs about what dense costs under SGD(momentum) and fused AdamW and avoids most of default
+#: AdamW's dense cost (torch's CPU ``sqrt`` of the exact zeros that a dense layout leaves in
+#: ``exp_avg_sq``: 1.30x against 1.04x at 50% free); beyond it (90% free) dense is the cheaper.
+#: Memory: compact keeps an 8-byte index per free entry and saves the parameter, gradient and
+#: optimizer state of every fixed entry (peak RSS in benchmarks/results/memory.md).
 AUTO_COMPACT_MAX_FREE = 0.6
 
 
