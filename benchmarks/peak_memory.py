@@ -1,6 +1,6 @@
-"""Peak memory of one training case, measured in a fresh subprocess (ru_maxrss), so that cases
-cannot see each other's allocations. ``python benchmarks/peak_memory.py CASE`` prints the peak
-resident set in bytes; :func:`peak_bytes` runs it from another script."""
+"""Peak memory of one training case, measured in a fresh subprocess (VmHWM on Linux), so that
+cases cannot see each other's allocations. ``python benchmarks/peak_memory.py CASE`` prints the
+peak resident set in bytes; :func:`peak_bytes` runs it from another script."""
 
 from __future__ import annotations
 
@@ -66,6 +66,23 @@ def run_case(name: str, optimizer_name: str = "adamw", steps: int = 3) -> int:
         optimizer.zero_grad(set_to_none=True)
         model(x).square().mean().backward()
         optimizer.step()
+    return _peak_rss()
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set in bytes.
+
+    On Linux, VmHWM: ru_maxrss survives exec, so a case run from a larger parent (subspace.py
+    builds both models before measuring) reported the parent's peak for every case ("+0.0 bytes
+    per parameter"). VmHWM belongs to the address space, which exec replaces.
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # not Linux
+        status = ""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 

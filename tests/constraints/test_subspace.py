@@ -128,6 +128,7 @@ def test_sparse_basis_has_density_one_over_root_d():
 def test_projections_pass_gradcheck(make, dim):
     theta = torch.randn(dim, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(make(), (theta,))
+    assert torch.autograd.gradgradcheck(make(), (theta,))
 
 
 def test_fwht_is_the_sylvester_hadamard_transform():
@@ -152,12 +153,16 @@ def test_fastfood_column_norms_are_the_transformed_identitys_bit_for_bit(rows, d
     projection = FastfoodProjection(rows, dim, 3, dtype)
     length, full = projection.length, rows // projection.length
     expected = torch.full(
-        (dim,), length * float(projection.gaussian[:full].double().square().sum())
-    ).double()
+        (dim,),
+        length * float(projection.gaussian[:full].double().square().sum()),
+        dtype=torch.float64,
+    )
     if rows % length:
+        last = projection.signs.shape[0] - 1
         eye = torch.eye(dim, length, dtype=torch.float64)
-        x = fwht(projection.signs[-1].double() * eye)
-        x = x[:, projection.permutation[-1]] * projection.gaussian[-1].double()
+        x = fwht(projection.signs[last].double() * eye)
+        permutation = projection.index[last].long() - last * length
+        x = x[:, permutation] * projection.gaussian[last].double()
         expected = expected + fwht(x)[:, : rows % length].square().sum(dim=1)
     assert torch.equal(projection.column_sq_norms(), expected)
 
@@ -349,3 +354,195 @@ def test_applying_in_half_precision_changes_no_output(dtype):
     mp.apply_mask(model, {"*.weight": mp.Subspace(6, projection="fastfood", group="all")})
     assert model[0].weight.dtype == dtype
     assert torch.equal(model(x), before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fastfood storage (generation 2): 7 bytes per entry, regenerated bit for bit, checkpoints of
+# generation 1 refused
+# ---------------------------------------------------------------------------------------------
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _fixed_bytes(projection: nn.Module) -> int:
+    return sum(
+        getattr(projection, name).numel() * getattr(projection, name).element_size()
+        for name in projection._fixed
+    )
+
+
+def _generation_1(rows: int, dim: int, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """What 0.1 to 0.2.dev drew (generation 1): float signs, int64 Π per block, G in ``dtype``."""
+    length = 1 << max(dim - 1, 0).bit_length()
+    generator = torch.Generator().manual_seed(seed)
+    shape = (-(-rows // length), length)
+    signs = torch.randint(0, 2, shape, generator=generator).to(dtype) * 2 - 1
+    permutation = torch.argsort(torch.rand(shape, generator=generator), dim=1)
+    gaussian = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    return {"signs": signs, "permutation": permutation, "gaussian": gaussian}
+
+
+def _materialised(projection: FastfoodProjection) -> torch.Tensor:
+    """E column by column: the forward of each unit vector."""
+    eye = torch.eye(projection.dim, dtype=projection.dtype)
+    return torch.stack([projection(eye[j]) for j in range(projection.dim)], dim=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fastfood_stores_7_bytes_per_entry_whatever_the_dtype(dtype):
+    # L = 128 (a = 8, b = 16): 512 full blocks and a truncated one.
+    projection = FastfoodProjection(512 * 128 + 50, 100, 0, dtype)
+    entries = 513 * 128
+    assert projection.signs.dtype == torch.int8
+    assert projection.index.dtype == torch.int32
+    assert projection.gaussian.dtype == (
+        torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+    )
+    hadamard = (8 * 8 + 16 * 16) * torch.finfo(dtype).bits // 8
+    assert _fixed_bytes(projection) == 7 * entries + hadamard
+    assert _fixed_bytes(projection) / projection.rows <= 8
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_global_fastfood_subspace_stores_at_most_8_bytes_per_parameter(dtype):
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128)).to(dtype)
+    mp.apply_mask(model, {"*": mp.Subspace(100, projection="fastfood", group="all")})
+    projections = [m for m in model.modules() if isinstance(m, FastfoodProjection)]
+    parameters = 2 * (128 * 128 + 128)
+    assert len(projections) == 4
+    assert (
+        sum(_fixed_bytes(p) for p in projections) / parameters <= 8
+    )  # 0.1: 16 per entry in float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "dim"), [(30, 6), (64, 8), (1000, 100)])
+def test_fastfood_regenerates_bit_for_bit_after_to_empty(dtype, rows, dim):
+    projection = FastfoodProjection(rows, dim, 7, dtype)
+    drawn = {name: getattr(projection, name) for name in projection._fixed}
+    again = projection.generate()
+    projection.to("meta")
+    assert all(getattr(projection, name).is_meta for name in drawn)
+    projection.to_empty(device="cpu")
+    for name, value in drawn.items():
+        for other in (again[name], getattr(projection, name)):
+            assert other.dtype == value.dtype, name
+            assert torch.equal(other, value), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "dim"), [(30, 6), (64, 8), (1000, 100)])
+def test_fastfood_keeps_generation_1s_signs_and_permutation_and_rounds_g_to_16_bits(
+    dtype, rows, dim
+):
+    projection = FastfoodProjection(rows, dim, 3, dtype)
+    old = _generation_1(rows, dim, 3, dtype)
+    length = projection.length
+    offsets = torch.arange(old["signs"].shape[0]).unsqueeze(1) * length
+    assert torch.equal(projection.signs.to(dtype), old["signs"])
+    assert torch.equal(projection.index.long() - offsets, old["permutation"])
+    drawn = _generation_1(rows, dim, 3, torch.float64)["gaussian"]
+    assert torch.equal(projection.gaussian, drawn.to(projection.gaussian.dtype))
+    # The same tensors, hence one E, for float16, float32 and float64 bases.
+    if dtype != torch.bfloat16:
+        reference = FastfoodProjection(rows, dim, 3, torch.float64)
+        for name in ("signs", "index", "gaussian"):
+            assert torch.equal(getattr(projection, name), getattr(reference, name)), name
+
+
+@pytest.mark.parametrize(("rows", "dim"), [(30, 6), (64, 8), (1000, 100), (1000, 64)])
+def test_fastfood_column_norms_are_those_of_the_materialised_basis(rows, dim):
+    projection = FastfoodProjection(rows, dim, 2, torch.float64)
+    basis = _materialised(projection)
+    assert basis.shape == (rows, dim)
+    # In float64 every entry of E is exact (sums of at most L float16 values), so the only
+    # difference is the order of the sums of squares.
+    torch.testing.assert_close(
+        projection.column_sq_norms(), basis.square().sum(dim=0), rtol=1e-13, atol=0
+    )
+    # A float32 basis is the same E (same tensors), computed in float32.
+    single = FastfoodProjection(rows, dim, 2, torch.float32)
+    assert torch.equal(single.column_sq_norms(), projection.column_sq_norms())
+    torch.testing.assert_close(_materialised(single).double(), basis, rtol=1e-5, atol=1e-4)
+
+
+class _Generation1(FastfoodProjection):
+    """Fastfood as generation 1 drew it: G in the basis' dtype (B and Π are the same)."""
+
+    generation = 1
+
+    def generate(self) -> dict[str, torch.Tensor]:
+        tensors = super().generate()
+        tensors["gaussian"] = _generation_1(self.rows, self.dim, self.seed, self.dtype)["gaussian"]
+        return tensors
+
+
+class _SameNorms(FastfoodProjection):
+    """A hypothetical generation 3 whose E differs (G negated) but whose column norms do not."""
+
+    generation = 3
+
+    def generate(self) -> dict[str, torch.Tensor]:
+        tensors = super().generate()
+        tensors["gaussian"] = -tensors["gaussian"]
+        return tensors
+
+
+def _fastfood_model(monkeypatch, projection_class: type[FastfoodProjection]) -> nn.Sequential:
+    with monkeypatch.context() as patch:
+        patch.setattr("maskparam.constraints.subspace.FastfoodProjection", projection_class)
+        model = mp.apply_mask(
+            _model(), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
+        )
+    with torch.no_grad():
+        model[0].parametrizations.weight[0].coordinates.theta.normal_()
+    return model
+
+
+def test_a_generation_1_fastfood_checkpoint_is_refused(monkeypatch, snapshot):
+    old = _fastfood_model(monkeypatch, _Generation1)
+    checkpoint = old.state_dict()
+    key = "0.parametrizations.weight.0.coordinates.generation"
+    assert key not in checkpoint  # generation 1 saved none: its checkpoints look like this
+    model = mp.apply_mask(
+        _model(), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
+    )
+    assert int(model.state_dict()[key]) == 2
+    new_e = _explicit_basis(model, model[0].parametrizations.weight[0].coordinates, 7)
+    old_e = _explicit_basis(old, old[0].parametrizations.weight[0].coordinates, 7)
+    assert not torch.equal(new_e, old_e)  # the same seed, another E: θ cannot carry over
+    before = snapshot(model)
+    refusal = r"(?s)generation 1 of its random basis.*draws generation 2"
+    with pytest.raises(mp.MaskparamError, match=refusal):
+        model.load_state_dict(checkpoint)
+    with pytest.raises(mp.MaskparamError, match=refusal):
+        mp.load_state_dict(model, checkpoint, strict=False)
+    with pytest.raises(mp.MaskparamError, match=re.escape(key)):  # strict: a missing key
+        mp.load_state_dict(model, checkpoint)
+    checkpoint[key] = torch.tensor(1)
+    with pytest.raises(mp.MaskparamError, match=r"generation 1 of its random basis, this"):
+        model.load_state_dict(checkpoint)
+    before.assert_same(model)
+
+
+def test_a_generation_with_the_same_column_norms_is_refused_by_its_generation(
+    monkeypatch, snapshot
+):
+    other = _fastfood_model(monkeypatch, _SameNorms)
+    model = mp.apply_mask(
+        _model(), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
+    )
+    checkpoint = other.state_dict()
+    norms = "0.parametrizations.weight.0.coordinates.inv_norm"
+    # The seed and column norms agree: without the generation this would load onto another E.
+    assert torch.equal(checkpoint[norms], model.state_dict()[norms])
+    before = snapshot(model)
+    with pytest.raises(mp.MaskparamError, match=r"generation 3 of its random basis"):
+        model.load_state_dict(checkpoint)
+    before.assert_same(model)
+
+
+def test_gaussian_and_sparse_checkpoints_carry_no_generation():
+    for projection in ("gaussian", "sparse"):
+        model = mp.apply_mask(_model(), {"*": mp.Subspace(7, projection=projection, group="g")})
+        assert not [k for k in model.state_dict() if k.endswith("generation")]

@@ -10,15 +10,17 @@ seed, so checkpoints store the seed, not the matrix.
 * :class:`SparseProjection`: Li, Hastie and Church's very sparse projection, entries ``±1`` with
   probability ``1/(2s)`` each and ``0`` otherwise, ``s = √D``: about ``n·d/√D`` nonzeros.
 * :class:`FastfoodProjection`: Le, Sarlós & Smola's Fastfood transform ``H G Π H B``, stacked
-  ``⌈n/L⌉`` times with ``L = 2^⌈log₂ d⌉``: O(n) memory, and O(n·√d) flops in small matmuls
-  (faster here than O(n log d) butterflies). The Walsh-Hadamard transform is written with plain
-  torch ops, so autograd derives an exact backward (a widely
-  copied implementation normalises its backward but not its forward: gradients off by 1/L).
+  ``⌈n/L⌉`` times with ``L = 2^⌈log₂ d⌉``: O(n) memory (7 bytes per entry: int8 signs, int32
+  positions, float16 G), and O(n·√d) flops in small matmuls (faster here than O(n log d)
+  butterflies). The Walsh-Hadamard transform is written with plain torch ops, so autograd
+  derives an exact backward (a widely copied implementation normalises its backward but not its
+  forward: gradients off by 1/L).
 """
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +56,11 @@ class BasisProjection(FixedTensors):
         return {}
 
     rows: int
+
+    #: Bumped when what a seed draws changes. Above 1 it is saved with the coordinates of the
+    #: subspace, so that a checkpoint of another generation (another E for the same seed) is
+    #: refused rather than loaded onto this E (see SubspaceCoordinates).
+    generation: ClassVar[int] = 1
 
     def _install(self, tensors: dict[str, Tensor]) -> None:
         for name, value in tensors.items():
@@ -208,10 +215,23 @@ class SparseProjection(BasisProjection):
 
 
 class FastfoodProjection(BasisProjection):
-    """Stacked Fastfood blocks ``H G Π H B`` mapping θ (padded to ``L``) to ``rows`` entries."""
+    """Stacked Fastfood blocks ``H G Π H B`` mapping θ (padded to ``L``) to ``rows`` entries.
+
+    Stored per entry of the padded ``⌈rows/L⌉ x L`` blocks, 7 bytes whatever the dtype (0.1
+    stored 16 for float32, 24 for float64): the signs of B as int8, Π as flat int32 positions
+    into all the blocks (int64 from 2^31 entries on), and G rounded to float16 (bfloat16 for a
+    bfloat16 basis). All three are exact in the forward: ``±1 · x`` is exact, a permutation
+    copies, and float16 values convert exactly to float32/float64. :meth:`column_sq_norms`
+    reads the same tensors, so it describes the forward's E.
+    """
+
+    #: The generation of the drawing, saved with a Fastfood subspace's coordinates. 1 (0.1 to
+    #: 0.2.dev): G in the basis' dtype. 2: G rounded to float16 (the same B and Π), so a
+    #: float32/float64 E differs from generation 1's for the same seed.
+    generation: ClassVar[int] = 2
 
     signs: Tensor
-    permutation: Tensor
+    index: Tensor
     gaussian: Tensor
     hadamard_left: Tensor
     hadamard_right: Tensor
@@ -225,15 +245,27 @@ class FastfoodProjection(BasisProjection):
     @override
     def generate(self) -> dict[str, Tensor]:
         generator = _generator(self.seed)
-        shape = (-(-self.rows // self.length), self.length)
-        signs = torch.randint(0, 2, shape, generator=generator).to(self.dtype) * 2 - 1
+        blocks = -(-self.rows // self.length)
+        shape = (blocks, self.length)
+        # Drawn as generation 1 drew them: the same B (int8 draws the same bits as int64) and Π,
+        # bit for bit; only G's rounding below is new.
+        signs = torch.randint(0, 2, shape, generator=generator, dtype=torch.int8) * 2 - 1
         permutation = torch.argsort(torch.rand(shape, generator=generator), dim=1)
         gaussian = torch.randn(shape, generator=generator, dtype=torch.float64)
+        # Π as positions into the flattened blocks: one index_select of the whole (blocks, L)
+        # matrix, which keeps only this index for its backward (an index_add_); gather would
+        # also keep its input until the backward (4 more bytes per entry) and needs int64.
+        offsets = torch.arange(0, blocks * self.length, self.length).unsqueeze(1)
+        index_dtype = torch.int32 if blocks * self.length <= 2**31 else torch.int64
+        # G rounded to 11 significant bits: still a Gaussian to 5e-4 relative, at half fp32's
+        # bytes, and the same E for float16, float32 and float64 bases. A bfloat16 basis keeps
+        # G in bfloat16, as before: a product with float16 would promote to float32.
+        stored = self.dtype if self.dtype == torch.bfloat16 else torch.float16
         left, right = hadamard_factors(self.length, self.dtype)
         return {
             "signs": signs,
-            "permutation": permutation,
-            "gaussian": gaussian.to(self.dtype),
+            "index": (permutation + offsets).to(index_dtype),
+            "gaussian": gaussian.to(stored),
             "hadamard_left": left,
             "hadamard_right": right,
         }
@@ -242,18 +274,26 @@ class FastfoodProjection(BasisProjection):
     def project(self, theta: Tensor) -> Tensor:
         padded = nn.functional.pad(theta.to(self.dtype), (0, self.length - self.dim))
         factors = (self.hadamard_left, self.hadamard_right)
+        # int8 signs times the basis' dtype promote to that dtype: exact, one pass per call on
+        # the CPU (a converted copy; CUDA converts on the fly), and 1 byte stored per entry.
         x = fwht(self.signs * padded, factors)  # (blocks, L): every block sees the same θ
-        x = torch.gather(x, 1, self.permutation) * self.gaussian
-        return fwht(x, factors).reshape(-1)[: self.rows]
+        # Π, then G in place on index_select's fresh flat output: index_select saves only its
+        # index, and in place on a view instead would make autograd rebuild the base in the
+        # backward (3 more copies of D entries). float16 G promotes exactly to float32/64. One
+        # name for the chain, so each temporary of D entries is freed as soon as it is used.
+        x = x.reshape(-1).index_select(0, self.index.view(-1)).mul_(self.gaussian.view(-1))
+        x = fwht(x.view(self.gaussian.shape), factors).reshape(-1)
+        # Sliced only when the last block is truncated: a slice's backward zero-fills and
+        # copies all D entries even when it keeps them all.
+        return x if x.shape[0] == self.rows else x[: self.rows]
 
     @override
     def column_sq_norms(self) -> Tensor:
         # A full block maps each column to H G Π (±1 entries): squared norm L·‖g‖², the same for
         # every column. Only the truncated last block needs computing, on the identity.
         full_blocks = self.rows // self.length
-        norms = torch.full(
-            (self.dim,), self.length * float(self.gaussian[:full_blocks].double().square().sum())
-        )
+        full = self.length * float(self.gaussian[:full_blocks].double().square().sum())
+        norms = torch.full((self.dim,), full, dtype=torch.float64)  # not the default float32
         tail = self.rows - full_blocks * self.length
         if tail:
             # Column j enters the block as signs[j]·e_j, and its first transform is signs[j]
@@ -261,12 +301,14 @@ class FastfoodProjection(BasisProjection):
             # transformed (entries ±1, so bit for bit what transforming the identity gave: the
             # norms are saved and compared exactly). ViT-B/16's 90 truncated blocks (d = 1000,
             # 1 thread): 2.3 s to 1.7 s.
+            last = self.signs.shape[0] - 1
             left, right = hadamard_factors(self.length, torch.float64)
             column = torch.arange(self.dim)
             size = right.shape[0]
             rows = left[column // size].unsqueeze(2) * right[column % size].unsqueeze(1)
-            x = self.signs[-1, : self.dim].double().unsqueeze(1) * rows.reshape(self.dim, -1)
+            x = self.signs[last, : self.dim].double().unsqueeze(1) * rows.reshape(self.dim, -1)
             # index_select: the same copy as x[:, permutation], at 2/3 of its cost here.
-            x = x.index_select(1, self.permutation[-1]).mul_(self.gaussian[-1].double())
+            permutation = self.index[last] - last * self.length
+            x = x.index_select(1, permutation).mul_(self.gaussian[last].double())
             norms = norms + fwht(x)[:, :tail].square().sum(dim=1)
-        return norms.double()
+        return norms

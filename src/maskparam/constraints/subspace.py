@@ -15,7 +15,7 @@ tensor selected with that group shares one θ: the "intrinsic dimension" setting
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -44,7 +44,10 @@ class SubspaceCoordinates(FixedTensors):
 
     ``seed`` and ``inv_norm`` are fixed tensors (never averaged or cast): both are saved, and a
     checkpoint whose seed, or whose column norms (another projection, dim or set of tensors),
-    differ from this model's is refused instead of pairing its θ with another subspace.
+    differ from this model's is refused instead of pairing its θ with another subspace. A basis
+    whose drawing changed since 0.1 (:attr:`BasisProjection.generation` above 1: Fastfood) also
+    saves its ``generation``: the column norms alone need not tell two generations apart (they
+    are rounded to the basis' dtype), so a checkpoint without it, or with another, is refused.
     """
 
     theta: nn.Parameter
@@ -60,6 +63,7 @@ class SubspaceCoordinates(FixedTensors):
         label: str,
         group: str | None,
         device: torch.device,
+        generation: int = 1,
     ) -> None:
         super().__init__()
         self.theta = nn.Parameter(torch.zeros(dim, dtype=dtype, device=device))
@@ -70,6 +74,13 @@ class SubspaceCoordinates(FixedTensors):
             "seed", torch.tensor(seed, dtype=torch.int64, device=device), persistent=True
         )
         self.seed_value = seed
+        self.generation_value = generation
+        if generation > 1:  # generation 1 saved none: its checkpoints keep loading as they were
+            self.set_fixed(
+                "generation",
+                torch.tensor(generation, dtype=torch.int64, device=device),
+                persistent=True,
+            )
         self.label = label  # the group's name, or the one tensor's name, for messages
         self.group = group
 
@@ -82,7 +93,32 @@ class SubspaceCoordinates(FixedTensors):
     def regenerate(self, name: str, device: torch.device) -> Tensor:
         if name == "seed":
             return torch.tensor(self.seed_value, dtype=torch.int64, device=device)
+        if name == "generation":
+            return torch.tensor(self.generation_value, dtype=torch.int64, device=device)
         return self._inv_norm_cpu.to(device)
+
+    @override
+    def check_state(self, state: Mapping[str, Tensor]) -> list[str]:
+        problems = super().check_state(state)
+        # A checkpoint of this subspace (its seed is there) without a generation was drawn by
+        # generation 1, which saved none: for this seed its E may differ from this model's.
+        if self.generation_value > 1 and "seed" in state and "generation" not in state:
+            problems.append(f"generation: {self._generation_problem(None)}")
+        return problems
+
+    def _generation_problem(self, loaded: int | None) -> str:
+        made = (
+            "generation 1 of its random basis (no 'generation' entry: maskparam 0.1 or a 0.2 "
+            "pre-release)"
+            if loaded is None
+            else f"generation {loaded} of its random basis"
+        )
+        return (
+            f"the checkpoint of subspace {self.label!r} was made with {made}, this model draws "
+            f"generation {self.generation_value}: the same seed gives another basis, so its θ "
+            "means another subspace (load it with the maskparam that saved it, bake it with "
+            "mp.remove_parametrizations and load the plain weights)"
+        )
 
     @override
     def check_loaded(self, name: str, loaded: Tensor) -> str | None:
@@ -92,6 +128,8 @@ class SubspaceCoordinates(FixedTensors):
                 f"this model with seed={self.seed_value}: its θ belongs to another subspace "
                 f"(apply Subspace(..., seed={int(loaded)}) before loading)"
             )
+        if name == "generation" and int(loaded) != self.generation_value:
+            return self._generation_problem(int(loaded))
         current = self._inv_norm_cpu
         if name == "inv_norm" and not torch.equal(loaded.cpu().to(current.dtype), current):
             return (
@@ -309,8 +347,9 @@ class Subspace(Spec):
                 inv_norm = norms.rsqrt().to(dtype)
             else:
                 inv_norm = torch.ones(self.dim, dtype=dtype)  # the user's basis: used as given
+        generation = projections[0].generation  # 1 for a user's basis (a DenseProjection)
         coordinates = SubspaceCoordinates(
-            self.dim, dtype, inv_norm, self.seed, label, self.group, device
+            self.dim, dtype, inv_norm, self.seed, label, self.group, device, generation
         )
         kind = "basis" if self.basis is not None else self.projection
         description = f"Subspace({kind}, dim={self.dim} of D={total:,}" + (
