@@ -10,6 +10,7 @@ run, on one thread: never absolute timings compared across runs or machines.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from pathlib import Path
@@ -27,10 +28,22 @@ import train_step
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def cpu_name() -> str:
+    """The CPU's model name where Linux says it (figures differ between CPUs), else its kind."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     return (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread, "
-        f"Python {platform.python_version()}, torch {torch.__version__}"
+        f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread used, "
+        f"{torch.backends.cpu.get_cpu_capability()}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
     )
 
 

@@ -42,6 +42,11 @@ class Freeze(Spec):
     frozen) or whole slices with ``dim`` and ``index`` (``Freeze(dim=0, index=[5, 6, 7, 8, 9])``
     freezes 5 of 10 conv filters). Outputs are bit-identical right after applying.
 
+    ``layout``: ``"auto"`` (default) stores only the free entries (``"compact"``) where a mask
+    leaves at most 60% of them free on a trainable, untied Parameter constrained first, so the
+    optimizer never sees a frozen entry; ``"dense"`` elsewhere, and for ``dim``/``index`` (which
+    stores only the frozen slices).
+
     >>> import torch, maskparam as mp
     >>> conv = torch.nn.Conv2d(3, 10, 3)
     >>> before = conv.weight.detach().clone()

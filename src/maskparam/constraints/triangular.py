@@ -29,6 +29,10 @@ class Triangular(Spec):
     The other triangle is exactly zero and never trains. Works on matrices and on batches of
     matrices (the last two dimensions).
 
+    ``layout``: ``"auto"`` (default) stores only the triangle (``"compact"``) where it holds at
+    most 60% of the entries (square matrices from 5 x 5 on) of a trainable, untied Parameter
+    constrained first; ``"dense"`` elsewhere (which stores nothing).
+
     >>> import torch, maskparam as mp
     >>> layer = torch.nn.Linear(3, 3)
     >>> _ = mp.apply_mask(layer, {"weight": mp.Triangular()})
