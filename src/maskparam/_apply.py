@@ -470,6 +470,13 @@ def _watch_optimizers(ref: TensorRef, constraint: Constraint, full_shape: torch.
             full_shape,
             lambda: proxy.positions(),  # noqa: PLW0108 - weak, not bound
         )
+        storage = ref.storage
+        if storage.grad is not None and storage.grad.shape == full_shape:
+            # A gradient accumulated before apply_mask (zero_grad(set_to_none=False), or
+            # accumulation across it) keeps its free entries, as the dense layout would.
+            positions = proxy.positions()
+            storage.grad = storage.grad.reshape(-1).index_select(0, positions.to(storage.device))
+        _optimizer_guard.relayout_known_state(storage)  # e.g. applied again after baking
 
 
 @dataclass(frozen=True)

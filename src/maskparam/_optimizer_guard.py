@@ -2,17 +2,15 @@
 with a clear error: never a silent or cryptic failure.
 
 The compact layout shrinks the stored Parameter in place (``set_``), keeping its identity, so an
-optimizer created before ``apply_mask`` still holds it; baking grows it back. An optimizer that
-has taken a step then holds state (momentum, Adam's moments) of the other shape, and its next
-step would fail deep inside torch with a size mismatch. One global step pre-hook, registered
-with the first compact layout, lays that state out again before the step: full-shape state
-keeps the free entries' values (what the dense layout would train with), compact state comes
-back in full with zeros at the fixed entries (what a dense layout holds there under Adam: their
-gradient was zero). State of any other shape is left to the optimizer.
-
-A constraint that freezes the original and trains parameters of its own instead (a Subspace's θ)
-has the opposite trap: an optimizer created before ``apply_mask`` holds the frozen Parameter but
-not θ, so it would silently train nothing. The same hook catches that.
+optimizer created before ``apply_mask`` still holds it; baking grows it back, and a load or a new
+``apply_mask`` may move its free entries. The optimizer's state (momentum, Adam's moments) must
+move with them, by *position*: entry i of the state belongs to the entry the layout put at i.
+So each optimizer's state is recorded with the positions it was laid out for, and laid out again
+(through the full tensor) when they change: at once when maskparam reshapes a Parameter an
+optimizer has state for, else before that optimizer's next step. Entries that come back (baked,
+or free in a new mask) start from fresh state: zeros, or what torch's optimizer starts from
+(Rprop's step size, Adagrad's initial accumulator). State laid out for unknown positions is
+refused, not guessed.
 """
 
 from __future__ import annotations
@@ -27,7 +25,13 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from maskparam.errors import error
 
-__all__ = ["relayout", "watch_added_parameters", "watch_reshaped"]
+__all__ = [
+    "relayout",
+    "relayout_known_state",
+    "watch_added_parameters",
+    "watch_if_new",
+    "watch_reshaped",
+]
 
 # Keyed by id(): a WeakKeyDictionary would compare tensors with == (elementwise). The weak
 # reference drops the entry when the Parameter dies, before its id can be reused.
@@ -49,33 +53,126 @@ _SHAPE_AWARE = tuple(
 
 
 class _Layout:
-    """A compact Parameter's two shapes, and where its free entries sit in the full one.
-
-    The positions come from the constraint while it is registered (a load may change them) and
-    from the last ones seen once it is gone (baked).
-    """
+    """A compact Parameter's full shape, and where its free entries sit in it (flat)."""
 
     def __init__(self, name: str, full_shape: torch.Size, positions: Callable[[], Tensor]) -> None:
         self.name = name
         self.full_shape = full_shape
-        self._positions: Callable[[], Tensor] | None = positions
-        self._last = positions()
+        self._positions = positions
 
-    def positions(self) -> Tensor:
-        if self._positions is not None:
-            try:
-                self._last = self._positions()
-            except ReferenceError:  # the constraint is gone: the parameter was baked
-                self._positions = None
-        return self._last
+    def current(self, parameter: Tensor) -> Tensor | None:
+        """The positions ``parameter`` holds now; ``None`` for the full tensor (baked)."""
+        if parameter.shape == self.full_shape:
+            return None
+        try:
+            return self._positions()
+        except ReferenceError:  # the constraint is gone, and the parameter is not full: unknown
+            return None
 
-    def relayout(self, value: Tensor, shape: torch.Size) -> Tensor:
-        """``value`` (state of the other layout) laid out in ``shape``."""
-        positions = self.positions().to(value.device)
-        if shape == self.full_shape:
-            full = value.new_zeros(self.full_shape)
-            return full.view(-1).index_copy_(0, positions, value.reshape(-1)).view(shape)
-        return value.reshape(-1).index_select(0, positions).view(shape)
+
+# optimizer -> {id(parameter): the positions its state is laid out for (None: the full tensor)}
+_laid_out: weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, Tensor | None]] = (
+    weakref.WeakKeyDictionary()
+)
+# State an optimizer starts an entry from, where it is not zero.
+_FRESH: dict[tuple[type, str], str] = {
+    (torch.optim.Rprop, "step_size"): "lr",
+    (torch.optim.Adagrad, "sum"): "initial_accumulator_value",
+}
+
+
+def _fresh(
+    optimizer: torch.optim.Optimizer,
+    group: dict[str, Any],
+    key: str,
+    like: Tensor,
+    shape: torch.Size,
+) -> Tensor:
+    option = next(
+        (o for (cls, k), o in _FRESH.items() if k == key and isinstance(optimizer, cls)), None
+    )
+    value = float(group[option]) if option is not None else 0.0
+    return torch.full(shape, value, dtype=like.dtype, device=like.device)
+
+
+def _moved(
+    optimizer: torch.optim.Optimizer,
+    group: dict[str, Any],
+    key: str,
+    value: Tensor,
+    was: Tensor | None,
+    now: Tensor | None,
+    full_shape: torch.Size,
+) -> Tensor:
+    """``value`` (laid out for positions ``was``) laid out for positions ``now``."""
+    if was is None:
+        full = value.reshape(full_shape)
+    else:
+        full = _fresh(optimizer, group, key, value, full_shape)
+        full.view(-1).index_copy_(0, was.to(value.device), value.reshape(-1))
+    if now is None:
+        return full
+    return full.reshape(-1).index_select(0, now.to(value.device))
+
+
+def _lay_out(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], parameter: Tensor, layout: _Layout
+) -> None:
+    """Lay ``parameter``'s state in ``optimizer`` out for the positions it holds now."""
+    now = layout.current(parameter)
+    records = _laid_out.setdefault(optimizer, {})
+    state = optimizer.state.get(parameter)
+    key = id(parameter)
+    recorded = records.get(key, ...)
+    # Per-parameter state only: of the parameter's shape, the full one or the recorded layout's.
+    # (LBFGS keeps flat vectors over all parameters under the first one: not this one's.)
+    known = {parameter.shape, layout.full_shape}
+    if recorded is not ...:
+        known.add(_shape(recorded, layout))
+    tensors = {k: v for k, v in (state or {}).items() if isinstance(v, Tensor) and v.shape in known}
+    if tensors and any(v.dim() > 0 for v in tensors.values()):
+        shapes = {v.shape for v in tensors.values()}
+        if recorded is not ... and shapes == {_shape(recorded, layout)}:
+            was = recorded
+        elif all(v.shape == parameter.shape for v in tensors.values()):
+            # First seen (or replaced by a load), and of the parameter's shape: as it is.
+            was = now
+        elif all(v.shape == layout.full_shape for v in tensors.values()):
+            was = None  # state from before apply_mask
+        else:
+            raise error(
+                repr(layout.name),
+                f"{type(optimizer).__name__}'s state for this tensor has shapes "
+                f"{sorted({tuple(v.shape) for v in tensors.values()})}, laid out for free entries "
+                "maskparam does not know (the parameter holds "
+                f"{tuple(parameter.shape)} entries now).",
+                fix="create the optimizer after apply_mask, or clear its state for this "
+                "parameter (optimizer.state.pop(parameter)).",
+            )
+        if was is not now:
+            with torch.no_grad():
+                for k, v in tensors.items():
+                    state[k] = _moved(optimizer, group, k, v, was, now, layout.full_shape)  # type: ignore[index]
+    records[id(parameter)] = now
+
+
+def _shape(positions: Tensor | None, layout: _Layout) -> torch.Size:
+    return layout.full_shape if positions is None else torch.Size([positions.numel()])
+
+
+def relayout_known_state(parameter: Tensor) -> None:
+    """Lay out at once the state of every optimizer seen stepping ``parameter`` (maskparam has
+    just reshaped it: baked, or applied a compact layout again), so that a checkpoint saved
+    before the next step holds state of the parameter's shape."""
+    entry = _reshaped.get(id(parameter))
+    if entry is None or entry[0]() is not parameter:
+        return
+    for optimizer in list(_laid_out):
+        if id(parameter) not in _laid_out[optimizer]:
+            continue
+        for group in optimizer.param_groups:
+            if any(p is parameter for p in group["params"]):
+                _lay_out(optimizer, group, parameter, entry[1])
 
 
 def _ensure_hook() -> None:
@@ -97,6 +194,16 @@ def watch_reshaped(
     layout = _Layout(name, full_shape, positions)
     _reshaped[key] = (weakref.ref(parameter, lambda _: _reshaped.pop(key, None)), layout)
     _ensure_hook()
+
+
+def watch_if_new(
+    parameter: Tensor, name: str, full_shape: torch.Size, positions: Callable[[], Tensor]
+) -> None:
+    """:func:`watch_reshaped`, unless ``parameter`` is watched already: a compact Parameter that
+    maskparam did not shrink itself (a deep copy, ``load_state_dict(assign=True)``)."""
+    entry = _reshaped.get(id(parameter))
+    if entry is None or entry[0]() is not parameter:
+        watch_reshaped(parameter, name, full_shape, positions)
 
 
 def watch_added_parameters(original: Tensor, name: str, new: Sequence[Tensor]) -> None:
@@ -136,16 +243,13 @@ def _check(optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
                     fix="pass layout='dense' to this tensor's spec (the default 'auto' chose "
                     "compact), or train it with an elementwise optimizer (SGD, Adam, AdamW).",
                 )
-            state = optimizer.state.get(parameter, {})
-            for key, value in list(state.items()):
-                relaid = relayout(watched, value)
-                if relaid is not None:
-                    state[key] = relaid
+            _lay_out(optimizer, group, watched, layout)
 
 
 def relayout(parameter: Tensor, value: object) -> Tensor | None:
-    """``value`` (optimizer state) laid out for ``parameter``'s current shape, where it has the
-    shape of the parameter's other layout (full or compact); ``None`` where nothing is to do.
+    """``value`` (saved optimizer state) laid out for ``parameter``'s current shape, where it has
+    the shape of the parameter's other layout (full, or the compact one it holds now); ``None``
+    where nothing is to do.
 
     Only per-parameter state of the other shape: LBFGS keeps flat vectors over all parameters
     under the first one, which are not this parameter's.
@@ -154,11 +258,11 @@ def relayout(parameter: Tensor, value: object) -> Tensor | None:
     if entry is None or entry[0]() is not parameter or not isinstance(value, Tensor):
         return None
     layout = entry[1]
-    shapes = (layout.full_shape, torch.Size([layout.positions().numel()]))
-    if value.shape == parameter.shape or value.shape not in shapes or parameter.shape not in shapes:
-        return None
+    now = layout.current(parameter)
+    if now is None or value.shape == parameter.shape or value.shape != layout.full_shape:
+        return None  # compact state into the full tensor: its positions are not known here
     with torch.no_grad():
-        return layout.relayout(value, parameter.shape)
+        return value.reshape(-1).index_select(0, now.to(value.device))
 
 
 def _check_added_parameters(optimizer: torch.optim.Optimizer) -> None:

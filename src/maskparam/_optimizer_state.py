@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from maskparam import _optimizer_guard
 from maskparam._tensors import find_tensors
+from maskparam._torch_parametrize import maskparam_constraints
 from maskparam.errors import check_module, error
 
 __all__ = ["load_optimizer_state_dict", "optimizer_state_dict"]
@@ -122,7 +123,7 @@ def load_optimizer_state_dict(
         for parameter, name in zip(group["params"], names, strict=True):
             old = by_name[name]
             if old in state["state"]:
-                new_state[position] = _laid_out(name, state["state"][old], parameter)
+                new_state[position] = _laid_out(name, state["state"][old], parameter, model)
             ids.append(position)
             position += 1
         groups.append({**saved_group, "params": ids})
@@ -139,12 +140,17 @@ def _check_arguments(optimizer: object, model: object, caller: str) -> None:
     check_module(model, caller)
 
 
-def _laid_out(name: str, entry: Mapping[str, Any], parameter: Tensor) -> dict[str, Any]:
+def _laid_out(
+    name: str, entry: Mapping[str, Any], parameter: Tensor, model: nn.Module
+) -> dict[str, Any]:
     """A copy of one parameter's saved state, laid out for its layout now: state saved for the
-    dense or plain tensor fits its compact layout and back (see ``_optimizer_guard``)."""
+    full tensor fits its compact layout, and state saved compact (a vector of the free entries)
+    fits the dense layout of the same mask, as on a model built on the meta device."""
     laid_out = dict(entry)
     for key, value in entry.items():
         relaid = _optimizer_guard.relayout(parameter, value)
+        if relaid is None and isinstance(value, Tensor) and value.shape != parameter.shape:
+            relaid = _from_compact(name, value, parameter, model)
         if relaid is not None:
             laid_out[key] = relaid
         elif isinstance(value, Tensor) and value.dim() > 0 and value.shape != parameter.shape:
@@ -155,3 +161,26 @@ def _laid_out(name: str, entry: Mapping[str, Any], parameter: Tensor) -> dict[st
                 fix="apply the same rules as when the state was saved (the same masks).",
             )
     return laid_out
+
+
+def _from_compact(name: str, value: Tensor, parameter: Tensor, model: nn.Module) -> Tensor | None:
+    """Compact state (one entry per free entry, in order) laid out in full, zeros elsewhere, where
+    the tensor ``name`` is constrained dense and ``value`` has one entry per free entry."""
+    if value.dim() != 1:
+        return None
+    for ref in find_tensors(model):
+        if ref.name != name or ref.storage is not parameter:
+            continue
+        constraints = maskparam_constraints(ref.module, ref.local_name)
+        if not constraints or constraints[0].reshapes_original:
+            return None
+        with torch.no_grad():
+            free = constraints[0].free_entries(
+                torch.ones(parameter.shape, dtype=torch.bool, device=parameter.device)
+            )
+            positions = free.reshape(-1).nonzero().reshape(-1)
+            if positions.numel() != value.numel():
+                return None
+            full = torch.zeros(parameter.shape, dtype=value.dtype, device=value.device)
+            return full.view(-1).index_copy_(0, positions.to(value.device), value).view_as(full)
+    return None

@@ -116,3 +116,4 @@ def _remove(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) ->
         _optimizer_guard.forget(original)
         if original.grad is not None and original.grad.shape != original.shape:
             original.grad = None  # a compact gradient cannot apply to the baked full tensor
+        _optimizer_guard.relayout_known_state(original)  # state laid out in full at once

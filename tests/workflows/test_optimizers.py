@@ -240,3 +240,46 @@ def test_optimizer_state_without_names_or_of_another_mask_is_refused(train):
     with pytest.raises(mp.MaskparamError, match=r"(?s)'weight'.*exp_avg.*shape \(6,\)"):
         mp.load_optimizer_state_dict(fresh, other, compact_saved)
     assert fresh.state_dict()["state"] == {}  # nothing was loaded
+
+
+# Optimizers whose state at an entry that never had a gradient is their fresh state (no coupled
+# weight decay): there the dense layout and the compact one must train identically, bit for bit,
+# through apply, bake and a new mask, with one optimizer.
+PRUNING_LOOP_OPTIMIZERS = {
+    "SGD(momentum)": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    "SGD(nesterov)": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "Adam(amsgrad)": lambda p: torch.optim.Adam(p, lr=0.05, amsgrad=True),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+    "AdamW(fused)": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1, fused=True),
+    "NAdam": lambda p: torch.optim.NAdam(p, lr=0.05, weight_decay=0.1, decoupled_weight_decay=True),
+    "RAdam": lambda p: torch.optim.RAdam(p, lr=0.05, weight_decay=0.1, decoupled_weight_decay=True),
+    "Rprop": lambda p: torch.optim.Rprop(p, lr=0.01),
+    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1, initial_accumulator_value=0.5),
+    "RMSprop": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("name", list(PRUNING_LOOP_OPTIMIZERS))
+def test_iterative_pruning_with_one_optimizer_trains_as_the_dense_layout(name):
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    start = {k: v.clone() for k, v in nn.Linear(8, 8).state_dict().items()}
+    first = mp.masks.random(0.5, seed=1)(torch.empty(8, 8))
+    second = mp.masks.random(0.5, seed=2)(torch.empty(8, 8))  # as many entries, elsewhere
+    trained = {}
+    for layout in ("dense", "compact"):
+        layer = nn.Linear(8, 8)
+        layer.load_state_dict(start)
+        optimizer = PRUNING_LOOP_OPTIMIZERS[name](layer.parameters())
+        for mask in (first, second):
+            mp.apply_mask(layer, {"weight": mp.Mask(mask, layout=layout)})
+            for _ in range(3):
+                optimizer.zero_grad()
+                layer(x).square().mean().backward()
+                optimizer.step()
+            mp.remove_parametrizations(layer)
+            # Laid out in full at once: a checkpoint saved now loads into the plain model.
+            shapes = {v.shape for v in optimizer.state[layer.weight].values() if v.dim()}
+            assert shapes == {torch.Size([8, 8])}
+        trained[layout] = layer.weight.detach().clone()
+    assert torch.equal(trained["compact"], trained["dense"])

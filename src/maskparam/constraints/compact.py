@@ -10,13 +10,15 @@ its tensor, and it needs real values (not meta tensors) to know the positions.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
+from maskparam import _optimizer_guard
 from maskparam.constraints.base import Constraint, Pins, binary_mask_problem
 from maskparam.constraints.kernels import scatter_free
 from maskparam.errors import error
@@ -142,6 +144,16 @@ class CompactScatter(Constraint):
 
     @override
     def forward(self, compact: Tensor) -> Tensor:
+        if isinstance(compact, nn.Parameter) and not torch.compiler.is_compiling():
+            # A compact Parameter maskparam did not shrink itself (a deep copy, a load with
+            # assign=True): its optimizer state must follow its layout too, when it is baked.
+            proxy = weakref.proxy(self)
+            _optimizer_guard.watch_if_new(
+                compact,
+                self.description,
+                self.shape,
+                lambda: proxy.positions(),  # noqa: PLW0108 - weak, not bound
+            )
         base = self.fill if self.fill.numel() else compact.new_zeros(self.shape)
         return scatter_free(compact, self.positions(), base.to(compact.dtype))
 
