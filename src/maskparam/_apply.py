@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
@@ -36,6 +35,7 @@ from maskparam._torch_parametrize import (
     remember_key_order,
 )
 from maskparam.constraints.base import Constraint, Spec
+from maskparam.constraints.compact import CompactScatter
 from maskparam.errors import MaskparamError, check_bool, check_module, error
 
 __all__ = ["ModuleT", "Preview", "Rules", "apply_mask", "preview"]
@@ -461,20 +461,13 @@ def _watch_optimizers(ref: TensorRef, constraint: Constraint, full_shape: torch.
     # without θ is surely a mistake. Learnable scores may live in an optimizer of their own.
     if added and not ref.storage.requires_grad:
         _optimizer_guard.watch_added_parameters(ref.storage, ref.name, added)
-    if constraint.reshapes_original:
-        # Read through a weak proxy: a loaded mask may move the free entries; a baked one is gone.
-        proxy = weakref.proxy(constraint)
-        _optimizer_guard.watch_reshaped(
-            ref.storage,
-            ref.name,
-            full_shape,
-            lambda: proxy.positions(),  # noqa: PLW0108 - weak, not bound
-        )
+    if isinstance(constraint, CompactScatter):  # it reshapes the stored Parameter
+        constraint.watch(ref.storage, ref.name)
         storage = ref.storage
         if storage.grad is not None and storage.grad.shape == full_shape:
             # A gradient accumulated before apply_mask (zero_grad(set_to_none=False), or
             # accumulation across it) keeps its free entries, as the dense layout would.
-            positions = proxy.positions()
+            positions = constraint.positions()
             storage.grad = storage.grad.reshape(-1).index_select(0, positions.to(storage.device))
         _optimizer_guard.relayout_known_state(storage)  # e.g. applied again after baking
 

@@ -30,7 +30,7 @@ from maskparam._torch_parametrize import (
     parametrized_names,
 )
 from maskparam.constraints.base import binary_mask_problem, load_error
-from maskparam.constraints.compact import CompactScatter
+from maskparam.constraints.compact import CompactScatter, free_positions
 from maskparam.constraints.freeze import FreezeEntries
 from maskparam.constraints.mask import MaskMultiply
 from maskparam.constraints.triangular import TriangularPart
@@ -65,10 +65,6 @@ class _Keys:
         return self.level + buffer
 
 
-def _positions(free: Tensor, shape: torch.Size) -> Tensor:
-    return free.ne(0).expand(shape).reshape(-1).nonzero().reshape(-1)
-
-
 def _is_tensor(value: object, shape: torch.Size | None = None) -> TypeGuard[Tensor]:
     return isinstance(value, Tensor) and (shape is None or value.shape == shape)
 
@@ -99,7 +95,7 @@ def _dense_to_compact(first: CompactScatter, keys: _Keys, state: dict[str, Any])
     if problem:  # its positions would be wrong: refused here, before anything loads
         raise load_error(keys.level, type(first).__name__, [problem])
     state[keys.original] = original.reshape(-1).index_select(
-        0, _positions(free, first.shape).to(original.device)
+        0, free_positions(free, first.shape).to(original.device)
     )
 
 
@@ -127,7 +123,7 @@ def _compact_to_dense(
         if fill is not None or not torch.equal(free.ne(0).expand(shape), first(ones).expand(shape)):
             return  # another triangle: refused by the shape check, not loaded as this one
         base, renamed = None, {}
-    positions = _positions(free, shape)
+    positions = free_positions(free, shape)
     if original.dim() != 1 or original.numel() != positions.numel():
         return
     full = torch.zeros(shape, dtype=original.dtype, device=original.device)

@@ -26,10 +26,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from maskparam.errors import error
 
 __all__ = [
+    "is_watched",
     "relayout",
     "relayout_known_state",
     "watch_added_parameters",
-    "watch_if_new",
     "watch_reshaped",
 ]
 
@@ -196,14 +196,10 @@ def watch_reshaped(
     _ensure_hook()
 
 
-def watch_if_new(
-    parameter: Tensor, name: str, full_shape: torch.Size, positions: Callable[[], Tensor]
-) -> None:
-    """:func:`watch_reshaped`, unless ``parameter`` is watched already: a compact Parameter that
-    maskparam did not shrink itself (a deep copy, ``load_state_dict(assign=True)``)."""
+def is_watched(parameter: Tensor) -> bool:
+    """Whether ``parameter``'s optimizer state is laid out by this guard (one dict lookup)."""
     entry = _reshaped.get(id(parameter))
-    if entry is None or entry[0]() is not parameter:
-        watch_reshaped(parameter, name, full_shape, positions)
+    return entry is not None and entry[0]() is parameter
 
 
 def watch_added_parameters(original: Tensor, name: str, new: Sequence[Tensor]) -> None:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from maskparam import _optimizer_guard
 from maskparam._tensors import find_tensors
 from maskparam._torch_parametrize import maskparam_constraints
+from maskparam.constraints.compact import free_positions
 from maskparam.errors import check_module, error
 
 __all__ = ["load_optimizer_state_dict", "optimizer_state_dict"]
@@ -178,7 +179,7 @@ def _from_compact(name: str, value: Tensor, parameter: Tensor, model: nn.Module)
             free = constraints[0].free_entries(
                 torch.ones(parameter.shape, dtype=torch.bool, device=parameter.device)
             )
-            positions = free.reshape(-1).nonzero().reshape(-1)
+            positions = free_positions(free, parameter.shape)
             if positions.numel() != value.numel():
                 return None
             full = torch.zeros(parameter.shape, dtype=value.dtype, device=value.device)

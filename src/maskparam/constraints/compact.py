@@ -23,7 +23,13 @@ from maskparam.constraints.base import Constraint, Pins, binary_mask_problem
 from maskparam.constraints.kernels import scatter_free
 from maskparam.errors import error
 
-__all__ = ["AUTO_COMPACT_MAX_FREE", "CompactScatter", "check_compact_possible", "chooses_compact"]
+__all__ = [
+    "AUTO_COMPACT_MAX_FREE",
+    "CompactScatter",
+    "check_compact_possible",
+    "chooses_compact",
+    "free_positions",
+]
 
 #: ``layout="auto"`` stores a tensor compact when at most this fraction of its entries is free.
 #: Measured on an MLP 4 x 1024, 1 thread (benchmarks/results/train_step.md): up to it, compact
@@ -44,6 +50,16 @@ def check_compact_possible(subject: str, tensor: Tensor) -> None:
             "does not have: it needs real tensors.",
             fix="apply after to_empty() and loading the weights, or use the dense layout.",
         )
+
+
+def free_positions(free: Tensor, shape: torch.Size) -> Tensor:
+    """The flat positions (int64) of the nonzero entries of ``free``, broadcast to ``shape``: where
+    the compact layout's stored entries sit in the full tensor, in order.
+
+    >>> free_positions(torch.tensor([[1], [0]], dtype=torch.uint8), torch.Size([2, 3])).tolist()
+    [0, 1, 2]
+    """
+    return free.ne(0).expand(shape).reshape(-1).nonzero().reshape(-1)
 
 
 def chooses_compact(layout: str, free: Tensor, shape: torch.Size) -> bool:
@@ -68,7 +84,8 @@ def chooses_compact(layout: str, free: Tensor, shape: torch.Size) -> bool:
 
 
 class CompactScatter(Constraint):
-    """``fill.scatter(index, original)``: the original is the vector of free entries.
+    """``fill`` (or zeros) with the free entries, at ``index``, from the original: the original is
+    the vector of free entries.
 
     The 1-byte ``free`` mask is the persistent state; the int64 ``index`` is derived from it
     (again after loading). ``fill`` holds the frozen values (``captured``), or is empty for
@@ -96,7 +113,18 @@ class CompactScatter(Constraint):
         )
 
     def _index(self) -> Tensor:
-        return self.free.bool().expand(self.shape).reshape(-1).nonzero().reshape(-1)
+        return free_positions(self.free, self.shape)
+
+    def watch(self, stored: Tensor, name: str) -> None:
+        """Have the optimizer guard lay out ``stored``'s optimizer state by this constraint's
+        positions, read through a weak proxy (a load may move them; a baked constraint is gone)."""
+        proxy = weakref.proxy(self)
+        _optimizer_guard.watch_reshaped(
+            stored,
+            name,
+            self.shape,
+            lambda: proxy.positions(),  # noqa: PLW0108 - weak, not bound
+        )
 
     def _free_key(self) -> tuple[int, int]:
         return id(self.free), self.free._version
@@ -144,16 +172,15 @@ class CompactScatter(Constraint):
 
     @override
     def forward(self, compact: Tensor) -> Tensor:
-        if isinstance(compact, nn.Parameter) and not torch.compiler.is_compiling():
-            # A compact Parameter maskparam did not shrink itself (a deep copy, a load with
-            # assign=True): its optimizer state must follow its layout too, when it is baked.
-            proxy = weakref.proxy(self)
-            _optimizer_guard.watch_if_new(
-                compact,
-                self.description,
-                self.shape,
-                lambda: proxy.positions(),  # noqa: PLW0108 - weak, not bound
-            )
+        # A compact Parameter maskparam did not shrink itself (a deep copy, a load with
+        # assign=True) is watched from its first forward: its optimizer state must follow its
+        # layout too. One dict lookup per call once watched.
+        if (
+            isinstance(compact, nn.Parameter)
+            and not torch.compiler.is_compiling()
+            and not _optimizer_guard.is_watched(compact)
+        ):
+            self.watch(compact, self.description)
         base = self.fill if self.fill.numel() else compact.new_zeros(self.shape)
         return scatter_free(compact, self.positions(), base.to(compact.dtype))
 
