@@ -323,12 +323,15 @@ def _build(targets: list[_Target], *, evaluate_last: bool) -> list[list[Constrai
     with torch.no_grad():
         for level in range(max((len(t.specs) for t in targets), default=0)):
             groups: dict[str, list[int]] = {}
+            joint: dict[int, list[int]] = {}  # id(selector) -> targets of a joint generator
             for i, target in enumerate(targets):
                 if level >= len(target.specs):
                     continue
                 spec = target.specs[level]
                 key = spec.group_key()
-                if key is None:
+                if key is None and spec.joint_source() is not None:
+                    joint.setdefault(id(target.selector), []).append(i)
+                elif key is None:
                     built[i].append(_built(spec, target.ref.name, values[i]))
                 else:
                     if group_levels.setdefault(key, level) != level:
@@ -345,6 +348,13 @@ def _build(targets: list[_Target], *, evaluate_last: bool) -> list[list[Constrai
                     members, specs[0].build_group(pairs, specs), strict=True
                 ):
                     built[i].append(_checked(specs[0], parametrization))
+            for members in joint.values():
+                pairs = [(targets[i].ref.name, values[i]) for i in members]
+                for i, selected in zip(
+                    members, joint_masks(targets[members[0]].specs[level], pairs), strict=True
+                ):
+                    spec = targets[i].specs[level]
+                    built[i].append(_built(spec, targets[i].ref.name, values[i], selected=selected))
             for i, target in enumerate(targets):
                 if level < len(target.specs) - (0 if evaluate_last else 1):
                     # The next level sees this level's output for what it would store.
@@ -353,10 +363,40 @@ def _build(targets: list[_Target], *, evaluate_last: bool) -> list[list[Constrai
     return built
 
 
-def _built(spec: Spec, name: str, tensor: torch.Tensor) -> Constraint:
+def joint_masks(spec: Spec, members: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """The masks ``spec``'s joint generator selects for ``members`` (every tensor of its rule at
+    one level), with anything but a MaskparamError turned into one naming the generator."""
+    source = spec.joint_source()
+    assert source is not None  # grouped by it
+    try:
+        selected = source.build_joint(members)
+    except MaskparamError:
+        raise
+    except Exception as failure:
+        raise error(
+            f"{source.describe()} for {len(members)} tensor(s)",
+            f"the generator raised {type(failure).__name__}: {failure}",
+            fix="fix the generator (build_joint(members) -> one mask per member).",
+        ) from failure
+    selected = list(selected)  # a tuple will do
+    if len(selected) != len(members):
+        raise error(
+            type(source).__name__,
+            f"build_joint returned {len(selected)} mask(s) for {len(members)} tensor(s).",
+            fix="return a list of bool masks, one per (name, tensor) pair, in their order.",
+        )
+    return selected
+
+
+def _built(
+    spec: Spec, name: str, tensor: torch.Tensor, *, selected: torch.Tensor | None = None
+) -> Constraint:
     """``spec.build`` with anything but a MaskparamError turned into one naming the tensor."""
     try:
-        built = spec.build(name, tensor)
+        if selected is None:
+            built = spec.build(name, tensor)
+        else:
+            built = spec.build_selected(name, tensor, selected)
     except MaskparamError:
         raise
     except Exception as failure:

@@ -27,10 +27,13 @@ from typing_extensions import override
 from maskparam.errors import check_int, error
 
 __all__ = [
+    "GlobalMagnitudeMask",
+    "JointMaskGenerator",
     "MaskGenerator",
     "MaskSource",
     "columns",
     "filters",
+    "global_magnitude",
     "magnitude",
     "random",
     "rows",
@@ -124,23 +127,80 @@ class MagnitudeMask(MaskGenerator):
         del subject
         # Same count as torch.nn.utils.prune.L1Unstructured, and the same set of entries.
         n_pruned = round(self.sparsity * tensor.numel())
-        if not n_pruned:
-            return torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
-        magnitudes = tensor.detach().abs().reshape(-1)
-        found = _kth_smallest(magnitudes, n_pruned)
-        # When exactly n entries are <= the n-th smallest, they are the n smallest whatever the
-        # order among equal values, so topk would prune exactly these.
-        if found is not None and found[1] == n_pruned:
-            kept = magnitudes.le(found[0]).logical_not_()  # NaN is kept: topk ranks it last
-            return kept.reshape(tensor.shape)
-        # Ties at the threshold (or NaN among the smallest): which of the equal values topk
-        # prunes is its own choice, so ask topk, as prune does. Unsorted where torch's kernels
-        # (CPU, CUDA) select first and only then sort the selection: the same set at 1/3 the cost.
-        mask = torch.ones(tensor.numel(), dtype=torch.bool, device=tensor.device)
-        unsorted = magnitudes.device.type in ("cpu", "cuda")
-        smallest = torch.topk(magnitudes, k=n_pruned, largest=False, sorted=not unsorted)
-        mask[smallest.indices] = False
-        return mask.reshape(tensor.shape)
+        return keep_largest(tensor.detach().abs().reshape(-1), n_pruned).reshape(tensor.shape)
+
+
+def keep_largest(magnitudes: Tensor, n_pruned: int) -> Tensor:
+    """A flat bool mask of ``magnitudes`` (flat, non-negative) without its ``n_pruned`` smallest
+    entries: the set ``torch.topk(largest=False)`` prunes, as ``torch.nn.utils.prune`` does."""
+    if not n_pruned:
+        return torch.ones(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
+    found = _kth_smallest(magnitudes, n_pruned)
+    # When exactly n entries are <= the n-th smallest, they are the n smallest whatever the
+    # order among equal values, so topk would prune exactly these.
+    if found is not None and found[1] == n_pruned:
+        return magnitudes.le(found[0]).logical_not_()  # NaN is kept: topk ranks it last
+    # Ties at the threshold (or NaN among the smallest): which of the equal values topk
+    # prunes is its own choice, so ask topk, as prune does. Unsorted where torch's kernels
+    # (CPU, CUDA) select first and only then sort the selection: the same set at 1/3 the cost.
+    mask = torch.ones(magnitudes.numel(), dtype=torch.bool, device=magnitudes.device)
+    unsorted = magnitudes.device.type in ("cpu", "cuda")
+    smallest = torch.topk(magnitudes, k=n_pruned, largest=False, sorted=not unsorted)
+    mask[smallest.indices] = False
+    return mask
+
+
+class JointMaskGenerator(MaskGenerator):
+    """A generator that computes the masks of several tensors at once: every tensor one rule
+    selects (in :func:`maskparam.apply_mask` and :func:`maskparam.update_masks`), e.g. one
+    ranking across all of them (:func:`global_magnitude`).
+
+    Subclasses implement :meth:`build_joint`; called on one tensor, the generator treats it as
+    the only member.
+    """
+
+    def build_joint(self, members: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
+        """The bool masks of ``members``, (name, tensor) pairs, in their order."""
+        raise NotImplementedError
+
+    @override
+    def build(self, tensor: Tensor, subject: str) -> Tensor:
+        return self.build_joint([(subject, tensor)])[0]
+
+
+@dataclass(frozen=True)
+class GlobalMagnitudeMask(JointMaskGenerator):
+    """Keeps the largest |w| of all the tensors a rule selects together; see
+    :func:`global_magnitude`."""
+
+    sparsity: float
+
+    def __post_init__(self) -> None:
+        check_fraction(self.sparsity, "sparsity")
+
+    @override
+    def describe(self) -> str:
+        return f"the {100 * (1 - self.sparsity):g}% largest |w| of the rule's tensors"
+
+    @override
+    def build_joint(self, members: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
+        if not members:
+            return []
+        tensors = [tensor.detach() for _, tensor in members]
+        dtype = tensors[0].dtype
+        for tensor in tensors[1:]:
+            dtype = torch.promote_types(dtype, tensor.dtype)  # exact: a wider float keeps order
+        device = tensors[0].device
+        # One ranking of the concatenation, in the rule's order: what prune.global_unstructured
+        # ranks (parameters_to_vector of the same tensors), so ties break the same way.
+        magnitudes = torch.cat([t.abs().reshape(-1).to(device, dtype) for t in tensors])
+        kept = keep_largest(magnitudes, round(self.sparsity * magnitudes.numel()))
+        return [
+            part.reshape(t.shape).to(t.device)
+            for part, t in zip(
+                torch.split(kept, [t.numel() for t in tensors]), tensors, strict=True
+            )
+        ]
 
 
 _INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -286,6 +346,23 @@ def magnitude(sparsity: float) -> MagnitudeMask:
     return MagnitudeMask(sparsity)
 
 
+def global_magnitude(sparsity: float) -> GlobalMagnitudeMask:
+    """Select all but the ``round(sparsity * n)`` smallest |w| among the ``n`` entries of *all*
+    the tensors one rule selects: one ranking across them, so layers end up with different
+    sparsities.
+
+    The masks equal those of ``torch.nn.utils.prune.global_unstructured(parameters,
+    pruning_method=prune.L1Unstructured, amount=sparsity)`` with the tensors in the model's order.
+
+    >>> import torch, maskparam as mp
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    >>> _ = mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.global_magnitude(0.75))})
+    >>> int((model[0].weight != 0).sum() + (model[1].weight != 0).sum())
+    8
+    """
+    return GlobalMagnitudeMask(sparsity)
+
+
 def slices(dim: int, index: IndexLike) -> SliceMask:
     """Select whole slices ``index`` along ``dim`` (negative indices count from the end).
 
@@ -363,10 +440,12 @@ def resolve(source: MaskSource, tensor: Tensor, subject: str) -> Tensor:
             f"got a {type(source).__name__}.",
             fix="pass e.g. torch.ones_like(weight, dtype=torch.bool) or mp.masks.random(0.5).",
         )
-    return _as_binary(mask, tensor, subject)
+    return as_binary(mask, tensor, subject)
 
 
-def _as_binary(mask: Tensor, tensor: Tensor, subject: str) -> Tensor:
+def as_binary(mask: Tensor, tensor: Tensor, subject: str) -> Tensor:
+    """``mask`` as a bool mask on ``tensor``'s device; refused (naming ``subject``) unless it is
+    binary and broadcasts to ``tensor``."""
     shape = tuple(tensor.shape)
     trailing = shape[len(shape) - mask.dim() :] if mask.dim() <= len(shape) else None
     fits = trailing is not None and all(

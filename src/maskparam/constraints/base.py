@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from maskparam.errors import MaskparamError, error
+from maskparam.masks import JointMaskGenerator
 
 __all__ = ["Constraint", "Layout", "Pins", "Spec"]
 
@@ -307,6 +308,16 @@ class Spec:
         ``tensor`` is the tensor's value as this spec sees it (after any earlier stacked spec).
         Raise :class:`~maskparam.MaskparamError` for a tensor this spec cannot constrain.
         """
+        raise NotImplementedError
+
+    def joint_source(self) -> JointMaskGenerator | None:
+        """The generator whose masks are computed for all the tensors of a rule at once
+        (:func:`maskparam.masks.global_magnitude`), if this spec takes one; see
+        :meth:`build_selected`."""
+        return None
+
+    def build_selected(self, name: str, tensor: Tensor, selected: Tensor) -> Constraint:
+        """:meth:`build`, with the entries :meth:`joint_source` selected for this tensor."""
         raise NotImplementedError
 
     def build_group(

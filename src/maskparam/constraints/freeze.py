@@ -98,7 +98,17 @@ class Freeze(Spec):
             index = masks.normalize_index(self.index, value.shape[dim], subject, "index")
             frozen_values = value.index_select(dim, index.to(value.device)).clone()
             return FreezeSlices(dim, index, frozen_values)
-        frozen = self._frozen(value, subject)
+        return self.build_selected(name, tensor, self._frozen(value, subject))
+
+    @override
+    def joint_source(self) -> masks.JointMaskGenerator | None:
+        return self.mask if isinstance(self.mask, masks.JointMaskGenerator) else None
+
+    @override
+    def build_selected(self, name: str, tensor: Tensor, selected: Tensor) -> Constraint:
+        subject = f"Freeze for {name!r}"
+        value = tensor.detach()
+        frozen = masks.as_binary(selected, value, subject)
         if chooses_compact(self.layout, ~frozen, value.shape):
             check_compact_possible(subject, value)
             fill = torch.where(frozen, value, torch.zeros((), dtype=value.dtype))

@@ -62,10 +62,21 @@ class Mask(Spec):
 
     @override
     def build(self, name: str, tensor: Tensor) -> Constraint:
-        kept = masks.resolve(self.mask, tensor, f"Mask for {name!r}")
+        return self.build_selected(name, tensor, masks.resolve(self.mask, tensor, self._for(name)))
+
+    @override
+    def joint_source(self) -> masks.JointMaskGenerator | None:
+        return self.mask if isinstance(self.mask, masks.JointMaskGenerator) else None
+
+    def _for(self, name: str) -> str:
+        return f"Mask for {name!r}"
+
+    @override
+    def build_selected(self, name: str, tensor: Tensor, selected: Tensor) -> Constraint:
+        kept = masks.as_binary(selected, tensor, self._for(name))
         keeps = masks.describe_source(self.mask)
         if chooses_compact(self.layout, kept, tensor.shape):
-            check_compact_possible(f"Mask for {name!r}", tensor)
+            check_compact_possible(self._for(name), tensor)
             return CompactScatter(kept, tensor.shape, None, f"Mask(keeps {keeps}, compact)")
         return MaskMultiply(kept, description=f"Mask(keeps {keeps})")
 
