@@ -25,6 +25,7 @@ from maskparam._optimizer_state import load_optimizer_state_dict, optimizer_stat
 from maskparam._remove import remove_parametrizations
 from maskparam._selectors import Selector
 from maskparam._summary import Summary, TensorSummary, summary
+from maskparam._update import MaskRules, update_masks
 from maskparam._verify import verify
 from maskparam.constraints.base import Constraint, Pins, Spec
 from maskparam.constraints.freeze import Freeze
@@ -39,6 +40,7 @@ __all__ = [
     "Freeze",
     "LearnableMask",
     "Mask",
+    "MaskRules",
     "MaskparamError",
     "Pins",
     "Preview",
@@ -65,6 +67,7 @@ __all__ = [
     "remove_parametrizations",
     "subspace_theta",
     "summary",
+    "update_masks",
     "verify",
 ]
 
