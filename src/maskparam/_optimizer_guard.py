@@ -31,6 +31,7 @@ __all__ = [
     "relayout",
     "relayout_known_state",
     "reset_entries",
+    "restart_flat_history",
     "watch_added_parameters",
     "watch_reshaped",
 ]
@@ -238,6 +239,20 @@ def reset_entries(parameter: Tensor, positions: Tensor) -> None:
                     fresh = _fresh(optimizer, group, key, value, torch.Size([1]))
                     with torch.no_grad():
                         value.view(-1).index_put_((positions.to(value.device),), fresh)
+
+
+def restart_flat_history(parameter: Tensor) -> None:
+    """Clear the history of every LBFGS seen stepping ``parameter``: it keeps flat vectors over
+    all its parameters, which no longer line up once a compact ``parameter`` changed size (its
+    curvature pairs belong to the old variables). LBFGS then starts afresh, as on its first step.
+    """
+    for optimizer in list(_stepped):
+        if not isinstance(optimizer, torch.optim.LBFGS):
+            continue
+        params = optimizer.param_groups[0]["params"]
+        if any(p is parameter for p in params):
+            optimizer.state.pop(params[0], None)
+            optimizer._numel_cache = None  # its cached total size
 
 
 def ensure_watching_steps() -> None:

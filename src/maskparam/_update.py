@@ -87,6 +87,8 @@ def update_masks(model: ModuleT, rules: MaskRules, *, strict: bool = True) -> Mo
       trains on from its frozen value, with fresh optimizer state.
     * A compact layout stays compact. It shrinks or grows to the new number of free entries,
       and the optimizer state follows each entry by position. A dense layout stays dense.
+      LBFGS, whose history is one flat vector over all its parameters, restarts it when a
+      compact tensor changes size.
 
     A tensor selected by a wildcard without a ``Mask`` or ``Freeze(mask)`` constraint is passed
     over. Naming one exactly is an error. Fresh state reaches the optimizers that have stepped
@@ -196,7 +198,7 @@ def _locate(
     if not found:
         if not exact:
             return None
-        kinds = ", ".join(type(p).__name__ for p in plist) or "no constraint"
+        kinds = ", ".join(_described(p) for p in plist) or "no constraint"
         raise error(
             f"rule {describe(selector)}",
             f"{ref.name!r} has {kinds}; update_masks updates "
@@ -214,7 +216,7 @@ def _locate(
     if earlier:
         raise error(
             repr(ref.name),
-            f"its {type(constraint).__name__} stands behind {type(earlier[0]).__name__}: an entry "
+            f"its {_described(constraint)} stands behind {_described(earlier[0])}: an entry "
             "that changes side could not be given its new value in the stored original.",
             fix="update masks that stand first, or behind other Mask, Freeze or Triangular "
             "constraints only.",
@@ -226,6 +228,12 @@ def _locate(
             fix="load the checkpoint (or to_empty and apply again) before updating masks.",
         )
     return level, constraint, what  # type: ignore[return-value]  # a Constraint by _selects_what
+
+
+def _described(parametrization: nn.Module) -> str:
+    if isinstance(parametrization, Constraint):
+        return parametrization.describe()
+    return type(parametrization).__name__
 
 
 def _output(ref: TensorRef, level: int) -> Tensor:
@@ -320,6 +328,8 @@ def _commit_compact(
         grad.index_copy_(0, was.to(grad.device), stored.grad)
         stored.grad = grad.index_select(0, now.to(grad.device))
     _optimizer_guard.relayout_known_state(stored)
+    if was.numel() != now.numel():
+        _optimizer_guard.restart_flat_history(stored)
 
 
 def _fit(buffer: Tensor, selected: Tensor) -> Tensor:
