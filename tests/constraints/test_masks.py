@@ -400,3 +400,22 @@ def test_structured_and_n_m_refuse_tensors_they_do_not_fit_and_leave_the_model_a
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[key], value) for key, value in before.items())
+
+
+@pytest.mark.parametrize(
+    ("generator", "words"),
+    [
+        (mp.masks.structured(0.25), "the 75% of slices along dim 0 of largest L2 norm"),
+        (mp.masks.structured(0.5, dim=-1, norm=1), "the 50% of slices along dim -1 of largest L1"),
+        (mp.masks.structured(0.5, norm=float("inf")), "of largest Linf norm"),
+        (mp.masks.structured(0.5, norm=float("-inf")), "of largest L-inf norm"),
+        (mp.masks.structured(0.5, norm=0.5), "of largest L0.5 norm"),
+        (mp.masks.structured(0.5, norm="fro"), "of largest Frobenius norm"),
+        (mp.masks.structured(0.5, norm="nuc"), "of largest nuclear norm"),
+        (mp.masks.n_m(1, 8), "1:8 (the 1 largest |w| of every 8 along the last dim)"),
+    ],
+)
+def test_structured_and_n_m_describe_what_they_select(generator, words):
+    assert words in generator.describe()
+    holder = _Holder(torch.randn(4, 2, 8))  # 3-d: the nuclear norm of a slice is defined
+    assert words in str(mp.summary(mp.apply_mask(holder, {"weight": mp.Freeze(generator)})))
