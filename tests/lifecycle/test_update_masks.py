@@ -125,7 +125,11 @@ def test_dense_and_compact_layouts_train_bit_identically_through_updates(name, k
     ("factory", "key", "fresh"),
     [
         (lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1), "exp_avg_sq", 0.0),
-        (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.1), "momentum_buffer", 0.0),
+        (
+            lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.1),
+            "momentum_buffer",
+            0.0,
+        ),
         (lambda p: torch.optim.Adagrad(p, lr=0.1, initial_accumulator_value=0.5), "sum", 0.5),
         (lambda p: torch.optim.Rprop(p, lr=0.01), "step_size", 0.01),
     ],
