@@ -470,29 +470,41 @@ def _compact_net(density: float) -> nn.Sequential:
     })  # fmt: skip
 
 
-def test_item06_mp_load_compact_of_other_density_is_atomic():
+@pytest.mark.parametrize("loader", ["mp", "torch"])
+def test_item06_a_compact_checkpoint_of_another_density_loads_its_mask_and_entries(loader):
+    """(Was refused until update_masks: a pruning run's checkpoint has another density.) The
+    stored Parameter keeps its identity and takes the checkpoint's size; outputs equal the
+    saved model's."""
+    source = _compact_net(0.5)
+    checkpoint = source.state_dict()
+    model = _compact_net(0.75)
+    stored = model[0].parametrizations.weight.original
+    x = torch.randn(3, 4)
+    if loader == "mp":
+        mp.load_state_dict(model, checkpoint)
+    else:
+        model.load_state_dict(checkpoint)
+    assert model[0].parametrizations.weight.original is stored
+    assert stored.numel() == 8
+    assert torch.equal(model(x), source(x))
+    assert mp.verify(model) == []
+
+
+@pytest.mark.parametrize("loader", ["mp", "torch"])
+def test_item06_compact_entries_that_do_not_fit_their_mask_are_refused_atomically(loader):
     checkpoint = _compact_net(0.5).state_dict()
+    checkpoint["0.parametrizations.weight.original"] = checkpoint[
+        "0.parametrizations.weight.original"
+    ][:-1]
     model = _compact_net(0.75)
     before = state_of(model)
     x = torch.randn(3, 4)
     output = model(x).detach()
-    with pytest.raises(Exception):  # noqa: B017, PT011 - any exception, ideally MaskparamError
-        mp.load_state_dict(model, checkpoint)
+    load = mp.load_state_dict if loader == "mp" else type(model).load_state_dict
+    with pytest.raises(mp.MaskparamError, match="another shape"):
+        load(model, checkpoint)
     assert_state_unchanged(model, before)
     assert torch.equal(model(x), output)
-
-
-def test_item06_torch_load_compact_of_other_density_leaves_the_constraint_intact():
-    """torch's own loader copies the matching keys before it raises (not maskparam's to fix),
-    but maskparam's `free` mask must not be overwritten while the original keeps its size."""
-    checkpoint = _compact_net(0.5).state_dict()
-    model = _compact_net(0.75)
-    free = model[0].parametrizations.weight[0].free.clone()
-    effective = model[0].weight.detach().clone()
-    with pytest.raises(Exception):  # noqa: B017, PT011 - torch's size-mismatch RuntimeError
-        model.load_state_dict(checkpoint)
-    assert torch.equal(model[0].parametrizations.weight[0].free, free)
-    assert torch.equal(model[0].weight, effective)
 
 
 def test_item06_mp_load_strict_missing_key_is_atomic():

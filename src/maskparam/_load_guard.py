@@ -12,11 +12,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from maskparam._layouts import translate_layouts
-from maskparam._torch_parametrize import maskparam_constraints, parametrized_names
+from maskparam._torch_parametrize import (
+    maskparam_constraints,
+    parametrization_list,
+    parametrized_names,
+)
 from maskparam.constraints.base import FixedTensors, load_error
+from maskparam.constraints.compact import CompactScatter
 from maskparam.errors import error
 
 __all__ = ["check_checkpoint", "guard_loads"]
@@ -45,7 +51,8 @@ def check_checkpoint(
     """
     if isinstance(state_dict, dict):  # torch's own copy of the checkpoint, which it loads from
         translate_layouts(model, state_dict, prefix)
-    _check_shapes(model, state_dict, prefix)
+    resizes = _compact_resizes(model, state_dict, prefix)
+    _check_shapes(model, state_dict, prefix, resized=set(resizes))
     for name, module in model.named_modules(prefix=prefix.rstrip(".")):
         here = f"{name}." if name else ""
         if isinstance(module, FixedTensors):
@@ -70,14 +77,54 @@ def check_checkpoint(
             problem = first.check_original(original, state)
             if problem:
                 raise load_error(first_prefix, type(first).__name__, [problem])
+    # Everything checked: now a compact original may take the checkpoint's number of entries.
+    for stored, numel in resizes.values():
+        with torch.no_grad():  # torch's load then copies the values in
+            stored.set_(stored.new_empty(numel))  # type: ignore[call-overload]  # set_(Tensor)
+        stored.grad = None  # laid out for the old entries
 
 
-def _check_shapes(model: nn.Module, state_dict: Mapping[str, Any], prefix: str) -> None:
+def _compact_resizes(
+    model: nn.Module, state_dict: Mapping[str, Any], prefix: str
+) -> dict[str, tuple[Tensor, int]]:
+    """The compact originals whose checkpoint holds another number of free entries, as its own
+    mask says (a run whose masks ``update_masks`` changed): key -> (stored tensor, numel).
+
+    The stored Parameter keeps its identity and takes the checkpoint's size; an optimizer's
+    state follows by position before its next step (``_optimizer_guard``), or comes from the
+    checkpoint's optimizer state.
+    """
+    resizes: dict[str, tuple[Tensor, int]] = {}
+    for name, module in model.named_modules(prefix=prefix.rstrip(".")):
+        here = f"{name}." if name else ""
+        for tensor_name in parametrized_names(module):
+            constraints = maskparam_constraints(module, tensor_name)
+            key = f"{here}parametrizations.{tensor_name}.original"
+            free = state_dict.get(f"{here}parametrizations.{tensor_name}.0.free")
+            loaded = state_dict.get(key)
+            if not constraints or not isinstance(constraints[0], CompactScatter):
+                continue
+            stored = parametrization_list(module, tensor_name).original
+            if not isinstance(loaded, Tensor) or not isinstance(free, Tensor):
+                continue
+            fits = free.shape == constraints[0].free.shape and loaded.dim() == 1
+            if (
+                fits
+                and loaded.numel() != stored.numel()
+                and loaded.numel() == int(free.to(torch.bool).expand(constraints[0].shape).sum())
+            ):
+                resizes[key] = (stored, loaded.numel())
+    return resizes
+
+
+def _check_shapes(
+    model: nn.Module, state_dict: Mapping[str, Any], prefix: str, *, resized: set[str]
+) -> None:
     own = {prefix + k: v for k, v in model.state_dict().items()}
     problems = []
     for key, current in own.items():
         loaded = state_dict.get(key)
-        if isinstance(loaded, Tensor) and loaded.shape != current.shape:
+        if isinstance(loaded, Tensor) and loaded.shape != current.shape and key not in resized:
             problems.append(
                 f"{key}: shape {tuple(loaded.shape)}, this model's {tuple(current.shape)}"
             )

@@ -155,27 +155,36 @@ def test_gradual_pruning_stores_compact_from_the_start_when_the_final_density_pa
     assert "compact" not in mp.summary(dense).tensors[0].constraint
 
 
-def test_gradual_pruning_resumes_from_a_checkpoint():
-    def run(model: nn.Module, pruning: mp.GradualPruning, steps: int) -> None:
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+@pytest.mark.parametrize("layout", ["dense", "auto"])  # auto: compact, resized by the load
+def test_gradual_pruning_resumes_from_a_checkpoint_bit_identically(layout):
+    rules = {"*.weight": mp.masks.global_magnitude}
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+
+    def start(seed: int) -> tuple[nn.Module, mp.GradualPruning, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        pruning = mp.GradualPruning(model, rules, sparsity=0.8, end=20, every=5, layout=layout)
+        return model, pruning, torch.optim.AdamW(model.parameters(), lr=0.01)
+
+    def run(model: nn.Module, pruning: mp.GradualPruning, optimizer, steps: int) -> None:
         for _ in range(steps):
-            train_steps(model, torch.ones(4, 8), steps=1, optimizer=optimizer)
+            train_steps(model, x, steps=1, optimizer=optimizer)
             pruning.step()
 
-    rules = {"*.weight": mp.masks.global_magnitude}
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
-    pruning = mp.GradualPruning(model, rules, sparsity=0.8, end=20, every=5, layout="dense")
-    run(model, pruning, 10)
-    saved, progress = copy.deepcopy(model.state_dict()), pruning.state_dict()
-    torch.manual_seed(1)
-    resumed = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
-    again = mp.GradualPruning(resumed, rules, sparsity=0.8, end=20, every=5, layout="dense")
-    resumed.load_state_dict(saved)
-    again.load_state_dict(progress)
+    model, pruning, optimizer = start(0)
+    run(model, pruning, optimizer, 10)
+    saved = copy.deepcopy((model.state_dict(), pruning.state_dict(), optimizer.state_dict()))
+    resumed, again, optimizer_again = start(1)  # other weights, the initial (dense) masks
+    resumed.load_state_dict(saved[0])
+    again.load_state_dict(saved[1])
+    optimizer_again.load_state_dict(saved[2])
     assert again.sparsity == pruning.sparsity == pytest.approx(0.7)
+    run(model, pruning, optimizer, 12)
+    run(resumed, again, optimizer_again, 12)
     for a, b in zip(model, resumed, strict=True):
         assert torch.equal(a.weight, b.weight)
+    assert mp.verify(resumed) == []
+    assert ("compact" in mp.summary(resumed).tensors[0].constraint) == (layout == "auto")
 
 
 @pytest.mark.parametrize(

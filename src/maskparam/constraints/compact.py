@@ -167,11 +167,11 @@ class CompactScatter(Constraint):
     def check_original(self, original: Tensor, state: Mapping[str, Tensor]) -> str | None:
         free = state.get("free", self.free)
         n_free = int(free.to(torch.bool).expand(self.shape).sum())
-        if original.numel() != self.positions().numel():
-            # load_state_dict cannot resize the stored Parameter: the mask must not load either.
+        if "free" not in state and original.numel() != self.positions().numel():
+            # Without its mask, the checkpoint's entries cannot be placed.
             return (
                 f"the checkpoint stores {original.numel()} free entries, this model "
-                f"{self.positions().numel()}: a mask of another density (apply the same rules first)"
+                f"{self.positions().numel()}, and it holds no mask to say where they go"
             )
         if original.numel() != n_free:
             return (
