@@ -129,6 +129,12 @@ def _lay_out(
     state = optimizer.state.get(parameter)
     key = id(parameter)
     recorded = records.get(key, ...)
+    if recorded is now and all(
+        v.shape == parameter.shape
+        for v in (state or {}).values()
+        if isinstance(v, Tensor) and v.dim()
+    ):
+        return  # the usual step: laid out for these very positions already
     # Per-parameter state only: of the parameter's shape, the full one or the recorded layout's.
     # (LBFGS keeps flat vectors over all parameters under the first one: not this one's.)
     known = {parameter.shape, layout.full_shape}

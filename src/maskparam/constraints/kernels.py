@@ -13,6 +13,7 @@ per call to ``0`` / ``-1`` (all bits set) of the tensor's width.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -186,3 +187,11 @@ def scatter_free(compact: Tensor, index: Tensor, base: Tensor) -> Tensor:
     [[7.0, -0.0], [1.0, 2.0]]
     """
     return _ScatterFree.apply(compact, index, base)  # type: ignore[no-untyped-call,no-any-return]
+
+
+# torch's Function.apply binds the arguments to ``forward``'s signature on every call (a function
+# with setup_context may have defaults), and inspect.signature costs about 20 us each time: more
+# than the kernel itself on small tensors, once per constrained tensor per forward. inspect reads
+# a function's ``__signature__`` first, so computing it once here leaves only the binding.
+for _function in (_KeepBits, _KeepOrFrozen, _StraightThrough, _ScatterFree):
+    _function.forward.__signature__ = inspect.signature(_function.forward)  # type: ignore[union-attr]
