@@ -73,7 +73,7 @@ class _Untouched:
         # The model's own buffers (not maskparam's constraint state, which no forward writes):
         # the object each slot holds, and a copy to write back should a forward change it.
         self.buffers = [
-            (module, name, buffer, buffer._version, buffer.detach().clone())
+            (module, name, buffer, buffer.detach().clone())
             for ref in find_tensors(model)
             if not ref.is_parameter and not ref.is_parametrized
             for module, name in [(ref.module, ref.local_name)]
@@ -97,9 +97,10 @@ class _Untouched:
         for module, flag in self.training:
             module.training = flag
         with torch.no_grad():
-            for module, name, buffer, version, saved in self.buffers:
+            for module, name, buffer, saved in self.buffers:
                 module._buffers[name] = buffer
-                if buffer._version != version:  # written in place: put the old values back
+                # BatchNorm's kernel updates its statistics without bumping _version: compare.
+                if not torch.equal(buffer, saved):
                     buffer.copy_(saved)
         torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
