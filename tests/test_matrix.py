@@ -35,6 +35,10 @@ CASES: dict[str, Callable[[], Rules]] = {
     "mask": lambda: {"*.weight": mp.Mask(_random(0.5, 1))},
     "mask-dense": lambda: {"*.weight": mp.Mask(_random(0.5, 1), layout="dense")},
     "mask-rows": lambda: {"*.weight": mp.Mask(mp.masks.rows([1, 4]))},
+    "mask-structured-compact": lambda: {
+        "*.weight": mp.Mask(mp.masks.structured(0.5, dim=1), layout="compact")
+    },
+    "freeze-n_m": lambda: {"*.weight": mp.Freeze(mp.masks.n_m(1, 3))},
     "freeze": lambda: {"*.weight": mp.Freeze(_random(0.5, 2))},
     "freeze-dense": lambda: {"*.weight": mp.Freeze(_random(0.5, 2), layout="dense")},
     "freeze-slices": lambda: {"*.weight": mp.Freeze(dim=0, index=[0, 2])},

@@ -23,8 +23,11 @@ from maskparam._checkpoints import load_state_dict
 from maskparam._distributed import exclude_constants_from_ddp
 from maskparam._optimizer_state import load_optimizer_state_dict, optimizer_state_dict
 from maskparam._remove import remove_parametrizations
+from maskparam._rewind import rewind
+from maskparam._schedule import GradualPruning, PruningRules, cubic_sparsity
 from maskparam._selectors import Selector
 from maskparam._summary import Summary, TensorSummary, summary
+from maskparam._update import MaskRules, update_masks
 from maskparam._verify import verify
 from maskparam.constraints.base import Constraint, Pins, Spec
 from maskparam.constraints.freeze import Freeze
@@ -37,11 +40,14 @@ from maskparam.errors import MaskparamError
 __all__ = [
     "Constraint",
     "Freeze",
+    "GradualPruning",
     "LearnableMask",
     "Mask",
+    "MaskRules",
     "MaskparamError",
     "Pins",
     "Preview",
+    "PruningRules",
     "Rules",
     "Selector",
     "Spec",
@@ -51,6 +57,7 @@ __all__ = [
     "Triangular",
     "apply_mask",
     "constraints",
+    "cubic_sparsity",
     "exclude_constants_from_ddp",
     "frozen_entries",
     "harden",
@@ -63,8 +70,10 @@ __all__ = [
     "optimizer_state_dict",
     "preview",
     "remove_parametrizations",
+    "rewind",
     "subspace_theta",
     "summary",
+    "update_masks",
     "verify",
 ]
 

@@ -76,6 +76,7 @@ def apply_mask(model: ModuleT, rules: Rules, *, strict: bool = True) -> ModuleT:
     check_module(model, "apply_mask")
     check_bool(strict, "apply_mask", "strict")
     targets = _plan(model, rules, strict=strict)
+    _optimizer_guard.ensure_watching_steps()  # update_masks resets a regrown entry's state
     _register(list(zip(targets, _build(targets, evaluate_last=False), strict=True)))
     guard_loads(model)
     for target in targets:  # a load into one constrained submodule is checked first too

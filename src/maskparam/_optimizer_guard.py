@@ -26,9 +26,12 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from maskparam.errors import error
 
 __all__ = [
+    "ensure_watching_steps",
     "is_watched",
     "relayout",
     "relayout_known_state",
+    "reset_entries",
+    "restart_flat_history",
     "watch_added_parameters",
     "watch_reshaped",
 ]
@@ -44,6 +47,8 @@ _seen: weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, list[int]]] = 
     weakref.WeakKeyDictionary()
 )
 _hook: Any = None
+# Every optimizer seen stepping since the first apply_mask: where a regrown entry's state is.
+_stepped: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 # Optimizers whose update depends on a tensor's shape: Adafactor factors the second moment of a
 # matrix, and would silently run unfactored on the compact layout's vector. (Muon refuses a
 # vector itself, when constructed.)
@@ -218,7 +223,45 @@ def forget(original: Tensor) -> None:
     _added.pop(id(original), None)
 
 
+def reset_entries(parameter: Tensor, positions: Tensor) -> None:
+    """Give the entries at flat ``positions`` of ``parameter`` fresh state in every optimizer seen
+    stepping it (a regrown or unfrozen entry starts as a new one: zeros, Rprop's step size,
+    Adagrad's initial accumulator). State of another shape than the parameter's is left alone."""
+    if not positions.numel():
+        return
+    for optimizer in list(_stepped):
+        for group in optimizer.param_groups:
+            if not any(p is parameter for p in group["params"]):
+                continue
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.dim() and value.shape == parameter.shape:
+                    fresh = _fresh(optimizer, group, key, value, torch.Size([1]))
+                    with torch.no_grad():
+                        value.view(-1).index_put_((positions.to(value.device),), fresh)
+
+
+def restart_flat_history(parameter: Tensor) -> None:
+    """Clear the history of every LBFGS seen stepping ``parameter``: it keeps flat vectors over
+    all its parameters, which no longer line up once a compact ``parameter`` changed size (its
+    curvature pairs belong to the old variables). LBFGS then starts afresh, as on its first step.
+    """
+    for optimizer in list(_stepped):
+        if not isinstance(optimizer, torch.optim.LBFGS):
+            continue
+        params = optimizer.param_groups[0]["params"]
+        if any(p is parameter for p in params):
+            optimizer.state.pop(params[0], None)
+            optimizer._numel_cache = None  # its cached total size
+
+
+def ensure_watching_steps() -> None:
+    """Record every optimizer that steps from now on (for :func:`reset_entries`)."""
+    _ensure_hook()
+
+
 def _check(optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+    _stepped.add(optimizer)
     if _added:
         _check_added_parameters(optimizer)
     if not _reshaped:

@@ -126,6 +126,10 @@ def _no_batches(caller: str) -> MaskparamError:
     )
 
 
+def _batches_in_words(count: int) -> str:
+    return f"{count} batch" if count == 1 else f"{count} batches"
+
+
 def _raised(caller: str, what: str, index: int, failure: Exception) -> MaskparamError:
     return error(
         caller,
@@ -182,7 +186,7 @@ class FisherMask(JointMaskGenerator):
     def describe(self) -> str:
         return (
             f"the {100 * self.density:g}% largest Fisher scores of the rule's tensors "
-            f"({self.n_batches} batches)"
+            f"({_batches_in_words(self.n_batches)})"
         )
 
     def __repr__(self) -> str:
@@ -221,8 +225,9 @@ class FisherMask(JointMaskGenerator):
             raise error(
                 subject,
                 f"the Fisher scores do not cover this tensor: {why}.",
-                fix="select only tensors that were trainable parameters when fisher(...) ran "
-                "(e.g. exclude the others from the rule), or compute the scores again.",
+                fix="call fisher(...) before apply_mask constrains the tensors (FISH scores them "
+                "once, before fine-tuning), and select only tensors that were trainable "
+                "parameters then (leave the others out of the rule).",
             )
         if total.shape != tensor.shape:
             raise error(
@@ -385,7 +390,7 @@ class WandaMask(JointMaskGenerator):
     def describe(self) -> str:
         return (
             f"all but the {100 * self.sparsity:g}% smallest |w|·‖x‖ of each row "
-            f"(Wanda, {self.n_batches} batches)"
+            f"(Wanda, {_batches_in_words(self.n_batches)})"
         )
 
     def __repr__(self) -> str:

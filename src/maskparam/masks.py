@@ -16,6 +16,7 @@ tensor([[False],
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -43,9 +44,11 @@ __all__ = [
     "fisher",
     "global_magnitude",
     "magnitude",
+    "n_m",
     "random",
     "rows",
     "slices",
+    "structured",
     "wanda",
 ]
 
@@ -379,6 +382,173 @@ def global_magnitude(sparsity: float) -> GlobalMagnitudeMask:
     8
     """
     return GlobalMagnitudeMask(sparsity)
+
+
+_NAMED_NORMS = {"fro": "Frobenius", "nuc": "nuclear"}
+
+
+def _is_norm(norm: object) -> bool:
+    """Whether ``norm`` is a p that torch.norm takes: a real number (not NaN), 'fro' or 'nuc'."""
+    if isinstance(norm, str):
+        return norm in _NAMED_NORMS
+    if not isinstance(norm, (int, float)) or isinstance(norm, bool):
+        return False
+    try:
+        return not math.isnan(float(norm))
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+@dataclass(frozen=True)
+class StructuredMask(MaskGenerator):
+    """Keeps the whole slices along ``dim`` of largest Ln norm; see :func:`structured`."""
+
+    sparsity: float
+    dim: int = 0
+    norm: float | str = 2
+
+    def __post_init__(self) -> None:
+        check_fraction(self.sparsity, "sparsity")
+        check_int(self.dim, "masks.structured", "dim")
+        if not _is_norm(self.norm):
+            raise error(
+                f"masks.structured(norm={self.norm!r})",
+                "the norm must be a number (the p of an Lp norm, inf and -inf included), "
+                "'fro' or 'nuc', as torch.nn.utils.prune.ln_structured takes.",
+                fix="pass e.g. norm=1, norm=2 or norm=float('inf').",
+            )
+
+    @override
+    def describe(self) -> str:
+        norm = _NAMED_NORMS.get(self.norm, "") if isinstance(self.norm, str) else f"L{self.norm:g}"
+        kept = f"{100 * (1 - self.sparsity):g}%"
+        return f"the {kept} of slices along dim {self.dim} of largest {norm} norm"
+
+    @override
+    def build(self, tensor: Tensor, subject: str) -> Tensor:
+        if tensor.dim() == 0:
+            raise error(
+                subject,
+                "the tensor is a scalar (0-d): it has no slices to rank.",
+                fix="select tensors with dimensions.",
+            )
+        if not -tensor.dim() <= self.dim < tensor.dim():
+            raise error(
+                subject,
+                f"dim={self.dim} is out of range for a tensor of shape {tuple(tensor.shape)}.",
+                fix=f"use a dim in [{-tensor.dim()}, {tensor.dim() - 1}].",
+            )
+        dim = self.dim % tensor.dim()
+        size = tensor.shape[dim]
+        shape = [1] * tensor.dim()  # broadcast shape (1, ..., size, ..., 1): one byte per slice
+        shape[dim] = size
+        scores = tensor.detach() if tensor.dim() > 1 else tensor.detach().unsqueeze(1)
+        others = [d for d in range(scores.dim()) if d != dim]
+        if self.norm == "nuc" and len(others) != 2:
+            raise error(
+                subject,
+                f"the nuclear norm of a slice needs slices that are matrices (a 3-d tensor); "
+                f"this tensor has shape {tuple(tensor.shape)}.",
+                fix="use norm=2 (or 'fro') for this tensor.",
+            )
+        # LnStructured.compute_mask, step by step: the same count, norms and topk, so the same
+        # slices (ties included). A vector's slices are its entries (prune refuses 1-d tensors).
+        n_pruned = round(self.sparsity * size)
+        if not n_pruned:
+            return torch.ones(shape, dtype=torch.bool, device=tensor.device)
+        # torch.norm's 'fro' is the 2-norm of the entries; passed as 2, it also works on 4-d
+        # tensors, where torch.norm would ask matrix_norm to reduce 3 dims and raise.
+        norms = torch.norm(scores, p=2 if self.norm == "fro" else self.norm, dim=others)
+        kept = torch.topk(norms, k=size - n_pruned, largest=True).indices
+        mask = torch.zeros(size, dtype=torch.bool, device=tensor.device)
+        mask[kept] = True
+        return mask.reshape(shape)
+
+
+@dataclass(frozen=True)
+class NMMask(MaskGenerator):
+    """Keeps the ``n`` largest |w| of every ``m`` consecutive entries; see :func:`n_m`."""
+
+    n: int
+    m: int
+
+    def __post_init__(self) -> None:
+        check_int(self.n, "masks.n_m", "n", minimum=0)
+        check_int(self.m, "masks.n_m", "m", minimum=1)
+        if self.n > self.m:
+            raise error(
+                f"masks.n_m(n={self.n}, m={self.m})",
+                "n (kept in every group) must be <= m (the group size).",
+                fix="pass e.g. n=2, m=4.",
+            )
+
+    @override
+    def describe(self) -> str:
+        return f"{self.n}:{self.m} (the {self.n} largest |w| of every {self.m} along the last dim)"
+
+    @override
+    def build(self, tensor: Tensor, subject: str) -> Tensor:
+        shape = tuple(tensor.shape)
+        if not shape:
+            raise error(
+                subject,
+                "the tensor is a scalar (0-d): it has no last dimension to group entries along.",
+                fix="select tensors with dimensions.",
+            )
+        last = math.prod(shape[1:]) if len(shape) > 2 else shape[-1]  # a conv as (out, -1)
+        if last % self.m:
+            viewed = f" (viewed as {(shape[0], last)})" if len(shape) > 2 else ""
+            raise error(
+                subject,
+                f"the last dimension of shape {shape}{viewed} has size {last}, which is not a "
+                f"multiple of m={self.m}: its entries do not split into groups of {self.m}.",
+                fix=f"use an m that divides {last}, or leave this tensor out of the rule.",
+            )
+        # Groups of m consecutive entries in row-major order: exactly the groups along the last
+        # dim of the (shape[0], -1) view, as last % m == 0. A stable sort ranks each group: the
+        # n largest |w| stay, ties to the lowest index, NaN counts as largest.
+        magnitudes = tensor.detach().abs().reshape(-1, self.m)
+        order = torch.sort(magnitudes, dim=1, descending=True, stable=True).indices
+        mask = torch.zeros(magnitudes.shape, dtype=torch.bool, device=tensor.device)
+        return mask.scatter_(1, order[:, : self.n], True).reshape(shape)
+
+
+def structured(sparsity: float, *, dim: int = 0, norm: float | str = 2) -> StructuredMask:
+    """Select whole slices along ``dim``: all but the ``round(sparsity * size)`` of least Ln norm.
+
+    The mask equals the ``weight_mask`` of ``torch.nn.utils.prune.ln_structured(module, name,
+    amount=sparsity, n=norm, dim=dim)``, tied norms included (the same ``torch.norm`` and
+    ``topk``), in the broadcast shape ``(1, ..., size, ..., 1)``. ``norm`` is any p that
+    ``torch.norm`` takes (``1``, ``2``, ``float("inf")``, ``-inf``, 0, fractions), ``"fro"`` (the
+    2-norm of a slice's entries) or ``"nuc"`` (3-d tensors only). Unlike prune, a sparsity is
+    always a fraction (``1`` prunes every slice) and a 1-d tensor is accepted (its slices are its
+    entries). With dim=0: output features of a Linear, filters of a conv.
+
+    >>> import torch
+    >>> w = torch.tensor([[3.0, 4.0], [1.0, 1.0], [0.0, 6.0]])
+    >>> structured(1 / 3)(w)  # row 2-norms 5, 1.41, 6: the weakest row goes
+    tensor([[ True],
+            [False],
+            [ True]])
+    >>> structured(0.5, dim=1, norm=1)(w)  # column 1-norms 4, 11
+    tensor([[False,  True]])
+    """
+    return StructuredMask(sparsity, dim, norm)
+
+
+def n_m(n: int, m: int) -> NMMask:
+    """Select the ``n`` largest-magnitude entries of every ``m`` consecutive ones (N:M sparsity).
+
+    Groups run along the last dimension; a tensor of more than 2 dims (a conv weight) is viewed
+    as ``(shape[0], -1)``, and that last dimension must be a multiple of ``m``. Ties within a group
+    go to the lowest index; NaN counts as largest. 2:4 is the pattern that
+    ``torch.sparse.to_sparse_semi_structured`` accelerates on CUDA.
+
+    >>> import torch
+    >>> n_m(2, 4)(torch.tensor([[0.1, -3.0, 2.0, 0.5, 1.0, 1.0, 1.0, 0.0]]))
+    tensor([[False,  True,  True, False,  True,  True, False, False]])
+    """
+    return NMMask(n, m)
 
 
 def slices(dim: int, index: IndexLike) -> SliceMask:

@@ -99,9 +99,18 @@ class CompactScatter(Constraint):
     reshapes_original: ClassVar[bool] = True
 
     def __init__(
-        self, free: Tensor, shape: torch.Size, fill: Tensor | None, description: str
+        self,
+        free: Tensor,
+        shape: torch.Size,
+        fill: Tensor | None,
+        description: str,
+        *,
+        selects: str | None = None,
     ) -> None:
         super().__init__()
+        # What the spec's mask selects ("mask": the kept entries, "freeze": the frozen ones),
+        # for update_masks; None where there is no mask to update (a triangle).
+        self.selects = selects
         self.shape = shape
         self.numel = math.prod(shape)
         self.description = description

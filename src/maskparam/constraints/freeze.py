@@ -113,7 +113,11 @@ class Freeze(Spec):
             check_compact_possible(subject, value)
             fill = torch.where(frozen, value, torch.zeros((), dtype=value.dtype))
             return CompactScatter(
-                ~frozen, value.shape, fill, f"Freeze(freezes {self._what()}, compact)"
+                ~frozen,
+                value.shape,
+                fill,
+                f"Freeze(freezes {self._what()}, compact)",
+                selects="freeze",
             )
         # where(), not a multiply: a non-finite value at a free entry must not leak into the rest.
         frozen_values = torch.where(frozen, value, torch.zeros((), dtype=value.dtype))

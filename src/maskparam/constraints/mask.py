@@ -77,7 +77,9 @@ class Mask(Spec):
         keeps = masks.describe_source(self.mask)
         if chooses_compact(self.layout, kept, tensor.shape):
             check_compact_possible(self._for(name), tensor)
-            return CompactScatter(kept, tensor.shape, None, f"Mask(keeps {keeps}, compact)")
+            return CompactScatter(
+                kept, tensor.shape, None, f"Mask(keeps {keeps}, compact)", selects="mask"
+            )
         return MaskMultiply(kept, description=f"Mask(keeps {keeps})")
 
 

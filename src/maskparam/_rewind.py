@@ -1,0 +1,128 @@
+"""``rewind``: reset the weights that still train to their values at an earlier step (the
+lottery-ticket procedure: prune, rewind the survivors, train again)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from maskparam._tensors import TensorRef, find_tensors
+from maskparam._torch_parametrize import parametrization_list
+from maskparam._update import _SELECTIONS
+from maskparam.constraints.compact import CompactScatter
+from maskparam.errors import check_bool, check_module, error
+
+__all__ = ["rewind"]
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def rewind(model: ModuleT, to: nn.Module | Mapping[str, Tensor], *, strict: bool = True) -> ModuleT:
+    """Reset ``model``'s weights to ``to``'s, keeping its constraints; in place, returns ``model``.
+
+    ``to`` is a copy of the model made earlier (``copy.deepcopy(model)``, constrained or not),
+    or a mapping from tensor names (``"fc.weight"``, as a plain model's ``state_dict`` has them)
+    to values. Every tensor takes the value it had there: a constrained one at its *free*
+    entries only. Masked entries stay zero and frozen ones keep their frozen values. The
+    parameters stay the same objects; optimizer state is not touched (the lottery-ticket
+    procedure starts a new optimizer). ``strict``: every tensor must be found in ``to``, and
+    every name of ``to`` in the model.
+
+    Rewinds entries that maskparam's selections (Mask, Freeze, Triangular) leave free. A
+    subspace's θ or a learnable mask's scores are not weights of ``to``, so they are refused.
+
+    >>> import copy, torch, maskparam as mp
+    >>> model = torch.nn.Linear(4, 4)
+    >>> early = copy.deepcopy(model.state_dict())
+    >>> with torch.no_grad():
+    ...     _ = model.weight.mul_(3)
+    >>> _ = mp.apply_mask(model, {"weight": mp.Mask(mp.masks.magnitude(0.5))})
+    >>> _ = mp.rewind(model, early)
+    >>> kept = model.weight != 0
+    >>> torch.equal(model.weight[kept], early["weight"][kept]), int(kept.sum())
+    (True, 8)
+    """
+    check_module(model, "rewind")
+    check_bool(strict, "rewind", "strict")
+    values = _values(to)
+    refs = find_tensors(model)
+    plan: list[tuple[TensorRef, Tensor]] = []
+    found: set[str] = set()
+    missing = []
+    for ref in refs:
+        name = next((n for n in ref.all_names if n in values), None)
+        if name is None:
+            missing.append(ref.name)
+            continue
+        found.update(n for n in ref.all_names if n in values)
+        value = values[name]
+        if tuple(value.shape) != tuple(ref.value.shape):
+            raise error(
+                repr(ref.name),
+                f"rewind's value has shape {tuple(value.shape)}, the tensor "
+                f"{tuple(ref.value.shape)}.",
+                fix="rewind to a copy of this model (or its state_dict) from earlier in training.",
+            )
+        _check_rewindable(ref)
+        plan.append((ref, value))
+    unexpected = sorted(set(values) - found)
+    if strict and (missing or unexpected):
+        details = []
+        if missing:
+            details.append(f"not in `to`: {', '.join(map(repr, missing[:8]))}")
+        if unexpected:
+            details.append(f"not in the model: {', '.join(map(repr, unexpected[:8]))}")
+        raise error(
+            "rewind",
+            "`to` does not hold the same tensors as the model.",
+            *details,
+            fix="rewind to a copy of this model from earlier in training, or pass strict=False.",
+        )
+    with torch.no_grad():
+        for ref, value in plan:
+            _write(ref, value)
+    return model
+
+
+def _values(to: object) -> dict[str, Tensor]:
+    if isinstance(to, nn.Module):
+        with torch.no_grad():
+            return {name: ref.value for ref in find_tensors(to) for name in ref.all_names}
+    if isinstance(to, Mapping) and all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in to.items()
+    ):
+        return dict(to)
+    raise error(
+        "rewind",
+        f"`to` must be a model or a mapping from tensor names to tensors; got a "
+        f"{type(to).__name__}.",
+        fix="keep copy.deepcopy(model) (or the plain model's state_dict) from the step to rewind to.",
+    )
+
+
+def _check_rewindable(ref: TensorRef) -> None:
+    others = [p for p in ref.parametrizations if not isinstance(p, _SELECTIONS)]
+    if others:
+        raise error(
+            repr(ref.name),
+            f"it is constrained by {type(others[0]).__name__}, whose trained values are not "
+            "the tensor's entries.",
+            fix="rewind with the state_dict of that earlier model instead "
+            "(model.load_state_dict(early.state_dict())), or pass strict=False and leave it out.",
+        )
+
+
+def _write(ref: TensorRef, value: Tensor) -> None:
+    """The stored tensor takes ``value`` (full shape): where a selection fixes an entry, the
+    stored value is not used, so writing it there too changes nothing the model computes."""
+    stored = ref.storage
+    value = value.to(stored.device, stored.dtype)
+    if ref.is_parametrized:
+        first = parametrization_list(ref.module, ref.local_name)[0]
+        if isinstance(first, CompactScatter):
+            stored.copy_(value.reshape(-1).index_select(0, first.positions()))
+            return
+    stored.copy_(value)

@@ -1,0 +1,187 @@
+"""``GradualPruning``: the cubic sparsity schedule of Zhu & Gupta (2017), driving
+:func:`~maskparam.update_masks` from the training loop in one line."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypeAlias
+
+from torch import nn
+
+from maskparam._apply import _selects, apply_mask
+from maskparam._selectors import Selector, check_selector, describe
+from maskparam._tensors import find_tensors
+from maskparam._update import update_masks
+from maskparam.constraints.base import Layout
+from maskparam.constraints.compact import AUTO_COMPACT_MAX_FREE
+from maskparam.constraints.mask import Mask
+from maskparam.errors import MaskparamError, check_int, check_module, error
+from maskparam.masks import MaskSource, check_fraction
+
+__all__ = ["GradualPruning", "PruningRules", "cubic_sparsity"]
+
+PruningRules: TypeAlias = Mapping[Selector, Callable[[float], MaskSource]]
+
+
+def cubic_sparsity(
+    step: int, *, initial: float, final: float, begin: int, end: int, every: int
+) -> float:
+    """The sparsity at ``step``: ``final + (initial - final) * (1 - (step - begin) / (end -
+    begin))**3``, clamped to [initial, final] (so ``initial`` before ``begin``, ``final`` after
+    ``end``). The formula of Zhu & Gupta (2017), and of ``torch.ao.pruning.CubicSL``'s
+    ``sparsity_compute_fn`` with ``t_0=begin, dt=every, n=(end - begin) // every``.
+
+    >>> cubic_sparsity(50, initial=0.0, final=0.9, begin=0, end=100, every=10)
+    0.7875
+    """
+    n = (end - begin) // every
+    s_t = final + (initial - final) * (1.0 - (step - begin) / (every * n)) ** 3
+    return max(initial, min(final, s_t))
+
+
+class GradualPruning:
+    """Prune gradually to ``sparsity``: masks tighten on Zhu & Gupta's cubic schedule, from
+    ``initial_sparsity`` at step ``begin`` to ``sparsity`` at step ``end``, every ``every``
+    steps. Fast at first, while many weights are redundant, then ever more slowly.
+
+    ``rules`` maps selectors to a function from a sparsity to a mask source, e.g.
+    ``{"*.weight": mp.masks.global_magnitude}`` or ``lambda s: mp.masks.structured(s, dim=0)``.
+    On construction the selected tensors get ``mp.Mask(rule(initial_sparsity))``, or their masks
+    are updated if maskparam already masks them (a resumed run). Then call :meth:`step` after
+    each optimizer step; at each scheduled step it calls :func:`~maskparam.update_masks`, so
+    the Parameters, the optimizer and its state carry on.
+
+    ``layout="auto"`` stores the masked tensors compact from the start where the *final*
+    density allows it (see ``Mask``'s layouts). Most of the steps run near that density. Where
+    compact is not possible, they are stored dense.
+
+    >>> import torch, maskparam as mp
+    >>> model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    >>> pruning = mp.GradualPruning(
+    ...     model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=100, every=10
+    ... )
+    >>> optimizer = torch.optim.AdamW(model.parameters())
+    >>> for step in range(100):
+    ...     loss = model(torch.randn(8, 16)).square().mean()
+    ...     optimizer.zero_grad(); loss.backward(); optimizer.step()
+    ...     _ = pruning.step()
+    >>> weights = mp.summary(model).tensors
+    >>> pruning.sparsity, sum(t.free for t in weights), sum(t.total for t in weights)
+    (0.9, 32, 320)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rules: PruningRules,
+        *,
+        sparsity: float,
+        end: int,
+        begin: int = 0,
+        every: int = 1,
+        initial_sparsity: float = 0.0,
+        layout: Layout = "auto",
+    ) -> None:
+        check_module(model, "GradualPruning")
+        check_fraction(sparsity, "sparsity")
+        check_fraction(initial_sparsity, "initial_sparsity")
+        for value, what in ((begin, "begin"), (end, "end"), (every, "every")):
+            check_int(value, "GradualPruning", what)
+        if initial_sparsity > sparsity:
+            raise error(
+                "GradualPruning",
+                f"initial_sparsity={initial_sparsity} exceeds sparsity={sparsity}.",
+                fix="the schedule only tightens: pass an initial_sparsity <= sparsity.",
+            )
+        if not 0 <= begin < end or every < 1 or (end - begin) % every:
+            raise error(
+                "GradualPruning",
+                f"begin={begin}, end={end}, every={every}: the masks are updated at begin, "
+                "begin + every, ..., end.",
+                fix="pass 0 <= begin < end and every >= 1 that divides end - begin.",
+            )
+        if layout not in ("auto", "dense", "compact"):
+            raise error(
+                "GradualPruning",
+                f"unknown layout {layout!r}.",
+                fix="use 'auto', 'dense' or 'compact'.",
+            )
+        if not isinstance(rules, Mapping) or not rules:  # type: ignore[redundant-expr]  # user input
+            raise error(
+                "GradualPruning",
+                f"rules must be a non-empty mapping from selectors to functions of the sparsity; "
+                f"got {rules!r}.",
+                fix="pass e.g. {'*.weight': mp.masks.global_magnitude}.",
+            )
+        for selector, rule in rules.items():
+            check_selector(selector)
+            if not callable(rule):
+                raise error(
+                    f"rule {describe(selector)}",
+                    f"maps to a {type(rule).__name__}, not a function of the sparsity.",
+                    fix="map it to e.g. mp.masks.global_magnitude, or lambda s: "
+                    "mp.masks.structured(s, dim=0).",
+                )
+        self.model = model
+        self.rules = dict(rules)
+        self.final = sparsity
+        self.initial = initial_sparsity
+        self.begin, self.end, self.every = begin, end, every
+        #: Optimizer steps counted so far (by :meth:`step`).
+        self.steps = 0
+        #: The sparsity the masks were last computed for.
+        self.sparsity = initial_sparsity
+        self._start(layout)
+
+    def _start(self, layout: Layout) -> None:
+        refs = find_tensors(self.model)
+        masked = [ref.name for ref in refs for sel in self.rules if _selects(sel, ref)]
+        constrained = [ref.name for ref in refs if ref.has_constraint and ref.name in masked]
+        if constrained:  # resumed: the masks are there already
+            self._update(self.initial)
+            return
+        if layout == "auto" and 1 - self.final <= AUTO_COMPACT_MAX_FREE:
+            try:
+                apply_mask(self.model, self._masks(self.initial, "compact"))
+                return
+            except MaskparamError:
+                pass  # e.g. a tied or frozen tensor: let "auto" decide per tensor
+        apply_mask(self.model, self._masks(self.initial, layout))
+
+    def _masks(self, sparsity: float, layout: Layout) -> dict[Selector, Mask]:
+        return {sel: Mask(rule(sparsity), layout=layout) for sel, rule in self.rules.items()}
+
+    def _update(self, sparsity: float) -> None:
+        update_masks(self.model, {sel: rule(sparsity) for sel, rule in self.rules.items()})
+        self.sparsity = sparsity
+
+    def sparsity_at(self, step: int) -> float:
+        """The scheduled sparsity after ``step`` optimizer steps (see :func:`cubic_sparsity`)."""
+        return cubic_sparsity(
+            step,
+            initial=self.initial,
+            final=self.final,
+            begin=self.begin,
+            end=self.end,
+            every=self.every,
+        )
+
+    def step(self) -> float:
+        """Count one optimizer step; at ``begin``, ``begin + every``, ..., ``end``, compute the
+        masks for the scheduled sparsity. Returns the sparsity the masks now have."""
+        self.steps += 1
+        t = self.steps
+        if self.begin <= t <= self.end and (t - self.begin) % self.every == 0:
+            target = self.sparsity_at(t)
+            if target != self.sparsity:
+                self._update(target)
+        return self.sparsity
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule's progress, to resume it (the masks are in the model's state_dict)."""
+        return {"steps": self.steps, "sparsity": self.sparsity}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; load the model's checkpoint too."""
+        self.steps = int(state["steps"])
+        self.sparsity = float(state["sparsity"])

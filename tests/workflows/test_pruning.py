@@ -1,0 +1,252 @@
+"""The pruning toolkit against torch's own: global magnitude (= prune.global_unstructured), the
+cubic schedule (= torch.ao's CubicSL formula) driving update_masks, lottery-ticket rewinding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import train_steps
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+from torch.ao.pruning import CubicSL
+from torch.nn.utils import prune
+
+import maskparam as mp
+
+
+def _model(integer_valued: bool = False, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Conv1d(2, 3, 3), nn.Linear(10, 4))
+    if integer_valued:  # many equal magnitudes: ties decide
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randint(-3, 4, p.shape).float())
+    return model
+
+
+def _weights(model: nn.Module) -> list[Tensor]:
+    return [model[i].weight for i in (0, 2, 3)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sparsity=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)),
+    integer_valued=st.booleans(),
+    seed=st.integers(0, 5),
+    layout=st.sampled_from(["dense", "compact", "auto"]),
+)
+def test_global_magnitude_equals_torch_global_unstructured(sparsity, integer_valued, seed, layout):
+    model = _model(integer_valued, seed)
+    reference = copy.deepcopy(model)
+    rules = {"*.weight": mp.Mask(mp.masks.global_magnitude(sparsity), layout=layout)}
+    mp.apply_mask(model, rules)
+    prune.global_unstructured(
+        [(reference[i], "weight") for i in (0, 2, 3)],
+        pruning_method=prune.L1Unstructured,
+        amount=sparsity,
+    )
+    for ours, theirs in zip(_weights(model), _weights(reference), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_global_magnitude_ranks_per_rule_and_across_the_rules_tensors():
+    model = _model()
+    with torch.no_grad():
+        model[0].weight.abs_().add_(10)  # the big layer keeps everything under one ranking
+    mp.apply_mask(
+        model,
+        {
+            "[03].weight": mp.Mask(mp.masks.global_magnitude(0.25)),
+            "2.weight": mp.Mask(mp.masks.global_magnitude(0.5)),
+        },
+    )
+    assert int((model[0].weight == 0).sum()) == 0
+    assert int((model[3].weight == 0).sum()) == 40  # 40 of 160 pruned: all of layer 3's 40
+    assert int((model[2].weight == 0).sum()) == round(0.5 * 18)  # its own ranking
+
+
+def test_global_magnitude_freezes_the_largest_with_freeze():
+    model = _model()
+    before = [w.detach().clone() for w in _weights(model)]
+    mp.apply_mask(model, {"*.weight": mp.Freeze(mp.masks.global_magnitude(0.9))})
+    train_steps(model[:2], torch.randn(4, 12), steps=3)
+    frozen = mp.masks.global_magnitude(0.9).build_joint([(str(i), w) for i, w in enumerate(before)])
+    assert torch.equal(model[0].weight[frozen[0]], before[0][frozen[0]])
+    assert not torch.equal(model[0].weight, before[0])
+    assert mp.verify(model) == []
+
+
+def test_a_joint_generator_is_called_once_per_rule_with_the_rules_tensors():
+    calls = []
+
+    class Record(mp.masks.JointMaskGenerator):
+        def build_joint(self, members):
+            calls.append([name for name, _ in members])
+            return [torch.ones_like(t, dtype=torch.bool) for _, t in members]
+
+    mp.apply_mask(_model(), {"*.weight": mp.Mask(Record()), "*.bias": mp.Mask(Record())})
+    assert calls == [["0.weight", "2.weight", "3.weight"], ["0.bias", "2.bias", "3.bias"]]
+
+
+def test_a_joint_generator_returning_too_few_masks_is_refused_and_nothing_changes():
+    class Short(mp.masks.JointMaskGenerator):
+        def build_joint(self, members):
+            return [torch.ones_like(members[0][1], dtype=torch.bool)]
+
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(mp.MaskparamError, match="returned 1 mask"):
+        mp.apply_mask(model, {"*.weight": mp.Mask(Short())})
+    assert model.state_dict().keys() == before.keys()
+
+
+# --- the schedule ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("initial", "final", "begin", "end", "every"),
+    [(0.0, 0.9, 0, 100, 10), (0.2, 0.95, 30, 90, 3), (0.5, 0.5, 0, 4, 1)],
+)
+def test_cubic_sparsity_is_torchs_cubic_formula(initial, final, begin, end, every):
+    n = (end - begin) // every
+    for step in range(end + 20):
+        expected = CubicSL.sparsity_compute_fn(initial, final, step, begin, every, n)
+        got = mp.cubic_sparsity(
+            step, initial=initial, final=final, begin=begin, end=end, every=every
+        )
+        assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_gradual_pruning_reaches_each_scheduled_sparsity_with_one_line_in_the_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    pruning = mp.GradualPruning(
+        model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, begin=10, end=50, every=10
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    params = list(model.parameters())
+    x = torch.randn(32, 16)
+    seen = []
+    for step in range(1, 61):
+        train_steps(model, x, steps=1, optimizer=optimizer)
+        sparsity = pruning.step()
+        zeros = sum(int((w == 0).sum()) for w in (model[0].weight, model[2].weight))
+        seen.append((step, sparsity, zeros))
+        assert mp.verify(model) == []
+    total = 16 * 32 + 32 * 4
+    for step, sparsity, zeros in seen:
+        scheduled = pruning.sparsity_at(max(10, min(50, step - step % 10)))
+        assert sparsity == scheduled
+        assert zeros == round(scheduled * total)  # exact zeros, even under weight decay
+    assert seen[-1][1] == 0.9
+    assert all(p is q for p, q in zip(model.parameters(), params, strict=True))
+    assert [type(m) for m in mp.remove_parametrizations(model)] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+def test_gradual_pruning_stores_compact_from_the_start_when_the_final_density_pays():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    mp.GradualPruning(model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=10)
+    assert "compact" in mp.summary(model).tensors[0].constraint
+    dense = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    mp.GradualPruning(dense, {"*.weight": mp.masks.global_magnitude}, sparsity=0.3, end=10)
+    assert "compact" not in mp.summary(dense).tensors[0].constraint
+
+
+def test_gradual_pruning_resumes_from_a_checkpoint():
+    def run(model: nn.Module, pruning: mp.GradualPruning, steps: int) -> None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(steps):
+            train_steps(model, torch.ones(4, 8), steps=1, optimizer=optimizer)
+            pruning.step()
+
+    rules = {"*.weight": mp.masks.global_magnitude}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    pruning = mp.GradualPruning(model, rules, sparsity=0.8, end=20, every=5, layout="dense")
+    run(model, pruning, 10)
+    saved, progress = copy.deepcopy(model.state_dict()), pruning.state_dict()
+    torch.manual_seed(1)
+    resumed = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    again = mp.GradualPruning(resumed, rules, sparsity=0.8, end=20, every=5, layout="dense")
+    resumed.load_state_dict(saved)
+    again.load_state_dict(progress)
+    assert again.sparsity == pruning.sparsity == pytest.approx(0.7)
+    for a, b in zip(model, resumed, strict=True):
+        assert torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sparsity": 1.5, "end": 10}, "sparsity"),
+        ({"sparsity": 0.5, "end": 10, "initial_sparsity": 0.6}, "exceeds"),
+        ({"sparsity": 0.5, "end": 10, "every": 3}, "divides"),
+        ({"sparsity": 0.5, "end": 0}, "begin < end"),
+        ({"sparsity": 0.5, "end": 10, "layout": "sparse"}, "unknown layout"),
+    ],
+)
+def test_gradual_pruning_refuses_bad_schedules_before_touching_the_model(kwargs, message):
+    model = nn.Linear(4, 4)
+    with pytest.raises(mp.MaskparamError, match=message):
+        mp.GradualPruning(model, {"weight": mp.masks.magnitude}, **kwargs)
+    assert type(model) is nn.Linear
+
+
+def test_gradual_pruning_refuses_a_rule_that_is_not_a_function_of_the_sparsity():
+    with pytest.raises(mp.MaskparamError, match="not a function of the sparsity"):
+        mp.GradualPruning(nn.Linear(4, 4), {"weight": 0.5}, sparsity=0.5, end=10)  # type: ignore[dict-item]
+
+
+# --- rewinding ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+@pytest.mark.parametrize("early_kind", ["plain state_dict", "constrained copy"])
+def test_lottery_ticket_rewind_resets_survivors_and_keeps_the_mask(layout, early_kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(32, 8)
+    if early_kind == "constrained copy":
+        mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.global_magnitude(0.2), layout=layout)})
+    train_steps(model, x, steps=2)
+    early: object = (
+        copy.deepcopy(model)
+        if early_kind == "constrained copy"
+        else copy.deepcopy(model.state_dict())
+    )
+    reference = (
+        mp.remove_parametrizations(copy.deepcopy(model))
+        if early_kind != "plain state_dict"
+        else None
+    )
+    early_weights = [
+        (reference if reference is not None else model)[i].weight.detach().clone() for i in (0, 2)
+    ]
+    train_steps(model, x, steps=5)
+    if early_kind == "plain state_dict":
+        mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.global_magnitude(0.8), layout=layout)})
+    else:
+        mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)})
+    kept = [model[i].weight != 0 for i in (0, 2)]
+    mp.rewind(model, early)  # type: ignore[arg-type]
+    for i, k, w in zip((0, 2), kept, early_weights, strict=True):
+        assert torch.equal(model[i].weight[k], w[k])  # survivors rewound, bit for bit
+        assert bool((model[i].weight[~k] == 0).all())  # the mask holds
+    assert mp.verify(model) == []
+    train_steps(model, x, steps=2)
+    assert mp.verify(model) == []
+
+
+def test_rewind_refuses_what_it_cannot_rewind_and_changes_nothing():
+    model = mp.apply_mask(nn.Linear(4, 4), {"weight": mp.Subspace(3)})
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(mp.MaskparamError, match="Subspace"):
+        mp.rewind(model, {"weight": torch.zeros(4, 4), "bias": torch.zeros(4)})
+    with pytest.raises(mp.MaskparamError, match="not in `to`"):
+        mp.rewind(nn.Linear(4, 4), {"weight": torch.zeros(4, 4)})
+    with pytest.raises(mp.MaskparamError, match="shape"):
+        mp.rewind(nn.Linear(4, 4), {"weight": torch.zeros(4, 5), "bias": torch.zeros(4)})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
