@@ -735,9 +735,6 @@ CASES: list[tuple[str, Setup]] = [
         "num_batches_tracked by exact name",
         spec(lambda: mp.Mask(RANDOM), "1.num_batches_tracked", batchnorm),
     ),
-    ("LSTM weight", spec(lambda: mp.Mask(RANDOM), "weight_ih_l0", lambda: nn.LSTM(3, 3))),
-    ("GRU weight", spec(mp.Triangular, "weight_hh_l0", lambda: nn.GRU(3, 3))),
-    ("RNN bias", spec(lambda: mp.Freeze(dim=0, index=[0]), "bias_ih_l0", lambda: nn.RNN(3, 3))),
     (
         "sparse Embedding",
         spec(lambda: mp.Mask(RANDOM), model=lambda: nn.Embedding(5, 3, sparse=True)),

@@ -84,7 +84,8 @@ Crashes and unhelpful errors (all fail on 0.1: yes)
    masks.random(0.5, seed=True) (accepted, then torch's RuntimeError at apply).
  - Found by helper: a raising selector predicate gives a bare ZeroDivisionError; a weight tied
    to an RNN weight is not refused, and the RNN then silently runs on stale weights
-   (_flat_weights keeps the apply-time value; copy.deepcopy of the model fails).
+   (_flat_weights keeps the apply-time value; copy.deepcopy of the model fails). Since RNN
+   weights are constrained for real, the tied case constrains the RNN too.
 
 Scale (measured only, no timed test): N parameters of shape (2, 2) registered on one module,
 one exact-name rule each, this machine (2 shared cores):
@@ -1169,7 +1170,7 @@ def test_helper04_error_in_selector_predicate_names_the_tensor():
 
 
 # ---------------------------------------------------------------------------------------------
-# Found by helper: a weight tied to an RNN weight slips past the RNN refusal
+# Found by helper: a weight tied to an RNN weight slipped past the (former) RNN refusal
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1181,12 +1182,24 @@ class TiedToRNN(nn.Module):
         self.rnn.weight_ih_l0 = self.lin.weight
 
 
-def test_helper05_weight_tied_to_an_rnn_weight_is_refused():
-    """On 0.1 the RNN's _flat_weights keep the value computed at apply time (pytorch issue 65688,
-    the very reason RNN weights are refused): after training, the RNN silently uses stale
-    weights, and copy.deepcopy of the model fails."""
+def test_helper05_weight_tied_to_an_rnn_weight_constrains_the_rnn_too():
+    """On 0.1 the RNN's _flat_weights kept the value computed at apply time (pytorch issue
+    65688): after training, the RNN silently used stale weights, and copy.deepcopy of the model
+    failed. Now the RNN computes with the tied, constrained tensor in every forward."""
     model = TiedToRNN()
-    before = state_of(model)
-    with pytest.raises(mp.MaskparamError, match="weight_ih_l0"):
-        mp.apply_mask(model, {"lin.weight": mp.Mask(mp.masks.random(0.5))})
-    assert_state_unchanged(model, before)
+    mp.apply_mask(model, {"lin.weight": mp.Mask(mp.masks.random(0.5))})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.randn(4, 2, 3)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (model.rnn(x)[0].sum() + model.lin(x).sum()).backward()
+        optimizer.step()
+    assert mp.verify(model) == []
+    twin = nn.RNN(3, 12)
+    with torch.no_grad():
+        for name in twin._flat_weights_names:
+            getattr(twin, name).copy_(getattr(model.rnn, name))
+    assert torch.equal(twin.weight_ih_l0, model.lin.weight)
+    assert torch.equal(model.rnn(x)[0], twin(x)[0])
+    copied = copy.deepcopy(model)
+    assert torch.equal(copied.rnn(x)[0], twin(x)[0])

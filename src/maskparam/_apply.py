@@ -24,6 +24,7 @@ from torch.nn.utils import parametrize
 from maskparam import _optimizer_guard
 from maskparam._load_guard import guard_loads
 from maskparam._remove import remove_constraints
+from maskparam._rnn import reset_flat_weights
 from maskparam._selectors import Selector, check_selector, describe, is_exact_name, matches
 from maskparam._tables import text_table
 from maskparam._tensors import TensorRef, find_tensors
@@ -294,21 +295,6 @@ def _check_target(ref: TensorRef, selector: Selector, targets: dict[int, _Target
                 "parametrization (it would fail at backward).",
                 fix="build the embedding with sparse=False (and a dense optimizer).",
             )
-    rnn_slots = [
-        (module, local)
-        for module, local in ref.holders
-        if isinstance(module, nn.RNNBase) and local in module._flat_weights_names
-    ]
-    if rnn_slots:
-        module, local = rnn_slots[0]
-        raise error(
-            repr(ref.name),
-            f"{type(module).__name__} reads its weights from _flat_weights, so a parametrized "
-            "weight would be silently ignored (pytorch issue 65688).",
-            f"the tensor is {type(module).__name__}'s {local!r} (names: "
-            f"{', '.join(map(repr, ref.all_names))})",
-            fix="leave RNN weights unconstrained, or build the RNN from nn.Linear cells.",
-        )
 
 
 def _build(targets: list[_Target], *, evaluate_last: bool) -> list[list[Constraint]]:
@@ -467,13 +453,15 @@ def _register(built: list[tuple[_Target, list[Constraint]]]) -> None:
                 _watch_optimizers(ref, constraint, full_shapes[id(ref)])
             link_stack(ref.module, ref.local_name)
         # Once per module, now that torch has injected its class: ours adds the __setattr__
-        # that lets `module.weight = nn.Parameter(w)` go through the constraint.
+        # that lets `module.weight = nn.Parameter(w)` go through the constraint, and makes an
+        # RNN compute with its constrained weights (see _rnn).
         done: set[int] = set()
         for target, _ in built:
             for module, _local in target.ref.holders:
                 if id(module) not in done:
                     give_own_class(module)
                     refuse_pickling(module)
+                    reset_flat_weights(module)  # an RNN's list holds the constrained tensors
                     done.add(id(module))
     except Exception as failure:
         # Dense layouts store the tensor unchanged, so removing without baking restores each

@@ -2,7 +2,8 @@
 
 Only maskparam's own constraints are removed (a user's ``weight_norm`` stays). Where maskparam
 was the only parametrization of a module, the module gets back its class, its state_dict keys and
-their order; the baked Parameter is the same object the optimizer held.
+their order; the baked Parameter is the same object the optimizer held (and the one an RNN's
+``_flat_weights`` holds again).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from maskparam import _optimizer_guard
+from maskparam._rnn import reset_flat_weights
 from maskparam._torch_parametrize import (
     give_own_class,
     maskparam_constraints,
@@ -66,7 +68,7 @@ def remove_parametrizations(model: ModuleT, *, leave_parametrized: bool = True) 
             _remove(module, tensor_name, leave_parametrized=leave_parametrized and not again)
             if original is not None:
                 baked.add(original)
-        restore_key_order(module)
+        _settle(module)
     return model
 
 
@@ -74,7 +76,18 @@ def remove_constraints(module: nn.Module, tensor_name: str, *, leave_parametrize
     """Remove maskparam's constraints from one tensor (the rollback of a failed apply)."""
     give_own_class(module)
     _remove(module, tensor_name, leave_parametrized=leave_parametrized)
+    _settle(module)
+
+
+def _settle(module: nn.Module) -> None:
+    """After removing constraints from ``module``: its keys back in order, and an RNN computing
+    with its own tensors again (``_flat_weights`` held the computed ones)."""
     restore_key_order(module)
+    if isinstance(module, nn.RNNBase):
+        # A user's parametrization keeps the class; without maskparam's constraints the RNN
+        # methods go (give_own_class adds them only while a flat weight is constrained).
+        give_own_class(module)
+        reset_flat_weights(module)
 
 
 def _check_removable(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) -> None:

@@ -1,7 +1,8 @@
 """Workarounds for ``torch.nn.utils.parametrize`` internals, kept apart from the lifecycle.
 
 * torch injects one class per parametrized module, and ``copy.deepcopy`` (``AveragedModel``
-  too) gives the copy that *same* class: :func:`give_own_class` keeps copies apart;
+  too) gives the copy that *same* class: :func:`give_own_class` keeps copies apart (and gives a
+  constrained RNN the methods of ``_rnn``);
 * a parametrized module cannot be pickled: :func:`refuse_pickling` says what to do instead;
 * removal re-registers a baked tensor last, reordering ``parameters()`` and the state_dict
   (optimizer state_dicts map by position): :func:`remember_key_order` and
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from maskparam._rnn import rnn_methods
 from maskparam.constraints.base import Constraint
 from maskparam.errors import error
 
@@ -72,13 +74,15 @@ def give_own_class(module: nn.Module) -> None:
     ``register_parametrization`` adds a property to the injected class and
     ``remove_parametrizations`` deletes one from it; on a deep copy, which shares that class,
     changing the copy would change the original (a removed property breaks it). A fresh
-    subclass per apply or removal keeps them apart.
+    subclass per apply or removal keeps them apart. An RNN whose weights maskparam constrains
+    gets the methods that make it compute with them (see ``_rnn``).
     """
     if not parametrize.is_parametrized(module):
         return
     cls = type(module)
     namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
     namespace["__setattr__"] = _setattr
+    rnn_methods(module, namespace, cls.__bases__)
     module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 

@@ -117,10 +117,19 @@ def test_applying_twice_to_the_same_tensor_is_refused(tiny, snapshot):
     before.assert_same(tiny)
 
 
-def test_rnn_weights_are_refused_not_silently_ignored():
+def test_rnn_weights_are_constrained_not_silently_ignored():
+    """An LSTM computes with _flat_weights (pytorch issue 65688): it must see the constraint."""
     lstm = nn.LSTM(3, 4)
-    with pytest.raises(mp.MaskparamError, match="_flat_weights.*silently ignored.*65688"):
-        mp.apply_mask(lstm, {"weight_hh_l0": mp.Triangular()})
+    x = torch.randn(5, 2, 3)
+    mp.apply_mask(lstm, {"weight_hh_l0": mp.Triangular()})
+    with torch.no_grad():
+        lstm.parametrizations.weight_hh_l0.original.fill_(1.0)  # upper entries stay masked
+    twin = nn.LSTM(3, 4)
+    with torch.no_grad():
+        for name in twin._flat_weights_names:
+            getattr(twin, name).copy_(getattr(lstm, name))
+    assert torch.equal(twin.weight_hh_l0, torch.ones(16, 4).tril())
+    assert torch.equal(lstm(x)[0], twin(x)[0])
 
 
 def test_not_a_model_and_not_a_mapping():
