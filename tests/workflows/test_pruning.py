@@ -259,3 +259,47 @@ def test_rewind_refuses_what_it_cannot_rewind_and_changes_nothing():
     with pytest.raises(mp.MaskparamError, match="shape"):
         mp.rewind(nn.Linear(4, 4), {"weight": torch.zeros(4, 5), "bias": torch.zeros(4)})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _Tagger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.lstm = nn.LSTM(8, 16, num_layers=2)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.lstm(self.emb(x))[0][-1])
+
+
+def test_global_rules_prune_a_model_with_an_lstm_like_torch_and_bake_it_plain():
+    torch.manual_seed(0)
+    model = _Tagger()
+    reference = copy.deepcopy(model)
+    names = [n for n, _ in reference.named_parameters() if "weight" in n]
+    slots = [(reference.get_submodule(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]) for n in names]
+    prune.global_unstructured(slots, pruning_method=prune.L1Unstructured, amount=0.7)
+    ours = mp.apply_mask(
+        copy.deepcopy(model), {"*weight*": mp.Mask(mp.masks.global_magnitude(0.7))}
+    )
+    for (module, local), name in zip(slots, names, strict=True):
+        mine = ours.get_submodule(name.rsplit(".", 1)[0])
+        assert torch.equal(getattr(mine, local), getattr(module, local)), name
+
+    pruning = mp.GradualPruning(
+        model, {"*weight*": mp.masks.global_magnitude}, sparsity=0.9, end=30, every=10
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    x, y = torch.randint(0, 20, (5, 7)), torch.randint(0, 3, (7,))
+    for _ in range(40):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        pruning.step()
+    assert mp.verify(model) == []
+    out = model(x)
+    mp.remove_parametrizations(model)
+    assert type(model.lstm) is nn.LSTM
+    assert torch.equal(model(x), out)
+    weights = [p for n, p in model.named_parameters() if "weight" in n]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.9 * sum(w.numel() for w in weights))
