@@ -10,8 +10,8 @@ from torch import nn
 
 from maskparam._apply import _selects, apply_mask
 from maskparam._selectors import Selector, check_selector, describe
-from maskparam._tensors import find_tensors
-from maskparam._update import update_masks
+from maskparam._tensors import TensorRef, find_tensors
+from maskparam._update import _selects_what, update_masks
 from maskparam.constraints.base import Layout
 from maskparam.constraints.compact import AUTO_COMPACT_MAX_FREE
 from maskparam.constraints.mask import Mask
@@ -21,6 +21,10 @@ from maskparam.masks import MaskSource, check_fraction
 __all__ = ["GradualPruning", "PruningRules", "cubic_sparsity"]
 
 PruningRules: TypeAlias = Mapping[Selector, Callable[[float], MaskSource]]
+
+
+def _has_mask(ref: TensorRef) -> bool:
+    return any(_selects_what(p) == "mask" for p in ref.parametrizations)
 
 
 def cubic_sparsity(
@@ -135,9 +139,26 @@ class GradualPruning:
 
     def _start(self, layout: Layout) -> None:
         refs = find_tensors(self.model)
-        masked = [ref.name for ref in refs for sel in self.rules if _selects(sel, ref)]
-        constrained = [ref.name for ref in refs if ref.has_constraint and ref.name in masked]
-        if constrained:  # resumed: the masks are there already
+        selected = [
+            ref
+            for ref in refs
+            for sel in self.rules
+            if _selects(sel, ref) and ref.unconstrainable is None and ref.not_a_weight is None
+        ]
+        masked = [ref for ref in selected if _has_mask(ref)]
+        plain = [ref for ref in selected if not ref.has_constraint]
+        others = [ref for ref in selected if ref.has_constraint and not _has_mask(ref)]
+        if others or (masked and plain):
+            odd = (others or plain)[0]
+            raise error(
+                repr(odd.name),
+                "GradualPruning adds a Mask to the tensors its rules select, or updates the Mask "
+                "they all have (a resumed run); this one "
+                + ("has another constraint." if others else "has none, while others have one."),
+                fix="apply_mask the stack yourself (e.g. [mp.Triangular(), mp.Mask(...)]) to "
+                "every selected tensor first, or select only unconstrained tensors.",
+            )
+        if masked:  # resumed: the masks are there already
             self._update(self.initial)
             return
         if layout == "auto" and 1 - self.final <= AUTO_COMPACT_MAX_FREE:

@@ -303,3 +303,24 @@ def test_global_rules_prune_a_model_with_an_lstm_like_torch_and_bake_it_plain():
     assert torch.equal(model(x), out)
     weights = [p for n, p in model.named_parameters() if "weight" in n]
     assert sum(int((w == 0).sum()) for w in weights) == round(0.9 * sum(w.numel() for w in weights))
+
+
+def test_gradual_pruning_refuses_tensors_with_another_constraint_instead_of_passing_over():
+    model = mp.apply_mask(
+        nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), {"0.weight": mp.Triangular()}
+    )
+    with pytest.raises(mp.MaskparamError, match="has another constraint"):
+        mp.GradualPruning(model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.5, end=10)
+    assert not mp.summary(model).tensors[1:]  # 1.weight untouched
+
+
+def test_gradual_pruning_updates_a_stack_the_user_applied():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    stack = [mp.Triangular(), mp.Mask(mp.masks.global_magnitude(0.0))]
+    mp.apply_mask(model, {"*.weight": stack})
+    pruning = mp.GradualPruning(model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.8, end=4)
+    for _ in range(4):
+        pruning.step()
+    assert mp.verify(model) == []
+    zeros = sum(int((layer.weight == 0).sum()) for layer in model)
+    assert zeros == round(0.8 * 128)  # the triangle's zeros rank lowest: pruned first
