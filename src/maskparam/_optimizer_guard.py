@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
+from types import EllipsisType
 from typing import Any
 
 import torch
@@ -75,10 +76,11 @@ class _Layout:
             return None
 
 
-# optimizer -> {id(parameter): the positions its state is laid out for (None: the full tensor)}
-_laid_out: weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, Tensor | None]] = (
-    weakref.WeakKeyDictionary()
-)
+# optimizer -> {id(parameter): (the positions its state is laid out for (None: the full tensor),
+# id of the state dict then (None: no state yet, a step creates it for these positions))}
+_laid_out: weakref.WeakKeyDictionary[
+    torch.optim.Optimizer, dict[int, tuple[Tensor | None, int | None]]
+] = weakref.WeakKeyDictionary()
 # State an optimizer starts an entry from, where it is not zero.
 _FRESH: dict[tuple[type, str], str] = {
     (torch.optim.Rprop, "step_size"): "lr",
@@ -128,7 +130,13 @@ def _lay_out(
     records = _laid_out.setdefault(optimizer, {})
     state = optimizer.state.get(parameter)
     key = id(parameter)
-    recorded = records.get(key, ...)
+    entry = records.get(key)
+    recorded: Tensor | EllipsisType | None = ... if entry is None else entry[0]
+    if entry is not None and entry[1] is not None and id(state) != entry[1]:
+        # The state dict was replaced since (optimizer.load_state_dict makes new ones; a step
+        # fills the same one in place): it is the checkpoint's, laid out for the positions the
+        # model holds now (loaded with it), not for the ones recorded before the load.
+        recorded = ...
     if recorded is now and all(
         v.shape == parameter.shape
         for v in (state or {}).values()
@@ -141,6 +149,21 @@ def _lay_out(
     if recorded is not ...:
         known.add(_shape(recorded, layout))
     tensors = {k: v for k, v in (state or {}).items() if isinstance(v, Tensor) and v.shape in known}
+    strays = [
+        v
+        for v in (state or {}).values()
+        if isinstance(v, Tensor) and v.dim() == 1 and v.shape not in known
+    ]
+    if strays and not isinstance(optimizer, torch.optim.LBFGS):  # LBFGS: flat, over all params
+        raise error(
+            repr(layout.name),
+            f"{type(optimizer).__name__}'s state for this tensor has {strays[0].numel()} entries, "
+            f"laid out for free entries maskparam does not know (the parameter holds "
+            f"{parameter.numel()} now): e.g. a deep copy of the optimizer made before its "
+            "model's masks changed.",
+            fix="copy the optimizer after update_masks (or through mp.optimizer_state_dict and "
+            "mp.load_optimizer_state_dict), or clear its state for this parameter.",
+        )
     if tensors and any(v.dim() > 0 for v in tensors.values()):
         shapes = {v.shape for v in tensors.values()}
         if recorded is not ... and shapes == {_shape(recorded, layout)}:
@@ -164,7 +187,7 @@ def _lay_out(
             with torch.no_grad():
                 for k, v in tensors.items():
                     state[k] = _moved(optimizer, group, k, v, was, now, layout.full_shape)  # type: ignore[index]
-    records[id(parameter)] = now
+    records[key] = (now, None if state is None else id(state))
 
 
 def _shape(positions: Tensor | None, layout: _Layout) -> torch.Size:

@@ -50,8 +50,9 @@ class GradualPruning:
 
     ``rules`` maps selectors to a function from a sparsity to a mask source, e.g.
     ``{"*.weight": mp.masks.global_magnitude}`` or ``lambda s: mp.masks.structured(s, dim=0)``.
-    On construction the selected tensors get ``mp.Mask(rule(initial_sparsity))``, or their masks
-    are updated if maskparam already masks them (a resumed run). Then call :meth:`step` after
+    On construction the selected tensors get ``mp.Mask(rule(initial_sparsity))``; where they all
+    have a Mask already (a resumed run, or a stack the user applied), the masks stay as they are
+    until the next scheduled step. Then call :meth:`step` after
     each optimizer step; at each scheduled step it calls :func:`~maskparam.update_masks`, so
     the Parameters, the optimizer and its state carry on.
 
@@ -158,8 +159,9 @@ class GradualPruning:
                 fix="apply_mask the stack yourself (e.g. [mp.Triangular(), mp.Mask(...)]) to "
                 "every selected tensor first, or select only unconstrained tensors.",
             )
-        if masked:  # resumed: the masks are there already
-            self._update(self.initial)
+        if masked:
+            # Already masked (a resumed run, after load_state_dict of both): the masks stay as
+            # they are; the next scheduled step computes new ones.
             return
         if layout == "auto" and 1 - self.final <= AUTO_COMPACT_MAX_FREE:
             try:

@@ -20,6 +20,7 @@ from typing import TypeAlias, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from maskparam import _optimizer_guard, masks
 from maskparam._apply import _no_match_error, _selects
@@ -105,6 +106,13 @@ def update_masks(model: ModuleT, rules: MaskRules, *, strict: bool = True) -> Mo
     """
     check_module(model, "update_masks")
     check_bool(strict, "update_masks", "strict")
+    if parametrize._cache_enabled:
+        raise error(
+            "update_masks",
+            "called inside torch.nn.utils.parametrize.cached(), whose cache keeps serving the "
+            "tensors computed with the old masks until the context exits.",
+            fix="update the masks outside the cached() block.",
+        )
     updates = _plan(model, rules, strict=strict)
     for update in updates:
         _commit(update)
