@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from maskparam import _optimizer_guard
 from maskparam._layouts import translate_layouts
 from maskparam._torch_parametrize import (
     maskparam_constraints,
@@ -74,6 +75,10 @@ def check_checkpoint(
                 if first_prefix + n in state_dict
             }
             original: Tensor = state_dict[key]
+            if isinstance(first, CompactScatter):
+                _optimizer_guard.forget_unseen_move(
+                    parametrization_list(module, tensor_name).original
+                )
             problem = first.check_original(original, state)
             if problem:
                 raise load_error(first_prefix, type(first).__name__, [problem])

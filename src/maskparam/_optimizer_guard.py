@@ -28,11 +28,14 @@ from maskparam.errors import error
 
 __all__ = [
     "ensure_watching_steps",
+    "forget_unseen_move",
     "is_watched",
+    "note_unseen_move",
     "relayout",
     "relayout_known_state",
     "reset_entries",
     "restart_flat_history",
+    "seen_stepping",
     "watch_added_parameters",
     "watch_reshaped",
 ]
@@ -65,6 +68,10 @@ class _Layout:
         self.name = name
         self.full_shape = full_shape
         self._positions = positions
+        # Where the entries sat before maskparam moved them while no optimizer was known to step
+        # this Parameter (a deep copy of a model and its optimizer, updated before its first
+        # step): what the state of an optimizer seen later was laid out for.
+        self.unseen_before: Tensor | None = None
 
     def current(self, parameter: Tensor) -> Tensor | None:
         """The positions ``parameter`` holds now; ``None`` for the full tensor (baked)."""
@@ -146,6 +153,8 @@ def _lay_out(
     # Per-parameter state only: of the parameter's shape, the full one or the recorded layout's.
     # (LBFGS keeps flat vectors over all parameters under the first one: not this one's.)
     known = {parameter.shape, layout.full_shape}
+    if entry is None and layout.unseen_before is not None:
+        recorded = layout.unseen_before  # laid out before the move that this optimizer missed
     if recorded is not ...:
         known.add(_shape(recorded, layout))
     tensors = {k: v for k, v in (state or {}).items() if isinstance(v, Tensor) and v.shape in known}
@@ -228,6 +237,26 @@ def watch_reshaped(
     layout = _Layout(name, full_shape, positions)
     _reshaped[key] = (weakref.ref(parameter, lambda _: _reshaped.pop(key, None)), layout)
     _ensure_hook()
+
+
+def seen_stepping(parameter: Tensor) -> bool:
+    """Whether any optimizer was seen stepping ``parameter`` (its state is laid out by record)."""
+    return any(id(parameter) in records for records in list(_laid_out.values()))
+
+
+def note_unseen_move(parameter: Tensor, before: Tensor) -> None:
+    """``parameter``'s entries left positions ``before`` while no optimizer was known to step it
+    (see ``_Layout.unseen_before``); it must be watched already."""
+    entry = _reshaped.get(id(parameter))
+    if entry is not None and entry[0]() is parameter:
+        entry[1].unseen_before = before
+
+
+def forget_unseen_move(parameter: Tensor) -> None:
+    """A checkpoint was loaded into ``parameter``: optimizer state that comes now is its own."""
+    entry = _reshaped.get(id(parameter))
+    if entry is not None and entry[0]() is parameter:
+        entry[1].unseen_before = None
 
 
 def is_watched(parameter: Tensor) -> bool:

@@ -319,6 +319,11 @@ def _commit_compact(
     stored = update.ref.storage
     before = update.before
     was = constraint.positions()
+    # No optimizer seen stepping it (e.g. a deep copy of a model and its optimizer): one that
+    # steps it later moves its state from the positions it holds now.
+    unseen = not _optimizer_guard.seen_stepping(stored)
+    if not _optimizer_guard.is_watched(stored):
+        constraint.watch(stored, update.ref.name)
     if constraint.fill.numel():
         constraint.fill.copy_(torch.where(now_free, 0, before))
     assert update.selected is not None
@@ -336,6 +341,8 @@ def _commit_compact(
         grad.index_copy_(0, was.to(grad.device), stored.grad)
         stored.grad = grad.index_select(0, now.to(grad.device))
     _optimizer_guard.relayout_known_state(stored)
+    if unseen:
+        _optimizer_guard.note_unseen_move(stored, was)
     if was.numel() != now.numel():
         _optimizer_guard.restart_flat_history(stored)
 
