@@ -22,7 +22,7 @@ from maskparam._torch_parametrize import (
     parametrization_list,
     parametrized_names,
 )
-from maskparam.constraints.base import FixedTensors, load_error
+from maskparam.constraints.base import Constraint, FixedTensors, broadcasts_to, load_error
 from maskparam.constraints.compact import CompactScatter
 from maskparam.errors import error
 
@@ -53,7 +53,8 @@ def check_checkpoint(
     if isinstance(state_dict, dict):  # torch's own copy of the checkpoint, which it loads from
         translate_layouts(model, state_dict, prefix)
     resizes = _compact_resizes(model, state_dict, prefix)
-    _check_shapes(model, state_dict, prefix, resized=set(resizes))
+    reshaped = _reshaped_masks(model, state_dict, prefix)
+    _check_shapes(model, state_dict, prefix, resized={*resizes, *reshaped})
     for name, module in model.named_modules(prefix=prefix.rstrip(".")):
         here = f"{name}." if name else ""
         if isinstance(module, FixedTensors):
@@ -82,11 +83,39 @@ def check_checkpoint(
             problem = first.check_original(original, state)
             if problem:
                 raise load_error(first_prefix, type(first).__name__, [problem])
-    # Everything checked: now a compact original may take the checkpoint's number of entries.
+    # Everything checked: a mask buffer may take the checkpoint's shape, and a compact original
+    # its number of entries; torch's load then copies the values in.
+    for key, (constraint, buffer_name) in reshaped.items():
+        current: Tensor = getattr(constraint, buffer_name)
+        loaded = state_dict[key]
+        constraint._buffers[buffer_name] = current.new_empty(loaded.shape)
     for stored, numel in resizes.values():
         with torch.no_grad():  # torch's load then copies the values in
             stored.set_(stored.new_empty(numel))  # type: ignore[call-overload]  # set_(Tensor)
         stored.grad = None  # laid out for the old entries
+
+
+def _reshaped_masks(
+    model: nn.Module, state_dict: Mapping[str, Any], prefix: str
+) -> dict[str, tuple[Constraint, str]]:
+    """The mask buffers whose checkpoint value has another shape that broadcasts to the tensor
+    (a per-row mask that ``update_masks`` made per entry): key -> (constraint, buffer name). Its
+    values are checked with the constraint's state."""
+    found: dict[str, tuple[Constraint, str]] = {}
+    for name, module in model.named_modules(prefix=prefix.rstrip(".")):
+        if not isinstance(module, Constraint) or module.mask_buffer is None:
+            continue
+        key = f"{name}.{module.mask_buffer}" if name else module.mask_buffer
+        loaded, current, full = state_dict.get(key), getattr(module, module.mask_buffer), None
+        full = module.mask_shape()
+        if (
+            isinstance(loaded, Tensor)
+            and full is not None
+            and loaded.shape != current.shape
+            and broadcasts_to(loaded.shape, full)
+        ):
+            found[key] = (module, module.mask_buffer)
+    return found
 
 
 def _compact_resizes(
@@ -112,7 +141,7 @@ def _compact_resizes(
             stored = parametrization_list(module, tensor_name).original
             if not isinstance(loaded, Tensor) or not isinstance(free, Tensor):
                 continue
-            fits = free.shape == constraints[0].free.shape and loaded.dim() == 1
+            fits = broadcasts_to(free.shape, constraints[0].shape) and loaded.dim() == 1
             if (
                 fits
                 and loaded.numel() != stored.numel()

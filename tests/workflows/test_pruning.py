@@ -324,3 +324,24 @@ def test_gradual_pruning_updates_a_stack_the_user_applied():
     assert mp.verify(model) == []
     zeros = sum(int((layer.weight == 0).sum()) for layer in model)
     assert zeros == round(0.8 * 128)  # the triangle's zeros rank lowest: pruned first
+
+
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+def test_an_average_follows_updated_masks_when_given_them(layout):
+    """The README's recipe: after update_masks(model), give the AveragedModel the same masks."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    for update in range(3):
+        train_steps(model, torch.randn(4, 8), steps=2, optimizer=optimizer)
+        ema.update_parameters(model)
+        mp.update_masks(model, {"*.weight": mp.masks.random(0.4, seed=10 + update)})
+        names = [t.name for t in mp.summary(model).tensors]
+        mp.update_masks(ema.module, {n: mp.kept_entries(model, n) for n in names})
+        for n in names:
+            assert torch.equal(mp.kept_entries(ema.module, n), mp.kept_entries(model, n))
+        assert mp.verify(ema.module) == []

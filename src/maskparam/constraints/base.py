@@ -174,9 +174,17 @@ class FixedTensors(nn.Module):
                 missing_keys.append(key)
 
 
-def binary_mask_problem(name: str, loaded: Tensor, current: Tensor) -> str | None:
-    """Why ``loaded`` cannot replace the 0/1 mask ``current`` (shape, dtype, values), or None."""
-    if loaded.shape != current.shape:
+def binary_mask_problem(
+    name: str, loaded: Tensor, current: Tensor, *, full_shape: torch.Size | None = None
+) -> str | None:
+    """Why ``loaded`` cannot replace the 0/1 mask ``current`` (shape, dtype, values), or None.
+
+    With ``full_shape`` (the constrained tensor's), a mask of another shape that broadcasts to
+    it loads too (a per-row mask that ``update_masks`` turned into one per entry).
+    """
+    if loaded.shape != current.shape and not (
+        full_shape is not None and broadcasts_to(loaded.shape, full_shape)
+    ):
         return f"{name}: shape {tuple(loaded.shape)}, this model's {tuple(current.shape)}"
     if loaded.dtype not in (torch.uint8, torch.bool):
         return f"{name}: dtype {loaded.dtype}; a mask is stored as uint8 0/1"
@@ -185,6 +193,13 @@ def binary_mask_problem(name: str, loaded: Tensor, current: Tensor) -> str | Non
         examples = sorted(set(loaded[bad].tolist()))[:5]
         return f"{name}: {int(bad.sum())} values are neither 0 nor 1 (e.g. {examples})"
     return None
+
+
+def broadcasts_to(shape: torch.Size, full: torch.Size) -> bool:
+    """Whether a mask of ``shape`` broadcasts to a tensor of shape ``full`` (without growing it)."""
+    if len(shape) > len(full):
+        return False
+    return all(m in (1, f) for m, f in zip(shape, full[len(full) - len(shape) :], strict=True))
 
 
 def load_error(prefix: str, kind: str, problems: Sequence[str]) -> MaskparamError:
@@ -211,9 +226,30 @@ class Constraint(FixedTensors):
     #: lifecycle then keeps the full values for a rollback and refuses to stack it second.
     reshapes_original: ClassVar[bool] = False
 
+    #: The name of the 0/1 mask buffer that says which entries the spec's mask selected, where
+    #: there is one (Mask, Freeze(mask)): a checkpoint may bring another mask (another shape that
+    #: broadcasts, too: see :meth:`mask_shape`).
+    mask_buffer: ClassVar[str | None] = None
+
     #: The parametrizations before this one on its tensor (set when registered): what
     #: :meth:`level_input` runs a new value through.
     stack_before: tuple[nn.Module, ...] = ()
+
+    def mask_shape(self) -> torch.Size | None:
+        """The constrained tensor's full shape, where :attr:`mask_buffer` may take any shape that
+        broadcasts to it; None where the mask keeps its shape."""
+        return None
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        name = self.mask_buffer
+        before = getattr(self, name).clone() if name else None
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        described = self.__dict__.get("description")
+        if name and before is not None and isinstance(described, str):
+            after: Tensor = getattr(self, name)
+            if after.shape != before.shape or not torch.equal(after, before):
+                # The generator's words no longer describe the mask: it is the checkpoint's.
+                self.__dict__["description"] = _relabelled(described)
 
     def level_input(self, value: Tensor) -> Tensor:
         """What this constraint sees when the tensor is assigned ``value`` (``module.weight = w``,
@@ -276,6 +312,13 @@ class Constraint(FixedTensors):
     def describe(self) -> str:
         """A short human-readable description for :func:`maskparam.summary`."""
         raise NotImplementedError
+
+
+def _relabelled(description: str) -> str:
+    kind, _, rest = description.partition("(")
+    verb = rest.split(" ", 1)[0]
+    compact = ", compact" if description.endswith(", compact)") else ""
+    return f"{kind}({verb} the checkpoint's entries{compact})"
 
 
 def _short(tensor: Tensor) -> str:

@@ -97,6 +97,7 @@ class CompactScatter(Constraint):
     fill: Tensor
 
     reshapes_original: ClassVar[bool] = True
+    mask_buffer = "free"
 
     def __init__(
         self,
@@ -160,7 +161,11 @@ class CompactScatter(Constraint):
 
     @override
     def check_state(self, state: Mapping[str, Tensor]) -> list[str]:
-        problem = binary_mask_problem("free", state["free"], self.free) if "free" in state else None
+        problem = (
+            binary_mask_problem("free", state["free"], self.free, full_shape=self.shape)
+            if "free" in state
+            else None
+        )
         return [*super().check_state(state), *([problem] if problem else [])]
 
     @override
@@ -199,6 +204,10 @@ class CompactScatter(Constraint):
             with torch.no_grad():
                 self.fill.copy_(torch.where(self.free.bool(), 0, value))
         return value.reshape(-1).index_select(0, self.positions())
+
+    @override
+    def mask_shape(self) -> torch.Size:
+        return self.shape
 
     @override
     def pins(self, value: Tensor) -> Pins:

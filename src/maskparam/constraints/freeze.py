@@ -138,6 +138,7 @@ class FreezeEntries(Constraint):
 
     keep: Tensor
     frozen_values: Tensor
+    mask_buffer = "keep"
 
     def __init__(
         self, keep: Tensor, frozen_values: Tensor, *, description: str = "Freeze(mask)"
@@ -161,6 +162,10 @@ class FreezeEntries(Constraint):
         return value
 
     @override
+    def mask_shape(self) -> torch.Size:
+        return self.frozen_values.shape
+
+    @override
     def pins(self, value: Tensor) -> Pins:
         return Pins((self.keep == 0).expand(value.shape), self.frozen_values, captured=True)
 
@@ -169,7 +174,9 @@ class FreezeEntries(Constraint):
         problems = super().check_state(state)
         keep = state.get("keep", self.keep)
         if "keep" in state:
-            problem = binary_mask_problem("keep", keep, self.keep)
+            problem = binary_mask_problem(
+                "keep", keep, self.keep, full_shape=self.frozen_values.shape
+            )
             if problem:
                 return [*problems, problem]
         frozen = state.get("frozen_values", self.frozen_values)

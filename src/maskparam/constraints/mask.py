@@ -80,7 +80,7 @@ class Mask(Spec):
             return CompactScatter(
                 kept, tensor.shape, None, f"Mask(keeps {keeps}, compact)", selects="mask"
             )
-        return MaskMultiply(kept, description=f"Mask(keeps {keeps})")
+        return MaskMultiply(kept, description=f"Mask(keeps {keeps})", shape=tensor.shape)
 
 
 class MaskMultiply(Constraint):
@@ -88,10 +88,14 @@ class MaskMultiply(Constraint):
     slice when it broadcasts)."""
 
     mask: Tensor
+    mask_buffer = "mask"
 
-    def __init__(self, mask: Tensor, *, description: str = "Mask") -> None:
+    def __init__(
+        self, mask: Tensor, *, description: str = "Mask", shape: torch.Size | None = None
+    ) -> None:
         super().__init__()
         self.description = description
+        self.shape = mask.shape if shape is None else shape  # the tensor's
         self.register_buffer("mask", mask.to(torch.uint8).contiguous())
 
     @override
@@ -101,12 +105,20 @@ class MaskMultiply(Constraint):
         return keep_bits(x, self.mask)
 
     @override
+    def mask_shape(self) -> torch.Size:
+        return self.shape
+
+    @override
     def pins(self, value: Tensor) -> Pins:
         return zeros_pinned((self.mask == 0).expand(value.shape), value)
 
     @override
     def check_state(self, state: Mapping[str, Tensor]) -> list[str]:
-        problem = binary_mask_problem("mask", state["mask"], self.mask) if "mask" in state else None
+        problem = (
+            binary_mask_problem("mask", state["mask"], self.mask, full_shape=self.shape)
+            if "mask" in state
+            else None
+        )
         return [*super().check_state(state), *([problem] if problem else [])]
 
     @override
