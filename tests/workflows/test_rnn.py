@@ -71,7 +71,10 @@ def _on_weights(case: str) -> Callable[[], dict[str, Any]]:
     return rules
 
 
-CASES: dict[str, Callable[[], dict[str, Any]]] = {case: _on_weights(case) for case in MATRIX_CASES}
+# N:M needs a last dimension that m divides; the RNNs' (4, 5, 6 wide) do not split into 3s.
+CASES: dict[str, Callable[[], dict[str, Any]]] = {
+    case: _on_weights(case) for case in MATRIX_CASES if "n_m" not in case
+}
 # The biases too: every flat weight of the RNN under one rule.
 CASES["mask-everything"] = lambda: {"*": mp.Mask(mp.masks.random(0.5, seed=11))}
 CASES["freeze-everything-dense"] = lambda: {"*": mp.Freeze(dim=0, index=[0, 2], layout="dense")}
