@@ -46,7 +46,7 @@ def run(size: int = 1024, rounds: int = 30) -> str:
             zeros.reshape(-1).scatter(0, positions, compact).view(size, size)
         ),
         "Mask compact: scatter_free (used: index_copy_ / index_select)": lambda: scatter_free(
-            compact, positions, zeros
+            compact, positions, None, zeros.shape
         ),
         "Triangular: x.tril() (used)": x.tril,
         "Freeze: addcmul(v, x, keep_u8) (0.1)": lambda: torch.addcmul(frozen_values, x, keep_u8),

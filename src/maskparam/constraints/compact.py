@@ -195,8 +195,8 @@ class CompactScatter(Constraint):
             and not _optimizer_guard.is_watched(compact)
         ):
             self.watch(compact, self.description)
-        base = self.fill if self.fill.numel() else compact.new_zeros(self.shape)
-        return scatter_free(compact, self.positions(), base.to(compact.dtype))
+        base = self.fill.to(compact.dtype) if self.fill.numel() else None
+        return scatter_free(compact, self.positions(), base, self.shape)
 
     @override
     def right_inverse(self, value: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ per call to ``0`` / ``-1`` (all bits set) of the tensor's width.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -165,28 +166,38 @@ class _ScatterFree(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(compact: Tensor, index: Tensor, base: Tensor) -> Tensor:
-        return base.reshape(-1).clone().index_copy_(0, index, compact).view(base.shape)
+    def forward(compact: Tensor, index: Tensor, base: Tensor | None, shape: torch.Size) -> Tensor:
+        # Zeros are allocated zeroed, not built and then cloned: one pass over the tensor.
+        out = compact.new_zeros(math.prod(shape)) if base is None else base.reshape(-1).clone()
+        return out.index_copy_(0, index, compact).view(shape)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], _output: Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], _output: Tensor) -> None:
         ctx.save_for_backward(inputs[1])
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (index,) = ctx.saved_tensors
-        return grad.reshape(-1).index_select(0, index), None, None
+        return grad.reshape(-1).index_select(0, index), None, None, None
 
 
-def scatter_free(compact: Tensor, index: Tensor, base: Tensor) -> Tensor:
-    """``base`` with its entries at the flat positions ``index`` (int64, unique) set to
-    ``compact``; gradients flow to ``compact`` only.
+def scatter_free(
+    compact: Tensor, index: Tensor, base: Tensor | None, shape: torch.Size | None = None
+) -> Tensor:
+    """``base`` (zeros of ``shape`` when None) with its entries at the flat positions ``index``
+    (int64, unique) set to ``compact``; gradients flow to ``compact`` only.
 
     >>> base = torch.tensor([[7.0, -0.0], [0.0, 0.0]])
     >>> scatter_free(torch.tensor([1.0, 2.0]), torch.tensor([2, 3]), base).tolist()
     [[7.0, -0.0], [1.0, 2.0]]
+    >>> scatter_free(torch.tensor([1.0]), torch.tensor([1]), None, torch.Size([3])).tolist()
+    [0.0, 1.0, 0.0]
     """
-    return _ScatterFree.apply(compact, index, base)  # type: ignore[no-untyped-call,no-any-return]
+    if base is not None:
+        shape = base.shape
+    elif shape is None:
+        raise TypeError("scatter_free needs the shape where base is None")
+    return _ScatterFree.apply(compact, index, base, shape)  # type: ignore[no-untyped-call,no-any-return]
 
 
 # torch's Function.apply binds the arguments to ``forward``'s signature on every call (a function
