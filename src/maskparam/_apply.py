@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from maskparam import _optimizer_guard
+from maskparam import _optimizer_guard, masks
 from maskparam._load_guard import guard_loads
 from maskparam._remove import remove_constraints
 from maskparam._rnn import reset_flat_weights
@@ -352,27 +352,10 @@ def _build(targets: list[_Target], *, evaluate_last: bool) -> list[list[Constrai
 
 def joint_masks(spec: Spec, members: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
     """The masks ``spec``'s joint generator selects for ``members`` (every tensor of its rule at
-    one level), with anything but a MaskparamError turned into one naming the generator."""
+    one level)."""
     source = spec.joint_source()
     assert source is not None  # grouped by it
-    try:
-        selected = source.build_joint(members)
-    except MaskparamError:
-        raise
-    except Exception as failure:
-        raise error(
-            f"{source.describe()} for {len(members)} tensor(s)",
-            f"the generator raised {type(failure).__name__}: {failure}",
-            fix="fix the generator (build_joint(members) -> one mask per member).",
-        ) from failure
-    selected = list(selected)  # a tuple will do
-    if len(selected) != len(members):
-        raise error(
-            type(source).__name__,
-            f"build_joint returned {len(selected)} mask(s) for {len(members)} tensor(s).",
-            fix="return a list of bool masks, one per (name, tensor) pair, in their order.",
-        )
-    return selected
+    return masks.build_joint_checked(source, members)
 
 
 def _built(

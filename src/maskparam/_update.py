@@ -260,15 +260,7 @@ def _select(updates: list[_Update]) -> None:
         return
     source = updates[0].source
     if isinstance(source, masks.JointMaskGenerator):
-        pairs = [(u.ref.name, u.before) for u in updates]
-        with torch.no_grad():
-            found = list(source.build_joint(pairs))
-        if len(found) != len(updates):
-            raise error(
-                type(source).__name__,
-                f"build_joint returned {len(found)} mask(s) for {len(updates)} tensor(s).",
-                fix="return one bool mask per (name, tensor) pair, in their order.",
-            )
+        found = masks.build_joint_checked(source, [(u.ref.name, u.before) for u in updates])
         for update, mask in zip(updates, found, strict=True):
             update.selected = masks.as_binary(mask, update.before, _subject(update))
     else:

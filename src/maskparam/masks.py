@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from maskparam.errors import check_int, error
+from maskparam.errors import MaskparamError, check_int, error
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -601,32 +601,44 @@ class ComplementMask(MaskGenerator):
 
 
 @dataclass(frozen=True)
-class JointComplementMask(JointMaskGenerator):
+class JointComplementMask(ComplementMask, JointMaskGenerator):
     """Selects what the joint generator ``inner`` does not, for every tensor of the rule."""
 
     inner: JointMaskGenerator
 
     @override
-    def describe(self) -> str:
-        return f"all but {self.inner.describe()}"
-
-    @override
-    def __invert__(self) -> MaskGenerator:
-        return self.inner
-
-    @override
     def build_joint(self, members: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
-        masks = list(self.inner.build_joint(members))
-        if len(masks) != len(members):
-            raise error(
-                type(self.inner).__name__,
-                f"build_joint returned {len(masks)} mask(s) for {len(members)} tensor(s).",
-                fix="return a list of bool masks, one per (name, tensor) pair, in their order.",
-            )
         return [
             as_binary(mask, tensor, name).logical_not()
-            for mask, (name, tensor) in zip(masks, members, strict=True)
+            for mask, (name, tensor) in zip(
+                build_joint_checked(self.inner, members), members, strict=True
+            )
         ]
+
+
+def build_joint_checked(
+    source: JointMaskGenerator, members: Sequence[tuple[str, Tensor]]
+) -> list[Tensor]:
+    """``source.build_joint(members)``: one mask per member, or a MaskparamError that names the
+    generator (whatever else it raised, or a wrong number of masks)."""
+    try:
+        with torch.no_grad():
+            found = list(source.build_joint(members))
+    except MaskparamError:
+        raise
+    except Exception as failure:
+        raise error(
+            f"{source.describe()} for {len(members)} tensor(s)",
+            f"the generator raised {type(failure).__name__}: {failure}",
+            fix="fix the generator (build_joint(members) -> one mask per member).",
+        ) from failure
+    if len(found) != len(members):
+        raise error(
+            type(source).__name__,
+            f"build_joint returned {len(found)} mask(s) for {len(members)} tensor(s).",
+            fix="return a list of bool masks, one per (name, tensor) pair, in their order.",
+        )
+    return found
 
 
 def fisher(model: nn.Module, batches: Iterable[Any], loss: Loss, density: float) -> FisherMask:
