@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import alternatives
+import export
 import inference
 import kernels
 import lifecycle
@@ -59,6 +60,10 @@ def main(argv: list[str]) -> int:
         "train_step": ("Train step vs plain", train_step.run(rounds=rounds)),
         "alternatives": ("maskparam against the alternatives", alternatives.run(rounds=rounds)),
         "inference": ("Inference", inference.run(rounds=rounds)),
+        "export": (
+            "Export: baked, then mp.to_sparse (inference, no grad)",
+            export.run(rounds=rounds),
+        ),
         "memory": ("Peak memory", memory.run()),
         "lifecycle": (
             "Apply and remove at scale (seconds; ViT-B/16: medians of 3 interleaved rounds)",

@@ -26,6 +26,7 @@ from maskparam._remove import remove_parametrizations
 from maskparam._rewind import rewind
 from maskparam._schedule import GradualPruning, PruningRules, cubic_sparsity
 from maskparam._selectors import Selector
+from maskparam._sparse import CSRLinear, SparseChoice, to_sparse
 from maskparam._summary import Summary, TensorSummary, summary
 from maskparam._update import MaskRules, update_masks
 from maskparam._verify import verify
@@ -38,6 +39,7 @@ from maskparam.constraints.triangular import Triangular
 from maskparam.errors import MaskparamError
 
 __all__ = [
+    "CSRLinear",
     "Constraint",
     "Freeze",
     "GradualPruning",
@@ -50,6 +52,7 @@ __all__ = [
     "PruningRules",
     "Rules",
     "Selector",
+    "SparseChoice",
     "Spec",
     "Subspace",
     "Summary",
@@ -73,6 +76,7 @@ __all__ = [
     "rewind",
     "subspace_theta",
     "summary",
+    "to_sparse",
     "update_masks",
     "verify",
 ]
