@@ -147,4 +147,3 @@ def test_a_cpu_two_four_weight_is_not_a_semi_structured_candidate():
     mp.apply_mask(layer, {"weight": mp.Mask(mp.masks.n_m(2, 4))})
     mp.remove_parametrizations(layer)
     assert not mp._sparse._semi_structured_candidate(layer.weight)
-    assert mp._sparse._semi_structured_candidate.__doc__
