@@ -272,11 +272,9 @@ def _plan(model: nn.Module, caller: str) -> list[_Entry]:
                 entry.free = _free_mask(chain, start)
             entry.free_checksum = checksum(entry.free)
             scored = [c for c in chain if isinstance(c, ScoredMask)]
-            for i, constraint in enumerate(scored):
-                if constraint.scores.requires_grad:
-                    entry.extras[f"{ref.name}.scores" + (f".{i}" if i else "")] = (
-                        constraint.scores
-                    )
+            for i, mask in enumerate(scored):
+                if mask.scores.requires_grad:
+                    entry.extras[f"{ref.name}.scores" + (f".{i}" if i else "")] = mask.scores
             for constraint in chain:
                 if isinstance(constraint, SubspaceShift):
                     coordinates = constraint.coordinates
@@ -376,17 +374,9 @@ def load_trainable_state_dict(
     """
     check_module(model, "load_trainable_state_dict")
     check_bool(strict, "load_trainable_state_dict", "strict")
-    subject = "load_trainable_state_dict"
-    if not isinstance(state, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
-    ):
-        raise error(
-            subject,
-            f"the state must be a mapping from str to tensors; got a {type(state).__name__}.",
-            fix="pass what mp.trainable_state_dict returned (or torch.load of it).",
-        )
+    _check_tensors(state)
     _check_meta(state)
-    entries = _plan(model, subject)
+    entries = _plan(model, "load_trainable_state_dict")
     load = _validate(entries, state, strict=strict)
     with torch.no_grad():
         for update in load.masks:
@@ -396,6 +386,17 @@ def load_trainable_state_dict(
         for target, value in load.full:
             target.copy_(value)
     return model
+
+
+def _check_tensors(state: object) -> None:
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
+        raise error(
+            "load_trainable_state_dict",
+            f"the state must be a mapping from str to tensors; got a {type(state).__name__}.",
+            fix="pass what mp.trainable_state_dict returned (or torch.load of it).",
+        )
 
 
 def _refuse(problem: str, details: list[str], fix: str) -> MaskparamError:
@@ -463,7 +464,9 @@ def _validate(entries: list[_Entry], state: Mapping[str, Tensor], *, strict: boo
             expected[entry.name] = (entry, "full")
         for key in entry.extras:
             expected.setdefault(key, (entry, "extra"))
-    optional = {f"{entry.name}.free_positions": entry for entry in entries if entry.free is not None}
+    optional = {
+        f"{entry.name}.free_positions": entry for entry in entries if entry.free is not None
+    }
     unknown = sorted(k for k in state if k not in expected and k not in optional and k not in _META)
     missing = [k for k in expected if k not in state]
     if strict and (unknown or missing):
@@ -580,9 +583,7 @@ def _positions_mask(name: str, positions: Tensor, free: Tensor) -> tuple[Tensor,
 def _take_mask(entry: _Entry, saved_free: Tensor) -> tuple[_Update | None, str | None]:
     """Plan giving the tensor's one ``Mask`` the state's free entries, or say why it cannot."""
     name = entry.name
-    masked = [
-        (level, c) for level, c in enumerate(entry.chain) if _selects_what(c) is not None
-    ]
+    masked = [(level, c) for level, c in enumerate(entry.chain) if _selects_what(c) is not None]
     refusal = (
         f"{name!r}: the state's free entries (saved with their positions: its mask was changed "
         "after apply) are not this model's, and only a tensor with one Mask constraint can take "

@@ -18,7 +18,9 @@ from maskparam._trainable import checksum
 def _base(seed: int = 0) -> nn.Sequential:
     """The "pretrained" base: the same weights for every seed=0 call."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    return nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+    )
 
 
 X = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
@@ -166,12 +168,12 @@ def test_size_one_percent_trainable_under_10_bytes_per_entry():
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(4)])
     for p in model.parameters():
-        p.requires_grad_(not p.dim() == 1)  # biases frozen
+        p.requires_grad_(p.dim() != 1)  # biases frozen
     mp.apply_mask(model, {"*.weight": mp.Freeze(mp.masks.random(0.99, seed=0))})
     trainable = mp.summary(model).trainable
     assert trainable == 4 * round(0.01 * 512 * 512)
     _train_seq(model)
-    state, size = _through_file(mp.trainable_state_dict(model))
+    _, size = _through_file(mp.trainable_state_dict(model))
     print(f"1% fine-tune: {size} bytes for {trainable} entries ({size / trainable:.2f} B/entry)")
     assert size <= 10 * trainable
     # Even with every position saved (masks changed after apply) it stays under 10.
@@ -308,6 +310,7 @@ def test_checksum_sees_every_word_and_its_position():
 @pytest.mark.slow  # importing transformers takes seconds
 def test_gpt2_two_new_token_rows():
     transformers = pytest.importorskip("transformers")
+
     def config() -> object:  # a new one each time: resize_token_embeddings edits it
         return transformers.GPT2Config(
             n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=32,
