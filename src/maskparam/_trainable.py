@@ -318,8 +318,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
     >>> import torch, maskparam as mp
     >>> layer = torch.nn.Linear(4, 4).requires_grad_(False)
-    >>> layer.weight.requires_grad_(True)
-    Parameter containing: ...
+    >>> _ = layer.weight.requires_grad_(True)  # the weight trains, the bias is base
     >>> _ = mp.apply_mask(layer, {"weight": mp.Freeze(dim=0, index=[1, 2, 3])})
     >>> state = mp.trainable_state_dict(layer)
     >>> state["weight.free_values"].shape  # the one row that trains
