@@ -114,7 +114,7 @@ def checksum(tensor: Tensor) -> int:
     data = tensor.detach().reshape(-1)
     if data.is_complex():
         data = torch.view_as_real(data).reshape(-1)
-    data = data.cpu().contiguous()
+    data = data.contiguous()
     raw = data.view(torch.uint8) if data.numel() else torch.zeros(0, dtype=torch.uint8)
     n_words = raw.numel() // 8
     if n_words and raw.storage_offset() % 8:
@@ -122,12 +122,13 @@ def checksum(tensor: Tensor) -> int:
     words = raw[: n_words * 8].view(torch.int64)
     total = zlib.crc32(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
     for start in range(0, n_words, _CHUNK):
-        chunk = words[start : start + _CHUNK]
+        # Chunk by chunk on the CPU: a tensor on an accelerator is copied 8 MB at a time.
+        chunk = words[start : start + _CHUNK].cpu()
         weights = _weights(chunk.numel()) if chunk.numel() == _CHUNK else _weights_for(chunk)
         mixed = chunk * (weights + _signed(2 * _GOLDEN * start))
         mixed ^= (mixed >> 29) & ((1 << 35) - 1)  # a logical shift: the mix stays a bijection
         total += int(mixed.sum())
-    tail = raw[n_words * 8 :]
+    tail = raw[n_words * 8 :].cpu()
     if tail.numel():
         total += int.from_bytes(bytes(tail.tolist()), "little") * _MIX
     return _signed(total)

@@ -146,6 +146,23 @@ def test_after_update_masks_positions_are_saved_and_taken(layout):
     assert mp.verify(fresh) == []
 
 
+def test_masks_from_elsewhere_save_their_positions():
+    hardened = _trained({"0.weight": mp.LearnableMask(init=0.01)})
+    mp.harden(hardened)
+    assert "0.weight.free_positions" in mp.trainable_state_dict(hardened)
+    rules = {"0.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout="dense")}
+    loaded = mp.apply_mask(_base(), rules)
+    assert "0.weight.free_positions" not in mp.trainable_state_dict(loaded)
+    loaded.load_state_dict(
+        _trained({"0.weight": mp.Mask(mp.masks.random(0.5, seed=2))}).state_dict()
+    )
+    state = mp.trainable_state_dict(loaded)  # the checkpoint brought another mask
+    assert torch.equal(
+        state["0.weight.free_positions"].long(),
+        mp.kept_entries(loaded, "0.weight").reshape(-1).nonzero().reshape(-1),
+    )
+
+
 def test_changed_freeze_mask_is_refused_with_the_fix(snapshot):
     rules = {"2.weight": mp.Freeze(mp.masks.magnitude(0.5), layout="dense")}
     trained = _trained(rules)
