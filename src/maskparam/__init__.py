@@ -28,6 +28,7 @@ from maskparam._schedule import GradualPruning, PruningRules, cubic_sparsity
 from maskparam._selectors import Selector
 from maskparam._sparse import CSRLinear, SparseChoice, to_sparse
 from maskparam._summary import Summary, TensorSummary, summary
+from maskparam._trainable import load_trainable_state_dict, trainable_state_dict
 from maskparam._update import MaskRules, update_masks
 from maskparam._verify import verify
 from maskparam.constraints.base import Constraint, Pins, Spec
@@ -68,6 +69,7 @@ __all__ = [
     "learned_masks",
     "load_optimizer_state_dict",
     "load_state_dict",
+    "load_trainable_state_dict",
     "mask_penalty",
     "masks",
     "optimizer_state_dict",
@@ -77,6 +79,7 @@ __all__ = [
     "subspace_theta",
     "summary",
     "to_sparse",
+    "trainable_state_dict",
     "update_masks",
     "verify",
 ]

@@ -285,6 +285,7 @@ def _commit(update: _Update) -> None:
         now_free = ~full
         start = before  # an unfrozen entry trains on from its frozen value
     what = masks.describe_source(update.source)
+    constraint.mask_changed = True  # no longer what the rule computed at apply time
     with torch.no_grad():
         if isinstance(constraint, CompactScatter):
             _commit_compact(update, constraint, now_free, what)

@@ -235,6 +235,12 @@ class Constraint(FixedTensors):
     #: :meth:`level_input` runs a new value through.
     stack_before: tuple[nn.Module, ...] = ()
 
+    #: True once the mask is no longer the one its rule computed at apply time
+    #: (:func:`maskparam.update_masks`, :func:`maskparam.harden`, or a checkpoint that brought
+    #: another mask): :func:`maskparam.trainable_state_dict` then saves the free entries'
+    #: positions, since applying the same rules to the base model would not give them back.
+    mask_changed: bool = False
+
     def mask_shape(self) -> torch.Size | None:
         """The constrained tensor's full shape, where :attr:`mask_buffer` may take any shape that
         broadcasts to it; None where the mask keeps its shape."""
@@ -244,12 +250,14 @@ class Constraint(FixedTensors):
         name = self.mask_buffer
         before = getattr(self, name).clone() if name else None
         super()._load_from_state_dict(state_dict, prefix, *args)
-        described = self.__dict__.get("description")
-        if name and before is not None and isinstance(described, str):
+        if name and before is not None:
             after: Tensor = getattr(self, name)
             if after.shape != before.shape or not torch.equal(after, before):
-                # The generator's words no longer describe the mask: it is the checkpoint's.
-                self.__dict__["description"] = _relabelled(described)
+                self.mask_changed = True
+                described = self.__dict__.get("description")
+                if isinstance(described, str):
+                    # The generator's words no longer describe the mask: it is the checkpoint's.
+                    self.__dict__["description"] = _relabelled(described)
 
     def level_input(self, value: Tensor) -> Tensor:
         """What this constraint sees when the tensor is assigned ``value`` (``module.weight = w``,

@@ -259,6 +259,7 @@ def harden(
                 target.copy_(torch.where(keep, target * mask.mask_values(), target))
         # One object on every holder: a tied tensor stays tied.
         fixed = MaskMultiply(keep, description="Mask(keeps the hardened learnable mask)")
+        fixed.mask_changed = True  # learned, not computed by a rule
         for module, local in holders:
             parametrization_list(module, local)[position] = fixed
             link_stack(module, local)

@@ -1,0 +1,620 @@
+"""``trainable_state_dict``: a fine-tune saved as only what training can change, and its load.
+
+A fine-tune of a big base model changes few numbers: the free entries of constrained tensors, a
+subspace's θ, learnable scores and the tensors left unconstrained and trainable. The state
+holds those, plus checksums of everything they rely on, so that loading them onto another model
+is refused (with the tensor and the reason) instead of silently computing something else.
+
+**Format** (version 1): a flat ``dict[str, Tensor]``, so ``torch.load(weights_only=True)``
+reads it. Keys use the names a user sees (``"0.weight"``):
+
+* ``"<name>.free_values"``: the trained values of a constrained tensor's free entries, flat,
+  in row-major order (its dtype). For a compact tensor this is exactly its stored Parameter.
+* ``"<name>.free_positions"``: their flat positions (int32 below 2**31 entries, else int64),
+  only where the mask is no longer the one its rule computes from the base model
+  (:func:`~maskparam.update_masks`, :func:`~maskparam.harden`, a checkpoint that brought
+  another mask). Elsewhere applying the same rules to the same base gives the mask back, and
+  its checksum proves it: 4 bytes per trained float32 entry instead of 8.
+* ``"group:<group>.theta"`` (a grouped subspace) or ``"<name>.theta"`` (a per-tensor one).
+* ``"<name>.scores"``: a learnable mask's scores (``"<name>.scores.<level>"`` for a second one).
+* ``"<name>"``: an unconstrained tensor that trains (``requires_grad``) in full, and the running
+  statistics of normalisation layers (their forward changes them while training).
+* ``"meta:format"`` (int64), ``"meta:names"`` (the tensor names, UTF-8 bytes joined by
+  newlines, as uint8), ``"meta:free_checksums"`` and ``"meta:base_checksums"`` (int64, one per
+  name, in that order).
+
+**What the checksums cover.** The *free* checksum of a constrained tensor hashes its free-entry
+mask (which entries the saved values belong to). The *base* checksum hashes what the saved
+values are added to: for a constrained tensor, the state of its constraints other than the
+masks (frozen values and slices, a subspace's seed, column norms and generation, a basis of
+your own) and the stored entries that neither train nor are fixed by a selection (a subspace's
+θ₀, the kept entries of a masked frozen Parameter); for an unconstrained tensor that does not
+train, all of it. Masked entries of a dense original are not covered: the forward never reads
+them (weight decay moves them during training without changing anything).
+
+The checksum (:func:`checksum`) is a 64-bit sum, computed with torch ops in 1M-word chunks,
+of the tensor's raw bytes read as int64 words, each multiplied by an odd weight that depends
+on its position and then mixed (xorshift): any change of a single word changes it, and it
+reads every byte of the tensor once (a few passes of integer ops per word). It detects
+accidental mismatches (another base, other rules, a corrupted file), not forgeries.
+
+**Loading** checks everything first: the names, the keys (unknown or missing ones are refused
+with their names under ``strict=True``), each shape, dtype and length, the masks, and the base
+checksums; then it writes, into the same Parameter objects. Where a state brings positions that
+differ from the model's mask, a ``Mask`` (kept entries are zeros elsewhere) takes them, as
+:func:`~maskparam.update_masks` would; a ``Freeze`` whose mask changed is refused (its newly
+frozen entries hold values that training set, which the state does not carry: load the full
+checkpoint with ``load_state_dict`` instead).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from maskparam._tensors import TensorRef, find_tensors
+from maskparam._torch_parametrize import parametrization_list
+from maskparam._update import _SELECTIONS, _commit, _output, _selects_what, _Update
+from maskparam.constraints.base import Constraint
+from maskparam.constraints.compact import CompactScatter
+from maskparam.constraints.learnable import ScoredMask
+from maskparam.constraints.subspace import SubspaceCoordinates, SubspaceShift
+from maskparam.errors import MaskparamError, check_bool, check_module, error
+
+__all__ = ["FORMAT_VERSION", "checksum", "load_trainable_state_dict", "trainable_state_dict"]
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+#: The version of the format written by :func:`trainable_state_dict`.
+FORMAT_VERSION = 1
+
+_FORMAT = "meta:format"
+_NAMES = "meta:names"
+_FREE = "meta:free_checksums"
+_BASE = "meta:base_checksums"
+_META = (_FORMAT, _NAMES, _FREE, _BASE)
+
+_CHUNK = 1 << 20  # int64 words per pass: bounds the checksum's temporaries to a few MB
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, odd
+_MIX = 0xBF58476D1CE4E5B9  # splitmix64's multiplier
+_weights_cache: dict[int, Tensor] = {}
+
+
+def _signed(value: int) -> int:
+    """``value`` mod 2**64 as a signed int64."""
+    value &= _MASK64
+    return value - (1 << 64) if value >> 63 else value
+
+
+def _weights(n: int) -> Tensor:
+    """``2·i·GOLDEN + 1`` for i < n (odd, so multiplying by one is a bijection mod 2**64)."""
+    if n not in _weights_cache:
+        if len(_weights_cache) > 4:
+            _weights_cache.clear()
+        idx = torch.arange(n, dtype=torch.int64)
+        _weights_cache[n] = idx * _signed(2 * _GOLDEN) + 1
+    return _weights_cache[n]
+
+
+def checksum(tensor: Tensor) -> int:
+    """A 64-bit checksum of ``tensor``'s dtype, shape and raw bytes (see the module docstring).
+
+    >>> checksum(torch.tensor([1.0, 2.0])) == checksum(torch.tensor([1.0, 2.0]))
+    True
+    >>> checksum(torch.tensor([1.0, 2.0])) == checksum(torch.tensor([2.0, 1.0]))
+    False
+    """
+    data = tensor.detach().reshape(-1)
+    if data.is_complex():
+        data = torch.view_as_real(data).reshape(-1)
+    data = data.contiguous()
+    raw = data.view(torch.uint8) if data.numel() else torch.zeros(0, dtype=torch.uint8)
+    n_words = raw.numel() // 8
+    if n_words and raw.storage_offset() % 8:
+        raw = raw.clone()
+    words = raw[: n_words * 8].view(torch.int64)
+    total = zlib.crc32(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    for start in range(0, n_words, _CHUNK):
+        # Chunk by chunk on the CPU: a tensor on an accelerator is copied 8 MB at a time.
+        chunk = words[start : start + _CHUNK].cpu()
+        weights = _weights(chunk.numel()) if chunk.numel() == _CHUNK else _weights_for(chunk)
+        mixed = chunk * (weights + _signed(2 * _GOLDEN * start))
+        mixed ^= (mixed >> 29) & ((1 << 35) - 1)  # a logical shift: the mix stays a bijection
+        total += int(mixed.sum())
+    tail = raw[n_words * 8 :].cpu()
+    if tail.numel():
+        total += int.from_bytes(bytes(tail.tolist()), "little") * _MIX
+    return _signed(total)
+
+
+def _weights_for(chunk: Tensor) -> Tensor:
+    return torch.arange(chunk.numel(), dtype=torch.int64) * _signed(2 * _GOLDEN) + 1
+
+
+def _combine(parts: list[int]) -> int:
+    total = 0
+    for part in parts:
+        total = (total * _MIX + (part & _MASK64) + 1) & _MASK64
+    return _signed(total)
+
+
+@dataclass
+class _Entry:
+    """One tensor of the model and what the trainable state holds of it."""
+
+    ref: TensorRef
+    chain: list[Constraint]
+    free: Tensor | None = None  # constrained: which entries train (bool, the tensor's shape)
+    saves_full: bool = False  # unconstrained and trains: saved whole
+    free_checksum: int = 0
+    base_checksum: int = 0
+    extras: dict[str, Tensor] = field(default_factory=dict)  # θ, scores: key -> Parameter
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
+
+    @property
+    def compact(self) -> CompactScatter | None:
+        first = self.chain[0] if self.chain else None
+        return first if isinstance(first, CompactScatter) else None
+
+    @property
+    def shape(self) -> torch.Size:
+        compact = self.compact
+        return compact.shape if compact is not None else self.ref.storage.shape
+
+    def positions_needed(self) -> bool:
+        return any(c.mask_changed for c in self.chain)
+
+
+def _free_mask(chain: list[Constraint], start: Tensor) -> Tensor:
+    """Which entries of the tensor train, given those of its stored original (``start``).
+
+    A learnable mask narrows nothing: its weights train at every entry (a later step may bring
+    a dropped one back), so all of them are saved. A subspace fixes every entry (θ trains).
+    """
+    free = start
+    for constraint in chain:
+        if isinstance(constraint, ScoredMask):
+            continue
+        if isinstance(constraint, SubspaceShift):
+            free = torch.zeros_like(free)
+            continue
+        free = constraint.free_entries(free)
+    return free
+
+
+def _selected_fixed(chain: list[Constraint], shape: torch.Size, device: torch.device) -> Tensor:
+    """The entries a selection (Mask, Freeze, Triangular) fixes whatever the original holds."""
+    fixed = torch.zeros(shape, dtype=torch.bool, device=device)
+    dummy = torch.zeros(shape, device=device)
+    for constraint in chain:
+        if isinstance(constraint, _SELECTIONS):
+            pins = constraint.pins(dummy)
+            fixed |= pins.entries.expand(shape).to(device)
+    return fixed
+
+
+def _full_original(entry: _Entry) -> Tensor:
+    """The stored original laid out in the tensor's shape (a compact one: zeros elsewhere)."""
+    storage = entry.ref.storage.detach()
+    compact = entry.compact
+    if compact is None:
+        return storage
+    full = torch.zeros(compact.numel, dtype=storage.dtype, device=storage.device)
+    full.index_copy_(0, compact.positions(), storage)
+    return full.reshape(compact.shape)
+
+
+def _state_parts(module: nn.Module, skip: str | None) -> list[int]:
+    """Checksums of a module's saved state, except trainable Parameters and the ``skip`` mask."""
+    parts = []
+    for key, value in module.state_dict(keep_vars=True).items():
+        if key == skip or (isinstance(value, nn.Parameter) and value.requires_grad):
+            continue
+        parts += [zlib.crc32(key.encode()), checksum(value)]
+    return parts
+
+
+def _base_checksum(entry: _Entry) -> int:
+    ref = entry.ref
+    if not entry.chain:
+        return 0 if entry.saves_full else checksum(ref.storage)
+    parts: list[int] = []
+    for level, constraint in enumerate(entry.chain):
+        parts += [level, *_state_parts(constraint, constraint.mask_buffer)]
+        if isinstance(constraint, SubspaceShift):  # members that do not own θ refer to it
+            parts += _state_parts(constraint.coordinates, None)
+    assert entry.free is not None
+    device = entry.free.device
+    relied = ~entry.free & ~_selected_fixed(entry.chain, entry.shape, device)
+    if bool(relied.any()):
+        parts.append(checksum(_full_original(entry)[relied]))
+    return _combine(parts)
+
+
+def _is_running_statistic(ref: TensorRef) -> bool:
+    return isinstance(ref.module, _NormBase) and ref.local_name in (
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    )
+
+
+def _plan(model: nn.Module, caller: str) -> list[_Entry]:
+    entries = []
+    for ref in find_tensors(model):
+        module = ref.module
+        if not ref.is_parameter and ref.local_name in module._non_persistent_buffers_set:
+            continue  # derived (RoPE's inv_freq): not state, so not relied on either
+        plist = list(parametrization_list(module, ref.local_name)) if ref.is_parametrized else []
+        chain = [p for p in plist if isinstance(p, Constraint)]
+        if len(chain) != len(plist):
+            raise error(
+                f"{caller} ({ref.name!r})",
+                "the tensor has a parametrization that is not maskparam's, whose trained values "
+                "this state cannot describe.",
+                fix="save the full state_dict for this model.",
+            )
+        entry = _Entry(ref, chain)
+        if chain:
+            start = torch.full(
+                entry.shape, ref.storage.requires_grad, dtype=torch.bool, device=ref.storage.device
+            )
+            with torch.no_grad():
+                entry.free = _free_mask(chain, start)
+            entry.free_checksum = checksum(entry.free)
+            scored = [c for c in chain if isinstance(c, ScoredMask)]
+            for i, mask in enumerate(scored):
+                if mask.scores.requires_grad:
+                    entry.extras[f"{ref.name}.scores" + (f".{i}" if i else "")] = mask.scores
+            for constraint in chain:
+                if isinstance(constraint, SubspaceShift):
+                    coordinates = constraint.coordinates
+                    if coordinates.theta.requires_grad:
+                        entry.extras[_theta_key(coordinates, ref.name)] = coordinates.theta
+        else:
+            entry.saves_full = ref.storage.requires_grad or _is_running_statistic(ref)
+            entry.free_checksum = int(entry.saves_full)
+        with torch.no_grad():
+            entry.base_checksum = _base_checksum(entry)
+        entries.append(entry)
+    return entries
+
+
+def _theta_key(coordinates: SubspaceCoordinates, name: str) -> str:
+    return f"group:{coordinates.group}.theta" if coordinates.group else f"{name}.theta"
+
+
+def _free_values(entry: _Entry) -> Tensor:
+    assert entry.free is not None
+    storage = entry.ref.storage.detach()
+    flat_free = entry.free.reshape(-1)
+    compact = entry.compact
+    if compact is not None:
+        selected = flat_free.index_select(0, compact.positions())
+        return storage.clone() if bool(selected.all()) else storage[selected]
+    return storage.reshape(-1)[flat_free]
+
+
+def _position_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Only what training can change: free entries, θ, learnable scores, unconstrained trainable
+    tensors (and normalisation running statistics), with checksums of what they rely on.
+
+    Load it with :func:`load_trainable_state_dict` onto a model built from the same base weights
+    with the same rules. The format, and what the checksums cover, are described in
+    ``maskparam._trainable``'s docstring (and the README, "Checkpoints and export").
+
+    >>> import torch, maskparam as mp
+    >>> layer = torch.nn.Linear(4, 4).requires_grad_(False)
+    >>> _ = layer.weight.requires_grad_(True)  # the weight trains, the bias is base
+    >>> _ = mp.apply_mask(layer, {"weight": mp.Freeze(dim=0, index=[1, 2, 3])})
+    >>> state = mp.trainable_state_dict(layer)
+    >>> state["weight.free_values"].shape  # the one row that trains
+    torch.Size([4])
+    """
+    check_module(model, "trainable_state_dict")
+    entries = _plan(model, "trainable_state_dict")
+    names = [entry.name for entry in entries]
+    state: dict[str, Tensor] = {
+        _FORMAT: torch.tensor([FORMAT_VERSION], dtype=torch.int64),
+        _NAMES: torch.tensor(list("\n".join(names).encode()), dtype=torch.uint8),
+        _FREE: torch.tensor([e.free_checksum for e in entries], dtype=torch.int64),
+        _BASE: torch.tensor([e.base_checksum for e in entries], dtype=torch.int64),
+    }
+    with torch.no_grad():
+        for entry in entries:
+            if entry.free is not None and bool(entry.free.any()):
+                state[f"{entry.name}.free_values"] = _free_values(entry).clone()
+                if entry.positions_needed():
+                    positions = entry.free.reshape(-1).nonzero().reshape(-1)
+                    state[f"{entry.name}.free_positions"] = positions.to(
+                        _position_dtype(entry.free.numel())
+                    )
+            elif entry.saves_full:
+                state[entry.name] = entry.ref.storage.detach().clone()
+            for key, value in entry.extras.items():
+                state.setdefault(key, value.detach().clone())
+    return state
+
+
+@dataclass
+class _Load:
+    """What validation decided: the masks to take, then the values to write."""
+
+    masks: list[_Update] = field(default_factory=list)
+    values: list[tuple[_Entry, Tensor]] = field(default_factory=list)
+    full: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (target, value)
+
+
+def load_trainable_state_dict(
+    model: ModuleT, state: Mapping[str, Tensor], *, strict: bool = True
+) -> ModuleT:
+    """Load a :func:`trainable_state_dict` onto ``model``; in place, returns ``model``.
+
+    ``model`` must be built from the same base weights with the same rules: its names, masks
+    and base checksums must match the state's, else nothing is written and the error says which
+    tensor differs and how. With ``strict=True`` (the default) keys the model does not expect,
+    and expected keys the state lacks, are refused by name; ``strict=False`` skips both (the
+    checksums are still required and checked). Parameter objects stay the same, so an optimizer
+    keeps working; where positions bring another ``Mask``, its optimizer state follows as in
+    :func:`~maskparam.update_masks`.
+    """
+    check_module(model, "load_trainable_state_dict")
+    check_bool(strict, "load_trainable_state_dict", "strict")
+    _check_tensors(state)
+    _check_meta(state)
+    entries = _plan(model, "load_trainable_state_dict")
+    load = _validate(entries, state, strict=strict)
+    with torch.no_grad():
+        for update in load.masks:
+            _commit(update)
+        for entry, values in load.values:
+            _write_free(entry, values)
+        for target, value in load.full:
+            target.copy_(value)
+    return model
+
+
+def _check_tensors(state: object) -> None:
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
+        raise error(
+            "load_trainable_state_dict",
+            f"the state must be a mapping from str to tensors; got a {type(state).__name__}.",
+            fix="pass what mp.trainable_state_dict returned (or torch.load of it).",
+        )
+
+
+def _refuse(problem: str, details: list[str], fix: str) -> MaskparamError:
+    shown = details[:12] + ([f"... and {len(details) - 12} more"] if len(details) > 12 else [])
+    return error("load_trainable_state_dict", problem, *shown, fix=fix)
+
+
+def _check_meta(state: Mapping[str, Tensor]) -> None:
+    missing = [key for key in _META if key not in state]
+    if missing:
+        raise _refuse(
+            "the state is not a trainable state dict (it lacks its metadata); nothing was loaded.",
+            [f"missing: {', '.join(missing)}"],
+            fix="save it with mp.trainable_state_dict(model); for a full checkpoint use "
+            "load_state_dict.",
+        )
+    version = state[_FORMAT]
+    if version.numel() != 1 or int(version.reshape(-1)[0]) != FORMAT_VERSION:
+        raise _refuse(
+            f"the state has format {version.tolist()}, this maskparam reads {FORMAT_VERSION}; "
+            "nothing was loaded.",
+            [],
+            fix="load it with the maskparam version that saved it.",
+        )
+
+
+def _saved_names(state: Mapping[str, Tensor]) -> list[str]:
+    raw = state[_NAMES]
+    if raw.dtype != torch.uint8 or raw.dim() != 1:
+        raise _refuse("the state's 'meta:names' is corrupt; nothing was loaded.", [], fix=_RESAVE)
+    text = bytes(raw.tolist()).decode("utf-8", errors="replace")
+    return text.split("\n") if text else []
+
+
+_RESAVE = "save the state again with mp.trainable_state_dict from the trained model."
+_SAME = (
+    "build the model from the same base weights, apply the same rules (same masks, seeds and "
+    "settings), then load"
+)
+
+
+def _validate(entries: list[_Entry], state: Mapping[str, Tensor], *, strict: bool) -> _Load:
+    names = [entry.name for entry in entries]
+    saved_names = _saved_names(state)
+    free_sums, base_sums = state[_FREE], state[_BASE]
+    if saved_names != names:
+        only_state = [n for n in saved_names if n not in set(names)]
+        only_model = [n for n in names if n not in set(saved_names)]
+        raise _refuse(
+            "the state was made for a model with other tensors; nothing was loaded.",
+            [f"only in the state: {only_state[:8]}", f"only in the model: {only_model[:8]}"]
+            if only_state or only_model
+            else ["the same tensors in another order"],
+            fix=_SAME + ".",
+        )
+    for sums, key in ((free_sums, _FREE), (base_sums, _BASE)):
+        if sums.dtype != torch.int64 or tuple(sums.shape) != (len(names),):
+            raise _refuse(f"the state's {key!r} is corrupt; nothing was loaded.", [], fix=_RESAVE)
+
+    expected: dict[str, tuple[_Entry, str]] = {}
+    for entry in entries:
+        if entry.free is not None and bool(entry.free.any()):
+            expected[f"{entry.name}.free_values"] = (entry, "free_values")
+        elif entry.saves_full:
+            expected[entry.name] = (entry, "full")
+        for key in entry.extras:
+            expected.setdefault(key, (entry, "extra"))
+    optional = {
+        f"{entry.name}.free_positions": entry for entry in entries if entry.free is not None
+    }
+    unknown = sorted(k for k in state if k not in expected and k not in optional and k not in _META)
+    missing = [k for k in expected if k not in state]
+    if strict and (unknown or missing):
+        raise _refuse(
+            "the state's keys do not match this model's trainable tensors; nothing was loaded.",
+            [
+                *([f"unexpected: {', '.join(unknown[:8])}"] if unknown else []),
+                *([f"missing: {', '.join(missing[:8])}"] if missing else []),
+            ],
+            fix=_SAME + " (or pass strict=False to load the keys both have).",
+        )
+
+    problems: list[str] = []
+    load = _Load()
+    for index, entry in enumerate(entries):
+        free_problem = _check_free(entry, state, int(free_sums[index]), load)
+        if free_problem:
+            problems.append(free_problem)
+        elif int(base_sums[index]) != entry.base_checksum:
+            problems.append(f"{entry.name!r}: {_base_difference(entry)}")
+    for key, (entry, kind) in expected.items():
+        if key not in state or kind == "free_values":
+            continue
+        target = entry.ref.storage if kind == "full" else entry.extras[key]
+        value = state[key]
+        if value.shape != target.shape or value.dtype != target.dtype:
+            problems.append(
+                f"{key!r}: {value.dtype} of shape {tuple(value.shape)}, this model's "
+                f"{target.dtype} of shape {tuple(target.shape)}"
+            )
+        else:
+            load.full.append((target.detach(), value.to(target.device)))
+    if problems:
+        raise _refuse(
+            "the state does not fit this model; nothing was loaded.", problems, fix=_SAME + "."
+        )
+    return load
+
+
+def _base_difference(entry: _Entry) -> str:
+    if not entry.chain:
+        return (
+            "its value differs from the one the state was made with (base checksum): another "
+            "base model"
+        )
+    return (
+        "what its trained entries rely on differs (base checksum: frozen values or slices, a "
+        "subspace's θ₀, seed, projection or dim): another base model or other rules"
+    )
+
+
+def _check_free(
+    entry: _Entry, state: Mapping[str, Tensor], saved_checksum: int, load: _Load
+) -> str | None:
+    """Check a tensor's free entries against the state; plan their write (and a new mask)."""
+    name = entry.name
+    if entry.free is None:
+        if saved_checksum != entry.free_checksum:
+            return f"{name!r}: trains in the state but not in this model, or the other way round"
+        return None
+    values = state.get(f"{name}.free_values")
+    positions = state.get(f"{name}.free_positions")
+    free = entry.free
+    if positions is not None:
+        saved_free, problem = _positions_mask(name, positions, free)
+        if problem:
+            return problem
+        if checksum(saved_free) != saved_checksum:
+            return f"{name!r}: its free_positions do not match their checksum: the state is corrupt"
+        if not torch.equal(saved_free, free):
+            update, problem = _take_mask(entry, saved_free)
+            if problem:
+                return problem
+            assert update is not None
+            load.masks.append(update)
+            free = saved_free
+    elif saved_checksum != entry.free_checksum:
+        return (
+            f"{name!r}: its free entries are not the state's (free-entry mask checksum): the "
+            "state was made for other rules or another mask (another mask seed, masks computed "
+            "from other weights, or masks changed after apply)"
+        )
+    if values is None:
+        return None  # missing: refused above under strict
+    n_free = int(free.sum())
+    storage = entry.ref.storage
+    if values.dim() != 1 or values.numel() != n_free or values.dtype != storage.dtype:
+        return (
+            f"{name + '.free_values'!r}: {values.dtype} of shape {tuple(values.shape)}; this "
+            f"model trains {n_free} entries of {storage.dtype}: the state is corrupt or was made "
+            "for other rules"
+        )
+    load.values.append((entry, values.to(storage.device)))
+    return None
+
+
+def _positions_mask(name: str, positions: Tensor, free: Tensor) -> tuple[Tensor, str | None]:
+    numel = free.numel()
+    bad = f"{name + '.free_positions'!r}:"
+    if positions.dtype not in (torch.int32, torch.int64) or positions.dim() != 1:
+        return free, f"{bad} {positions.dtype} of shape {tuple(positions.shape)}, not 1-D integers"
+    flat = positions.to(torch.int64)
+    if flat.numel() and (
+        int(flat.min()) < 0
+        or int(flat.max()) >= numel
+        or (flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()))
+    ):
+        return free, f"{bad} not increasing positions within the tensor's {numel} entries"
+    mask = torch.zeros(numel, dtype=torch.bool, device=free.device)
+    mask[flat.to(free.device)] = True
+    return mask.reshape(free.shape), None
+
+
+def _take_mask(entry: _Entry, saved_free: Tensor) -> tuple[_Update | None, str | None]:
+    """Plan giving the tensor's one ``Mask`` the state's free entries, or say why it cannot."""
+    name = entry.name
+    masked = [(level, c) for level, c in enumerate(entry.chain) if _selects_what(c) is not None]
+    refusal = (
+        f"{name!r}: the state's free entries (saved with their positions: its mask was changed "
+        "after apply) are not this model's, and only a tensor with one Mask constraint can take "
+        "them; load the trained model's full state_dict (or update_masks to the same masks) first"
+    )
+    if len(masked) != 1 or _selects_what(masked[0][1]) != "mask":
+        return None, refusal
+    level, constraint = masked[0]
+    others = [c for c in entry.chain if c is not constraint]
+    start = torch.full_like(saved_free, entry.ref.storage.requires_grad)
+    if not torch.equal(_free_mask(others, start) & saved_free, saved_free):
+        return None, (
+            f"{name!r}: the state's free entries include entries the tensor's other "
+            "constraints fix: it was made for other rules"
+        )
+    update = _Update(entry.ref, level, constraint, "mask", saved_free, _output(entry.ref, level))
+    update.selected = saved_free
+    return update, None
+
+
+def _write_free(entry: _Entry, values: Tensor) -> None:
+    """Write the free entries into the stored original (the same Parameter object)."""
+    storage = entry.ref.storage
+    constraints = entry.chain
+    start = torch.full(entry.shape, storage.requires_grad, dtype=torch.bool, device=storage.device)
+    flat_free = _free_mask(constraints, start).reshape(-1)  # after any new mask
+    compact = entry.compact
+    values = values.to(storage.dtype)
+    if compact is not None:
+        selected = flat_free.index_select(0, compact.positions()).nonzero().reshape(-1)
+        storage.index_copy_(0, selected, values)
+    else:
+        at = flat_free.nonzero().reshape(-1)
+        storage.view(-1).index_copy_(0, at, values)

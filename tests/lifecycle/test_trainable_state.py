@@ -1,0 +1,375 @@
+"""trainable_state_dict / load_trainable_state_dict (_trainable.py): a fine-tune saved as only
+what trained restores bit-identical outputs on a model built from the same base with the same
+rules, for every constraint and layout; it is small; and a state made for other rules, another
+seed or another base is refused with the model untouched."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import maskparam as mp
+from maskparam._trainable import checksum
+
+
+def _base(seed: int = 0) -> nn.Sequential:
+    """The "pretrained" base: the same weights for every seed=0 call."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+    )
+
+
+X = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
+
+
+def _train(model: nn.Module, steps: int = 5) -> None:
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1
+    )
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (model(X) - 1).square().mean().backward()
+        optimizer.step()
+
+
+def _through_file(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], int]:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    size = len(buffer.getvalue())
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True), size
+
+
+def _trained(rules: mp.Rules) -> nn.Sequential:
+    model = mp.apply_mask(_base(), rules)
+    _train(model)
+    return model
+
+
+CASES: dict[str, mp.Rules] = {
+    "mask_dense": {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout="dense")},
+    "mask_compact": {"*.weight": mp.Mask(mp.masks.random(0.3, seed=1))},
+    "freeze_entries": {"*.weight": mp.Freeze(mp.masks.random(0.5, seed=2), layout="dense")},
+    "freeze_slices": {"2.weight": mp.Freeze(dim=0, index=[0, 3, 5]), "0.bias": mp.Freeze(dim=0, index=[1])},
+    "freeze_compact": {"*.weight": mp.Freeze(mp.masks.random(0.7, seed=2))},
+    "triangular_compact": {"2.weight": mp.Triangular()},
+    "triangular_dense": {"2.weight": mp.Triangular(lower=False, diagonal=1, layout="dense")},
+    "subspace_per_tensor": {"*.weight": mp.Subspace(6)},
+    "subspace_group_gaussian": {"*": mp.Subspace(10, group="all")},
+    "subspace_group_fastfood": {"*": mp.Subspace(10, projection="fastfood", group="all", seed=3)},
+    "learnable_hard": {"*.weight": mp.LearnableMask(init=0.01)},
+    "learnable_soft": {"0.weight": mp.LearnableMask(mode="soft")},
+    "stack": {
+        "2.weight": [mp.Triangular(), mp.Mask(mp.masks.random(0.5, seed=3))],
+        "0.weight": [mp.Freeze(mp.masks.random(0.3, seed=4)), mp.Mask(mp.masks.random(0.8, seed=5))],
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_round_trip_is_bit_identical(case):
+    rules = CASES[case]
+    trained = _trained(rules)
+    state, _ = _through_file(mp.trainable_state_dict(trained))
+    assert all(isinstance(v, Tensor) for v in state.values())
+    assert not any(k.endswith(".free_positions") for k in state)  # masks regenerate from rules
+    fresh = mp.apply_mask(_base(), rules)
+    ids = {name: id(p) for name, p in fresh.named_parameters()}
+    with torch.no_grad():
+        assert not torch.equal(fresh(X), trained(X))  # training changed the outputs
+    mp.load_trainable_state_dict(fresh, state)
+    with torch.no_grad():
+        assert torch.equal(fresh(X), trained(X))
+    assert {name: id(p) for name, p in fresh.named_parameters()} == ids
+    assert mp.verify(fresh) == []
+    # Saved again from the restored model: the same state, entry for entry.
+    again = mp.trainable_state_dict(fresh)
+    assert again.keys() == state.keys()
+    assert all(torch.equal(again[k], state[k]) for k in state)
+
+
+def test_compact_state_is_the_stored_parameter():
+    trained = _trained({"0.weight": mp.Mask(mp.masks.random(0.3, seed=1))})
+    assert "compact" in mp.summary(trained).tensors[0].constraint
+    state = mp.trainable_state_dict(trained)
+    stored = trained[0].parametrizations.weight.original
+    assert torch.equal(state["0.weight.free_values"], stored.detach())
+    assert state["0.weight.free_values"].numel() == int(mp.kept_entries(trained, "0.weight").sum())
+
+
+def test_theta_key_and_nothing_else_trains_in_a_group():
+    state = mp.trainable_state_dict(_trained(CASES["subspace_group_fastfood"]))
+    assert sorted(k for k in state if not k.startswith("meta:")) == ["group:all.theta"]
+    per_tensor = mp.trainable_state_dict(_trained(CASES["subspace_per_tensor"]))
+    assert {"0.weight.theta", "2.weight.theta", "4.weight.theta"} <= per_tensor.keys()
+
+
+def test_batchnorm_running_statistics_travel(make_tiny, tiny_input, train):
+    rules = {"fc1.weight": mp.Mask(mp.masks.random(0.5, seed=1))}
+    torch.manual_seed(0)
+    trained = mp.apply_mask(make_tiny(), rules)
+    train(trained, tiny_input, steps=3)  # train mode: the running statistics move
+    state, _ = _through_file(mp.trainable_state_dict(trained))
+    assert "norm.running_mean" in state
+    torch.manual_seed(0)
+    fresh = mp.apply_mask(make_tiny(), rules)
+    mp.load_trainable_state_dict(fresh, state)
+    trained.eval()
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(tiny_input), trained(tiny_input))
+
+
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+def test_after_update_masks_positions_are_saved_and_taken(layout):
+    rules = {"*.weight": mp.Mask(mp.masks.magnitude(0.5), layout=layout)}
+    trained = _trained(rules)
+    mp.update_masks(trained, {"*.weight": mp.masks.magnitude(0.75)})  # from the trained weights
+    _train(trained)
+    state, _ = _through_file(mp.trainable_state_dict(trained))
+    positions = state["2.weight.free_positions"]
+    assert positions.dtype == torch.int32
+    assert positions.numel() == state["2.weight.free_values"].numel() == 256
+    fresh = mp.apply_mask(_base(), rules)
+    assert not torch.equal(mp.kept_entries(fresh, "2.weight"), mp.kept_entries(trained, "2.weight"))
+    mp.load_trainable_state_dict(fresh, state)
+    with torch.no_grad():
+        assert torch.equal(fresh(X), trained(X))
+    for name in ("0.weight", "2.weight", "4.weight"):
+        assert torch.equal(mp.kept_entries(fresh, name), mp.kept_entries(trained, name))
+    assert mp.verify(fresh) == []
+    _train(fresh)  # the optimizer state follows the new layout; the mask holds
+    assert mp.verify(fresh) == []
+
+
+def test_masks_from_elsewhere_save_their_positions():
+    hardened = _trained({"0.weight": mp.LearnableMask(init=0.01)})
+    mp.harden(hardened)
+    assert "0.weight.free_positions" in mp.trainable_state_dict(hardened)
+    rules = {"0.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout="dense")}
+    loaded = mp.apply_mask(_base(), rules)
+    assert "0.weight.free_positions" not in mp.trainable_state_dict(loaded)
+    loaded.load_state_dict(
+        _trained({"0.weight": mp.Mask(mp.masks.random(0.5, seed=2))}).state_dict()
+    )
+    state = mp.trainable_state_dict(loaded)  # the checkpoint brought another mask
+    assert torch.equal(
+        state["0.weight.free_positions"].long(),
+        mp.kept_entries(loaded, "0.weight").reshape(-1).nonzero().reshape(-1),
+    )
+
+
+def test_changed_freeze_mask_is_refused_with_the_fix(snapshot):
+    rules = {"2.weight": mp.Freeze(mp.masks.magnitude(0.5), layout="dense")}
+    trained = _trained(rules)
+    mp.update_masks(trained, {"2.weight": mp.masks.magnitude(0.75)})
+    state = mp.trainable_state_dict(trained)
+    assert "2.weight.free_positions" in state
+    fresh = mp.apply_mask(_base(), rules)
+    before = snapshot(fresh)
+    with pytest.raises(mp.MaskparamError, match=r"'2\.weight'.*changed after apply"):
+        mp.load_trainable_state_dict(fresh, state)
+    before.assert_same(fresh)
+    # With the trained model's full checkpoint first, the masks agree and the state loads.
+    fresh.load_state_dict(trained.state_dict())
+    mp.load_trainable_state_dict(fresh, state)
+    with torch.no_grad():
+        assert torch.equal(fresh(X), trained(X))
+
+
+def test_size_one_percent_trainable_under_10_bytes_per_entry():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(4)])
+    for p in model.parameters():
+        p.requires_grad_(p.dim() != 1)  # biases frozen
+    mp.apply_mask(model, {"*.weight": mp.Freeze(mp.masks.random(0.99, seed=0))})
+    trainable = mp.summary(model).trainable
+    assert trainable == 4 * round(0.01 * 512 * 512)
+    _train_seq(model)
+    _, size = _through_file(mp.trainable_state_dict(model))
+    print(f"1% fine-tune: {size} bytes for {trainable} entries ({size / trainable:.2f} B/entry)")
+    assert size <= 10 * trainable
+    # Even with every position saved (masks changed after apply) it stays under 10.
+    for layer in model:
+        layer.parametrizations.weight[0].mask_changed = True
+    _, with_positions = _through_file(mp.trainable_state_dict(model))
+    print(f"with positions: {with_positions} bytes ({with_positions / trainable:.2f} B/entry)")
+    assert size < with_positions <= 10 * trainable
+
+
+def _train_seq(model: nn.Module) -> None:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    x = torch.randn(4, 512)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+
+
+def test_size_global_subspace_is_theta_plus_a_little():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+    d = 1000
+    mp.apply_mask(model, {"*": mp.Subspace(d, projection="fastfood", group="all")})
+    optimizer = torch.optim.Adam([mp.subspace_theta(model, "all")], lr=0.01)
+    optimizer.zero_grad()
+    model(torch.randn(4, 64)).square().mean().backward()
+    optimizer.step()
+    state, size = _through_file(mp.trainable_state_dict(model))
+    print(f"global subspace d={d}: {size} bytes (4·d = {4 * d})")
+    assert size <= 4 * d + 16 * 1024
+    assert state["group:all.theta"].shape == (d,)
+
+
+def _snapshot_refusal(snapshot, model: nn.Module, state: dict[str, Tensor], match: str) -> None:
+    before = snapshot(model)
+    with pytest.raises(mp.MaskparamError, match=match):
+        mp.load_trainable_state_dict(model, state)
+    before.assert_same(model)
+
+
+def test_refuses_other_rules_another_mask_seed(snapshot):
+    state = mp.trainable_state_dict(_trained({"*.weight": mp.Mask(mp.masks.random(0.5, seed=1))}))
+    # 0.weight and 4.weight fit; 2.weight was made with another seed: nothing is written.
+    other = mp.apply_mask(_base(), {
+        "0.weight": mp.Mask(mp.masks.random(0.5, seed=1)),
+        "2.weight": mp.Mask(mp.masks.random(0.5, seed=9)),
+        "4.weight": mp.Mask(mp.masks.random(0.5, seed=1)),
+    })  # fmt: skip
+    _snapshot_refusal(snapshot, other, state, r"'2\.weight'.*other rules or another mask")
+
+
+def test_refuses_another_subspace_seed(snapshot):
+    state = mp.trainable_state_dict(_trained(CASES["subspace_group_fastfood"]))
+    other = mp.apply_mask(
+        _base(), {"*": mp.Subspace(10, projection="fastfood", group="all", seed=4)}
+    )
+    _snapshot_refusal(snapshot, other, state, r"'0\.weight'.*base checksum.*seed")
+
+
+def test_refuses_another_base(snapshot):
+    rules = {"2.weight": mp.Freeze(dim=0, index=[0, 3, 5]), "0.bias": mp.Subspace(3)}
+    trained = mp.apply_mask(_base(), rules)
+    trained[4].requires_grad_(False)  # a frozen, unconstrained layer: part of the base
+    _train(trained)
+    state = mp.trainable_state_dict(trained)
+
+    def fresh_with(change) -> nn.Sequential:
+        base = _base()
+        with torch.no_grad():
+            change(base)
+        model = mp.apply_mask(base, rules)
+        model[4].requires_grad_(False)
+        return model
+
+    same = fresh_with(lambda base: None)
+    mp.load_trainable_state_dict(same, state)  # the control: the same base loads
+    with torch.no_grad():
+        assert torch.equal(same(X), trained(X))
+    cases = {
+        r"'4\.weight'.*another base": lambda base: base[4].weight[1, 2].add_(1e-3),
+        r"'2\.weight'.*base checksum": lambda base: base[2].weight[3, 0].add_(1e-3),  # frozen row
+        r"'0\.bias'.*base checksum": lambda base: base[0].bias[7].add_(1e-3),  # θ₀
+    }
+    for match, change in cases.items():
+        _snapshot_refusal(snapshot, fresh_with(change), state, match)
+
+
+def test_refuses_corrupted_lengths_positions_and_keys(snapshot):
+    rules = {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1))}
+    state = mp.trainable_state_dict(_trained(rules))
+    model = mp.apply_mask(_base(), rules)
+    short = dict(state, **{"2.weight.free_values": state["2.weight.free_values"][:-1]})
+    _snapshot_refusal(snapshot, model, short, r"'2\.weight\.free_values'.*corrupt")
+    missing = {k: v for k, v in state.items() if k != "4.bias"}
+    _snapshot_refusal(snapshot, model, missing, r"missing: 4\.bias")
+    unknown = dict(state, **{"9.weight.free_values": torch.zeros(3)})
+    _snapshot_refusal(snapshot, model, unknown, r"unexpected: 9\.weight\.free_values")
+    # Positions that do not match their checksum (a flipped entry) are corruption, not a mask.
+    positions = mp.kept_entries(model, "2.weight").reshape(-1).nonzero().reshape(-1).int()
+    flipped = positions.clone()
+    flipped[0] = 1 - flipped[0] if flipped[0] < 2 else 0
+    flipped = flipped.sort().values
+    bad = dict(state, **{"2.weight.free_positions": flipped})
+    _snapshot_refusal(snapshot, model, bad, r"'2\.weight'.*checksum.*corrupt")
+    # The right positions, saved needlessly, load.
+    mp.load_trainable_state_dict(model, dict(state, **{"2.weight.free_positions": positions}))
+    # strict=False: a missing trainable tensor is left as it is, an unknown key passed over.
+    mp.load_trainable_state_dict(model, {**missing, "extra": torch.zeros(1)}, strict=False)
+
+
+def test_refuses_a_full_state_dict_and_another_format():
+    model = mp.apply_mask(_base(), {"0.weight": mp.Triangular()})
+    with pytest.raises(mp.MaskparamError, match="lacks its metadata"):
+        mp.load_trainable_state_dict(model, model.state_dict())
+    state = mp.trainable_state_dict(model)
+    with pytest.raises(mp.MaskparamError, match="format"):
+        mp.load_trainable_state_dict(model, dict(state, **{"meta:format": torch.tensor([2])}))
+
+
+def test_checksum_sees_every_word_and_its_position():
+    data = torch.randn(3 * 2**20 + 5)  # chunks, and a tail shorter than a word
+    reference = checksum(data)
+    for position in (0, 2**20 + 1, data.numel() - 1):
+        changed = data.clone()
+        changed[position] = torch.nextafter(changed[position], torch.tensor(float("inf")))
+        assert checksum(changed) != reference
+    assert checksum(data.double()) != checksum(data)
+    assert checksum(data[:6].reshape(2, 3)) != checksum(data[:6].reshape(3, 2))
+
+
+@pytest.mark.slow  # importing transformers takes seconds
+def test_gpt2_two_new_token_rows():
+    transformers = pytest.importorskip("transformers")
+
+    def config() -> object:  # a new one each time: resize_token_embeddings edits it
+        return transformers.GPT2Config(
+            n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=32,
+            bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    base_state = transformers.GPT2LMHeadModel(config()).state_dict()  # the "pretrained" base
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        model = transformers.GPT2LMHeadModel(config())
+        model.load_state_dict(base_state)
+        model.resize_token_embeddings(102)  # new rows drawn from `seed`
+        model.requires_grad_(False)
+        model.transformer.wte.weight.requires_grad_(True)  # tied to lm_head
+        return mp.apply_mask(
+            model, {"transformer.wte.weight": mp.Freeze(dim=0, index=list(range(100)))}
+        )
+
+    model = build(1)
+    tokens = torch.randint(0, 102, (2, 12), generator=torch.Generator().manual_seed(0))
+    tokens[:, ::3] = 101
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+    state, size = _through_file(mp.trainable_state_dict(model))
+    print(f"GPT-2 two new rows: {size} bytes")
+    assert [k for k in state if not k.startswith("meta:")] == ["transformer.wte.weight.free_values"]
+    assert state["transformer.wte.weight.free_values"].numel() == 2 * 64
+    fresh = build(2)
+    model.eval()
+    fresh.eval()
+    with torch.no_grad():
+        assert not torch.equal(fresh(tokens).logits, model(tokens).logits)
+        mp.load_trainable_state_dict(fresh, state)
+        assert torch.equal(fresh(tokens).logits, model(tokens).logits)
+    # Another base (one frozen weight of one block changed) is refused by name.
+    other = build(2)
+    with torch.no_grad():
+        other.transformer.h[1].mlp.c_fc.weight[0, 0] += 1e-3
+    with pytest.raises(mp.MaskparamError, match=r"'transformer\.h\.1\.mlp\.c_fc\.weight'"):
+        mp.load_trainable_state_dict(other, state)
