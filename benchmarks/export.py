@@ -93,6 +93,44 @@ def rows_for(name: str, build, rounds: int) -> list[list[str]]:
     return rows
 
 
+def cuda_two_four(rounds: int) -> str:
+    """A 4096 x 4096 fp16 Linear with a 2:4 mask (mp.masks.n_m(2, 4)), dense against what
+    to_sparse chose (semi-structured where faster), on CUDA; a line saying so without a GPU."""
+    if not torch.cuda.is_available():
+        return "No GPU on this machine: the 2:4 semi-structured row was not measured."
+    torch.manual_seed(0)
+    layer = nn.Linear(4096, 4096).half().cuda()
+    mp.apply_mask(layer, {"weight": mp.Mask(mp.masks.n_m(2, 4))})
+    dense = mp.remove_parametrizations(layer)
+    sparse = mp.to_sparse(copy.deepcopy(dense), batch_size=BATCH)
+    x = torch.randn(BATCH, 4096, dtype=torch.half, device="cuda")
+
+    def forward(model: nn.Module):
+        def once() -> None:
+            with torch.no_grad():
+                model(x)
+            torch.cuda.synchronize()
+
+        return once
+
+    medians = interleaved_medians(
+        {"dense": forward(dense), "sparse": forward(sparse)}, rounds=rounds
+    )
+    (choice,) = sparse.sparse_choices
+    return markdown_table(
+        ["layer", "layout chosen", "dense ms", "to_sparse ms", "time vs dense"],
+        [
+            [
+                "Linear 4096x4096 fp16, 2:4",
+                choice.layout,
+                f"{1e3 * medians['dense']:.3f}",
+                f"{1e3 * medians['sparse']:.3f}",
+                f"{medians['sparse'] / medians['dense']:.2f}x",
+            ]
+        ],
+    )
+
+
 def run(rounds: int = 12) -> str:
     rows = rows_for("MLP 4x1024", mlp, rounds) + rows_for("CNN (digits)", cnn, 4 * rounds)
     header = [
@@ -106,7 +144,7 @@ def run(rounds: int = 12) -> str:
         "to_sparse bytes",
         "bytes vs dense",
     ]
-    return markdown_table(header, rows)
+    return markdown_table(header, rows) + "\n\n" + cuda_two_four(rounds)
 
 
 if __name__ == "__main__":
