@@ -59,6 +59,22 @@ def load_state_dict(
             f"the checkpoint's values must be tensors; {not_tensors[:3]} are not.",
             fix="pass a state_dict (names to tensors).",
         )
+    own = model.state_dict()
+    layouts = [
+        (key, value.layout, own[key].layout)
+        for key, value in state_dict.items()
+        if key in own and isinstance(value, torch.Tensor) and value.layout != own[key].layout
+    ]
+    if layouts:
+        key, saved, here = layouts[0]
+        raise error(
+            f"load_state_dict ({key!r})",
+            f"the checkpoint stores it {str(saved).removeprefix('torch.')}, this model "
+            f"{str(here).removeprefix('torch.')}: one of the two went through mp.to_sparse; "
+            "nothing was loaded.",
+            fix="load into a model converted the same way (mp.to_sparse with the same choices), "
+            "or load the dense checkpoint before converting.",
+        )
     state_dict = dict(state_dict)  # a copy to translate: the caller's stays as it was
     translate_layouts(model, state_dict, "")
     own_keys = set(model.state_dict().keys())

@@ -9,6 +9,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from maskparam._sparse import refuse_sparse
 from maskparam._tensors import TensorRef, find_tensors
 from maskparam._torch_parametrize import parametrization_list
 from maskparam._update import _SELECTIONS
@@ -47,6 +48,7 @@ def rewind(model: ModuleT, to: nn.Module | Mapping[str, Tensor], *, strict: bool
     """
     check_module(model, "rewind")
     check_bool(strict, "rewind", "strict")
+    refuse_sparse(model, "rewind")
     values = _values(to)
     refs = find_tensors(model)
     plan: list[tuple[TensorRef, Tensor]] = []

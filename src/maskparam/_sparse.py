@@ -26,7 +26,14 @@ from torch import Tensor, nn
 from maskparam._torch_parametrize import parametrized_names
 from maskparam.errors import check_int, check_module, error
 
-__all__ = ["MIN_ZEROS", "CSRLinear", "SparseChoice", "sparse_bytes", "to_sparse"]
+__all__ = [
+    "MIN_ZEROS",
+    "CSRLinear",
+    "SparseChoice",
+    "refuse_sparse",
+    "sparse_bytes",
+    "to_sparse",
+]
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 SparseLayout = Literal["auto", "csr", "dense"]
@@ -89,8 +96,11 @@ def to_sparse(
         raise error("to_sparse", f"batch_size={batch_size} must be >= 1.", fix="pass e.g. 64.")
     if layout not in ("auto", "csr", "dense"):
         raise error("to_sparse", f"unknown layout {layout!r}.", fix="use 'auto', 'csr' or 'dense'.")
-    if not isinstance(min_speedup, (int, float)) or min_speedup <= 0:  # type: ignore[redundant-expr]
-        raise error("to_sparse", f"min_speedup={min_speedup!r} must be > 0.", fix="pass e.g. 1.1.")
+    number = isinstance(min_speedup, (int, float)) and not isinstance(min_speedup, bool)  # type: ignore[redundant-expr]  # user input
+    if not (number and math.isfinite(min_speedup) and min_speedup > 0):
+        raise error(
+            "to_sparse", f"min_speedup={min_speedup!r} must be a number > 0.", fix="pass e.g. 1.1."
+        )
     constrained = [name for name, m in model.named_modules() if parametrized_names(m)]
     if constrained:
         raise error(
@@ -99,22 +109,69 @@ def to_sparse(
             "its weights are computed in the forward pass.",
             fix="bake first: mp.remove_parametrizations(model), then mp.to_sparse(model).",
         )
-    linears = [
-        (name, m)
-        for name, m in model.named_modules()
-        if type(m) is nn.Linear and m.weight.layout == torch.strided
-    ]
+    shared = _shared_weights(model)
+    linears = []
     choices = []
+    for name, m in model.named_modules():
+        if isinstance(m, CSRLinear):  # converted by an earlier call: it stays
+            kept = m.weight.values().numel() / max(math.prod(m.weight.shape), 1)
+            choices.append(SparseChoice(name, "csr", 1.0 - kept, None, None))
+        elif type(m) is nn.Linear:
+            why = _kept_dense(m, shared)
+            if why is None:
+                linears.append((name, m))
+            else:
+                choices.append(SparseChoice(name, f"dense ({why})", 0.0, None, None))
+    unsupported = [name for name, m in linears if not _csr_supported(m.weight)]
+    if layout == "csr" and unsupported:
+        dtype = dict(linears)[unsupported[0]].weight.dtype
+        raise error(
+            f"to_sparse({unsupported[0]!r})",
+            f"torch has no CSR product for {dtype} on this device (its CSR kernels take float32 "
+            "and float64 on the CPU); nothing was converted.",
+            fix="convert the model to float32 first, or use layout='auto' (it keeps these dense).",
+        )
     with torch.no_grad():
         for name, linear in linears:
             weight = linear.weight
             zeros = float((weight == 0).sum()) / max(weight.numel(), 1)
-            choice = _choose(name, linear, zeros, batch_size, layout, min_speedup)
+            if name in unsupported:
+                choice = SparseChoice(
+                    name, f"dense (no CSR kernel for {weight.dtype})", zeros, None, None
+                )
+            else:
+                choice = _choose(name, linear, zeros, batch_size, layout, min_speedup)
             if choice.layout == "csr":
                 _make_csr(linear)
             choices.append(choice)
     object.__setattr__(model, "sparse_choices", choices)
     return model
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    """ids of tensors that more than one module slot holds (a tied embedding and output layer)."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        for tensor in [*module._parameters.values(), *module._buffers.values()]:
+            if tensor is not None:
+                seen[id(tensor)] = seen.get(id(tensor), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
+def _kept_dense(linear: nn.Linear, shared: set[int]) -> str | None:
+    """Why a Linear must keep its dense weight, or None."""
+    if id(linear.weight) in shared:
+        return "tied to another module"  # the other one reads the dense tensor
+    if linear._forward_pre_hooks or linear._forward_hooks:
+        return "has forward hooks"  # e.g. the old weight_norm recomputes the weight in one
+    return None
+
+
+def _csr_supported(weight: Tensor) -> bool:
+    """Whether torch multiplies a CSR tensor of ``weight``'s dtype on its device."""
+    if weight.is_cuda:
+        return weight.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    return weight.dtype in (torch.float32, torch.float64)
 
 
 def _choose(
@@ -239,7 +296,34 @@ class CSRLinear(nn.Linear):
     """
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.weight.requires_grad:
+            raise error(
+                "CSRLinear",
+                "its CSR weight is set to train, but a sparse weight is for inference: "
+                "optimizers cannot step it.",
+                fix="train the dense model (maskparam's Mask keeps the zeros), and call "
+                "mp.to_sparse after baking; or weight.requires_grad_(False).",
+            )
         return _csr_linear(input, self.weight, self.bias, self.out_features)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> CSRLinear:
+        # torch's own conversion of a CSR Parameter (.to(float64), .half()) relabels its dtype
+        # but leaves the values as they were: convert the parts and build the tensor again.
+        weight = self._parameters["weight"]
+        assert weight is not None  # set by to_sparse
+        self._parameters["weight"] = None
+        try:
+            super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        finally:
+            self._parameters["weight"] = weight
+        values = fn(weight.values())
+        crow = fn(weight.crow_indices())
+        col = fn(weight.col_indices())
+        rebuilt = torch.sparse_csr_tensor(
+            crow, col, values, tuple(weight.shape), check_invariants=True
+        )
+        self._parameters["weight"] = nn.Parameter(rebuilt, requires_grad=weight.requires_grad)
+        return self
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CSRLinear:
         # A Parameter's deepcopy clones its data with preserve_format, which a CSR tensor (no
@@ -273,3 +357,17 @@ def sparse_bytes(tensor: Tensor) -> int:
         parts = (tensor.values(), tensor.crow_indices(), tensor.col_indices())
         return sum(p.numel() * p.element_size() for p in parts)
     return math.prod(tensor.shape) * tensor.element_size()
+
+
+def refuse_sparse(model: nn.Module, caller: str) -> None:
+    """Refuse, naming the tensor, a model that :func:`to_sparse` converted: ``caller`` works on
+    the dense tensors of a model that trains."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.layout != torch.strided:
+            raise error(
+                f"{caller} ({name!r})",
+                f"the tensor is stored {str(tensor.layout).removeprefix('torch.')} by mp.to_sparse: "
+                "a converted model is for inference.",
+                fix=f"call {caller} on the dense model (before to_sparse), or save this one with "
+                "model.state_dict().",
+            )

@@ -108,6 +108,11 @@ class TensorRef:
     @property
     def unconstrainable(self) -> str | None:
         """Why this tensor can never be constrained, or None."""
+        if self.storage.layout != torch.strided:
+            return (
+                f"is stored {str(self.storage.layout).removeprefix('torch.')} (mp.to_sparse): "
+                "constraints work on the dense model, before to_sparse"
+            )
         if not (self.dtype.is_floating_point or self.dtype.is_complex):
             return f"has dtype {self.dtype}; only floating-point and complex tensors can be constrained"
         if isinstance(self.module, _NormBase) and self.local_name in (

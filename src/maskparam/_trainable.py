@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from maskparam._sparse import refuse_sparse
 from maskparam._tensors import TensorRef, find_tensors
 from maskparam._torch_parametrize import parametrization_list
 from maskparam._update import _SELECTIONS, _commit, _output, _selects_what, _Update
@@ -326,6 +327,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
     torch.Size([4])
     """
     check_module(model, "trainable_state_dict")
+    refuse_sparse(model, "trainable_state_dict")
     entries = _plan(model, "trainable_state_dict")
     names = [entry.name for entry in entries]
     state: dict[str, Tensor] = {
@@ -336,7 +338,9 @@ def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
     }
     with torch.no_grad():
         for entry in entries:
-            if entry.free is not None and bool(entry.free.any()):
+            # A mask pruned to nothing still travels when it changed: its empty values and
+            # positions say so (a load then empties the model's mask too).
+            if entry.free is not None and (bool(entry.free.any()) or entry.positions_needed()):
                 state[f"{entry.name}.free_values"] = _free_values(entry).clone()
                 if entry.positions_needed():
                     positions = entry.free.reshape(-1).nonzero().reshape(-1)
@@ -373,6 +377,7 @@ def load_trainable_state_dict(
     :func:`~maskparam.update_masks`.
     """
     check_module(model, "load_trainable_state_dict")
+    refuse_sparse(model, "load_trainable_state_dict")
     check_bool(strict, "load_trainable_state_dict", "strict")
     _check_tensors(state)
     _check_meta(state)
@@ -442,6 +447,14 @@ def _validate(entries: list[_Entry], state: Mapping[str, Tensor], *, strict: boo
     names = [entry.name for entry in entries]
     saved_names = _saved_names(state)
     free_sums, base_sums = state[_FREE], state[_BASE]
+    for sums, key in ((free_sums, _FREE), (base_sums, _BASE)):
+        if sums.dtype != torch.int64 or tuple(sums.shape) != (len(saved_names),):
+            raise _refuse(f"the state's {key!r} is corrupt; nothing was loaded.", [], fix=_RESAVE)
+    if saved_names != names and sorted(saved_names) == sorted(names):
+        # The same tensors, listed in another order: a tensor constrained on one side only is
+        # listed after its module's plain ones. Compare by name: its checksums then say which.
+        order = torch.tensor([saved_names.index(n) for n in names], dtype=torch.int64)
+        free_sums, base_sums, saved_names = free_sums[order], base_sums[order], names
     if saved_names != names:
         only_state = [n for n in saved_names if n not in set(names)]
         only_model = [n for n in names if n not in set(saved_names)]
@@ -449,16 +462,14 @@ def _validate(entries: list[_Entry], state: Mapping[str, Tensor], *, strict: boo
             "the state was made for a model with other tensors; nothing was loaded.",
             [f"only in the state: {only_state[:8]}", f"only in the model: {only_model[:8]}"]
             if only_state or only_model
-            else ["the same tensors in another order"],
+            else ["a tensor name appears twice"],
             fix=_SAME + ".",
         )
-    for sums, key in ((free_sums, _FREE), (base_sums, _BASE)):
-        if sums.dtype != torch.int64 or tuple(sums.shape) != (len(names),):
-            raise _refuse(f"the state's {key!r} is corrupt; nothing was loaded.", [], fix=_RESAVE)
 
     expected: dict[str, tuple[_Entry, str]] = {}
     for entry in entries:
-        if entry.free is not None and bool(entry.free.any()):
+        brings_positions = f"{entry.name}.free_positions" in state
+        if entry.free is not None and (bool(entry.free.any()) or brings_positions):
             expected[f"{entry.name}.free_values"] = (entry, "free_values")
         elif entry.saves_full:
             expected[entry.name] = (entry, "full")
