@@ -131,6 +131,18 @@ def cuda_two_four(rounds: int) -> str:
     )
 
 
+def targets(rows: list[list[str]]) -> str:
+    """The issue's targets for the MLP, read off its rows."""
+    by = {(r[0], r[1]): r for r in rows}
+    fast, half = by[("MLP 4x1024", "95%")], by[("MLP 4x1024", "50%")]
+    checks = [
+        ("MLP 95%: inference >= 3x faster (time <= 0.33x)", fast[5], float(fast[5][:-1]) <= 1 / 3),
+        ("MLP 95%: state_dict <= 0.15x the bytes", fast[8], float(fast[8][:-1]) <= 0.15),
+        ("MLP 50%: no slower (time <= 1.05x)", half[5], float(half[5][:-1]) <= 1.05),
+    ]
+    return "\n".join(f"- {what}: {got}, {'met' if ok else 'NOT met'}" for what, got, ok in checks)
+
+
 def run(rounds: int = 12) -> str:
     rows = rows_for("MLP 4x1024", mlp, rounds) + rows_for("CNN (digits)", cnn, 4 * rounds)
     header = [
@@ -144,7 +156,7 @@ def run(rounds: int = 12) -> str:
         "to_sparse bytes",
         "bytes vs dense",
     ]
-    return markdown_table(header, rows) + "\n\n" + cuda_two_four(rounds)
+    return "\n\n".join([markdown_table(header, rows), targets(rows), cuda_two_four(rounds)])
 
 
 if __name__ == "__main__":
