@@ -109,6 +109,13 @@ def to_sparse(
             "its weights are computed in the forward pass.",
             fix="bake first: mp.remove_parametrizations(model), then mp.to_sparse(model).",
         )
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise error(
+            f"to_sparse ({meta[0]!r})",
+            "the model is on the meta device: its zeros, and its speed, are not known.",
+            fix="load the weights (to_empty and load_state_dict) first.",
+        )
     shared = _shared_weights(model)
     linears = []
     choices = []

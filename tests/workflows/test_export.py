@@ -147,3 +147,10 @@ def test_a_cpu_two_four_weight_is_not_a_semi_structured_candidate():
     mp.apply_mask(layer, {"weight": mp.Mask(mp.masks.n_m(2, 4))})
     mp.remove_parametrizations(layer)
     assert not mp._sparse._semi_structured_candidate(layer.weight)
+
+
+def test_a_meta_model_is_refused():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(mp.MaskparamError, match="meta device"):
+        mp.to_sparse(model)
