@@ -55,7 +55,7 @@ from typing_extensions import override
 
 from maskparam._tensors import TensorRef, find_tensors
 from maskparam.errors import MaskparamError, check_module, error
-from maskparam.masks import JointMaskGenerator, check_fraction
+from maskparam.masks import JointMaskGenerator, check_fraction, concatenated, split_like
 
 __all__ = ["FisherMask", "WandaMask", "fisher_mask", "wanda_mask"]
 
@@ -197,23 +197,14 @@ class FisherMask(JointMaskGenerator):
         if not members:
             return []
         sums = [self._scores_of(name, tensor) for name, tensor in members]
-        dtype = sums[0].dtype
-        for total in sums[1:]:
-            dtype = torch.promote_types(dtype, total.dtype)
-        device = sums[0].device
-        flat = torch.cat([total.reshape(-1).to(device, dtype) for total in sums])
+        flat = concatenated(sums)
         # FISH's create_mask_gradient: keep_num = int(all_params_size * keep_ratio), then
         # torch.topk(scores, keep_num) over the concatenation in the model's order.
         keep = int(flat.numel() * self.density)
-        selected = torch.zeros(flat.numel(), dtype=torch.bool, device=device)
+        selected = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
         if keep:
             selected[torch.topk(flat, keep).indices] = True
-        return [
-            part.reshape(tensor.shape).to(tensor.device)
-            for part, (_, tensor) in zip(
-                torch.split(selected, [t.numel() for t in sums]), members, strict=True
-            )
-        ]
+        return split_like(selected, [tensor for _, tensor in members])
 
     def _scores_of(self, name: str, tensor: Tensor) -> Tensor:
         subject = f"masks.fisher for {name!r}"

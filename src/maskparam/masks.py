@@ -207,21 +207,28 @@ class GlobalMagnitudeMask(JointMaskGenerator):
     def build_joint(self, members: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
         if not members:
             return []
-        tensors = [tensor.detach() for _, tensor in members]
-        dtype = tensors[0].dtype
-        for tensor in tensors[1:]:
-            dtype = torch.promote_types(dtype, tensor.dtype)  # exact: a wider float keeps order
-        device = tensors[0].device
+        tensors = [tensor.detach().abs() for _, tensor in members]
         # One ranking of the concatenation, in the rule's order: what prune.global_unstructured
         # ranks (parameters_to_vector of the same tensors), so ties break the same way.
-        magnitudes = torch.cat([t.abs().reshape(-1).to(device, dtype) for t in tensors])
+        magnitudes = concatenated(tensors)
         kept = keep_largest(magnitudes, round(self.sparsity * magnitudes.numel()))
-        return [
-            part.reshape(t.shape).to(t.device)
-            for part, t in zip(
-                torch.split(kept, [t.numel() for t in tensors]), tensors, strict=True
-            )
-        ]
+        return split_like(kept, tensors)
+
+
+def concatenated(tensors: Sequence[Tensor]) -> Tensor:
+    """The tensors flattened into one, in order, in their common dtype (exact: a wider float
+    keeps every value and their order), on the first one's device: for one ranking of them all."""
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    device = tensors[0].device
+    return torch.cat([t.reshape(-1).to(device, dtype) for t in tensors])
+
+
+def split_like(flat: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """``flat`` (from :func:`concatenated`) cut back into one tensor per shape and device."""
+    parts = torch.split(flat, [t.numel() for t in tensors])
+    return [part.reshape(t.shape).to(t.device) for part, t in zip(parts, tensors, strict=True)]
 
 
 _INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
