@@ -11,33 +11,34 @@ pass as ``torch.nn.utils.parametrize`` parametrizations, so no optimizer can bre
 
 Public modules: this one, :mod:`maskparam.masks` (mask generators) and
 :mod:`maskparam.constraints` (one module per constraint; :class:`Spec` and :class:`Constraint`
-to write your own). Modules whose names start with ``_`` are internal.
+to write your own). The stages behind them (``core``, ``constrain``, ``prune``, ``checkpoint``,
+``export``) are described in ARCHITECTURE.md; their names are re-exported here.
 """
 
 from __future__ import annotations
 
 from maskparam import constraints, masks
-from maskparam._accessors import frozen_entries, kept_entries, subspace_theta
-from maskparam._apply import Preview, Rules, apply_mask, preview
-from maskparam._checkpoints import load_state_dict
-from maskparam._distributed import exclude_constants_from_ddp
-from maskparam._optimizer_state import load_optimizer_state_dict, optimizer_state_dict
-from maskparam._remove import remove_parametrizations
-from maskparam._rewind import rewind
-from maskparam._schedule import GradualPruning, PruningRules, cubic_sparsity
-from maskparam._selectors import Selector
-from maskparam._sparse import CSRLinear, SparseChoice, to_sparse
-from maskparam._summary import Summary, TensorSummary, summary
-from maskparam._trainable import load_trainable_state_dict, trainable_state_dict
-from maskparam._update import MaskRules, update_masks
-from maskparam._verify import verify
-from maskparam.constraints.base import Constraint, Pins, Spec
+from maskparam.checkpoint.load import load_state_dict
+from maskparam.checkpoint.optimizer_state import load_optimizer_state_dict, optimizer_state_dict
+from maskparam.checkpoint.trainable import load_trainable_state_dict, trainable_state_dict
+from maskparam.constrain.accessors import frozen_entries, kept_entries
+from maskparam.constrain.apply import Preview, Rules, apply_mask, preview
+from maskparam.constrain.distributed import exclude_constants_from_ddp
+from maskparam.constrain.remove import remove_parametrizations
+from maskparam.constrain.summary import Summary, TensorSummary, summary
+from maskparam.constrain.verify import verify
 from maskparam.constraints.freeze import Freeze
 from maskparam.constraints.learnable import LearnableMask, harden, learned_masks, mask_penalty
 from maskparam.constraints.mask import Mask
-from maskparam.constraints.subspace import Subspace
+from maskparam.constraints.subspace import Subspace, subspace_theta
 from maskparam.constraints.triangular import Triangular
+from maskparam.core.constraint import Constraint, MaskChange, Pins, Spec
+from maskparam.core.match import Selector
 from maskparam.errors import MaskparamError
+from maskparam.export.sparse import CSRLinear, SparseChoice, to_sparse
+from maskparam.prune.rewind import rewind
+from maskparam.prune.schedule import GradualPruning, PruningRules, cubic_sparsity
+from maskparam.prune.update import MaskRules, update_masks
 
 __all__ = [
     "CSRLinear",
@@ -46,6 +47,7 @@ __all__ = [
     "GradualPruning",
     "LearnableMask",
     "Mask",
+    "MaskChange",
     "MaskRules",
     "MaskparamError",
     "Pins",

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 import maskparam as mp
-from maskparam._tables import text_table
+from maskparam.core.tables import text_table
 
 __all__ = ["Check", "main", "run_demo"]
 

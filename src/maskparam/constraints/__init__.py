@@ -6,18 +6,18 @@
 * :mod:`~maskparam.constraints.subspace`: :class:`Subspace`, ``θ₀ + E·θ`` (with its projections);
 * :mod:`~maskparam.constraints.learnable`: :class:`LearnableMask`, trainable scores;
 * :mod:`~maskparam.constraints.compact`: the compact layout any selection can use;
-* :mod:`~maskparam.constraints.base`: :class:`Spec`, :class:`Constraint` and :class:`Pins`, the
+* :mod:`~maskparam.core.constraint`: :class:`Spec`, :class:`Constraint` and :class:`Pins`, the
   extension point for constraints of your own.
 """
 
 from __future__ import annotations
 
-from maskparam.constraints.base import Constraint, Pins, Spec
 from maskparam.constraints.freeze import Freeze
 from maskparam.constraints.learnable import LearnableMask
 from maskparam.constraints.mask import Mask
 from maskparam.constraints.subspace import Subspace
 from maskparam.constraints.triangular import Triangular
+from maskparam.core.constraint import Constraint, Pins, Spec
 
 __all__ = [
     "Constraint",

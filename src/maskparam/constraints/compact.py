@@ -10,26 +10,40 @@ its tensor, and it needs real values (not meta tensors) to know the positions.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
-from maskparam import _optimizer_guard
-from maskparam.constraints.base import Constraint, Pins, binary_mask_problem
 from maskparam.constraints.kernels import scatter_free
+from maskparam.core.constraint import (
+    Constraint,
+    MaskChange,
+    Pins,
+    Spec,
+    binary_mask_problem,
+    broadcasts_to,
+)
+from maskparam.core.positions import free_positions, to_full, to_stored
 from maskparam.errors import error
 
 __all__ = [
     "AUTO_COMPACT_MAX_FREE",
-    "CompactScatter",
+    "CompactConstraint",
     "check_compact_possible",
     "chooses_compact",
-    "free_positions",
+    "compact_checkpoint_in_full",
+    "fit_mask",
 ]
+
+# Optimizers whose update depends on a tensor's shape: Adafactor factors the second moment of a
+# matrix, and would silently run unfactored on the compact layout's vector. (Muon refuses a
+# vector itself, when constructed.)
+_SHAPE_AWARE = tuple(
+    cls for cls in (getattr(torch.optim, n, None) for n in ("Adafactor",)) if cls is not None
+)
 
 #: ``layout="auto"`` stores a tensor compact when at most this fraction of its entries is free.
 #: Measured on an MLP 4 x 1024, 1 thread (benchmarks/results/train_step.md): up to it, compact
@@ -50,16 +64,6 @@ def check_compact_possible(subject: str, tensor: Tensor) -> None:
             "does not have: it needs real tensors.",
             fix="apply after to_empty() and loading the weights, or use the dense layout.",
         )
-
-
-def free_positions(free: Tensor, shape: torch.Size) -> Tensor:
-    """The flat positions (int64) of the nonzero entries of ``free``, broadcast to ``shape``: where
-    the compact layout's stored entries sit in the full tensor, in order.
-
-    >>> free_positions(torch.tensor([[1], [0]], dtype=torch.uint8), torch.Size([2, 3])).tolist()
-    [0, 1, 2]
-    """
-    return free.ne(0).expand(shape).reshape(-1).nonzero().reshape(-1)
 
 
 def chooses_compact(layout: str, free: Tensor, shape: torch.Size) -> bool:
@@ -83,7 +87,7 @@ def chooses_compact(layout: str, free: Tensor, shape: torch.Size) -> bool:
     return numel > 0 and n_free <= AUTO_COMPACT_MAX_FREE * numel
 
 
-class CompactScatter(Constraint):
+class CompactConstraint(Constraint):
     """``fill`` (or zeros) with the free entries, at ``index``, from the original: the original is
     the vector of free entries.
 
@@ -98,6 +102,7 @@ class CompactScatter(Constraint):
 
     reshapes_original: ClassVar[bool] = True
     mask_buffer = "free"
+    selects_entries = True
 
     def __init__(
         self,
@@ -106,12 +111,14 @@ class CompactScatter(Constraint):
         fill: Tensor | None,
         description: str,
         *,
-        selects: str | None = None,
+        mask_spec: type[Spec] | None = None,
+        template: str = "",
     ) -> None:
         super().__init__()
-        # What the spec's mask selects ("mask": the kept entries, "freeze": the frozen ones),
-        # for update_masks; None where there is no mask to update (a triangle).
-        self.selects = selects
+        # The spec whose masks update_masks gives this layout (Mask: the kept entries, Freeze:
+        # the frozen ones, held in ``fill``); None for a triangle, which has no mask to update.
+        self.mask_spec = mask_spec
+        self.template = template  # the description for a new mask, e.g. "Mask(keeps {}, compact)"
         self.shape = shape
         self.numel = math.prod(shape)
         self.description = description
@@ -124,17 +131,6 @@ class CompactScatter(Constraint):
 
     def _index(self) -> Tensor:
         return free_positions(self.free, self.shape)
-
-    def watch(self, stored: Tensor, name: str) -> None:
-        """Have the optimizer guard lay out ``stored``'s optimizer state by this constraint's
-        positions, read through a weak proxy (a load may move them; a baked constraint is gone)."""
-        proxy = weakref.proxy(self)
-        _optimizer_guard.watch_reshaped(
-            stored,
-            name,
-            self.shape,
-            lambda: proxy.positions(),  # noqa: PLW0108 - weak, not bound
-        )
 
     def _free_key(self) -> tuple[int, int]:
         return id(self.free), self.free._version
@@ -186,15 +182,6 @@ class CompactScatter(Constraint):
 
     @override
     def forward(self, compact: Tensor) -> Tensor:
-        # A compact Parameter maskparam did not shrink itself (a deep copy, a load with
-        # assign=True) is watched from its first forward: its optimizer state must follow its
-        # layout too. One dict lookup per call once watched.
-        if (
-            isinstance(compact, nn.Parameter)
-            and not torch.compiler.is_compiling()
-            and not _optimizer_guard.is_watched(compact)
-        ):
-            self.watch(compact, self.description)
         base = self.fill.to(compact.dtype) if self.fill.numel() else None
         return scatter_free(compact, self.positions(), base, self.shape)
 
@@ -224,3 +211,116 @@ class CompactScatter(Constraint):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args)
         self.positions()  # the loaded mask may select other entries
+
+    @property
+    def _frozen(self) -> bool:
+        """Whether the fixed entries hold frozen values (a Freeze) rather than zeros."""
+        return bool(self.fill.numel())
+
+    @override
+    def take_mask(self, selected: Tensor, current: Tensor, what: str) -> MaskChange:
+        before = self.free.bool().expand(self.shape)
+        after = (~selected if self._frozen else selected).expand(self.shape)
+        if self._frozen:  # newly frozen entries hold their current value, bit for bit
+            self.fill.copy_(torch.where(after, torch.zeros((), dtype=current.dtype), current))
+        self.free = fit_mask(self.free, ~selected if self._frozen else selected)
+        self.positions(refresh=True)
+        self.description = self.template.format(what)
+        # A regrown masked entry starts from 0; an unfrozen one trains on from its frozen value.
+        start = current if self._frozen else torch.where(after & ~before, 0.0, current)
+        return MaskChange(before.clone(), after.clone(), start.to(current.dtype))
+
+    @override
+    def free_for_mask(self, selected: Tensor) -> Tensor:
+        return ~selected if self._frozen else selected
+
+    @override
+    def mask_for_free(self, free: Tensor) -> Tensor | None:
+        return None if self._frozen or self.mask_spec is None else free
+
+    @override
+    def stored_positions(self) -> Tensor:
+        return self.positions()
+
+    @override
+    def checkpoint_numel(self, state: Mapping[str, Tensor], original: Tensor) -> int | None:
+        free = state.get("free")
+        if free is None or original.dim() != 1 or not broadcasts_to(free.shape, self.shape):
+            return None
+        n_free = int(free.to(torch.bool).expand(self.shape).sum())
+        current = self.positions().numel()
+        return n_free if original.numel() == n_free != current else None
+
+    @override
+    def from_other_layout(
+        self, state: Mapping[str, Tensor], original: Tensor, shape: torch.Size
+    ) -> tuple[dict[str, Tensor], Tensor] | str | None:
+        # The dense layouts save the full original and their mask under their own names:
+        # a Mask's ``mask``, a Freeze's ``keep`` and ``frozen_values``; a Triangular none (its
+        # triangle is this model's).
+        if "free" in state or original.shape != self.shape:
+            return None
+        if self._frozen and "keep" in state and "frozen_values" in state:
+            free, translated = (
+                state["keep"],
+                {"free": state["keep"], "fill": state["frozen_values"]},
+            )
+        elif not self._frozen and "mask" in state:
+            free, translated = state["mask"], {"free": state["mask"]}
+        elif not self._frozen and self.mask_spec is None and not state:
+            free = self.free.clone()
+            translated = {"free": free}
+        else:
+            return None
+        if free.shape != self.free.shape:
+            return None  # a mask of another shape: refused by the shape check
+        problem = binary_mask_problem("keep" if self._frozen else "mask", free, self.free)
+        if problem:  # its positions would be wrong: refused before anything loads
+            return problem
+        return translated, to_stored(original, free_positions(free, self.shape))
+
+    @override
+    def refresh(self) -> None:
+        self.positions(refresh=True)
+
+    @override
+    def optimizer_problem(self, optimizer: torch.optim.Optimizer) -> str | None:
+        if isinstance(optimizer, _SHAPE_AWARE):
+            return (
+                f"{type(optimizer).__name__} treats a matrix as a matrix, but the compact layout "
+                "stores this tensor as the vector of its free entries: it would run another "
+                "algorithm on it. Pass layout='dense' to this tensor's spec, or train it with an "
+                "elementwise optimizer (SGD, Adam, AdamW)"
+            )
+        return None
+
+    @override
+    def on_registered(self, original: Tensor) -> None:
+        # A gradient accumulated before apply_mask (zero_grad(set_to_none=False), or
+        # accumulation across it) keeps its free entries, as the dense layout would.
+        grad = original.grad
+        if grad is not None and grad.shape == self.shape:
+            original.grad = to_stored(grad, self.positions())
+
+
+def fit_mask(buffer: Tensor, selected: Tensor) -> Tensor:
+    """``selected`` as a uint8 0/1 mask: written into ``buffer`` where it fits its shape (the
+    buffer stays the same object: DDP and a deep copy's references keep working), else new."""
+    new = selected.to(device=buffer.device, dtype=torch.uint8)
+    try:
+        expanded = new.expand(buffer.shape)
+    except RuntimeError:
+        return new.contiguous()
+    buffer.copy_(expanded)
+    return buffer
+
+
+def compact_checkpoint_in_full(
+    free: Tensor, original: Tensor, shape: torch.Size, base: Tensor | None = None
+) -> Tensor | None:
+    """A compact checkpoint's original (its free entries, where ``free`` says) laid out in
+    ``shape``, ``base`` (frozen values) or zeros elsewhere; None where it is not one."""
+    positions = free_positions(free, shape)
+    if original.dim() != 1 or original.numel() != positions.numel() or original.shape == shape:
+        return None
+    return to_full(original, positions, shape, base)

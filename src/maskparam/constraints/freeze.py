@@ -13,25 +13,28 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from maskparam import masks
-from maskparam.constraints.base import (
+from maskparam.constraints.compact import (
+    CompactConstraint,
+    check_compact_possible,
+    chooses_compact,
+    compact_checkpoint_in_full,
+    fit_mask,
+)
+from maskparam.constraints.kernels import keep_or_frozen
+from maskparam.core.constraint import (
     Constraint,
     Layout,
+    MaskChange,
     Pins,
     Spec,
     binary_mask_problem,
     check_layout,
 )
-from maskparam.constraints.compact import (
-    CompactScatter,
-    check_compact_possible,
-    chooses_compact,
-)
-from maskparam.constraints.kernels import keep_or_frozen
 from maskparam.errors import check_int, error
-from maskparam.masks import IndexLike, MaskSource
+from maskparam.masks import generators as masks
+from maskparam.masks.generators import IndexLike, MaskSource
 
-__all__ = ["Freeze", "FreezeEntries", "FreezeSlices"]
+__all__ = ["Freeze", "FreezeEntriesConstraint", "FreezeSlicesConstraint"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,7 +100,7 @@ class Freeze(Spec):
             dim = self.dim % value.dim()
             index = masks.normalize_index(self.index, value.shape[dim], subject, "index")
             frozen_values = value.index_select(dim, index.to(value.device)).clone()
-            return FreezeSlices(dim, index, frozen_values)
+            return FreezeSlicesConstraint(dim, index, frozen_values)
         return self.build_selected(name, tensor, self._frozen(value, subject))
 
     @override
@@ -112,16 +115,28 @@ class Freeze(Spec):
         if chooses_compact(self.layout, ~frozen, value.shape):
             check_compact_possible(subject, value)
             fill = torch.where(frozen, value, torch.zeros((), dtype=value.dtype))
-            return CompactScatter(
+            return CompactConstraint(
                 ~frozen,
                 value.shape,
                 fill,
                 f"Freeze(freezes {self._what()}, compact)",
-                selects="freeze",
+                mask_spec=Freeze,
+                template="Freeze(freezes {}, compact)",
             )
         # where(), not a multiply: a non-finite value at a free entry must not leak into the rest.
         frozen_values = torch.where(frozen, value, torch.zeros((), dtype=value.dtype))
-        return FreezeEntries(~frozen, frozen_values, description=f"Freeze(freezes {self._what()})")
+        return FreezeEntriesConstraint(~frozen, frozen_values, description=f"Freeze(freezes {self._what()})")
+
+    @override
+    def mask_source(self, rule: str) -> MaskSource:
+        if self.mask is None:
+            raise error(
+                f"rule {rule}",
+                "update_masks takes a Freeze with a mask; Freeze(dim=..., index=...) freezes "
+                "slices, which it does not update.",
+                fix="pass mp.Freeze(mask), or remove_parametrizations and apply_mask again.",
+            )
+        return self.mask
 
     def _what(self) -> str:
         if self.dim is not None and self.index is not None:
@@ -129,7 +144,7 @@ class Freeze(Spec):
         return masks.describe_source(self.mask)
 
 
-class FreezeEntries(Constraint):
+class FreezeEntriesConstraint(Constraint):
     """Entries where ``keep`` is 0 hold their value at apply time, bit for bit.
 
     Selected bitwise (see constraints/kernels.py): a frozen ``-0.0`` stays ``-0.0`` and a
@@ -139,6 +154,8 @@ class FreezeEntries(Constraint):
     keep: Tensor
     frozen_values: Tensor
     mask_buffer = "keep"
+    selects_entries = True
+    mask_spec = Freeze
 
     def __init__(
         self, keep: Tensor, frozen_values: Tensor, *, description: str = "Freeze(mask)"
@@ -190,11 +207,39 @@ class FreezeEntries(Constraint):
         return problems
 
     @override
+    def take_mask(self, selected: Tensor, current: Tensor, what: str) -> MaskChange:
+        shape = current.shape
+        before = self.keep.bool().expand(shape)
+        after = ~selected.expand(shape)
+        self.keep = fit_mask(self.keep, ~selected)
+        # Newly frozen entries hold their current value, bit for bit; an unfrozen one trains on
+        # from its frozen value.
+        self.frozen_values.copy_(torch.where(selected.expand(shape), current, 0))
+        self.description = f"Freeze(freezes {what})"
+        return MaskChange(before.clone(), after.clone(), current)
+
+    @override
+    def free_for_mask(self, selected: Tensor) -> Tensor:
+        return ~selected
+
+    @override
+    def from_other_layout(
+        self, state: Mapping[str, Tensor], original: Tensor, shape: torch.Size
+    ) -> tuple[dict[str, Tensor], Tensor] | str | None:
+        # The compact layout saves the free entries, the mask of free entries as ``free`` and
+        # the frozen values as ``fill``.
+        free, fill = state.get("free"), state.get("fill")
+        if free is None or fill is None or fill.shape != shape or free.shape != self.keep.shape:
+            return None
+        full = compact_checkpoint_in_full(free, original, shape, base=fill)
+        return None if full is None else ({"keep": free, "frozen_values": fill}, full)
+
+    @override
     def describe(self) -> str:
         return self.description
 
 
-class FreezeSlices(Constraint):
+class FreezeSlicesConstraint(Constraint):
     """``x.index_copy(dim, index, frozen_values)``: slices ``index`` along ``dim`` are frozen.
 
     Stores only the frozen slices; the backward is a cheap ``index_fill`` of the gradient.
@@ -202,6 +247,7 @@ class FreezeSlices(Constraint):
 
     index: Tensor
     frozen_values: Tensor
+    selects_entries = True
 
     def __init__(self, dim: int, index: Tensor, frozen_values: Tensor) -> None:
         super().__init__()
@@ -223,7 +269,7 @@ class FreezeSlices(Constraint):
 
     @override
     def right_inverse(self, value: Tensor) -> Tensor:
-        with torch.no_grad():  # as FreezeEntries.right_inverse: the new values to hold
+        with torch.no_grad():  # as FreezeEntriesConstraint.right_inverse: the new values to hold
             held = self.level_input(value)
             self.frozen_values.copy_(held.index_select(self.dim, self.index))
         return value

@@ -33,20 +33,20 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
-from maskparam._tensors import find_tensors
-from maskparam._torch_parametrize import link_stack, parametrization_list
-from maskparam.constraints.base import Constraint, Pins, Spec, zeros_pinned
 from maskparam.constraints.kernels import straight_through_mask
-from maskparam.constraints.mask import MaskMultiply
+from maskparam.constraints.mask import MaskConstraint
+from maskparam.core.constraint import Constraint, Pins, Spec, zeros_pinned
+from maskparam.core.parametrize import link_stack, parametrization_list
+from maskparam.core.tensors import find_tensors
 from maskparam.errors import check_bool, check_finite, check_module, error
-from maskparam.masks import check_fraction
+from maskparam.masks.generators import check_fraction
 
 __all__ = ["LearnableMask", "harden", "learned_masks", "mask_penalty"]
 
 Mode = Literal["hard", "soft"]
 
 
-class ScoredMask(Constraint):
+class LearnableMaskConstraint(Constraint):
     """The original scaled by g(scores) (soft), or selected bitwise where ``scores > 0`` (hard)."""
 
     def __init__(self, scores: Tensor, *, mode: Mode, temperature: float) -> None:
@@ -72,7 +72,7 @@ class ScoredMask(Constraint):
         # at a dropped entry cannot leak in); the scores learn straight through.
         return straight_through_mask(x, self.scores)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> ScoredMask:
+    def __deepcopy__(self, memo: dict[int, Any]) -> LearnableMaskConstraint:
         # torch.optim.swa_utils.AveragedModel deep-copies the model, then averages the scores and
         # the weights separately: the mask of averaged scores is not the average of the masked
         # weights (scores +0.5 and -1.5 average to a mask of zeros, the weights to W/2), and
@@ -90,6 +90,15 @@ class ScoredMask(Constraint):
         for key, value in self.__dict__.items():
             copied.__dict__[key] = copy.deepcopy(value, memo)
         return copied
+
+    @override
+    def saved_entries(self, free: Tensor) -> Tensor:
+        # Its weights train at every entry: a later step may bring a dropped one back.
+        return free
+
+    @override
+    def trainable_extras(self, tensor_name: str) -> dict[str, Tensor]:
+        return {f"{tensor_name}.scores": self.scores} if self.scores.requires_grad else {}
 
     def keep(self) -> Tensor:
         """The binary mask that ``harden`` with the default threshold would fix."""
@@ -150,10 +159,10 @@ class LearnableMask(Spec):
                 fix="pass values within the tensor's dtype (the default init is 3 * temperature).",
             )
         scores = torch.full_like(tensor, init, memory_format=torch.contiguous_format)
-        return ScoredMask(scores, mode=self.mode, temperature=self.temperature)
+        return LearnableMaskConstraint(scores, mode=self.mode, temperature=self.temperature)
 
 
-Found = tuple[str, list[tuple[nn.Module, str]], int, ScoredMask]
+Found = tuple[str, list[tuple[nn.Module, str]], int, LearnableMaskConstraint]
 
 
 def _learned(model: nn.Module) -> list[Found]:
@@ -164,7 +173,7 @@ def _learned(model: nn.Module) -> list[Found]:
     found = []
     for ref in find_tensors(model):
         for position, parametrization in enumerate(ref.parametrizations):
-            if isinstance(parametrization, ScoredMask):
+            if isinstance(parametrization, LearnableMaskConstraint):
                 found.append((ref.name, ref.holders, position, parametrization))
     return found
 
@@ -258,7 +267,7 @@ def harden(
             with torch.no_grad():  # kept entries become w * m: exactly the product computed before
                 target.copy_(torch.where(keep, target * mask.mask_values(), target))
         # One object on every holder: a tied tensor stays tied.
-        fixed = MaskMultiply(keep, description="Mask(keeps the hardened learnable mask)")
+        fixed = MaskConstraint(keep, description="Mask(keeps the hardened learnable mask)")
         fixed.mask_changed = True  # learned, not computed by a rule
         for module, local in holders:
             parametrization_list(module, local)[position] = fixed
@@ -268,7 +277,7 @@ def harden(
 
 
 def _fold_target(
-    name: str, holders: list[tuple[nn.Module, str]], position: int, mask: ScoredMask
+    name: str, holders: list[tuple[nn.Module, str]], position: int, mask: LearnableMaskConstraint
 ) -> Tensor | None:
     """The stored original to fold a soft mask's scale into, or None for a hard mask."""
     if mask.mode == "hard":

@@ -13,25 +13,28 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from maskparam import masks
-from maskparam.constraints.base import (
+from maskparam.constraints.compact import (
+    CompactConstraint,
+    check_compact_possible,
+    chooses_compact,
+    compact_checkpoint_in_full,
+    fit_mask,
+)
+from maskparam.constraints.kernels import keep_bits
+from maskparam.core.constraint import (
     Constraint,
     Layout,
+    MaskChange,
     Pins,
     Spec,
     binary_mask_problem,
     check_layout,
     zeros_pinned,
 )
-from maskparam.constraints.compact import (
-    CompactScatter,
-    check_compact_possible,
-    chooses_compact,
-)
-from maskparam.constraints.kernels import keep_bits
-from maskparam.masks import MaskSource
+from maskparam.masks import generators as masks
+from maskparam.masks.generators import MaskSource
 
-__all__ = ["Mask", "MaskMultiply"]
+__all__ = ["Mask", "MaskConstraint"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,6 +71,10 @@ class Mask(Spec):
     def joint_source(self) -> masks.JointMaskGenerator | None:
         return self.mask if isinstance(self.mask, masks.JointMaskGenerator) else None
 
+    @override
+    def mask_source(self, rule: str) -> MaskSource:
+        return self.mask
+
     def _for(self, name: str) -> str:
         return f"Mask for {name!r}"
 
@@ -77,18 +84,25 @@ class Mask(Spec):
         keeps = masks.describe_source(self.mask)
         if chooses_compact(self.layout, kept, tensor.shape):
             check_compact_possible(self._for(name), tensor)
-            return CompactScatter(
-                kept, tensor.shape, None, f"Mask(keeps {keeps}, compact)", selects="mask"
+            return CompactConstraint(
+                kept,
+                tensor.shape,
+                None,
+                f"Mask(keeps {keeps}, compact)",
+                mask_spec=Mask,
+                template="Mask(keeps {}, compact)",
             )
-        return MaskMultiply(kept, description=f"Mask(keeps {keeps})", shape=tensor.shape)
+        return MaskConstraint(kept, description=f"Mask(keeps {keeps})", shape=tensor.shape)
 
 
-class MaskMultiply(Constraint):
+class MaskConstraint(Constraint):
     """``x`` at kept entries, ``+0.0`` elsewhere, with a uint8 0/1 mask (1 byte per entry, or per
     slice when it broadcasts)."""
 
     mask: Tensor
     mask_buffer = "mask"
+    selects_entries = True
+    mask_spec = Mask
 
     def __init__(
         self, mask: Tensor, *, description: str = "Mask", shape: torch.Size | None = None
@@ -120,6 +134,36 @@ class MaskMultiply(Constraint):
             else None
         )
         return [*super().check_state(state), *([problem] if problem else [])]
+
+    @override
+    def take_mask(self, selected: Tensor, current: Tensor, what: str) -> MaskChange:
+        shape = current.shape
+        before = self.mask.bool().expand(shape)
+        after = selected.expand(shape)
+        self.mask = fit_mask(self.mask, selected)
+        self.description = f"Mask(keeps {what})"
+        # A regrown entry starts from zero; a kept one keeps its value.
+        start = torch.where(after & ~before, torch.zeros((), dtype=current.dtype), current)
+        return MaskChange(before.clone(), after.clone(), start)
+
+    @override
+    def free_for_mask(self, selected: Tensor) -> Tensor:
+        return selected
+
+    @override
+    def mask_for_free(self, free: Tensor) -> Tensor:
+        return free
+
+    @override
+    def from_other_layout(
+        self, state: Mapping[str, Tensor], original: Tensor, shape: torch.Size
+    ) -> tuple[dict[str, Tensor], Tensor] | str | None:
+        # The compact layout saves the kept entries and the mask as ``free``, without ``fill``.
+        free = state.get("free")
+        if free is None or "fill" in state or free.shape != self.mask.shape:
+            return None
+        full = compact_checkpoint_in_full(free, original, shape)
+        return None if full is None else ({"mask": free}, full)
 
     @override
     def describe(self) -> str:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from maskparam.constraints.base import FixedTensors
+from maskparam.core.constraint import FixedTensors
 
 __all__ = [
     "BasisProjection",

@@ -23,16 +23,17 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from maskparam.constraints.base import Constraint, FixedTensors, Pins, Spec
 from maskparam.constraints.projections import (
     BasisProjection,
     DenseProjection,
     FastfoodProjection,
     SparseProjection,
 )
-from maskparam.errors import check_int, error
+from maskparam.core.constraint import Constraint, FixedTensors, Pins, Spec
+from maskparam.core.tensors import find_tensors
+from maskparam.errors import check_int, check_module, error
 
-__all__ = ["Subspace", "SubspaceCoordinates", "SubspaceShift"]
+__all__ = ["Subspace", "SubspaceCoordinates", "SubspaceConstraint", "subspace_theta"]
 
 ProjectionName = Literal["gaussian", "sparse", "fastfood"]
 _PROJECTIONS = ("gaussian", "sparse", "fastfood")
@@ -140,7 +141,7 @@ class SubspaceCoordinates(FixedTensors):
         return None  # the seed matched; inv_norm was compared above
 
 
-class SubspaceShift(Constraint):
+class SubspaceConstraint(Constraint):
     """``θ₀ + reshape(E_i · θ)``, where θ₀ is the stored original, frozen.
 
     The group's :class:`SubspaceCoordinates` is registered in its first member only, so θ
@@ -188,6 +189,23 @@ class SubspaceShift(Constraint):
     @override
     def on_removed(self, original: Tensor) -> None:
         original.requires_grad_(self.original_requires_grad)
+
+    @override
+    def trainable_extras(self, tensor_name: str) -> dict[str, Tensor]:
+        coordinates = self.coordinates
+        if not coordinates.theta.requires_grad:
+            return {}
+        key = f"group:{coordinates.group}.theta" if coordinates.group else f"{tensor_name}.theta"
+        return {key: coordinates.theta}
+
+    @override
+    def shared_modules(self) -> list[nn.Module]:
+        return [self.coordinates]  # members that do not own θ refer to it
+
+    @override
+    def trained_through(self) -> str:
+        coordinates = self.coordinates
+        return f"θ of {coordinates.label!r} ({coordinates.theta.numel():,})"
 
     @override
     def pins(self, value: Tensor) -> Pins:
@@ -356,7 +374,7 @@ class Subspace(Spec):
             f", group {self.group!r})" if self.group else ")"
         )
         return [
-            SubspaceShift(coordinates, projection.to(device), owner=i == 0, description=description)
+            SubspaceConstraint(coordinates, projection.to(device), owner=i == 0, description=description)
             for i, projection in enumerate(projections)
         ]
 
@@ -441,3 +459,35 @@ _LESS_MEMORY = {
 
 def _sparse_density(total: int) -> float:
     return 1.0 / max(math.sqrt(total), 1.0)  # s = √D, as Li et al. use it
+
+
+def subspace_theta(model: nn.Module, name: str) -> nn.Parameter:
+    """The trainable θ of a subspace, by group name or by the name of one of its tensors.
+
+    >>> import torch, maskparam as mp
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    >>> _ = mp.apply_mask(model, {"*": mp.Subspace(3, group="all")})
+    >>> mp.subspace_theta(model, "all").shape, mp.subspace_theta(model, "1.bias").shape
+    (torch.Size([3]), torch.Size([3]))
+    """
+    check_module(model, "subspace_theta")
+    if not isinstance(name, str):
+        raise error(
+            "subspace_theta", f"the name must be a str; got {name!r}.", fix="pass e.g. 'fc.weight'."
+        )
+    groups: dict[str, nn.Parameter] = {}
+    for ref in find_tensors(model):
+        for parametrization in ref.parametrizations:
+            if isinstance(parametrization, SubspaceConstraint):
+                theta = parametrization.coordinates.theta
+                groups.setdefault(parametrization.coordinates.label, theta)
+                for alias in ref.all_names:
+                    groups.setdefault(alias, theta)
+    if name not in groups:
+        raise error(
+            f"subspace_theta({name!r})",
+            "no subspace group or subspace tensor of this name.",
+            f"known: {sorted(groups)[:8]}",
+            fix="pass a group name (Subspace(..., group=...)) or a constrained tensor's name.",
+        )
+    return groups[name]

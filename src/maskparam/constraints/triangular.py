@@ -5,21 +5,31 @@ Invariant: every entry of the other triangle is exactly zero.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from maskparam.constraints.base import Constraint, Layout, Pins, Spec, check_layout, zeros_pinned
 from maskparam.constraints.compact import (
-    CompactScatter,
+    CompactConstraint,
     check_compact_possible,
     chooses_compact,
+    compact_checkpoint_in_full,
+)
+from maskparam.core.constraint import (
+    Constraint,
+    Layout,
+    Pins,
+    Spec,
+    broadcasts_to,
+    check_layout,
+    zeros_pinned,
 )
 from maskparam.errors import check_bool, check_int, error
 
-__all__ = ["Triangular", "TriangularPart"]
+__all__ = ["Triangular", "TriangularConstraint"]
 
 
 @dataclass(frozen=True)
@@ -73,16 +83,18 @@ class Triangular(Spec):
                 ),
                 fix=f"choose a diagonal in [{-(rows - 1)}, {cols - 1}] (0 is the main diagonal).",
             )
-        part = TriangularPart(lower=self.lower, diagonal=self.diagonal)
+        part = TriangularConstraint(lower=self.lower, diagonal=self.diagonal)
         triangle = part(torch.ones(tensor.shape[-2:], dtype=torch.bool, device=tensor.device))
         if chooses_compact(self.layout, triangle, tensor.shape):
             check_compact_possible(f"Triangular for {name!r}", tensor)
-            return CompactScatter(triangle, tensor.shape, None, part.describe()[:-1] + ", compact)")
+            return CompactConstraint(triangle, tensor.shape, None, part.describe()[:-1] + ", compact)")
         return part
 
 
-class TriangularPart(Constraint):
+class TriangularConstraint(Constraint):
     """``tril(x, diagonal)`` or ``triu(x, diagonal)`` over the last two dimensions; no storage."""
+
+    selects_entries = True
 
     def __init__(self, *, lower: bool, diagonal: int) -> None:
         super().__init__()
@@ -97,6 +109,21 @@ class TriangularPart(Constraint):
     def pins(self, value: Tensor) -> Pins:
         ones = torch.ones(value.shape[-2:], dtype=torch.bool, device=value.device)
         return zeros_pinned(~self.forward(ones).expand(value.shape), value)
+
+    @override
+    def from_other_layout(
+        self, state: Mapping[str, Tensor], original: Tensor, shape: torch.Size
+    ) -> tuple[dict[str, Tensor], Tensor] | str | None:
+        # The compact layout saves the triangle's entries and the triangle as ``free``: it must
+        # be this one (another triangle is refused by the shape check, not loaded as this one).
+        free = state.get("free")
+        if free is None or "fill" in state or not broadcasts_to(free.shape, shape):
+            return None
+        ones = torch.ones(shape[-2:], dtype=torch.bool, device=free.device)
+        if not torch.equal(free.ne(0).expand(shape), self.forward(ones).expand(shape)):
+            return None
+        full = compact_checkpoint_in_full(free, original, shape)
+        return None if full is None else ({}, full)
 
     @override
     def describe(self) -> str:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
-from maskparam.constraints.base import Constraint
-from maskparam.constraints.compact import CompactScatter
+from maskparam.core.constraint import Constraint
 from maskparam.errors import check_module
 
 __all__ = ["constant_buffer_names", "exclude_constants_from_ddp"]
@@ -45,8 +44,8 @@ def exclude_constants_from_ddp(model: nn.Module) -> list[str]:
             if not buffers[name].is_sparse:  # sparse bases regenerate from their seed anyway
                 dist.broadcast(buffers[name], src=0)
         for module in model.modules():
-            if isinstance(module, CompactScatter):  # rank 0's mask: its free entries' positions
-                module.positions(refresh=True)
+            if isinstance(module, Constraint):  # e.g. positions derived from rank 0's masks
+                module.refresh()
     ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | set(names)
     # DDP's documented-by-code hook for excluding parameters and buffers by name.
     ddp = nn.parallel.DistributedDataParallel

@@ -19,20 +19,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TypeAlias
 
 import torch
 from torch import Tensor
 from typing_extensions import override
 
 from maskparam.errors import MaskparamError, check_int, error
-
-if TYPE_CHECKING:
-    from collections.abc import Iterable
-
-    from torch import nn
-
-    from maskparam.importance import FisherMask, Forward, Loss, WandaMask
 
 __all__ = [
     "GlobalMagnitudeMask",
@@ -41,7 +34,6 @@ __all__ = [
     "MaskSource",
     "columns",
     "filters",
-    "fisher",
     "global_magnitude",
     "magnitude",
     "n_m",
@@ -49,7 +41,6 @@ __all__ = [
     "rows",
     "slices",
     "structured",
-    "wanda",
 ]
 
 IndexLike: TypeAlias = int | Sequence[int] | range | Tensor
@@ -646,61 +637,6 @@ def build_joint_checked(
             fix="return a list of bool masks, one per (name, tensor) pair, in their order.",
         )
     return found
-
-
-def fisher(model: nn.Module, batches: Iterable[Any], loss: Loss, density: float) -> FisherMask:
-    """Select the ``int(density * n)`` entries with the largest Fisher score among the ``n``
-    entries of *all* the tensors one rule selects (one ranking, like :func:`global_magnitude`):
-    the FISH mask (Sung et al. 2021), for sparse fine-tuning with ``mp.Freeze(~fish)``.
-
-    The score of an entry is the mean over ``batches`` of the squared gradient of
-    ``loss(model, batch)`` (a scalar tensor), computed now, when ``fisher`` is called, for every
-    parameter that requires grad; the model is left as it was (values, ``.grad``, modes,
-    buffers, RNG). Like FISH's reference (``create_mask_gradient``): ``int()``, not ``round()``
-    as :func:`random` and :func:`magnitude` do, and ``torch.topk`` over the rule's tensors
-    concatenated in the model's order, so ties break as there. Batches of one example give
-    the paper's per-example empirical Fisher. Call it before :func:`maskparam.apply_mask`
-    constrains the tensors; see :mod:`maskparam.importance`.
-
-    >>> import torch
-    >>> model = torch.nn.Linear(2, 2)
-    >>> x, y = torch.tensor([[1.0, -1.0]]), torch.tensor([[0.0, 1.0]])
-    >>> fish = fisher(model, [(x, y)], lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), 0.5)
-    >>> fish(model.weight).sum().item()  # one tensor alone: ranked within it
-    2
-    """
-    from maskparam.importance import fisher_mask  # noqa: PLC0415 - it imports this module
-
-    return fisher_mask(model, batches, loss, density)
-
-
-def wanda(
-    model: nn.Module, batches: Iterable[Any], sparsity: float, *, forward: Forward | None = None
-) -> WandaMask:
-    """Select all but the ``int(in_features * sparsity)`` entries of each row of each
-    ``nn.Linear`` weight with the smallest ``|W_ij| * ||X_j||_2`` (Wanda, Sun et al. 2023), for
-    pruning without retraining: ``mp.Mask(mp.masks.wanda(...))``.
-
-    ``||X_j||`` is the L2 norm of input feature ``j`` over every calibration token, recorded now
-    by forward pre-hooks while ``forward(model, batch)`` (default ``model(batch)``) runs over
-    ``batches`` under ``torch.no_grad()``; the model is left as it was. As the reference
-    (``lib/prune.py::prune_wanda``): a stable sort of each row, its first
-    ``int(in_features * sparsity)`` entries pruned. One-shot: every input comes from the dense
-    model, where the reference feeds each decoder layer the outputs of the layers it already
-    pruned. Only Linear weights can be selected: use the rule ``(torch.nn.Linear, "weight")``.
-
-    >>> import torch
-    >>> layer = torch.nn.Linear(4, 2)
-    >>> with torch.no_grad():
-    ...     _ = layer.weight.copy_(torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 3.0, 2.0, 1.0]]))
-    >>> x = torch.tensor([[1.0, 2.0, 3.0, 40.0]])  # feature 3 is an outlier
-    >>> wanda(layer, [x], 0.5)(layer.weight)  # magnitude would prune the outlier's 1.0 in row 1
-    tensor([[False, False,  True,  True],
-            [False, False,  True,  True]])
-    """
-    from maskparam.importance import wanda_mask  # noqa: PLC0415 - it imports this module
-
-    return wanda_mask(model, batches, sparsity, forward=forward)
 
 
 def describe_source(source: object) -> str:

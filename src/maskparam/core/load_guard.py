@@ -15,15 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from maskparam import _optimizer_guard
-from maskparam._layouts import translate_layouts
-from maskparam._torch_parametrize import (
+from maskparam.core.constraint import Constraint, FixedTensors, broadcasts_to, load_error
+from maskparam.core.layouts import translate_layouts
+from maskparam.core.parametrize import (
     maskparam_constraints,
     parametrization_list,
     parametrized_names,
 )
-from maskparam.constraints.base import Constraint, FixedTensors, broadcasts_to, load_error
-from maskparam.constraints.compact import CompactScatter
 from maskparam.errors import error
 
 __all__ = ["check_checkpoint", "guard_loads"]
@@ -46,7 +44,7 @@ def check_checkpoint(
     torch would refuse a tensor of another shape after copying the others.
 
     A checkpoint saved in the other layout (dense or compact) is translated first (see
-    ``_layouts``). Missing and unexpected keys are not checked here: torch passes ``strict=True`` to every
+    ``core/layouts.py``). Missing and unexpected keys are not checked here: torch passes ``strict=True`` to every
     module's pre-hook whatever the caller asked, so a hook cannot tell an error from a partial
     load; :func:`maskparam.load_state_dict` checks keys before anything is loaded.
     """
@@ -76,10 +74,6 @@ def check_checkpoint(
                 if first_prefix + n in state_dict
             }
             original: Tensor = state_dict[key]
-            if isinstance(first, CompactScatter):
-                _optimizer_guard.forget_unseen_move(
-                    parametrization_list(module, tensor_name).original
-                )
             problem = first.check_original(original, state)
             if problem:
                 raise load_error(first_prefix, type(first).__name__, [problem])
@@ -121,33 +115,31 @@ def _reshaped_masks(
 def _compact_resizes(
     model: nn.Module, state_dict: Mapping[str, Any], prefix: str
 ) -> dict[str, tuple[Tensor, int]]:
-    """The compact originals whose checkpoint holds another number of free entries, as its own
-    mask says (a run whose masks ``update_masks`` changed): key -> (stored tensor, numel).
+    """The stored originals whose checkpoint holds another number of entries, as its own mask
+    says (a compact layout whose masks ``update_masks`` changed): key -> (stored tensor, numel).
 
     The stored Parameter keeps its identity and takes the checkpoint's size; an optimizer's
-    state follows by position before its next step (``_optimizer_guard``), or comes from the
-    checkpoint's optimizer state.
+    state then comes from the checkpoint's optimizer state (load both).
     """
     resizes: dict[str, tuple[Tensor, int]] = {}
     for name, module in model.named_modules(prefix=prefix.rstrip(".")):
         here = f"{name}." if name else ""
         for tensor_name in parametrized_names(module):
             constraints = maskparam_constraints(module, tensor_name)
+            stack = parametrization_list(module, tensor_name)
             key = f"{here}parametrizations.{tensor_name}.original"
-            free = state_dict.get(f"{here}parametrizations.{tensor_name}.0.free")
             loaded = state_dict.get(key)
-            if not constraints or not isinstance(constraints[0], CompactScatter):
+            if not constraints or constraints[0] is not stack[0] or not isinstance(loaded, Tensor):
                 continue
-            stored = parametrization_list(module, tensor_name).original
-            if not isinstance(loaded, Tensor) or not isinstance(free, Tensor):
-                continue
-            fits = broadcasts_to(free.shape, constraints[0].shape) and loaded.dim() == 1
-            if (
-                fits
-                and loaded.numel() != stored.numel()
-                and loaded.numel() == int(free.to(torch.bool).expand(constraints[0].shape).sum())
-            ):
-                resizes[key] = (stored, loaded.numel())
+            level = f"{here}parametrizations.{tensor_name}.0."
+            local = {
+                n: state_dict[level + n]
+                for n in constraints[0]._buffers
+                if isinstance(state_dict.get(level + n), Tensor)
+            }
+            numel = constraints[0].checkpoint_numel(local, loaded)
+            if numel is not None:
+                resizes[key] = (stack.original, numel)
     return resizes
 
 

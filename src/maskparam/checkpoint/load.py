@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from maskparam._layouts import translate_layouts
-from maskparam._load_guard import check_checkpoint
-from maskparam._tensors import find_tensors
-from maskparam._torch_parametrize import maskparam_constraints
+from maskparam.core.layouts import translate_layouts
+from maskparam.core.load_guard import check_checkpoint
+from maskparam.core.parametrize import maskparam_constraints
+from maskparam.core.tensors import find_tensors
 from maskparam.errors import check_bool, check_module, error
 
 __all__ = ["load_state_dict"]

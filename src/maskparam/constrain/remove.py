@@ -8,22 +8,23 @@ their order; the baked Parameter is the same object the optimizer held (and the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypeVar
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from maskparam import _optimizer_guard
-from maskparam._rnn import reset_flat_weights
-from maskparam._torch_parametrize import (
+from maskparam.core.constraint import Constraint
+from maskparam.core.optimizer import Optimizers, as_optimizers, check_state_fits, move_entries
+from maskparam.core.parametrize import (
     give_own_class,
     maskparam_constraints,
     parametrization_list,
     parametrized_names,
     restore_key_order,
 )
-from maskparam.constraints.base import Constraint
+from maskparam.core.rnn import reset_flat_weights
 from maskparam.errors import check_bool, check_module, error
 
 __all__ = ["remove_constraints", "remove_parametrizations"]
@@ -31,7 +32,9 @@ __all__ = ["remove_constraints", "remove_parametrizations"]
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
-def remove_parametrizations(model: ModuleT, *, leave_parametrized: bool = True) -> ModuleT:
+def remove_parametrizations(
+    model: ModuleT, *, leave_parametrized: bool = True, optimizer: Optimizers | None = None
+) -> ModuleT:
     """Bake maskparam's constraints into plain tensors, for export; in place, returns ``model``.
 
     Removes only maskparam's own parametrizations: a user's ``weight_norm`` stays. Where
@@ -39,6 +42,10 @@ def remove_parametrizations(model: ModuleT, *, leave_parametrized: bool = True) 
     keys in their order; the baked Parameter is the same object the optimizer held, and its
     values equal the effective tensor bit for bit. With ``leave_parametrized=False`` the stored
     originals come back unconstrained instead (masked entries reappear).
+
+    ``optimizer`` (one or a list): optimizers that go on training the baked model; the state
+    they hold for a compact tensor is laid out for the full tensor (the entries that were fixed
+    start fresh). An optimizer not passed is never looked at.
 
     >>> import torch, maskparam as mp
     >>> layer = mp.apply_mask(torch.nn.Linear(3, 3), {"weight": mp.Triangular()})
@@ -49,6 +56,7 @@ def remove_parametrizations(model: ModuleT, *, leave_parametrized: bool = True) 
     """
     check_module(model, "remove_parametrizations")
     check_bool(leave_parametrized, "remove_parametrizations", "leave_parametrized")
+    optimizers = as_optimizers(optimizer, "remove_parametrizations")
     owners: dict[int, tuple[nn.Module, list[str]]] = {}
     for module in model.modules():
         names = [n for n in parametrized_names(module) if maskparam_constraints(module, n)]
@@ -57,6 +65,9 @@ def remove_parametrizations(model: ModuleT, *, leave_parametrized: bool = True) 
     for module, names in owners.values():  # check all before changing any
         for tensor_name in names:
             _check_removable(module, tensor_name, leave_parametrized=leave_parametrized)
+            plist = parametrization_list(module, tensor_name)
+            if plist.is_tensor:
+                check_state_fits(optimizers, plist.original, tensor_name)
     baked: set[int] = set()
     for module, names in owners.values():
         give_own_class(module)  # once per module: a class copy per tensor would be quadratic
@@ -65,7 +76,12 @@ def remove_parametrizations(model: ModuleT, *, leave_parametrized: bool = True) 
             original = id(plist.original) if plist.is_tensor else None
             # A tied tensor is baked once; its other holders then just get the baked tensor.
             again = original in baked
-            _remove(module, tensor_name, leave_parametrized=leave_parametrized and not again)
+            _remove(
+                module,
+                tensor_name,
+                leave_parametrized=leave_parametrized and not again,
+                optimizers=optimizers,
+            )
             if original is not None:
                 baked.add(original)
         _settle(module)
@@ -75,7 +91,7 @@ def remove_parametrizations(model: ModuleT, *, leave_parametrized: bool = True) 
 def remove_constraints(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) -> None:
     """Remove maskparam's constraints from one tensor (the rollback of a failed apply)."""
     give_own_class(module)
-    _remove(module, tensor_name, leave_parametrized=leave_parametrized)
+    _remove(module, tensor_name, leave_parametrized=leave_parametrized, optimizers=[])
     _settle(module)
 
 
@@ -102,10 +118,17 @@ def _check_removable(module: nn.Module, tensor_name: str, *, leave_parametrized:
         )
 
 
-def _remove(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) -> None:
+def _remove(
+    module: nn.Module,
+    tensor_name: str,
+    *,
+    leave_parametrized: bool,
+    optimizers: Sequence[torch.optim.Optimizer],
+) -> None:
     plist = parametrization_list(module, tensor_name)
     ours = maskparam_constraints(module, tensor_name)
     original = plist.original if plist.is_tensor else None
+    positions = ours[0].stored_positions() if ours and ours[0] is plist[0] else None
     # A compact original holds only the free entries: the full tensor is the effective one.
     leave_parametrized = leave_parametrized or any(p.reshapes_original for p in ours)
     if len(ours) == len(plist):
@@ -126,7 +149,14 @@ def _remove(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) ->
     if original is not None:
         for constraint in ours:
             constraint.on_removed(original)
-        _optimizer_guard.forget(original)
         if original.grad is not None and original.grad.shape != original.shape:
             original.grad = None  # a compact gradient cannot apply to the baked full tensor
-        _optimizer_guard.relayout_known_state(original)  # state laid out in full at once
+        if positions is not None:  # baked in full: the fixed entries start with fresh state
+            move_entries(
+                optimizers,
+                original,
+                was=positions,
+                now=None,
+                full_shape=original.shape,
+                name=tensor_name,
+            )

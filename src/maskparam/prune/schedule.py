@@ -8,15 +8,16 @@ from typing import Any, TypeAlias
 
 from torch import nn
 
-from maskparam._apply import _selects, apply_mask
-from maskparam._selectors import Selector, check_selector, describe
-from maskparam._tensors import TensorRef, find_tensors
-from maskparam._update import _selects_what, update_masks
-from maskparam.constraints.base import Layout
+from maskparam.constrain.apply import apply_mask
 from maskparam.constraints.compact import AUTO_COMPACT_MAX_FREE
 from maskparam.constraints.mask import Mask
+from maskparam.core.constraint import Layout
+from maskparam.core.match import Selector, TensorIndex, check_selector, describe, match_rule
+from maskparam.core.optimizer import UNSET, Optimizers, as_optimizers
+from maskparam.core.tensors import TensorRef
 from maskparam.errors import MaskparamError, check_int, check_module, error
-from maskparam.masks import MaskSource, check_fraction
+from maskparam.masks.generators import MaskSource, check_fraction
+from maskparam.prune.update import run_update
 
 __all__ = ["GradualPruning", "PruningRules", "cubic_sparsity"]
 
@@ -24,7 +25,7 @@ PruningRules: TypeAlias = Mapping[Selector, Callable[[float], MaskSource]]
 
 
 def _has_mask(ref: TensorRef) -> bool:
-    return any(_selects_what(p) == "mask" for p in ref.parametrizations)
+    return any(getattr(p, "mask_spec", None) is Mask for p in ref.parametrizations)
 
 
 def cubic_sparsity(
@@ -54,7 +55,9 @@ class GradualPruning:
     have a Mask already (a resumed run, or a stack the user applied), the masks stay as they are
     until the next scheduled step. Then call :meth:`step` after
     each optimizer step; at each scheduled step it calls :func:`~maskparam.update_masks`, so
-    the Parameters, the optimizer and its state carry on.
+    the Parameters, the optimizer and its state carry on. ``optimizer``: the optimizer(s) that
+    train the model, whose state follows the masks (set :attr:`optimizer` later if it is created
+    after the schedule; ``None`` where no optimizer holds state).
 
     ``layout="auto"`` stores the masked tensors compact from the start where the *final*
     density allows it (see ``Mask``'s layouts). Most of the steps run near that density. Where
@@ -62,10 +65,11 @@ class GradualPruning:
 
     >>> import torch, maskparam as mp
     >>> model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    >>> pruning = mp.GradualPruning(
-    ...     model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=100, every=10
-    ... )
     >>> optimizer = torch.optim.AdamW(model.parameters())
+    >>> pruning = mp.GradualPruning(
+    ...     model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=100, every=10,
+    ...     optimizer=optimizer,
+    ... )
     >>> for step in range(100):
     ...     loss = model(torch.randn(8, 16)).square().mean()
     ...     optimizer.zero_grad(); loss.backward(); optimizer.step()
@@ -86,6 +90,7 @@ class GradualPruning:
         every: int = 1,
         initial_sparsity: float = 0.0,
         layout: Layout = "auto",
+        optimizer: Optimizers | None = UNSET,
     ) -> None:
         check_module(model, "GradualPruning")
         check_fraction(sparsity, "sparsity")
@@ -127,7 +132,12 @@ class GradualPruning:
                     fix="map it to e.g. mp.masks.global_magnitude, or lambda s: "
                     "mp.masks.structured(s, dim=0).",
                 )
+        if optimizer is not UNSET:
+            as_optimizers(optimizer, "GradualPruning")
         self.model = model
+        #: The optimizer(s) whose state follows the masks (see :func:`~maskparam.update_masks`);
+        #: set it here once the optimizer exists, if it did not when the schedule was made.
+        self.optimizer: Optimizers | None = optimizer
         self.rules = dict(rules)
         self.final = sparsity
         self.initial = initial_sparsity
@@ -139,13 +149,8 @@ class GradualPruning:
         self._start(layout)
 
     def _start(self, layout: Layout) -> None:
-        refs = find_tensors(self.model)
-        selected = [
-            ref
-            for ref in refs
-            for sel in self.rules
-            if _selects(sel, ref) and ref.unconstrainable is None and ref.not_a_weight is None
-        ]
+        index = TensorIndex(self.model)
+        selected = [ref for sel in self.rules for ref in match_rule(sel, index).targets]
         masked = [ref for ref in selected if _has_mask(ref)]
         plain = [ref for ref in selected if not ref.has_constraint]
         others = [ref for ref in selected if ref.has_constraint and not _has_mask(ref)]
@@ -159,23 +164,27 @@ class GradualPruning:
                 fix="apply_mask the stack yourself (e.g. [mp.Triangular(), mp.Mask(...)]) to "
                 "every selected tensor first, or select only unconstrained tensors.",
             )
+        given = None if self.optimizer is UNSET else self.optimizer
         if masked:
             # Already masked (a resumed run, after load_state_dict of both): the masks stay as
             # they are; the next scheduled step computes new ones.
             return
         if layout == "auto" and 1 - self.final <= AUTO_COMPACT_MAX_FREE:
             try:
-                apply_mask(self.model, self._masks(self.initial, "compact"))
+                apply_mask(self.model, self._masks(self.initial, "compact"), optimizer=given)
                 return
             except MaskparamError:
                 pass  # e.g. a tied or frozen tensor: let "auto" decide per tensor
-        apply_mask(self.model, self._masks(self.initial, layout))
+        apply_mask(self.model, self._masks(self.initial, layout), optimizer=given)
 
     def _masks(self, sparsity: float, layout: Layout) -> dict[Selector, Mask]:
         return {sel: Mask(rule(sparsity), layout=layout) for sel, rule in self.rules.items()}
 
     def _update(self, sparsity: float) -> None:
-        update_masks(self.model, {sel: rule(sparsity) for sel, rule in self.rules.items()})
+        rules = {sel: rule(sparsity) for sel, rule in self.rules.items()}
+        run_update(
+            self.model, rules, optimizer=self.optimizer, strict=True, caller="GradualPruning"
+        )
         self.sparsity = sparsity
 
     def sparsity_at(self, step: int) -> float:

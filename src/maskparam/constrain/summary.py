@@ -11,10 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from maskparam._tables import text_table
-from maskparam._tensors import find_tensors
-from maskparam._torch_parametrize import maskparam_constraints
-from maskparam.constraints.subspace import SubspaceShift
+from maskparam.core.parametrize import maskparam_constraints
+from maskparam.core.tables import text_table
+from maskparam.core.tensors import find_tensors
 from maskparam.errors import check_module
 
 __all__ = ["Summary", "TensorSummary", "summary"]
@@ -91,11 +90,7 @@ def summary(model: nn.Module) -> Summary:
             for parametrization in ours:
                 free = parametrization.free_entries(free)
             n_free, numel = int(free.sum()), free.numel()
-            through = [
-                f"θ of {p.coordinates.label!r} ({p.coordinates.theta.numel():,})"
-                for p in ours
-                if isinstance(p, SubspaceShift)
-            ]
+            through = [t for p in ours if (t := p.trained_through()) is not None]
             description = " + ".join(p.describe() for p in ours)
             rows.append(TensorSummary(ref.name, description, n_free, numel, ", ".join(through)))
             # Coordinates that the constraints themselves train (a learnable mask's scores).

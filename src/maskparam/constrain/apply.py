@@ -11,8 +11,6 @@ It works in three steps, so that bad input never leaves a half-changed model:
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
@@ -21,23 +19,35 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from maskparam import _optimizer_guard, masks
-from maskparam._load_guard import guard_loads
-from maskparam._remove import remove_constraints
-from maskparam._rnn import reset_flat_weights
-from maskparam._selectors import Selector, check_selector, describe, is_exact_name, matches
-from maskparam._tables import text_table
-from maskparam._tensors import TensorRef, find_tensors
-from maskparam._torch_parametrize import (
+from maskparam.constrain.remove import remove_constraints
+from maskparam.core.constraint import Constraint, Spec
+from maskparam.core.load_guard import guard_loads
+from maskparam.core.match import (
+    Selector,
+    TensorIndex,
+    describe,
+    match_rule,
+    no_match_error,
+)
+from maskparam.core.optimizer import (
+    Optimizers,
+    as_optimizers,
+    check_state_fits,
+    holders,
+    move_entries,
+)
+from maskparam.core.parametrize import (
     give_own_class,
     link_stack,
     maskparam_constraints,
     refuse_pickling,
     remember_key_order,
 )
-from maskparam.constraints.base import Constraint, Spec
-from maskparam.constraints.compact import CompactScatter
+from maskparam.core.rnn import reset_flat_weights
+from maskparam.core.tables import text_table
+from maskparam.core.tensors import TensorRef
 from maskparam.errors import MaskparamError, check_bool, check_module, error
+from maskparam.masks import generators as masks
 
 __all__ = ["ModuleT", "Preview", "Rules", "apply_mask", "preview"]
 
@@ -52,7 +62,9 @@ class _Target:
     specs: list[Spec]
 
 
-def apply_mask(model: ModuleT, rules: Rules, *, strict: bool = True) -> ModuleT:
+def apply_mask(
+    model: ModuleT, rules: Rules, *, strict: bool = True, optimizer: Optimizers | None = None
+) -> ModuleT:
     """Constrain the tensors of ``model`` that ``rules`` select; in place, returns ``model``.
 
     ``rules`` maps selectors (see the README's "Rules", under "API in brief") to a spec or a list of specs; a
@@ -65,8 +77,12 @@ def apply_mask(model: ModuleT, rules: Rules, *, strict: bool = True) -> ModuleT:
     running statistics (updated in place); naming one exactly is an error. With
     ``strict=True`` a rule that selects nothing is an error that suggests the closest names.
 
-    Apply before creating the optimizer: the original Parameter object stays the one the
-    optimizer holds either way, but a constraint added later does not reset optimizer state.
+    Apply before creating the optimizer. An optimizer that already trains the model may be
+    passed as ``optimizer`` (one or a list): the state it holds for a tensor stored compact is
+    laid out for the free entries at once, and one that cannot train a constrained tensor (it
+    holds a subspace's frozen original without its θ, or treats the compact vector as a matrix)
+    is refused. An optimizer that is not passed is never looked at: its state would no longer
+    fit a compact tensor.
 
     >>> import torch, maskparam as mp
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
@@ -76,9 +92,11 @@ def apply_mask(model: ModuleT, rules: Rules, *, strict: bool = True) -> ModuleT:
     """
     check_module(model, "apply_mask")
     check_bool(strict, "apply_mask", "strict")
+    optimizers = as_optimizers(optimizer, "apply_mask")
     targets = _plan(model, rules, strict=strict)
-    _optimizer_guard.ensure_watching_steps()  # update_masks resets a regrown entry's state
-    _register(list(zip(targets, _build(targets, evaluate_last=False), strict=True)))
+    for target in targets:
+        check_state_fits(optimizers, target.ref.storage, target.ref.name)
+    _register(list(zip(targets, _build(targets, evaluate_last=False), strict=True)), optimizers)
     guard_loads(model)
     for target in targets:  # a load into one constrained submodule is checked first too
         for module, _ in target.ref.holders:
@@ -115,17 +133,16 @@ def _plan(
             f"rules must be a mapping from selectors to specs; got a {type(rules).__name__}.",
             fix="pass e.g. {'fc.weight': mp.Triangular()}.",
         )
-    refs = find_tensors(model)
+    index = TensorIndex(model)
     existing_groups = {
         p.group_key()
-        for ref in refs
+        for ref in index.refs
         for p in maskparam_constraints(ref.module, ref.local_name)
         if p.group_key() is not None
     }
-    by_name = {name: ref for ref in refs for name in ref.all_names}
     targets: dict[int, _Target] = {}
     for selector, specs in rules.items():
-        check_selector(selector)
+        found = match_rule(selector, index)
         spec_list = _spec_list(selector, specs)
         for spec in spec_list:
             if spec.group_key() in existing_groups:
@@ -134,81 +151,15 @@ def _plan(
                     "the model already has a group of this name (from an earlier apply_mask).",
                     fix="select all of a group's tensors in one apply_mask call, or use a new name.",
                 )
-        if isinstance(selector, str) and is_exact_name(selector):
-            exact = by_name.get(selector)  # a dict lookup: thousands of exact rules stay linear
-            selected = [exact] if exact is not None else []
-        else:
-            selected = [ref for ref in refs if _selects(selector, ref)]
-        trainable = [
-            ref
-            for ref in selected
-            if ref.unconstrainable is None
-            and (is_exact_name(selector) or _is_predicate(selector) or ref.not_a_weight is None)
-        ]
         if passed_over is not None:
-            for ref in selected:
-                if ref not in trainable:
-                    reason = ref.unconstrainable or ref.not_a_weight or ""
-                    passed_over.append((selector, ref.name, reason))
-        if is_exact_name(selector) and len(trainable) < len(selected):
-            ref = selected[0]
-            raise error(
-                f"rule {describe(selector)}",
-                f"the tensor {ref.name!r} {ref.unconstrainable}.",
-                fix="remove this rule (wildcards pass over such tensors).",
-            )
-        if not trainable and strict:
-            raise _no_match_error(model, selector, refs, skipped=len(selected))
+            passed_over += [(selector, ref.name, why) for ref, why in found.passed_over]
+        if not found.targets and strict:
+            raise no_match_error(index, selector, skipped=len(found.passed_over))
+        trainable = found.targets
         for ref in trainable:
             _check_target(ref, selector, targets)
             targets[id(ref)] = _Target(ref, selector, _resolve_layouts(ref, spec_list))
     return list(targets.values())
-
-
-def _is_predicate(selector: Selector) -> bool:
-    return callable(selector) and not isinstance(selector, (str, re.Pattern, tuple))
-
-
-def _selects(selector: Selector, ref: TensorRef) -> bool:
-    # Only a predicate looks at values; the others must not evaluate parametrizations.
-    is_predicate = _is_predicate(selector)
-    tensor = ref.value if is_predicate else ref.storage
-    try:
-        return matches(selector, ref.all_names, ref.module, tensor)
-    except Exception as failure:
-        if not is_predicate:
-            raise
-        raise error(
-            f"rule {describe(selector)}",
-            f"the predicate raised {type(failure).__name__} for tensor {ref.name!r}: {failure}",
-            fix="make the predicate return a bool for every (name, module, tensor).",
-        ) from failure
-
-
-def _no_match_error(
-    model: nn.Module, selector: Selector, refs: list[TensorRef], *, skipped: int
-) -> MaskparamError:
-    names = [name for ref in refs if ref.unconstrainable is None for name in ref.names]
-    details = []
-    if isinstance(selector, str):
-        close = difflib.get_close_matches(selector, names, n=3, cutoff=0.4)
-        if close:
-            details.append(f"closest tensor names: {', '.join(map(repr, close))}")
-    if not details:
-        details.append(
-            f"tensor names: {', '.join(map(repr, names[:8]))}{', ...' if len(names) > 8 else ''}"
-        )
-    if skipped:
-        details.append(
-            f"it matched {skipped} tensor(s) that wildcards pass over (buffers, frozen parameters, "
-            "integer or bool tensors, running statistics); name one exactly to constrain it"
-        )
-    return error(
-        f"rule {describe(selector)}",
-        f"matched no floating-point tensor in {type(model).__name__}.",
-        *details,
-        fix="correct the selector, or pass strict=False to allow rules that match nothing.",
-    )
 
 
 def _resolve_layouts(ref: TensorRef, spec_list: list[Spec]) -> list[Spec]:
@@ -399,7 +350,9 @@ def _checked(spec: Spec, built: object) -> Constraint:
     return built
 
 
-def _register(built: list[tuple[_Target, list[Constraint]]]) -> None:
+def _register(
+    built: list[tuple[_Target, list[Constraint]]], optimizers: Sequence[torch.optim.Optimizer]
+) -> None:
     touched: list[TensorRef] = []
     # A compact layout shrinks the stored Parameter in place: keep its full values for a
     # rollback. An alias, not a copy: torch's registration points the Parameter at new storage
@@ -433,8 +386,8 @@ def _register(built: list[tuple[_Target, list[Constraint]]]) -> None:
                         touched.append(ref)
                 constraint.on_registered(ref.storage)
                 constraint.awaits_state = ref.storage.is_meta and bool(constraint._buffers)
-                _watch_optimizers(ref, constraint, full_shapes[id(ref)])
             link_stack(ref.module, ref.local_name)
+            _check_optimizers(ref, constraints, optimizers)
         # Once per module, now that torch has injected its class: ours adds the __setattr__
         # that lets `module.weight = nn.Parameter(w)` go through the constraint, and makes an
         # RNN compute with its constrained weights (see _rnn).
@@ -446,6 +399,14 @@ def _register(built: list[tuple[_Target, list[Constraint]]]) -> None:
                     refuse_pickling(module)
                     reset_flat_weights(module)  # an RNN's list holds the constrained tensors
                     done.add(id(module))
+        for target, constraints in built:  # nothing can fail now: state follows the layout
+            positions = constraints[0].stored_positions()
+            if positions is not None:
+                stored, name = target.ref.storage, target.ref.name
+                shape = full_shapes[id(target.ref)]
+                move_entries(
+                    optimizers, stored, was=None, now=positions, full_shape=shape, name=name
+                )
     except Exception as failure:
         # Dense layouts store the tensor unchanged, so removing without baking restores each
         # original; a compact one gets its full values back.
@@ -467,21 +428,30 @@ def _register(built: list[tuple[_Target, list[Constraint]]]) -> None:
         ) from failure
 
 
-def _watch_optimizers(ref: TensorRef, constraint: Constraint, full_shape: torch.Size) -> None:
-    added = constraint.trained_parameters()
-    # Only where the constraint froze the original (a subspace): then an optimizer holding it
-    # without θ is surely a mistake. Learnable scores may live in an optimizer of their own.
-    if added and not ref.storage.requires_grad:
-        _optimizer_guard.watch_added_parameters(ref.storage, ref.name, added)
-    if isinstance(constraint, CompactScatter):  # it reshapes the stored Parameter
-        constraint.watch(ref.storage, ref.name)
-        storage = ref.storage
-        if storage.grad is not None and storage.grad.shape == full_shape:
-            # A gradient accumulated before apply_mask (zero_grad(set_to_none=False), or
-            # accumulation across it) keeps its free entries, as the dense layout would.
-            positions = constraint.positions()
-            storage.grad = storage.grad.reshape(-1).index_select(0, positions.to(storage.device))
-        _optimizer_guard.relayout_known_state(storage)  # e.g. applied again after baking
+def _check_optimizers(
+    ref: TensorRef, constraints: list[Constraint], optimizers: Sequence[torch.optim.Optimizer]
+) -> None:
+    """Refuse an optimizer passed to apply_mask that cannot train the constrained tensor."""
+    stored = ref.storage
+    for optimizer, _ in holders(optimizers, stored):
+        for constraint in constraints:
+            problem = constraint.optimizer_problem(optimizer)
+            if problem:
+                raise error(repr(ref.name), problem + ".", fix="see above.")
+            added = constraint.trained_parameters()
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            # Only where the constraint froze the original (a subspace): an optimizer holding it
+            # without what trains instead trains nothing. Learnable scores may live in an
+            # optimizer of their own.
+            if added and not stored.requires_grad and not any(id(p) in held for p in added):
+                raise error(
+                    repr(ref.name),
+                    f"this {type(optimizer).__name__} holds the tensor's original, which its "
+                    f"{constraint.describe()} froze, but not the parameters that train instead: "
+                    "it would train nothing here.",
+                    fix="create the optimizer after apply_mask, or add the new parameters: "
+                    "optimizer.add_param_group({'params': [...]}).",
+                )
 
 
 @dataclass(frozen=True)

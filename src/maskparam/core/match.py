@@ -20,17 +20,30 @@ False
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from torch import Tensor, nn
 from torch import bool as torch_bool
 
-from maskparam.errors import error
+from maskparam.core.tensors import TensorRef, find_tensors
+from maskparam.errors import MaskparamError, error
 
-__all__ = ["Selector", "check_selector", "describe", "is_exact_name", "matches"]
+__all__ = [
+    "Match",
+    "Selector",
+    "TensorIndex",
+    "check_selector",
+    "describe",
+    "is_exact_name",
+    "match_rule",
+    "matches",
+    "no_match_error",
+]
 
 Selector: TypeAlias = (
     str
@@ -127,3 +140,108 @@ def describe(selector: Any) -> str:
     if isinstance(selector, tuple):
         return f"({', '.join(describe(part) for part in selector)})"
     return getattr(selector, "__qualname__", None) or repr(selector)
+
+
+def is_predicate(selector: object) -> bool:
+    """A callable selector, which looks at values (the others only at names and modules)."""
+    return callable(selector) and not isinstance(selector, (str, re.Pattern, tuple))
+
+
+class TensorIndex:
+    """Every tensor of a model, found once, with a lookup by any of its names: what each rule
+    of one call is matched against."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.refs = find_tensors(model)
+        self.by_name = {name: ref for ref in self.refs for name in ref.all_names}
+
+
+@dataclass
+class Match:
+    """What one rule matched: ``targets``, the tensors it constrains, and ``passed_over``, those
+    it selects but a wildcard passes over, with the reason."""
+
+    selector: Selector
+    targets: list[TensorRef]
+    passed_over: list[tuple[TensorRef, str]]
+
+    @property
+    def exact(self) -> bool:
+        return is_exact_name(self.selector)
+
+
+def match_rule(selector: Selector, index: TensorIndex) -> Match:
+    """The one rule matcher (``apply_mask``, ``preview``, ``update_masks``, ``GradualPruning``).
+
+    An exact name is a dict lookup (thousands of exact rules stay linear) and constrains the
+    tensor it names whatever it is, or is refused when the tensor can never be constrained
+    (an integer buffer). A wildcard passes over tensors that cannot be constrained and over
+    what is not a weight (buffers, frozen parameters); a predicate decides the latter itself.
+    """
+    check_selector(selector)
+    exact = is_exact_name(selector)
+    if exact:
+        found = index.by_name.get(selector) if isinstance(selector, str) else None
+        selected = [found] if found is not None else []
+    else:
+        selected = [ref for ref in index.refs if _selects(selector, ref)]
+    targets: list[TensorRef] = []
+    passed_over: list[tuple[TensorRef, str]] = []
+    for ref in selected:
+        why = ref.unconstrainable
+        if why is None and not (exact or is_predicate(selector)):
+            why = ref.not_a_weight
+        if why is None:
+            targets.append(ref)
+        else:
+            passed_over.append((ref, why))
+    if exact and passed_over:
+        ref, why = passed_over[0]
+        raise error(
+            f"rule {describe(selector)}",
+            f"the tensor {ref.name!r} {why}.",
+            fix="remove this rule (wildcards pass over such tensors).",
+        )
+    return Match(selector, targets, passed_over)
+
+
+def _selects(selector: Selector, ref: TensorRef) -> bool:
+    # Only a predicate looks at values; the others must not evaluate parametrizations.
+    predicate = is_predicate(selector)
+    tensor = ref.value if predicate else ref.storage
+    try:
+        return matches(selector, ref.all_names, ref.module, tensor)
+    except Exception as failure:
+        if not predicate:
+            raise
+        raise error(
+            f"rule {describe(selector)}",
+            f"the predicate raised {type(failure).__name__} for tensor {ref.name!r}: {failure}",
+            fix="make the predicate return a bool for every (name, module, tensor).",
+        ) from failure
+
+
+def no_match_error(index: TensorIndex, selector: Selector, *, skipped: int) -> MaskparamError:
+    """The error for a rule that matched nothing: the closest names, and what it passed over."""
+    names = [name for ref in index.refs if ref.unconstrainable is None for name in ref.names]
+    details = []
+    if isinstance(selector, str):
+        close = difflib.get_close_matches(selector, names, n=3, cutoff=0.4)
+        if close:
+            details.append(f"closest tensor names: {', '.join(map(repr, close))}")
+    if not details:
+        details.append(
+            f"tensor names: {', '.join(map(repr, names[:8]))}{', ...' if len(names) > 8 else ''}"
+        )
+    if skipped:
+        details.append(
+            f"it matched {skipped} tensor(s) that wildcards pass over (buffers, frozen parameters, "
+            "integer or bool tensors, running statistics); name one exactly to constrain it"
+        )
+    return error(
+        f"rule {describe(selector)}",
+        f"matched no floating-point tensor in {type(index.model).__name__}.",
+        *details,
+        fix="correct the selector, or pass strict=False to allow rules that match nothing.",
+    )

@@ -12,13 +12,14 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.utils import parametrize
 
-from maskparam._torch_parametrize import (
+from maskparam.core.parametrize import (
     maskparam_constraints,
     parametrization_list,
     parametrized_names,
 )
+from maskparam.errors import error
 
-__all__ = ["TensorRef", "find_tensors"]
+__all__ = ["TensorRef", "find_tensors", "refuse_sparse"]
 
 
 def _first_original(plist: parametrize.ParametrizationList) -> Tensor:
@@ -169,3 +170,17 @@ def find_tensors(model: nn.Module) -> list[TensorRef]:
 
     visit(model, "")
     return refs
+
+
+def refuse_sparse(model: nn.Module, caller: str) -> None:
+    """Refuse, naming the tensor, a model that :func:`to_sparse` converted: ``caller`` works on
+    the dense tensors of a model that trains."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.layout != torch.strided:
+            raise error(
+                f"{caller} ({name!r})",
+                f"the tensor is stored {str(tensor.layout).removeprefix('torch.')} by mp.to_sparse: "
+                "a converted model is for inference.",
+                fix=f"call {caller} on the dense model (before to_sparse), or save this one with "
+                "model.state_dict().",
+            )

@@ -58,15 +58,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from maskparam._sparse import refuse_sparse
-from maskparam._tensors import TensorRef, find_tensors
-from maskparam._torch_parametrize import parametrization_list
-from maskparam._update import _SELECTIONS, _commit, _output, _selects_what, _Update
-from maskparam.constraints.base import Constraint
-from maskparam.constraints.compact import CompactScatter
-from maskparam.constraints.learnable import ScoredMask
-from maskparam.constraints.subspace import SubspaceCoordinates, SubspaceShift
+from maskparam.core.constraint import Constraint
+from maskparam.core.optimizer import UNSET, Optimizers, as_optimizers
+from maskparam.core.parametrize import parametrization_list, walk_stack
+from maskparam.core.tensors import TensorRef, find_tensors, refuse_sparse
 from maskparam.errors import MaskparamError, check_bool, check_module, error
+from maskparam.prune.update import MaskUpdate, check_optimizers, commit_update
 
 __all__ = ["FORMAT_VERSION", "checksum", "load_trainable_state_dict", "trainable_state_dict"]
 
@@ -163,14 +160,18 @@ class _Entry:
         return self.ref.name
 
     @property
-    def compact(self) -> CompactScatter | None:
-        first = self.chain[0] if self.chain else None
-        return first if isinstance(first, CompactScatter) else None
+    def positions(self) -> Tensor | None:
+        """Where the stored entries sit in the full tensor, where the first constraint stores
+        only some (the compact layout); None for a stored original of the tensor's shape."""
+        return self.chain[0].stored_positions() if self.chain else None
 
     @property
     def shape(self) -> torch.Size:
-        compact = self.compact
-        return compact.shape if compact is not None else self.ref.storage.shape
+        if self.positions is None:
+            return self.ref.storage.shape
+        shape = self.chain[0].mask_shape()
+        assert shape is not None  # a constraint that stores positions knows the full shape
+        return shape
 
     def positions_needed(self) -> bool:
         return any(c.mask_changed for c in self.chain)
@@ -179,17 +180,12 @@ class _Entry:
 def _free_mask(chain: list[Constraint], start: Tensor) -> Tensor:
     """Which entries of the tensor train, given those of its stored original (``start``).
 
-    A learnable mask narrows nothing: its weights train at every entry (a later step may bring
-    a dropped one back), so all of them are saved. A subspace fixes every entry (θ trains).
+    Each constraint says which of its input's free entries it saves
+    (:meth:`~maskparam.Constraint.saved_entries`).
     """
     free = start
     for constraint in chain:
-        if isinstance(constraint, ScoredMask):
-            continue
-        if isinstance(constraint, SubspaceShift):
-            free = torch.zeros_like(free)
-            continue
-        free = constraint.free_entries(free)
+        free = constraint.saved_entries(free)
     return free
 
 
@@ -198,8 +194,8 @@ def _selected_fixed(chain: list[Constraint], shape: torch.Size, device: torch.de
     fixed = torch.zeros(shape, dtype=torch.bool, device=device)
     dummy = torch.zeros(shape, device=device)
     for constraint in chain:
-        if isinstance(constraint, _SELECTIONS):
-            pins = constraint.pins(dummy)
+        pins = constraint.pins(dummy) if constraint.selects_entries else None
+        if pins is not None:
             fixed |= pins.entries.expand(shape).to(device)
     return fixed
 
@@ -207,12 +203,7 @@ def _selected_fixed(chain: list[Constraint], shape: torch.Size, device: torch.de
 def _full_original(entry: _Entry) -> Tensor:
     """The stored original laid out in the tensor's shape (a compact one: zeros elsewhere)."""
     storage = entry.ref.storage.detach()
-    compact = entry.compact
-    if compact is None:
-        return storage
-    full = torch.zeros(compact.numel, dtype=storage.dtype, device=storage.device)
-    full.index_copy_(0, compact.positions(), storage)
-    return full.reshape(compact.shape)
+    return entry.chain[0].to_full(storage) if entry.chain else storage
 
 
 def _state_parts(module: nn.Module, skip: str | None) -> list[int]:
@@ -232,8 +223,8 @@ def _base_checksum(entry: _Entry) -> int:
     parts: list[int] = []
     for level, constraint in enumerate(entry.chain):
         parts += [level, *_state_parts(constraint, constraint.mask_buffer)]
-        if isinstance(constraint, SubspaceShift):  # members that do not own θ refer to it
-            parts += _state_parts(constraint.coordinates, None)
+        for shared in constraint.shared_modules():
+            parts += _state_parts(shared, None)
     assert entry.free is not None
     device = entry.free.device
     relied = ~entry.free & ~_selected_fixed(entry.chain, entry.shape, device)
@@ -273,15 +264,7 @@ def _plan(model: nn.Module, caller: str) -> list[_Entry]:
             with torch.no_grad():
                 entry.free = _free_mask(chain, start)
             entry.free_checksum = checksum(entry.free)
-            scored = [c for c in chain if isinstance(c, ScoredMask)]
-            for i, mask in enumerate(scored):
-                if mask.scores.requires_grad:
-                    entry.extras[f"{ref.name}.scores" + (f".{i}" if i else "")] = mask.scores
-            for constraint in chain:
-                if isinstance(constraint, SubspaceShift):
-                    coordinates = constraint.coordinates
-                    if coordinates.theta.requires_grad:
-                        entry.extras[_theta_key(coordinates, ref.name)] = coordinates.theta
+            entry.extras = _extras(chain, ref.name)
         else:
             entry.saves_full = ref.storage.requires_grad or _is_running_statistic(ref)
             entry.free_checksum = int(entry.saves_full)
@@ -291,17 +274,26 @@ def _plan(model: nn.Module, caller: str) -> list[_Entry]:
     return entries
 
 
-def _theta_key(coordinates: SubspaceCoordinates, name: str) -> str:
-    return f"group:{coordinates.group}.theta" if coordinates.group else f"{name}.theta"
+def _extras(chain: list[Constraint], name: str) -> dict[str, Tensor]:
+    """The constraints' own trained parameters by key; the second of a kind on one tensor gets
+    ``.1`` (``"w.scores"``, ``"w.scores.1"``)."""
+    extras: dict[str, Tensor] = {}
+    seen: dict[str, int] = {}
+    for constraint in chain:
+        for key, value in constraint.trainable_extras(name).items():
+            count = seen.get(key, 0)
+            seen[key] = count + 1
+            extras[f"{key}.{count}" if count else key] = value
+    return extras
 
 
 def _free_values(entry: _Entry) -> Tensor:
     assert entry.free is not None
     storage = entry.ref.storage.detach()
     flat_free = entry.free.reshape(-1)
-    compact = entry.compact
-    if compact is not None:
-        selected = flat_free.index_select(0, compact.positions())
+    positions = entry.positions
+    if positions is not None:
+        selected = flat_free.index_select(0, positions)
         return storage.clone() if bool(selected.all()) else storage[selected]
     return storage.reshape(-1)[flat_free]
 
@@ -316,7 +308,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
     Load it with :func:`load_trainable_state_dict` onto a model built from the same base weights
     with the same rules. The format, and what the checksums cover, are described in
-    ``maskparam._trainable``'s docstring (and the README, "Checkpoints and export").
+    ``maskparam.checkpoint.trainable``'s docstring (and the README, "Checkpoints and export").
 
     >>> import torch, maskparam as mp
     >>> layer = torch.nn.Linear(4, 4).requires_grad_(False)
@@ -358,13 +350,17 @@ def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
 class _Load:
     """What validation decided: the masks to take, then the values to write."""
 
-    masks: list[_Update] = field(default_factory=list)
+    masks: list[MaskUpdate] = field(default_factory=list)
     values: list[tuple[_Entry, Tensor]] = field(default_factory=list)
     full: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (target, value)
 
 
 def load_trainable_state_dict(
-    model: ModuleT, state: Mapping[str, Tensor], *, strict: bool = True
+    model: ModuleT,
+    state: Mapping[str, Tensor],
+    *,
+    strict: bool = True,
+    optimizer: Optimizers | None = UNSET,
 ) -> ModuleT:
     """Load a :func:`trainable_state_dict` onto ``model``; in place, returns ``model``.
 
@@ -373,19 +369,23 @@ def load_trainable_state_dict(
     tensor differs and how. With ``strict=True`` (the default) keys the model does not expect,
     and expected keys the state lacks, are refused by name; ``strict=False`` skips both (the
     checksums are still required and checked). Parameter objects stay the same, so an optimizer
-    keeps working; where positions bring another ``Mask``, its optimizer state follows as in
-    :func:`~maskparam.update_masks`.
+    keeps working; where positions bring another ``Mask``, the mask is taken as
+    :func:`~maskparam.update_masks` takes it, and so is ``optimizer`` (required there).
     """
     check_module(model, "load_trainable_state_dict")
     refuse_sparse(model, "load_trainable_state_dict")
     check_bool(strict, "load_trainable_state_dict", "strict")
     _check_tensors(state)
     _check_meta(state)
+    optimizers = [] if optimizer is UNSET else as_optimizers(optimizer, "load_trainable_state_dict")
     entries = _plan(model, "load_trainable_state_dict")
     load = _validate(entries, state, strict=strict)
+    check_optimizers(
+        load.masks, optimizers, given=optimizer is not UNSET, caller="load_trainable_state_dict"
+    )
     with torch.no_grad():
         for update in load.masks:
-            _commit(update)
+            commit_update(update, optimizers)
         for entry, values in load.values:
             _write_free(entry, values)
         for target, value in load.full:
@@ -591,18 +591,21 @@ def _positions_mask(name: str, positions: Tensor, free: Tensor) -> tuple[Tensor,
     return mask.reshape(free.shape), None
 
 
-def _take_mask(entry: _Entry, saved_free: Tensor) -> tuple[_Update | None, str | None]:
-    """Plan giving the tensor's one ``Mask`` the state's free entries, or say why it cannot."""
+def _take_mask(entry: _Entry, saved_free: Tensor) -> tuple[MaskUpdate | None, str | None]:
+    """Plan giving the tensor's one mask the state's free entries, or say why it cannot."""
     name = entry.name
-    masked = [(level, c) for level, c in enumerate(entry.chain) if _selects_what(c) is not None]
+    masked = [(level, c) for level, c in enumerate(entry.chain) if c.mask_spec is not None]
     refusal = (
         f"{name!r}: the state's free entries (saved with their positions: its mask was changed "
         "after apply) are not this model's, and only a tensor with one Mask constraint can take "
         "them; load the trained model's full state_dict (or update_masks to the same masks) first"
     )
-    if len(masked) != 1 or _selects_what(masked[0][1]) != "mask":
+    if len(masked) != 1:
         return None, refusal
     level, constraint = masked[0]
+    mask = constraint.mask_for_free(saved_free)
+    if mask is None:
+        return None, refusal
     others = [c for c in entry.chain if c is not constraint]
     start = torch.full_like(saved_free, entry.ref.storage.requires_grad)
     if not torch.equal(_free_mask(others, start) & saved_free, saved_free):
@@ -610,8 +613,9 @@ def _take_mask(entry: _Entry, saved_free: Tensor) -> tuple[_Update | None, str |
             f"{name!r}: the state's free entries include entries the tensor's other "
             "constraints fix: it was made for other rules"
         )
-    update = _Update(entry.ref, level, constraint, "mask", saved_free, _output(entry.ref, level))
-    update.selected = saved_free
+    _, current = walk_stack(entry.ref.module, entry.ref.local_name, through=level)
+    update = MaskUpdate(entry.ref, level, constraint, mask, current)
+    update.selected = mask
     return update, None
 
 
@@ -621,10 +625,10 @@ def _write_free(entry: _Entry, values: Tensor) -> None:
     constraints = entry.chain
     start = torch.full(entry.shape, storage.requires_grad, dtype=torch.bool, device=storage.device)
     flat_free = _free_mask(constraints, start).reshape(-1)  # after any new mask
-    compact = entry.compact
+    positions = entry.positions
     values = values.to(storage.dtype)
-    if compact is not None:
-        selected = flat_free.index_select(0, compact.positions()).nonzero().reshape(-1)
+    if positions is not None:
+        selected = flat_free.index_select(0, positions).nonzero().reshape(-1)
         storage.index_copy_(0, selected, values)
     else:
         at = flat_free.nonzero().reshape(-1)

@@ -1,6 +1,6 @@
 """Read what constrains a tensor without reaching into ``parametrizations.weight[0]``.
 
-All three read the constraints' invariants (:class:`~maskparam.Pins`), so they work for every
+Both read the constraints' invariants (:class:`~maskparam.Pins`), so they work for every
 constraint, layout and stack, and for constraints of your own.
 """
 
@@ -9,13 +9,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from maskparam._tensors import TensorRef, find_tensors
-from maskparam._torch_parametrize import parametrization_list
-from maskparam.constraints.base import Constraint
-from maskparam.constraints.subspace import SubspaceShift
+from maskparam.core.constraint import Constraint
+from maskparam.core.parametrize import walk_stack
+from maskparam.core.tensors import TensorRef, find_tensors
 from maskparam.errors import check_module, error
 
-__all__ = ["frozen_entries", "kept_entries", "subspace_theta"]
+__all__ = ["frozen_entries", "kept_entries"]
 
 
 def _ref(model: nn.Module, name: str, caller: str) -> TensorRef:
@@ -38,14 +37,13 @@ def _ref(model: nn.Module, name: str, caller: str) -> TensorRef:
 def _pins(ref: TensorRef) -> list[tuple[Tensor, Tensor, bool]]:
     """(entries, values, captured) of every constraint on the tensor, in stack order."""
     result = []
-    value = ref.storage
+    levels, _ = walk_stack(ref.module, ref.local_name)
     with torch.no_grad():
-        for parametrization in parametrization_list(ref.module, ref.local_name):
+        for parametrization, value in levels:
             if isinstance(parametrization, Constraint):
                 pins = parametrization.pins(value)
                 if pins is not None:
                     result.append((pins.entries, pins.values, pins.captured))
-            value = parametrization(value)
     return result
 
 
@@ -94,34 +92,3 @@ def frozen_entries(model: nn.Module, name: str) -> tuple[Tensor, Tensor]:
         if captured:
             frozen |= entries.expand(effective.shape).to(frozen.device)
     return frozen, torch.where(frozen, effective, torch.zeros((), dtype=effective.dtype))
-
-
-def subspace_theta(model: nn.Module, name: str) -> nn.Parameter:
-    """The trainable θ of a subspace, by group name or by the name of one of its tensors.
-
-    >>> import torch, maskparam as mp
-    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-    >>> _ = mp.apply_mask(model, {"*": mp.Subspace(3, group="all")})
-    >>> mp.subspace_theta(model, "all").shape, mp.subspace_theta(model, "1.bias").shape
-    (torch.Size([3]), torch.Size([3]))
-    """
-    check_module(model, "subspace_theta")
-    _check_name(name, "subspace_theta")
-    groups: dict[str, nn.Parameter] = {}
-    for ref in find_tensors(model):
-        for parametrization in (
-            parametrization_list(ref.module, ref.local_name) if ref.is_parametrized else []
-        ):
-            if isinstance(parametrization, SubspaceShift):
-                theta = parametrization.coordinates.theta
-                groups.setdefault(parametrization.coordinates.label, theta)
-                for alias in ref.all_names:
-                    groups.setdefault(alias, theta)
-    if name not in groups:
-        raise error(
-            f"subspace_theta({name!r})",
-            "no subspace group or subspace tensor of this name.",
-            f"known: {sorted(groups)[:8]}",
-            fix="pass a group name (Subspace(..., group=...)) or a constrained tensor's name.",
-        )
-    return groups[name]

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from maskparam import _optimizer_guard
-from maskparam._tensors import find_tensors
-from maskparam._torch_parametrize import maskparam_constraints
-from maskparam.constraints.compact import free_positions
+from maskparam.core.constraint import Constraint
+from maskparam.core.parametrize import maskparam_constraints
+from maskparam.core.positions import free_positions, to_full, to_stored
+from maskparam.core.tensors import find_tensors
 from maskparam.errors import check_module, error
 
 __all__ = ["load_optimizer_state_dict", "optimizer_state_dict"]
@@ -148,40 +148,47 @@ def _laid_out(
     full tensor fits its compact layout, and state saved compact (a vector of the free entries)
     fits the dense layout of the same mask, as on a model built on the meta device."""
     laid_out = dict(entry)
+    first = _first_constraint(name, parameter, model)
     for key, value in entry.items():
-        relaid = _optimizer_guard.relayout(parameter, value)
-        if relaid is None and isinstance(value, Tensor) and value.shape != parameter.shape:
-            relaid = _from_compact(name, value, parameter, model)
-        if relaid is not None:
-            laid_out[key] = relaid
-        elif isinstance(value, Tensor) and value.dim() > 0 and value.shape != parameter.shape:
+        if not isinstance(value, Tensor) or value.dim() == 0 or value.shape == parameter.shape:
+            continue
+        relaid = _other_layout(value, parameter, first)
+        if relaid is None:
             raise error(
                 repr(name),
                 f"its saved optimizer state {key!r} has shape {tuple(value.shape)}, the parameter "
                 f"{tuple(parameter.shape)}.",
                 fix="apply the same rules as when the state was saved (the same masks).",
             )
+        laid_out[key] = relaid
     return laid_out
 
 
-def _from_compact(name: str, value: Tensor, parameter: Tensor, model: nn.Module) -> Tensor | None:
-    """Compact state (one entry per free entry, in order) laid out in full, zeros elsewhere, where
-    the tensor ``name`` is constrained dense and ``value`` has one entry per free entry."""
-    if value.dim() != 1:
-        return None
+def _first_constraint(name: str, parameter: Tensor, model: nn.Module) -> Constraint | None:
     for ref in find_tensors(model):
-        if ref.name != name or ref.storage is not parameter:
-            continue
-        constraints = maskparam_constraints(ref.module, ref.local_name)
-        if not constraints or constraints[0].reshapes_original:
-            return None
-        with torch.no_grad():
-            free = constraints[0].free_entries(
-                torch.ones(parameter.shape, dtype=torch.bool, device=parameter.device)
-            )
-            positions = free_positions(free, parameter.shape)
-            if positions.numel() != value.numel():
-                return None
-            full = torch.zeros(parameter.shape, dtype=value.dtype, device=value.device)
-            return full.view(-1).index_copy_(0, positions.to(value.device), value).view_as(full)
+        if ref.name == name and ref.storage is parameter:
+            constraints = maskparam_constraints(ref.module, ref.local_name)
+            return constraints[0] if constraints else None
     return None
+
+
+def _other_layout(value: Tensor, parameter: Tensor, first: Constraint | None) -> Tensor | None:
+    """``value`` saved for the tensor's other layout, laid out for the one ``parameter`` has:
+    full state into a compact layout keeps the free entries' state; compact state (one entry per
+    free entry, in order) into the dense layout gets zeros elsewhere. None where neither fits."""
+    if first is None:
+        return None  # a plain tensor: the positions of compact state are not known here
+    with torch.no_grad():
+        positions = first.stored_positions()
+        if positions is not None:
+            full = first.mask_shape()
+            return to_stored(value, positions) if value.shape == full else None
+        if value.dim() != 1:
+            return None
+        free = first.free_entries(
+            torch.ones(parameter.shape, dtype=torch.bool, device=parameter.device)
+        )
+        positions = free_positions(free, parameter.shape)
+        if positions.numel() != value.numel():
+            return None
+        return to_full(value, positions, parameter.shape)

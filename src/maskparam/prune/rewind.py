@@ -9,11 +9,9 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from maskparam._sparse import refuse_sparse
-from maskparam._tensors import TensorRef, find_tensors
-from maskparam._torch_parametrize import parametrization_list
-from maskparam._update import _SELECTIONS
-from maskparam.constraints.compact import CompactScatter
+from maskparam.core.constraint import Constraint
+from maskparam.core.parametrize import parametrization_list
+from maskparam.core.tensors import TensorRef, find_tensors, refuse_sparse
 from maskparam.errors import check_bool, check_module, error
 
 __all__ = ["rewind"]
@@ -106,7 +104,7 @@ def _values(to: object) -> dict[str, Tensor]:
 
 
 def _check_rewindable(ref: TensorRef) -> None:
-    others = [p for p in ref.parametrizations if not isinstance(p, _SELECTIONS)]
+    others = [p for p in ref.parametrizations if not getattr(p, "selects_entries", False)]
     if others:
         raise error(
             repr(ref.name),
@@ -124,7 +122,7 @@ def _write(ref: TensorRef, value: Tensor) -> None:
     value = value.to(stored.device, stored.dtype)
     if ref.is_parametrized:
         first = parametrization_list(ref.module, ref.local_name)[0]
-        if isinstance(first, CompactScatter):
-            stored.copy_(value.reshape(-1).index_select(0, first.positions()))
+        if isinstance(first, Constraint):  # the stored form: its free entries, where compact
+            stored.copy_(first.to_stored(value))
             return
     stored.copy_(value)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from maskparam.constraints.base import Constraint
+from maskparam.core.constraint import Constraint
 
 __all__ = ["constrains_flat_weights", "refresh_flat_weights", "reset_flat_weights", "rnn_methods"]
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from maskparam._rnn import rnn_methods
-from maskparam.constraints.base import Constraint
+from maskparam.core.constraint import Constraint
+from maskparam.core.rnn import rnn_methods
 from maskparam.errors import error
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "refuse_pickling",
     "remember_key_order",
     "restore_key_order",
+    "walk_stack",
 ]
 
 # The module attribute that holds its parameter and buffer names in their order before
@@ -141,3 +142,22 @@ def restore_key_order(module: nn.Module) -> None:
         tensors.update(reordered)
     if not any(maskparam_constraints(module, name) for name in parametrized_names(module)):
         del module.__dict__[_KEY_ORDER]
+
+
+def walk_stack(
+    module: nn.Module, tensor_name: str, *, through: int | None = None
+) -> tuple[list[tuple[nn.Module, Tensor]], Tensor]:
+    """The one walk of a parametrization stack: each parametrization on
+    ``module.<tensor_name>`` in order with the value entering it (the stored original for the
+    first), and the value the last one walked outputs; ``through`` stops after that level. No
+    gradient: the value a constraint sees is what the ones before it output."""
+    plist = parametrization_list(module, tensor_name)
+    value: Tensor = plist.original
+    levels: list[tuple[nn.Module, Tensor]] = []
+    with torch.no_grad():
+        for position, parametrization in enumerate(plist):
+            levels.append((parametrization, value))
+            value = parametrization(value)
+            if position == through:
+                break
+    return levels, value

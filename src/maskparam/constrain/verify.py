@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from maskparam._tensors import TensorRef, find_tensors
-from maskparam._torch_parametrize import maskparam_constraints, parametrization_list
-from maskparam.constraints.base import Constraint, Pins
+from maskparam.core.constraint import Constraint, Pins
+from maskparam.core.parametrize import maskparam_constraints, walk_stack
+from maskparam.core.tensors import TensorRef, find_tensors
 from maskparam.errors import check_module
 
 __all__ = ["verify"]
@@ -44,15 +44,9 @@ def verify(model: nn.Module) -> list[str]:
 
 def _levels(ref: TensorRef) -> tuple[list[Constraint | None], list[Tensor]]:
     """Each parametrization of the stack (None for a user's) and the value entering it."""
-    plist = parametrization_list(ref.module, ref.local_name)
-    value: Tensor = ref.storage
-    layers: list[Constraint | None] = []
-    inputs: list[Tensor] = []
-    for parametrization in plist:
-        layers.append(parametrization if isinstance(parametrization, Constraint) else None)
-        inputs.append(value)
-        value = parametrization(value)
-    return layers, inputs
+    levels, _ = walk_stack(ref.module, ref.local_name)
+    layers = [p if isinstance(p, Constraint) else None for p, _ in levels]
+    return layers, [value for _, value in levels]
 
 
 def _check(ref: TensorRef) -> list[str]:

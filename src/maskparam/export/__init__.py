@@ -1,0 +1,1 @@
+"""Export: ``to_sparse`` puts each plain ``nn.Linear`` weight in its fastest layout."""

@@ -1,0 +1,1 @@
+"""Change masks while training: ``update_masks``, ``GradualPruning`` and ``rewind``."""
