@@ -86,4 +86,4 @@ __all__ = [
     "verify",
 ]
 
-__version__ = "0.2.0.dev0"  # the one place the version is written (pyproject.toml reads it)
+__version__ = "0.3.0.dev0"  # the one place the version is written (pyproject.toml reads it)

@@ -153,7 +153,7 @@ def _learnable_mask_with_swa(steps: int) -> list[tuple[str, str, bool]]:
     model = nn.Sequential(layer)
     mp.apply_mask(model, {"0.weight": mp.LearnableMask(init=0.3)})
     first, last = _train(model, x, y, steps * 2, penalty=0.5)
-    # Harden first, then average: scores do not average like weights (see the README).
+    # Harden first, then average: scores do not average like weights (see docs/constraints.md).
     density = mp.harden(model)["0.weight"]
     swa = AveragedModel(model)
     _train(model, x, y, steps, after_step=lambda _: swa.update_parameters(model))

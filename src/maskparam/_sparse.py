@@ -1,4 +1,4 @@
-"""Where :class:`CSRLinear` lived in 0.2: pickles of ``to_sparse`` models name this module."""
+"""A compatibility name: pickled ``to_sparse`` models refer to ``maskparam._sparse.CSRLinear``."""
 
 from __future__ import annotations
 

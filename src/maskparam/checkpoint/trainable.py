@@ -308,7 +308,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
     Load it with :func:`load_trainable_state_dict` onto a model built from the same base weights
     with the same rules. The format, and what the checksums cover, are described in
-    ``maskparam.checkpoint.trainable``'s docstring (and the README, "Checkpoints and export").
+    ``maskparam.checkpoint.trainable``'s docstring (and docs/checkpoints.md).
 
     >>> import torch, maskparam as mp
     >>> layer = torch.nn.Linear(4, 4).requires_grad_(False)

@@ -67,7 +67,7 @@ def apply_mask(
 ) -> ModuleT:
     """Constrain the tensors of ``model`` that ``rules`` select; in place, returns ``model``.
 
-    ``rules`` maps selectors (see the README's "Rules", under "API in brief") to a spec or a list of specs; a
+    ``rules`` maps selectors (see docs/rules.md) to a spec or a list of specs; a
     list is stacked in order (each spec sees the tensor as the previous one leaves it). Each
     tensor may be selected by one rule only, and a tensor that maskparam already constrains is
     refused: to stack, put the specs in one list, or :func:`remove_parametrizations` first.
@@ -345,7 +345,7 @@ def _checked(spec: Spec, built: object) -> Constraint:
         raise error(
             f"{type(spec).__name__}.build",
             f"returned a {type(built).__name__}, not a maskparam Constraint.",
-            fix="subclass mp.Constraint for the module your spec builds (see constraints/base.py).",
+            fix="subclass mp.Constraint for the module your spec builds (see docs/extending.md).",
         )
     return built
 

@@ -143,7 +143,7 @@ class CompactConstraint(Constraint):
         ``dist.broadcast`` writes without counting a version)."""
         if torch.compiler.is_compiling():
             # Traced as it is (a fresh nonzero() would break the graph): under torch.compile a
-            # mask copied in place after the first compiled call is not seen (README, Compact).
+            # mask copied in place after the first compiled call is not seen (docs/how-it-works.md).
             return self.index
         key = self._free_key()
         if refresh or key != self._indexed:

@@ -5,7 +5,7 @@ A multiply by a 0/1 mask is not exact where it matters most: ``inf * 0`` and ``n
 turns a frozen ``-0.0`` into ``+0.0``. Selecting bits instead is exact whatever the stored
 original holds: ``bits(x) & 0`` is ``+0.0`` and ``(bits(x) & 0) | bits(v)`` is ``v``, sign and
 NaN payload included. Measured here (benchmarks/results/kernels.md, 1 thread, 1M entries, forward
-and backward): 1.04 ms against 0.76 ms for 0.1's multiply; torch's ``where`` costs about 8 ms.
+and backward): 1.04 ms against 0.76 ms for a plain multiply (which is not exact); torch's ``where`` costs about 8 ms.
 
 Masks are stored as uint8 0/1 (the state_dict format; EMA and SWA leave 0/1 exact) and widened
 per call to ``0`` / ``-1`` (all bits set) of the tensor's width.
@@ -44,7 +44,7 @@ def _ones(mask: Tensor, like: Tensor) -> Tensor:
     """The uint8 0/1 mask as 0 / -1 (all bits set) of ``like``'s width, once per forward.
 
     Widened here, not inside each AND: an AND of int32 with int8 promotes in both passes (about
-    3x the cost, measured). Autograd saves it for the backward, as 0.1 saved its float mask.
+    3x the cost, measured). Autograd saves it for the backward, as a multiply saves its float mask.
     """
     # Negated as int8 (1 byte per entry), then sign-extended in one pass: 0.64 ms against 1.03 ms
     # for widening first and negating the wide tensor (4M entries to int32, 1 thread).

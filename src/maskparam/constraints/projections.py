@@ -217,16 +217,16 @@ class SparseProjection(BasisProjection):
 class FastfoodProjection(BasisProjection):
     """Stacked Fastfood blocks ``H G Π H B`` mapping θ (padded to ``L``) to ``rows`` entries.
 
-    Stored per entry of the padded ``⌈rows/L⌉ x L`` blocks, 7 bytes whatever the dtype (0.1
-    stored 16 for float32, 24 for float64): the signs of B as int8, Π as flat int32 positions
+    Stored per entry of the padded ``⌈rows/L⌉ x L`` blocks, 7 bytes whatever the dtype (a float32
+    basis would take 16, a float64 one 24): the signs of B as int8, Π as flat int32 positions
     into all the blocks (int64 from 2^31 entries on), and G rounded to float16 (bfloat16 for a
     bfloat16 basis). All three are exact in the forward: ``±1 · x`` is exact, a permutation
     copies, and float16 values convert exactly to float32/float64. :meth:`column_sq_norms`
     reads the same tensors, so it describes the forward's E.
     """
 
-    #: The generation of the drawing, saved with a Fastfood subspace's coordinates. 1 (0.1 to
-    #: 0.2.dev): G in the basis' dtype. 2: G rounded to float16 (the same B and Π), so a
+    #: The generation of the drawing, saved with a Fastfood subspace's coordinates. 1: G in the
+    #: basis' dtype. 2: G rounded to float16 (the same B and Π), so a
     #: float32/float64 E differs from generation 1's for the same seed.
     generation: ClassVar[int] = 2
 

@@ -46,7 +46,7 @@ class SubspaceCoordinates(FixedTensors):
     ``seed`` and ``inv_norm`` are fixed tensors (never averaged or cast): both are saved, and a
     checkpoint whose seed, or whose column norms (another projection, dim or set of tensors),
     differ from this model's is refused instead of pairing its θ with another subspace. A basis
-    whose drawing changed since 0.1 (:attr:`BasisProjection.generation` above 1: Fastfood) also
+    drawn by a later generation (:attr:`BasisProjection.generation` above 1: Fastfood) also
     saves its ``generation``: the column norms alone need not tell two generations apart (they
     are rounded to the basis' dtype), so a checkpoint without it, or with another, is refused.
     """
@@ -109,8 +109,7 @@ class SubspaceCoordinates(FixedTensors):
 
     def _generation_problem(self, loaded: int | None) -> str:
         made = (
-            "generation 1 of its random basis (no 'generation' entry: maskparam 0.1 or a 0.2 "
-            "pre-release)"
+            "generation 1 of its random basis (it has no 'generation' entry)"
             if loaded is None
             else f"generation {loaded} of its random basis"
         )
@@ -231,7 +230,7 @@ class Subspace(Spec):
     Otherwise a random E from ``projection`` and ``seed``, with unit-norm columns over the group:
     ``"gaussian"`` (dense, D·dim floats), ``"sparse"`` (Li et al.'s very sparse ±1 projection) or
     ``"fastfood"`` (O(D) memory, O(D·√L) flops in small matmuls, L = 2^⌈log₂ dim⌉). A basis whose generation needs more than
-    ``max_dense_bytes`` beyond O(D) (any projection; the name is 0.1's) is refused. ``group``: tensors selected with the same group name share one θ.
+    ``max_dense_bytes`` beyond O(D) is refused. ``group``: tensors selected with the same group name share one θ.
     """
 
     dim: int

@@ -6,7 +6,7 @@ selects, :func:`maskparam.apply_mask` asks it to :meth:`~Spec.build` a *constrai
 the forward pass. A constraint also states its invariant as code (:meth:`Constraint.pins`),
 which :func:`maskparam.verify` checks exactly.
 
-Adding a constraint of your own takes one subclass of each (see the README's "How it is built"):
+Adding a constraint of your own takes one subclass of each (see docs/extending.md):
 
 >>> import torch, maskparam as mp
 >>> class ZeroDiagonal(mp.Constraint):
