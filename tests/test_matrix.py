@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from block_mask import BlockMask
 from torch_optimizers import OPTIMIZERS, uncovered
 
 import maskparam as mp
@@ -57,6 +58,8 @@ CASES: dict[str, Callable[[], Rules]] = {
     "stack-mask-freeze": lambda: {
         "*.weight": [mp.Mask(_random(0.6, 3)), mp.Freeze(_random(0.3, 4))]
     },
+    # A constraint defined only in the tests (tests/block_mask.py): the extension point.
+    "block-mask": lambda: {"*.weight": BlockMask(mp.masks.rows([0, 1, 4, 5]))},
     "stack-compact-mask-triangular": lambda: {
         "*.weight": [mp.Mask(_random(0.7, 5), layout="compact"), mp.Triangular()]
     },

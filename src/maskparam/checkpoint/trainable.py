@@ -615,7 +615,7 @@ def _take_mask(entry: _Entry, saved_free: Tensor) -> tuple[MaskUpdate | None, st
         )
     _, current = walk_stack(entry.ref.module, entry.ref.local_name, through=level)
     update = MaskUpdate(entry.ref, level, constraint, mask, current)
-    update.selected = mask
+    update.select(mask)
     return update, None
 
 

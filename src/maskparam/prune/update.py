@@ -65,21 +65,22 @@ class MaskUpdate:
     source: MaskSource
     current: Tensor  # the tensor as the constraint outputs it now
     selected: Tensor | None = None  # the new mask, bool, broadcastable to ``current``
+    free_after: Tensor | None = None  # the entries it leaves free, the tensor's shape
 
-    @property
-    def free_now(self) -> Tensor:
-        ones = torch.ones(self.current.shape, dtype=torch.bool, device=self.current.device)
-        return self.constraint.free_entries(ones)
+    def select(self, selected: Tensor) -> None:
+        """Plan ``selected`` as the new mask; the constraint refuses one it cannot take."""
+        self.selected = selected
+        self.free_after = self.constraint.free_for_mask(selected).expand(self.current.shape)
 
     def changes_storage(self) -> bool:
         """Whether the stored entries or their optimizer state must change: entries become
         free, or a layout that stores positions stores others."""
-        assert self.selected is not None
-        after = self.constraint.free_for_mask(self.selected).expand(self.current.shape)
-        before = self.free_now
+        assert self.free_after is not None  # planned
+        ones = torch.ones(self.current.shape, dtype=torch.bool, device=self.current.device)
+        before = self.constraint.free_entries(ones)
         if self.constraint.stored_positions() is not None:
-            return not torch.equal(after, before)
-        return bool((after & ~before).any())
+            return not torch.equal(self.free_after, before)
+        return bool((self.free_after & ~before).any())
 
 
 def update_masks(
@@ -301,10 +302,10 @@ def _select(updates: list[MaskUpdate]) -> None:
     if isinstance(source, masks.JointMaskGenerator):
         found = masks.build_joint_checked(source, [(u.ref.name, u.current) for u in updates])
         for update, mask in zip(updates, found, strict=True):
-            update.selected = masks.as_binary(mask, update.current, _subject(update))
+            update.select(masks.as_binary(mask, update.current, _subject(update)))
     else:
         for update in updates:
-            update.selected = masks.resolve(source, update.current, _subject(update))
+            update.select(masks.resolve(source, update.current, _subject(update)))
 
 
 def _subject(update: MaskUpdate) -> str:
