@@ -235,11 +235,11 @@ def run_dense(data: Data, config: Config) -> Run:
 def run_maskparam(data: Data, config: Config, target: float) -> Run:
     model = cnn(config.seed)
     begin, end, every = config.schedule(data)
+    optimizer = optimizer_for(model, config)
     pruning = mp.GradualPruning(
         model, {"*.weight": mp.masks.global_magnitude}, sparsity=target, begin=begin, end=end,
-        every=every,
+        every=every, optimizer=optimizer,
     )  # fmt: skip
-    optimizer = optimizer_for(model, config)
     run = Run("maskparam", target)
     run.record(0, model, data)
     run.seconds = train(model, optimizer, data, config, range(config.epochs), run, pruning.step)

@@ -81,7 +81,7 @@ def test_gradual_pruning_drives_it_on_its_schedule():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     pruning = mp.GradualPruning(
         model,
-        {"0.weight": lambda s: block_magnitude(s)},
+        {"0.weight": block_magnitude},
         sparsity=2 / 3,
         end=4,
         every=2,

@@ -61,6 +61,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from maskparam.core.constraint import Constraint
 from maskparam.core.optimizer import UNSET, Optimizers, as_optimizers
 from maskparam.core.parametrize import parametrization_list, walk_stack
+from maskparam.core.positions import free_positions, stored_indices
 from maskparam.core.tensors import TensorRef, find_tensors, refuse_sparse
 from maskparam.errors import MaskparamError, check_bool, check_module, error
 from maskparam.prune.update import MaskUpdate, check_optimizers, commit_update
@@ -290,12 +291,7 @@ def _extras(chain: list[Constraint], name: str) -> dict[str, Tensor]:
 def _free_values(entry: _Entry) -> Tensor:
     assert entry.free is not None
     storage = entry.ref.storage.detach()
-    flat_free = entry.free.reshape(-1)
-    positions = entry.positions
-    if positions is not None:
-        selected = flat_free.index_select(0, positions)
-        return storage.clone() if bool(selected.all()) else storage[selected]
-    return storage.reshape(-1)[flat_free]
+    return storage.reshape(-1).index_select(0, stored_indices(entry.free, entry.positions))
 
 
 def _position_dtype(numel: int) -> torch.dtype:
@@ -335,7 +331,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
             if entry.free is not None and (bool(entry.free.any()) or entry.positions_needed()):
                 state[f"{entry.name}.free_values"] = _free_values(entry).clone()
                 if entry.positions_needed():
-                    positions = entry.free.reshape(-1).nonzero().reshape(-1)
+                    positions = free_positions(entry.free, entry.free.shape)
                     state[f"{entry.name}.free_positions"] = positions.to(
                         _position_dtype(entry.free.numel())
                     )
@@ -625,11 +621,5 @@ def _write_free(entry: _Entry, values: Tensor) -> None:
     constraints = entry.chain
     start = torch.full(entry.shape, storage.requires_grad, dtype=torch.bool, device=storage.device)
     flat_free = _free_mask(constraints, start).reshape(-1)  # after any new mask
-    positions = entry.positions
-    values = values.to(storage.dtype)
-    if positions is not None:
-        selected = flat_free.index_select(0, positions).nonzero().reshape(-1)
-        storage.index_copy_(0, selected, values)
-    else:
-        at = flat_free.nonzero().reshape(-1)
-        storage.view(-1).index_copy_(0, at, values)
+    at = stored_indices(flat_free.reshape(entry.shape), entry.positions)
+    storage.view(-1).index_copy_(0, at, values.to(storage.dtype))

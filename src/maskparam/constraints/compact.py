@@ -190,7 +190,7 @@ class CompactConstraint(Constraint):
         if self.fill.numel():  # frozen values: the new values to hold, as Freeze does
             with torch.no_grad():
                 self.fill.copy_(torch.where(self.free.bool(), 0, value))
-        return value.reshape(-1).index_select(0, self.positions())
+        return to_stored(value, self.positions())
 
     @override
     def mask_shape(self) -> torch.Size:

@@ -125,7 +125,9 @@ class Freeze(Spec):
             )
         # where(), not a multiply: a non-finite value at a free entry must not leak into the rest.
         frozen_values = torch.where(frozen, value, torch.zeros((), dtype=value.dtype))
-        return FreezeEntriesConstraint(~frozen, frozen_values, description=f"Freeze(freezes {self._what()})")
+        return FreezeEntriesConstraint(
+            ~frozen, frozen_values, description=f"Freeze(freezes {self._what()})"
+        )
 
     @override
     def mask_source(self, rule: str) -> MaskSource:

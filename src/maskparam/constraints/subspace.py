@@ -33,7 +33,7 @@ from maskparam.core.constraint import Constraint, FixedTensors, Pins, Spec
 from maskparam.core.tensors import find_tensors
 from maskparam.errors import check_int, check_module, error
 
-__all__ = ["Subspace", "SubspaceCoordinates", "SubspaceConstraint", "subspace_theta"]
+__all__ = ["Subspace", "SubspaceConstraint", "SubspaceCoordinates", "subspace_theta"]
 
 ProjectionName = Literal["gaussian", "sparse", "fastfood"]
 _PROJECTIONS = ("gaussian", "sparse", "fastfood")
@@ -373,7 +373,9 @@ class Subspace(Spec):
             f", group {self.group!r})" if self.group else ")"
         )
         return [
-            SubspaceConstraint(coordinates, projection.to(device), owner=i == 0, description=description)
+            SubspaceConstraint(
+                coordinates, projection.to(device), owner=i == 0, description=description
+            )
             for i, projection in enumerate(projections)
         ]
 

@@ -87,7 +87,9 @@ class Triangular(Spec):
         triangle = part(torch.ones(tensor.shape[-2:], dtype=torch.bool, device=tensor.device))
         if chooses_compact(self.layout, triangle, tensor.shape):
             check_compact_possible(f"Triangular for {name!r}", tensor)
-            return CompactConstraint(triangle, tensor.shape, None, part.describe()[:-1] + ", compact)")
+            return CompactConstraint(
+                triangle, tensor.shape, None, part.describe()[:-1] + ", compact)"
+            )
         return part
 
 

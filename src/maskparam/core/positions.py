@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["free_positions", "to_full", "to_stored"]
+__all__ = ["free_positions", "stored_indices", "to_full", "to_stored"]
 
 
 def free_positions(free: Tensor, shape: torch.Size) -> Tensor:
@@ -50,3 +50,18 @@ def to_full(
 def to_stored(full: Tensor, positions: Tensor) -> Tensor:
     """The entries of ``full`` at ``positions``, as the compact layout stores them (a new tensor)."""
     return full.detach().reshape(-1).index_select(0, positions.to(full.device))
+
+
+def stored_indices(entries: Tensor, positions: Tensor | None) -> Tensor:
+    """Where the ``entries`` of the full tensor (bool, its shape) sit in the stored original,
+    flat: among the stored ``positions`` of a compact layout (entries it does not store are
+    left out), or the flat positions themselves where the original is stored in full (None).
+
+    >>> entries = torch.tensor([False, True, True, False])
+    >>> stored_indices(entries, torch.tensor([1, 3])).tolist(), stored_indices(entries, None).tolist()
+    ([0], [1, 2])
+    """
+    flat = entries.reshape(-1)
+    if positions is not None:
+        flat = flat.index_select(0, positions.to(flat.device))
+    return flat.nonzero().reshape(-1)

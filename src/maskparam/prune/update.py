@@ -35,7 +35,7 @@ from maskparam.core.optimizer import (
     reset_entries,
 )
 from maskparam.core.parametrize import parametrization_list, walk_stack
-from maskparam.core.positions import to_full, to_stored
+from maskparam.core.positions import stored_indices, to_full, to_stored
 from maskparam.core.tensors import TensorRef
 from maskparam.errors import check_bool, check_module, error
 from maskparam.masks import generators as masks
@@ -348,11 +348,7 @@ def _write_arriving(
     stored = update.ref.storage
     first = parametrization_list(update.ref.module, update.ref.local_name)[0]
     positions = first.stored_positions() if isinstance(first, Constraint) else None
-    flat_start = start.reshape(-1)
-    if positions is not None:
-        at = arriving.reshape(-1).index_select(0, positions).nonzero().reshape(-1)
-        stored.index_copy_(0, at, flat_start.index_select(0, positions[at]).to(stored.dtype))
-    else:
-        at = arriving.reshape(-1).nonzero().reshape(-1)
-        stored.view(-1).index_copy_(0, at, flat_start.index_select(0, at).to(stored.dtype))
+    at = stored_indices(arriving, positions)
+    values = start.reshape(-1) if positions is None else to_stored(start, positions)
+    stored.view(-1).index_copy_(0, at, values.index_select(0, at).to(stored.dtype))
     reset_entries(optimizers, stored, at, update.ref.name)
