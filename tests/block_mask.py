@@ -106,6 +106,9 @@ class BlockMask(mp.Spec):
     def mask_source(self, rule: str) -> object:  # type: ignore[override]
         return self.mask
 
+    def updates(self, constraint: mp.Constraint) -> bool:
+        return isinstance(constraint, BlockMaskConstraint)
+
 
 @dataclass(frozen=True)
 class BlockMagnitude(MaskGenerator):

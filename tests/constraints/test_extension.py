@@ -137,3 +137,27 @@ def test_rewind_and_bake_keep_its_zeros():
     mp.remove_parametrizations(model)
     assert type(model[0]) is nn.Linear
     assert torch.equal(model[0].weight, effective)
+
+
+def test_it_stands_behind_either_layout_and_its_checkpoint_crosses_layouts():
+    def stack(layout: str) -> dict[str, object]:
+        return {"0.weight": [mp.Mask(mp.masks.random(0.6, seed=2), layout=layout), BlockMask(FULL)]}
+
+    model = mp.apply_mask(_model(), stack("compact"))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    _train(model, optimizer)
+    # Regrow every tile: the entries arrive through the compact layout before it.
+    everything = BlockMask(torch.ones(6, 6, dtype=torch.bool))  # names which mask of the stack
+    mp.update_masks(model, {"0.weight": everything}, optimizer=optimizer)
+    assert mp.verify(model) == []
+    kept = mp.kept_entries(model, "0.weight")
+    regrown = kept & ~FULL
+    assert bool(regrown.any())
+    assert torch.equal(model[0].weight.detach()[regrown], torch.zeros(int(regrown.sum())))
+    dense = mp.apply_mask(_model(seed=9), stack("dense"))
+    dense.load_state_dict(model.state_dict())  # the compact checkpoint, translated
+    x = torch.randn(4, 6)
+    assert torch.equal(dense(x), model(x))
+    back = mp.apply_mask(_model(seed=8), stack("compact"))
+    back.load_state_dict(dense.state_dict())  # and the dense one back into compact
+    assert torch.equal(back(x), model(x))

@@ -514,6 +514,12 @@ class Spec:
             fix="pass e.g. {'*.weight': mp.masks.global_magnitude(0.9)}.",
         )
 
+    def updates(self, constraint: Constraint) -> bool:
+        """Whether a rule ``{"w": spec}`` of :func:`maskparam.update_masks` means ``constraint``
+        (one of a stack): by default, a constraint whose :attr:`~Constraint.mask_spec` is this
+        spec's class."""
+        return constraint.mask_spec is type(self)
+
     def build_selected(self, name: str, tensor: Tensor, selected: Tensor) -> Constraint:
         """:meth:`build`, with the entries :meth:`joint_source` selected for this tensor."""
         raise NotImplementedError

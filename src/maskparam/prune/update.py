@@ -183,10 +183,11 @@ def check_optimizers(
                 raise error(repr(update.ref.name), problem + ".", fix="see above.")
 
 
-def _rule_value(selector: Selector, value: object) -> tuple[type[Spec] | None, MaskSource]:
-    """(the spec whose constraint the rule updates, or None for the only one; the source)."""
+def _rule_value(selector: Selector, value: object) -> tuple[Spec | None, MaskSource]:
+    """(the spec that says which constraint the rule updates, or None for the only one; the
+    source)."""
     if isinstance(value, Spec):
-        return type(value), value.mask_source(describe(selector))
+        return value, value.mask_source(describe(selector))
     if isinstance(value, (Tensor, masks.MaskGenerator)) or callable(value):
         return None, value
     raise error(
@@ -241,7 +242,7 @@ def plan_updates(model: nn.Module, rules: MaskRules, *, strict: bool) -> list[Ma
 
 
 def _locate(
-    ref: TensorRef, selector: Selector, wanted: type[Spec] | None, *, exact: bool
+    ref: TensorRef, selector: Selector, wanted: Spec | None, *, exact: bool
 ) -> tuple[int, Constraint] | None:
     """The constraint of ``ref`` this rule updates, and its level; None where a wildcard passes
     over the tensor."""
@@ -251,13 +252,13 @@ def _locate(
         for level, p in enumerate(plist)
         if isinstance(p, Constraint)
         and p.mask_spec is not None
-        and (wanted is None or p.mask_spec is wanted)
+        and (wanted is None or wanted.updates(p))
     ]
     if not found:
         if not exact:
             return None
         kinds = ", ".join(_described(p) for p in plist) or "no constraint"
-        which = f"a {wanted.__name__}" if wanted else "a Mask or Freeze(mask)"
+        which = f"a {type(wanted).__name__}" if wanted else "a Mask or Freeze(mask)"
         raise error(
             f"rule {describe(selector)}",
             f"{ref.name!r} has {kinds}; update_masks updates {which} constraint.",
