@@ -19,8 +19,16 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from maskparam.core.layouts import translate_layouts
 from maskparam.core.load_guard import check_checkpoint
-from maskparam.core.parametrize import maskparam_constraints
-from maskparam.core.tensors import find_tensors
+from maskparam.core.optimizer import (
+    Optimizers,
+    as_optimizers,
+    check_state_fits,
+    move_entries,
+    reset_entries,
+)
+from maskparam.core.parametrize import maskparam_constraints, walk_stack
+from maskparam.core.positions import stored_indices
+from maskparam.core.tensors import TensorRef, find_tensors
 from maskparam.errors import check_bool, check_module, error
 
 __all__ = ["load_state_dict"]
@@ -29,12 +37,22 @@ _MARK = ".parametrizations."
 
 
 def load_state_dict(
-    model: nn.Module, state_dict: Mapping[str, Any], *, strict: bool = True
+    model: nn.Module,
+    state_dict: Mapping[str, Any],
+    *,
+    strict: bool = True,
+    optimizer: Optimizers | None = None,
 ) -> _IncompatibleKeys:
     """Load ``state_dict`` into ``model``, plain or constrained on either side.
 
     Returns torch's ``(missing_keys, unexpected_keys)``; with ``strict=True`` any of them is an
     error, as with ``nn.Module.load_state_dict``.
+
+    ``optimizer`` (one or a list): optimizers that go on training the model with their own
+    state, where the checkpoint brings other masks: the state of each entry that stays free is
+    kept (moved by position where the layout is compact), and entries that become free start
+    fresh, as :func:`~maskparam.update_masks` does. To resume a run, load the optimizer's own
+    checkpoint instead (it fits the loaded masks).
 
     >>> import torch, maskparam as mp
     >>> pretrained = torch.nn.Linear(3, 3).state_dict()
@@ -45,6 +63,7 @@ def load_state_dict(
     """
     check_module(model, "load_state_dict")
     check_bool(strict, "load_state_dict", "strict")
+    optimizers = as_optimizers(optimizer, "load_state_dict")
     if not isinstance(state_dict, Mapping):
         raise error(
             "load_state_dict",
@@ -127,6 +146,9 @@ def load_state_dict(
             fix="load a checkpoint of the same architecture, or pass strict=False.",
         )
     check_checkpoint(model, rest, "")  # keys were checked above; shapes and entries here
+    layouts_before = _free_layouts(model)
+    for ref, _, _ in layouts_before:
+        check_state_fits(optimizers, ref.storage, ref.name)
     with torch.no_grad():
         for module, local, value in assigned.values():
             # Goes through each parametrization's right_inverse, like `module.weight = value`,
@@ -134,7 +156,44 @@ def load_state_dict(
             current = getattr(module, local)
             setattr(module, local, value.to(device=current.device, dtype=current.dtype, copy=True))
     model.load_state_dict(rest, strict=False)
+    if optimizers:
+        _follow(optimizers, layouts_before)
     return _IncompatibleKeys(missing, unexpected)
+
+
+def _free_layouts(model: nn.Module) -> list[tuple[TensorRef, Tensor, Tensor | None]]:
+    """(tensor, its free entries, the positions it stores) of every constrained Parameter."""
+    layouts = []
+    for ref in find_tensors(model):
+        if isinstance(ref.storage, nn.Parameter) and ref.has_constraint:
+            layouts.append(_layout(ref))
+    return layouts
+
+
+def _layout(ref: TensorRef) -> tuple[TensorRef, Tensor, Tensor | None]:
+    chain = maskparam_constraints(ref.module, ref.local_name)
+    _, value = walk_stack(ref.module, ref.local_name)
+    free = torch.ones(value.shape, dtype=torch.bool, device=value.device)
+    for constraint in chain:
+        free = constraint.free_entries(free)
+    positions = chain[0].stored_positions()
+    return ref, free, None if positions is None else positions.clone()
+
+
+def _follow(
+    optimizers: list[torch.optim.Optimizer],
+    before: list[tuple[TensorRef, Tensor, Tensor | None]],
+) -> None:
+    """The optimizers' state after a load that brought other masks: see load_state_dict."""
+    with torch.no_grad():
+        for ref, free_before, was in before:
+            _, free_after, now = _layout(ref)
+            stored, shape = ref.storage, free_before.shape
+            if was is not None and now is not None:  # the stored entries are the free ones
+                move_entries(optimizers, stored, was=was, now=now, full_shape=shape, name=ref.name)
+            else:
+                arriving = free_after & ~free_before
+                reset_entries(optimizers, stored, stored_indices(arriving, None), ref.name)
 
 
 def _parametrization_prefix(name: str) -> str:
