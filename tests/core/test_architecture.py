@@ -33,22 +33,11 @@ def _modules() -> dict[str, ast.Module]:
     }
 
 
-def _type_checking_lines(tree: ast.Module) -> set[int]:
-    lines: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
-            for child in node.body:
-                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
-    return lines
-
-
 def _imports(tree: ast.Module) -> list[tuple[int, str, list[str]]]:
-    """(line, imported module, imported names) of every runtime import of maskparam."""
-    skip = _type_checking_lines(tree)
+    """(line, imported module, imported names) of every import of maskparam (those for type
+    checking only too: a stage's types come from below it as well)."""
     found = []
     for node in ast.walk(tree):
-        if node.lineno in skip if hasattr(node, "lineno") else False:
-            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("maskparam"):
             names = [alias.name for alias in node.names]
             for name in names:  # `from maskparam.masks import generators` imports a module

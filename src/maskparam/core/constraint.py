@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, TypeAlias
 
 import torch
 from torch import Tensor, nn
@@ -37,8 +37,23 @@ from torch import Tensor, nn
 from maskparam.core.positions import to_full, to_stored
 from maskparam.errors import MaskparamError, error
 
-if TYPE_CHECKING:  # the generators stand above this module (they find tensors)
-    from maskparam.masks.generators import JointMaskGenerator, MaskSource
+#: What a spec's mask can be: a bool or 0/1 tensor, or a callable of the tensor that returns one
+#: (every generator of :mod:`maskparam.masks` is such a callable).
+MaskSourceLike: TypeAlias = Tensor | Callable[[Tensor], Tensor]
+
+
+class JointSource(Protocol):
+    """A mask source computed for all the tensors of a rule at once
+    (:class:`maskparam.masks.JointMaskGenerator` is the one to subclass)."""
+
+    def build_joint(self, members: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
+        """The bool masks of ``members``, (name, tensor) pairs, in their order."""
+        ...
+
+    def describe(self) -> str:
+        """What it selects, in words."""
+        ...
+
 
 __all__ = ["Constraint", "Layout", "MaskChange", "Pins", "Spec"]
 
@@ -498,13 +513,13 @@ class Spec:
         """
         raise NotImplementedError
 
-    def joint_source(self) -> JointMaskGenerator | None:
+    def joint_source(self) -> JointSource | None:
         """The generator whose masks are computed for all the tensors of a rule at once
         (:func:`maskparam.masks.global_magnitude`), if this spec takes one; see
         :meth:`build_selected`."""
         return None
 
-    def mask_source(self, rule: str) -> MaskSource:
+    def mask_source(self, rule: str) -> MaskSourceLike:
         """The mask source of this spec, as a rule of :func:`maskparam.update_masks` gives it
         (``{"w": mp.Mask(source)}``); refused for a spec without one. ``rule`` names the rule."""
         raise error(

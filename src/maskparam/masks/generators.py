@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from maskparam.core.constraint import JointSource
 from maskparam.errors import MaskparamError, check_int, error
 
 __all__ = [
@@ -614,9 +615,7 @@ class JointComplementMask(ComplementMask, JointMaskGenerator):
         ]
 
 
-def build_joint_checked(
-    source: JointMaskGenerator, members: Sequence[tuple[str, Tensor]]
-) -> list[Tensor]:
+def build_joint_checked(source: JointSource, members: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
     """``source.build_joint(members)``: one mask per member, or a MaskparamError that names the
     generator (whatever else it raised, or a wrong number of masks)."""
     try:
