@@ -13,15 +13,10 @@ import copy
 
 import pytest
 import torch
+from helpers import keep_31_of_64, loss_on_x_16x8, steps_on_x_16x8
 from torch import nn
 
 import maskparam as mp
-
-X = torch.randn(16, 8, generator=torch.Generator().manual_seed(7))
-
-
-def _keep(seed: int = 1) -> torch.Tensor:
-    return torch.rand(8, 8, generator=torch.Generator().manual_seed(seed)) < 0.5  # 31 of 64 kept
 
 
 def _other_keep_same_count(keep: torch.Tensor) -> torch.Tensor:
@@ -29,17 +24,6 @@ def _other_keep_same_count(keep: torch.Tensor) -> torch.Tensor:
     other = torch.zeros(64, dtype=torch.bool)
     other[perm[: int(keep.sum())]] = True
     return other.view(8, 8)
-
-
-def _loss(model: nn.Module) -> torch.Tensor:
-    return model(X).pow(2).mean()
-
-
-def _steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> None:
-    for _ in range(n):
-        opt.zero_grad()
-        _loss(model).backward()
-        opt.step()
 
 
 # --- SILENT -------------------------------------------------------------------------------------
@@ -50,11 +34,11 @@ def _reapply_after_bake(layout: str, second: torch.Tensor) -> torch.Tensor:
     torch.manual_seed(0)
     model = nn.Linear(8, 8, bias=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    mp.apply_mask(model, {"weight": mp.Mask(_keep(), layout=layout)})
-    _steps(model, opt, 3)
+    mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64(), layout=layout)})
+    steps_on_x_16x8(model, opt, 3)
     mp.remove_parametrizations(model)
     mp.apply_mask(model, {"weight": mp.Mask(second, layout=layout)})  # no step in between
-    _steps(model, opt, 2)
+    steps_on_x_16x8(model, opt, 2)
     return model.weight.detach().clone()
 
 
@@ -63,7 +47,7 @@ def test_silent_reapply_same_density_after_bake_scrambles_momentum() -> None:
     re-select at constant sparsity) and keep the optimizer: the compact momentum of mask 1 is
     never relaid (the hook is lazy and the watch is replaced by mask 2's), so mask 1's i-th
     entry's momentum drives mask 2's i-th entry. Expected: as dense (state stays per position)."""
-    second = _other_keep_same_count(_keep())
+    second = _other_keep_same_count(keep_31_of_64())
     dense = _reapply_after_bake("dense", second)
     auto = _reapply_after_bake("auto", second)
     torch.testing.assert_close(auto, dense)
@@ -77,14 +61,16 @@ def test_silent_load_other_mask_same_density_keeps_momentum_by_index() -> None:
     def run(layout: str) -> torch.Tensor:
         torch.manual_seed(0)
         source = nn.Linear(8, 8, bias=False)
-        mp.apply_mask(source, {"weight": mp.Mask(_other_keep_same_count(_keep()), layout=layout)})
+        mp.apply_mask(
+            source, {"weight": mp.Mask(_other_keep_same_count(keep_31_of_64()), layout=layout)}
+        )
         saved = copy.deepcopy(source.state_dict())
         model = nn.Linear(8, 8, bias=False)
-        mp.apply_mask(model, {"weight": mp.Mask(_keep(), layout=layout)})
+        mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64(), layout=layout)})
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        _steps(model, opt, 3)
+        steps_on_x_16x8(model, opt, 3)
         model.load_state_dict(saved)
-        _steps(model, opt, 2)
+        steps_on_x_16x8(model, opt, 2)
         return model.weight.detach().clone()
 
     torch.testing.assert_close(run("auto"), run("dense"))
@@ -94,10 +80,10 @@ def _train_bake_train(layout: str, opt_cls: type, **kwargs: object) -> torch.Ten
     torch.manual_seed(0)
     model = nn.Linear(8, 8, bias=False)
     opt = opt_cls(model.parameters(), **kwargs)
-    mp.apply_mask(model, {"weight": mp.Mask(_keep(), layout=layout)})
-    _steps(model, opt, 3)
+    mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64(), layout=layout)})
+    steps_on_x_16x8(model, opt, 3)
     mp.remove_parametrizations(model)
-    _steps(model, opt, 5)
+    steps_on_x_16x8(model, opt, 5)
     return model.weight.detach().clone()
 
 
@@ -105,7 +91,7 @@ def test_silent_rprop_after_bake_previously_masked_entries_stop_training() -> No
     """SILENT. Rprop's per-entry `step_size` is relaid with ZEROS at the fixed entries after
     baking (clamped to step_size_min=1e-6), so the previously masked entries barely move
     (mean |move| ~7e-6 vs ~5e-2 dense). Expected: the dense state (step_size = lr there)."""
-    keep = _keep()
+    keep = keep_31_of_64()
     dense = _train_bake_train("dense", torch.optim.Rprop, lr=0.01)
     auto = _train_bake_train("auto", torch.optim.Rprop, lr=0.01)
     torch.testing.assert_close(auto[~keep], dense[~keep])
@@ -143,9 +129,9 @@ def test_cryptic_final_checkpoint_after_bake_holds_compact_optimizer_state(via_m
     which is impossible after baking). Expected: full-shape state, as dense."""
     torch.manual_seed(0)
     model = nn.Linear(8, 8, bias=False)
-    mp.apply_mask(model, {"weight": mp.Mask(_keep())})
+    mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64())})
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    _steps(model, opt, 3)
+    steps_on_x_16x8(model, opt, 3)
     mp.remove_parametrizations(model)
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(mp.optimizer_state_dict(opt, model) if via_mp else opt.state_dict())
@@ -156,7 +142,7 @@ def test_cryptic_final_checkpoint_after_bake_holds_compact_optimizer_state(via_m
         mp.load_optimizer_state_dict(opt2, plain, saved_opt)
     else:
         opt2.load_state_dict(saved_opt)
-    _steps(plain, opt2, 1)
+    steps_on_x_16x8(plain, opt2, 1)
 
 
 def test_cryptic_deepcopy_then_bake_keeps_optimizer() -> None:
@@ -165,12 +151,12 @@ def test_cryptic_deepcopy_then_bake_keeps_optimizer() -> None:
     Expected: keeps going, as with the original model and as dense."""
     torch.manual_seed(0)
     model = nn.Linear(8, 8, bias=False)
-    mp.apply_mask(model, {"weight": mp.Mask(_keep())})
+    mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64())})
     clone = copy.deepcopy(model)
     opt = torch.optim.Adam(clone.parameters(), lr=0.1)
-    _steps(clone, opt, 1)
+    steps_on_x_16x8(clone, opt, 1)
     mp.remove_parametrizations(clone)
-    _steps(clone, opt, 1)
+    steps_on_x_16x8(clone, opt, 1)
 
 
 def test_cryptic_load_state_dict_assign_then_bake_keeps_optimizer() -> None:
@@ -178,15 +164,15 @@ def test_cryptic_load_state_dict_assign_then_bake_keeps_optimizer() -> None:
     optimizer created after the load breaks once the model is baked. Expected: as dense."""
     torch.manual_seed(0)
     source = nn.Linear(8, 8, bias=False)
-    mp.apply_mask(source, {"weight": mp.Mask(_keep())})
+    mp.apply_mask(source, {"weight": mp.Mask(keep_31_of_64())})
     saved = copy.deepcopy(source.state_dict())
     model = nn.Linear(8, 8, bias=False)
-    mp.apply_mask(model, {"weight": mp.Mask(_keep())})
+    mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64())})
     model.load_state_dict(saved, assign=True)
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
-    _steps(model, opt, 1)
+    steps_on_x_16x8(model, opt, 1)
     mp.remove_parametrizations(model)
-    _steps(model, opt, 1)
+    steps_on_x_16x8(model, opt, 1)
 
 
 def test_cryptic_grad_present_at_apply_with_zero_grad_set_to_none_false() -> None:
@@ -197,11 +183,11 @@ def test_cryptic_grad_present_at_apply_with_zero_grad_set_to_none_false() -> Non
     torch.manual_seed(0)
     model = nn.Linear(8, 8, bias=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    _steps(model, opt, 1)
-    mp.apply_mask(model, {"weight": mp.Mask(_keep())})  # pruning at an epoch boundary
+    steps_on_x_16x8(model, opt, 1)
+    mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64())})  # pruning at an epoch boundary
     for _ in range(2):
         opt.zero_grad(set_to_none=False)
-        _loss(model).backward()
+        loss_on_x_16x8(model).backward()
         opt.step()
 
 
@@ -218,29 +204,29 @@ def test_cryptic_meta_model_with_torch_optimizer_load_state_dict() -> None:
     step fails with a torch size mismatch. Expected: an error naming the layout mismatch."""
     torch.manual_seed(0)
     model = nn.Linear(8, 8, bias=False)
-    mp.apply_mask(model, {"weight": mp.Mask(_keep())})
+    mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64())})
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
-    _steps(model, opt, 1)
+    steps_on_x_16x8(model, opt, 1)
     with torch.device("meta"):
         resumed = nn.Linear(8, 8, bias=False)
-    mp.apply_mask(resumed, {"weight": mp.Mask(_keep())})
+    mp.apply_mask(resumed, {"weight": mp.Mask(keep_31_of_64())})
     resumed.to_empty(device="cpu")
     resumed.load_state_dict(model.state_dict())
     opt2 = torch.optim.Adam(resumed.parameters(), lr=0.1)
     opt2.load_state_dict(opt.state_dict())
-    _steps(resumed, opt2, 1)
+    steps_on_x_16x8(resumed, opt2, 1)
 
 
 def test_meta_model_resumes_optimizer_state_of_a_compact_run_by_name() -> None:
     torch.manual_seed(0)
     model = nn.Linear(8, 8, bias=False)
-    mp.apply_mask(model, {"weight": mp.Mask(_keep())})
+    mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64())})
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
-    _steps(model, opt, 1)
+    steps_on_x_16x8(model, opt, 1)
     saved = copy.deepcopy(mp.optimizer_state_dict(opt, model))  # as torch.save would
     with torch.device("meta"):
         resumed = nn.Linear(8, 8, bias=False)
-    mp.apply_mask(resumed, {"weight": mp.Mask(_keep())})  # meta: dense
+    mp.apply_mask(resumed, {"weight": mp.Mask(keep_31_of_64())})  # meta: dense
     resumed.to_empty(device="cpu")
     resumed.load_state_dict(model.state_dict())
     opt2 = torch.optim.Adam(resumed.parameters(), lr=0.1)
@@ -251,7 +237,7 @@ def test_meta_model_resumes_optimizer_state_of_a_compact_run_by_name() -> None:
     assert torch.equal(state[kept], compact)
     assert torch.equal(state[~kept], torch.zeros(int((~kept).sum())))
     torch.manual_seed(5)
-    _steps(model, opt, 1)
+    steps_on_x_16x8(model, opt, 1)
     torch.manual_seed(5)
-    _steps(resumed, opt2, 1)
+    steps_on_x_16x8(resumed, opt2, 1)
     assert torch.equal(resumed.weight, model.weight)  # the same next step as the compact run

@@ -9,98 +9,28 @@ import io
 
 import pytest
 import torch
+from helpers import (
+    TiedEmbeddingLM,
+    bitwise_equal,
+    linear_weights,
+    mlp,
+    prune_run,
+    pruning_inputs,
+    pruning_loss,
+    pruning_steps,
+    same_snapshot_with_summary,
+    snapshot_with_summary,
+    zeros_in_linears,
+)
 from torch import Tensor, nn
 from torch.nn.utils import prune
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import maskparam as mp
 
-# ----------------------------------------------------------------------------------- helpers
-
-
-def _mlp(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).to(dtype)
-
-
-def _x(dtype: torch.dtype = torch.float32, n: int = 16) -> Tensor:
-    return torch.randn(n, 8, generator=torch.Generator().manual_seed(3)).to(dtype)
-
-
-def _loss(model: nn.Module, dtype: torch.dtype = torch.float32) -> Tensor:
-    return model(_x(dtype)).float().square().mean()
-
-
-def _train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3) -> None:
-    for _ in range(steps):
-        if isinstance(optimizer, torch.optim.LBFGS):
-
-            def closure() -> Tensor:
-                optimizer.zero_grad()
-                loss = _loss(model)
-                loss.backward()
-                return loss
-
-            optimizer.step(closure)
-        else:
-            optimizer.zero_grad()
-            _loss(model, next(model.parameters()).dtype).backward()
-            optimizer.step()
-
-
-def _weights(model: nn.Module) -> list[Tensor]:
-    with torch.no_grad():
-        return [m.weight.detach().clone() for m in model.modules() if isinstance(m, nn.Linear)]
-
-
-def _snapshot(model: nn.Module) -> dict[str, object]:
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "params": [(n, id(p), tuple(p.shape)) for n, p in model.named_parameters()],
-        "repr": repr(model),
-        "summary": str(mp.summary(model)) if _constrained(model) else None,
-    }
-
-
-def _constrained(model: nn.Module) -> bool:
-    return any(hasattr(m, "parametrizations") for m in model.modules())
-
-
-def _same_snapshot(a: dict[str, object], b: dict[str, object], *, summary: bool = True) -> bool:
-    sa, sb = a["state"], b["state"]
-    assert isinstance(sa, dict)
-    assert isinstance(sb, dict)
-    if sa.keys() != sb.keys():
-        return False
-    for key in sa:
-        if sa[key].shape != sb[key].shape or not torch.equal(
-            sa[key].view(torch.uint8) if sa[key].dtype.is_floating_point else sa[key],
-            sb[key].view(torch.uint8) if sb[key].dtype.is_floating_point else sb[key],
-        ):
-            return False
-    same_summary = a["summary"] == b["summary"] or not summary
-    return a["params"] == b["params"] and a["repr"] == b["repr"] and same_summary
-
-
-def _zeros(model: nn.Module) -> int:
-    with torch.no_grad():
-        return sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, nn.Linear))
-
-
-def _bitwise_equal(a: Tensor, b: Tensor) -> bool:
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return (
-        a.shape == b.shape
-        and a.dtype == b.dtype
-        and torch.equal(
-            a.reshape(-1).view(ints[a.element_size()]), b.reshape(-1).view(ints[b.element_size()])
-        )
-    )
-
-
 # ------------------------------------------------------- update_masks x layout x optimizers
 
-OPTIMIZERS = {
+UPDATE_OPTIMIZERS = {
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
     "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
     "sgd-nesterov": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True),
@@ -110,15 +40,15 @@ OPTIMIZERS = {
 
 
 def _layout_run(layout: str, make_opt, *, updates) -> list[Tensor]:
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
     optimizer = make_opt(model.parameters())
-    _train(model, optimizer)
+    pruning_steps(model, optimizer)
     for source in updates:
         mp.update_masks(model, {"*.weight": source})
-        _train(model, optimizer)
+        pruning_steps(model, optimizer)
     assert mp.verify(model) == []
-    return _weights(model)
+    return linear_weights(model)
 
 
 UPDATES = {
@@ -127,12 +57,12 @@ UPDATES = {
 }
 
 
-@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("opt", sorted(UPDATE_OPTIMIZERS))
 @pytest.mark.parametrize("updates", sorted(UPDATES))
 def test_dense_and_compact_train_identically_through_update_masks(opt, updates):
     """Dense and compact layouts give bit-identical weights through any sequence of updates."""
-    dense = _layout_run("dense", OPTIMIZERS[opt], updates=UPDATES[updates])
-    compact = _layout_run("compact", OPTIMIZERS[opt], updates=UPDATES[updates])
+    dense = _layout_run("dense", UPDATE_OPTIMIZERS[opt], updates=UPDATES[updates])
+    compact = _layout_run("compact", UPDATE_OPTIMIZERS[opt], updates=UPDATES[updates])
     for d, c in zip(dense, compact, strict=True):
         if opt == "adamw-fused":
             # torch's fused CPU AdamW rounds exp_avg_sq differently by an entry's position (SIMD
@@ -145,30 +75,30 @@ def test_dense_and_compact_train_identically_through_update_masks(opt, updates):
 
 def test_lbfgs_keeps_training_after_a_compact_update_changes_size():
     """LBFGS on a compact model keeps working (history restarted) after update_masks resizes."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1))})
     optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, history_size=3, max_iter=3)
-    _train(model, optimizer, 2)
+    pruning_steps(model, optimizer, 2)
     mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)})
-    _train(model, optimizer, 2)
+    pruning_steps(model, optimizer, 2)
     assert mp.verify(model) == []
-    assert _zeros(model) >= round(0.8 * (8 * 16 + 16 * 4))
-    assert all(torch.isfinite(w).all() for w in _weights(model))
+    assert zeros_in_linears(model) >= round(0.8 * (8 * 16 + 16 * 4))
+    assert all(torch.isfinite(w).all() for w in linear_weights(model))
 
 
 def test_optimizer_created_before_apply_mask_follows_update_masks():
     """An Adam created (and stepped) before apply_mask trains on after update_masks, as dense."""
     results = []
     for layout in ("dense", "compact"):
-        model = _mlp()
+        model = mlp(8, 16, 4, seed=0)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        _train(model, optimizer, 2)
+        pruning_steps(model, optimizer, 2)
         mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
-        _train(model, optimizer, 2)
+        pruning_steps(model, optimizer, 2)
         mp.update_masks(model, {"*.weight": mp.masks.random(0.5, seed=5)})
-        _train(model, optimizer, 2)
+        pruning_steps(model, optimizer, 2)
         assert mp.verify(model) == []
-        results.append(_weights(model))
+        results.append(linear_weights(model))
     for d, c in zip(*results, strict=True):
         assert torch.equal(d, c)
 
@@ -177,7 +107,7 @@ def test_two_optimizers_and_param_groups_with_other_lrs_follow_update_masks():
     """Two optimizers (one per layer, two lr groups) train dense and compact bit-identically."""
     results = []
     for layout in ("dense", "compact"):
-        model = _mlp()
+        model = mlp(8, 16, 4, seed=0)
         mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
         first = torch.optim.Adam(
             [{"params": model[0].parameters(), "lr": 1e-2}, {"params": [], "lr": 1e-3}]
@@ -194,11 +124,11 @@ def test_two_optimizers_and_param_groups_with_other_lrs_follow_update_masks():
                 mp.update_masks(model, {"*.weight": mp.masks.random(0.45, seed=step)})
             first.zero_grad()
             second.zero_grad()
-            _loss(model).backward()
+            pruning_loss(model).backward()
             first.step()
             second.step()
         assert mp.verify(model) == []
-        results.append(_weights(model))
+        results.append(linear_weights(model))
     for d, c in zip(*results, strict=True):
         assert torch.equal(d, c)
 
@@ -209,12 +139,12 @@ def test_two_optimizers_and_param_groups_with_other_lrs_follow_update_masks():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_update_mask_behind_triangular_in_half_precision(dtype):
     """[Triangular, Mask] in fp16/bf16: update_masks keeps the triangle and the new mask exact."""
-    model = _mlp(dtype)
+    model = mlp(8, 16, 4, dtype=dtype, seed=0)
     mp.apply_mask(model, {"0.weight": [mp.Triangular(), mp.Mask(mp.masks.random(0.7, seed=3))]})
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    _train(model, optimizer, 2)
+    pruning_steps(model, optimizer, 2)
     mp.update_masks(model, {"0.weight": mp.masks.magnitude(0.8)})
-    _train(model, optimizer, 2)
+    pruning_steps(model, optimizer, 2)
     w = model[0].weight
     assert mp.verify(model) == []
     assert torch.equal(w.triu(1), torch.zeros_like(w))
@@ -224,7 +154,7 @@ def test_update_mask_behind_triangular_in_half_precision(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_update_freeze_behind_a_compact_mask_in_half_precision(dtype):
     """[Mask(compact), Freeze(mask)]: updating the Freeze holds new frozen values bit for bit."""
-    model = _mlp(dtype)
+    model = mlp(8, 16, 4, dtype=dtype, seed=0)
     mp.apply_mask(
         model,
         {
@@ -235,17 +165,17 @@ def test_update_freeze_behind_a_compact_mask_in_half_precision(dtype):
         },
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1)
-    _train(model, optimizer, 2)
+    pruning_steps(model, optimizer, 2)
     new = mp.masks.random(0.5, seed=11)
     mp.update_masks(model, {"0.weight": mp.Freeze(new)})
     frozen = mp.frozen_entries(model, "0.weight")
     held = model[0].weight.detach().clone()
-    _train(model, optimizer, 3)
+    pruning_steps(model, optimizer, 3)
     assert mp.verify(model) == []
     selected = new(torch.empty(16, 8))
     kept = mp.kept_entries(model, "0.weight")
     still = selected & kept.expand(16, 8).bool()
-    assert _bitwise_equal(model[0].weight.detach()[still], held[still])
+    assert bitwise_equal(model[0].weight.detach()[still], held[still])
     assert frozen is not None
 
 
@@ -263,14 +193,14 @@ def test_averaged_model_of_a_model_whose_masks_are_updated(layout, use_buffers, 
                 reason="documented (README, Pruning): an average has masks of its own; give it the model's with update_masks (tests/workflows/test_pruning.py), else torch's update_parameters fails on the sizes",
             )
         )
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=use_buffers)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    _train(model, optimizer, 2)
+    pruning_steps(model, optimizer, 2)
     ema.update_parameters(model)
     mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)})
-    _train(model, optimizer, 2)
+    pruning_steps(model, optimizer, 2)
     ema.update_parameters(model)
     assert mp.verify(ema.module) == []
     for i in (0, 2):
@@ -283,24 +213,24 @@ def test_averaged_model_of_a_model_whose_masks_are_updated(layout, use_buffers, 
 @pytest.mark.parametrize("layout", ["dense", "compact"])
 def test_deepcopy_then_update_the_copy_leaves_the_original_alone(layout):
     """Updating the masks of a deep copy changes nothing in the original; both still train."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    _train(model, optimizer, 2)
-    before = _snapshot(model)
+    pruning_steps(model, optimizer, 2)
+    before = snapshot_with_summary(model)
     with torch.no_grad():
-        out = model(_x())
+        out = model(pruning_inputs())
     clone = copy.deepcopy(model)
     clone_opt = torch.optim.Adam(clone.parameters(), lr=1e-2)
-    _train(clone, clone_opt, 1)
+    pruning_steps(clone, clone_opt, 1)
     mp.update_masks(clone, {"*.weight": mp.masks.random(0.3, seed=4)})
-    _train(clone, clone_opt, 1)
-    assert _same_snapshot(before, _snapshot(model))
+    pruning_steps(clone, clone_opt, 1)
+    assert same_snapshot_with_summary(before, snapshot_with_summary(model))
     with torch.no_grad():
-        assert torch.equal(model(_x()), out)
+        assert torch.equal(model(pruning_inputs()), out)
     assert mp.verify(clone) == []
     assert mp.verify(model) == []
-    _train(model, optimizer, 1)
+    pruning_steps(model, optimizer, 1)
 
 
 @pytest.mark.parametrize("density", [0.5, 0.25])
@@ -310,32 +240,32 @@ def test_deepcopy_of_model_and_optimizer_then_update_trains_as_the_original_woul
     calls on the original give (fresh state for regrown entries, moments following entries)."""
     results = []
     for copied in (False, True):
-        model = _mlp()
+        model = mlp(8, 16, 4, seed=0)
         mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        _train(model, optimizer, 2)
+        pruning_steps(model, optimizer, 2)
         if copied:
             model, optimizer = copy.deepcopy((model, optimizer))
         mp.update_masks(model, {"*.weight": mp.masks.random(density, seed=6)})
-        _train(model, optimizer, 2)
+        pruning_steps(model, optimizer, 2)
         assert mp.verify(model) == []
-        results.append(_weights(model))
+        results.append(linear_weights(model))
     for d, c in zip(*results, strict=True):
         assert torch.equal(d, c)
 
 
 def test_to_float64_after_apply_then_update():
     """model.to(float64) after apply_mask, then update_masks and train: exact, still float64."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1))})
     model.to(torch.float64)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    _train(model, optimizer, 1)
+    pruning_steps(model, optimizer, 1)
     mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)})
-    _train(model, optimizer, 1)
+    pruning_steps(model, optimizer, 1)
     assert mp.verify(model) == []
     assert all(p.dtype == torch.float64 for p in model.parameters())
-    assert _zeros(model) >= round(0.8 * (8 * 16 + 16 * 4))
+    assert zeros_in_linears(model) >= round(0.8 * (8 * 16 + 16 * 4))
 
 
 # ------------------------------------------------------------------------------- compile
@@ -348,7 +278,7 @@ def test_compiled_model_sees_masks_updated_between_calls(layout):
     model = nn.Sequential(nn.Linear(8, 8))
     mp.apply_mask(model, {"0.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
     compiled = torch.compile(model, backend="eager")
-    x = _x()
+    x = pruning_inputs()
     with torch.no_grad():
         assert torch.equal(compiled(x), model(x))
         mp.update_masks(model, {"0.weight": mp.masks.random(0.5, seed=2)})  # same size
@@ -368,7 +298,7 @@ def test_compiled_training_sees_masks_updated_between_steps(layout):
     mp.apply_mask(model, {"0.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
     compiled = torch.compile(model, backend="aot_eager")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x = _x()
+    x = pruning_inputs()
     for step in range(4):
         optimizer.zero_grad()
         compiled(x).square().mean().backward()
@@ -385,31 +315,31 @@ def test_compiled_training_sees_masks_updated_between_steps(layout):
 @pytest.mark.parametrize("layout", ["dense", "compact", "auto"])
 def test_loading_a_checkpoint_from_before_an_update_restores_old_masks(layout):
     """state_dict -> update_masks -> load the old state_dict: old masks, sizes and outputs."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    _train(model, optimizer, 2)
+    pruning_steps(model, optimizer, 2)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
-    before = _snapshot(model)
+    before = snapshot_with_summary(model)
     with torch.no_grad():
-        out = model(_x())
+        out = model(pruning_inputs())
     mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)})
-    _train(model, optimizer, 2)
+    pruning_steps(model, optimizer, 2)
     buffer.seek(0)
     model.load_state_dict(torch.load(buffer, weights_only=True))
-    assert _same_snapshot(before, _snapshot(model), summary=False)
+    assert same_snapshot_with_summary(before, snapshot_with_summary(model), summary=False)
     with torch.no_grad():
-        assert torch.equal(model(_x()), out)
+        assert torch.equal(model(pruning_inputs()), out)
     assert mp.verify(model) == []
-    _train(model, optimizer, 1)  # and the optimizer goes on
+    pruning_steps(model, optimizer, 1)  # and the optimizer goes on
     assert mp.verify(model) == []
 
 
 def test_summary_after_loading_a_checkpoint_from_before_an_update_describes_the_loaded_mask():
     """After update_masks then loading the older checkpoint, mp.summary describes the mask the
     model now has (not the generator of the update the load undid)."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1))})
     state = copy.deepcopy(model.state_dict())
     before = mp.summary(model).tensors
@@ -424,17 +354,17 @@ def test_summary_after_loading_a_checkpoint_from_before_an_update_describes_the_
 
 def _resume_reference(layout: str, same_density: bool):
     """(weights after: train 2, save, train 2 more) and the saved checkpoint."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    _train(model, optimizer, 2)
+    pruning_steps(model, optimizer, 2)
     saved = (
         copy.deepcopy(model.state_dict()),
         copy.deepcopy(optimizer.state_dict()),
         copy.deepcopy(mp.optimizer_state_dict(optimizer, model)),
     )
-    _train(model, optimizer, 2)
-    return _weights(model), saved, model, optimizer
+    pruning_steps(model, optimizer, 2)
+    return linear_weights(model), saved, model, optimizer
 
 
 @pytest.mark.parametrize("loader", ["torch", "maskparam"])
@@ -447,15 +377,15 @@ def test_resume_model_and_optimizer_from_before_an_update(layout, same_density, 
     model_state, torch_opt_state, named_opt_state = saved
     source = mp.masks.random(0.5, seed=9) if same_density else mp.masks.random(0.25, seed=9)
     mp.update_masks(model, {"*.weight": source})
-    _train(model, optimizer, 2)
+    pruning_steps(model, optimizer, 2)
     model.load_state_dict(model_state)
     if loader == "torch":
         optimizer.load_state_dict(torch_opt_state)
     else:
         mp.load_optimizer_state_dict(optimizer, model, named_opt_state)
-    _train(model, optimizer, 2)
+    pruning_steps(model, optimizer, 2)
     assert mp.verify(model) == []
-    for e, g in zip(expected, _weights(model), strict=True):
+    for e, g in zip(expected, linear_weights(model), strict=True):
         assert torch.equal(e, g)
 
 
@@ -463,17 +393,17 @@ def test_resume_model_and_optimizer_from_before_an_update(layout, same_density, 
 def test_named_optimizer_state_from_before_an_update_is_refused_or_fits(layout):
     """mp.load_optimizer_state_dict of state saved before an update that resized the tensor is
     refused with a MaskparamError (not a cryptic error at the next step)."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    _train(model, optimizer, 1)
+    pruning_steps(model, optimizer, 1)
     saved = mp.optimizer_state_dict(optimizer, model)
     mp.update_masks(model, {"*.weight": mp.masks.random(0.25, seed=9)})
     try:
         mp.load_optimizer_state_dict(optimizer, model, saved)
     except mp.MaskparamError:
         return
-    _train(model, optimizer, 1)  # if accepted, it must train (and stay exact)
+    pruning_steps(model, optimizer, 1)  # if accepted, it must train (and stay exact)
     assert mp.verify(model) == []
 
 
@@ -484,40 +414,25 @@ def test_gradient_accumulation_across_an_update_trains_as_dense():
     """backward, update_masks, backward, step: compact gives what dense gives, exactly."""
     results = []
     for layout in ("dense", "compact"):
-        model = _mlp()
+        model = mlp(8, 16, 4, seed=0)
         mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        _train(model, optimizer, 1)
+        pruning_steps(model, optimizer, 1)
         optimizer.zero_grad()
-        _loss(model).backward()
+        pruning_loss(model).backward()
         mp.update_masks(model, {"*.weight": mp.masks.random(0.5, seed=12)})
-        _loss(model).backward()
+        pruning_loss(model).backward()
         optimizer.step()
         assert mp.verify(model) == []
-        results.append(_weights(model))
+        results.append(linear_weights(model))
     for d, c in zip(*results, strict=True):
         assert torch.equal(d, c)
 
 
-# ------------------------------------------------------------------------------ tied weights
-
-
-class _TiedLM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(10, 6)
-        self.mid = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 10, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return self.head(torch.tanh(self.mid(self.emb(ids))))
-
-
 def test_global_magnitude_counts_a_tied_weight_once():
     """global_magnitude over tied embedding/head: one tensor, ranked once, tie kept."""
-    model = _TiedLM()
-    ref = _TiedLM()
+    model = TiedEmbeddingLM()
+    ref = TiedEmbeddingLM()
     ref.load_state_dict(model.state_dict())
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.global_magnitude(0.5))})
     assert model.head.weight is model.emb.weight or torch.equal(model.head.weight, model.emb.weight)
@@ -537,7 +452,7 @@ def test_global_magnitude_counts_a_tied_weight_once():
 
 def test_gradual_pruning_of_a_tied_model_reaches_the_target():
     """GradualPruning over a model with tied embedding/head prunes to exactly the target."""
-    model = _TiedLM()
+    model = TiedEmbeddingLM()
     pruning = mp.GradualPruning(
         model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.5, end=4, every=2
     )
@@ -588,139 +503,127 @@ def test_gradual_pruning_with_a_wildcard_on_a_model_with_an_lstm(selector):
     assert free == total - round(0.5 * total)
 
 
-# ------------------------------------------------------------------------- GradualPruning
-
-
-def _prune_run(model: nn.Module, pruning: mp.GradualPruning, steps: int, opt=None) -> None:
-    optimizer = opt or torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        _loss(model, next(model.parameters()).dtype).backward()
-        optimizer.step()
-        pruning.step()
-
-
 def test_gradual_pruning_reaches_exactly_the_target_and_stays_there_past_end():
     """Calling step() past `end` keeps exactly round(s * n) zero weights."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     pruning = mp.GradualPruning(
         model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=10, every=5
     )
-    _prune_run(model, pruning, 10)
-    assert _zeros(model) == round(0.9 * 192)
-    _prune_run(model, pruning, 7)
-    assert _zeros(model) == round(0.9 * 192)
+    prune_run(model, pruning, 10)
+    assert zeros_in_linears(model) == round(0.9 * 192)
+    prune_run(model, pruning, 7)
+    assert zeros_in_linears(model) == round(0.9 * 192)
     assert pruning.sparsity == 0.9
 
 
 def test_gradual_pruning_refuses_every_that_does_not_divide():
     """every=3 with end=10 is refused with a MaskparamError before the model changes."""
-    model = _mlp()
-    before = _snapshot(model)
+    model = mlp(8, 16, 4, seed=0)
+    before = snapshot_with_summary(model)
     with pytest.raises(mp.MaskparamError, match="every"):
         mp.GradualPruning(
             model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.5, end=10, every=3
         )
-    assert _same_snapshot(before, _snapshot(model))
+    assert same_snapshot_with_summary(before, snapshot_with_summary(model))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gradual_pruning_in_half_precision_reaches_exactly_the_target(dtype):
     """An fp16/bf16 model pruned gradually has exactly round(s * n) zero weights at the end."""
-    model = _mlp(dtype)
+    model = mlp(8, 16, 4, dtype=dtype, seed=0)
     pruning = mp.GradualPruning(
         model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.75, end=6, every=2
     )
-    _prune_run(model, pruning, 8, torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9))
-    assert _zeros(model) == round(0.75 * 192)
+    prune_run(model, pruning, 8, torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9))
+    assert zeros_in_linears(model) == round(0.75 * 192)
     assert mp.verify(model) == []
 
 
 def test_gradual_pruning_resumed_after_end_from_a_loaded_checkpoint_stays_pruned():
     """Load a pruned checkpoint into a fresh model, build GradualPruning, load its state: the
     model stays at the final sparsity (the checkpoint's masks are not thrown away)."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     pruning = mp.GradualPruning(
         model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=4, every=2
     )
-    _prune_run(model, pruning, 6)
+    prune_run(model, pruning, 6)
     state, progress = copy.deepcopy(model.state_dict()), pruning.state_dict()
     with torch.no_grad():
-        out = model(_x())
+        out = model(pruning_inputs())
     # Resume: the user builds the model, applies the same GradualPruning, loads both.
-    fresh = _mlp(seed=1)
+    fresh = mlp(8, 16, 4, seed=1)
     resumed = mp.GradualPruning(
         fresh, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=4, every=2
     )
     fresh.load_state_dict(state)
     resumed.load_state_dict(progress)
     with torch.no_grad():
-        assert torch.equal(fresh(_x()), out)
-    _prune_run(fresh, resumed, 2)
-    assert _zeros(fresh) == round(0.9 * 192)
+        assert torch.equal(fresh(pruning_inputs()), out)
+    prune_run(fresh, resumed, 2)
+    assert zeros_in_linears(fresh) == round(0.9 * 192)
 
 
 def test_gradual_pruning_constructed_on_a_model_already_loaded_keeps_its_masks():
     """Order swapped: apply+load the pruned checkpoint, then build GradualPruning and load its
     progress: the masks must not be reset to initial_sparsity (silently dense again)."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     pruning = mp.GradualPruning(
         model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=4, every=2
     )
-    _prune_run(model, pruning, 6)
-    assert _zeros(model) == round(0.9 * 192)
+    prune_run(model, pruning, 6)
+    assert zeros_in_linears(model) == round(0.9 * 192)
     progress = pruning.state_dict()
     # The resumed run builds its GradualPruning on the model that already holds the masks.
     resumed = mp.GradualPruning(
         model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=4, every=2
     )
     resumed.load_state_dict(progress)
-    _prune_run(model, resumed, 2)
-    assert _zeros(model) == round(0.9 * 192)
+    prune_run(model, resumed, 2)
+    assert zeros_in_linears(model) == round(0.9 * 192)
 
 
 def test_gradual_pruning_over_tensors_partly_constrained_prunes_all_or_refuses():
     """A rule over every weight where one layer is already Triangular: every selected weight is
     pruned to the target, or a clear MaskparamError with the model unchanged (never silently
     leaving a layer dense)."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"0.weight": mp.Triangular()})
-    before = _snapshot(model)
+    before = snapshot_with_summary(model)
     try:
         pruning = mp.GradualPruning(
             model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.5, end=2, every=1
         )
     except mp.MaskparamError:
-        assert _same_snapshot(before, _snapshot(model))
+        assert same_snapshot_with_summary(before, snapshot_with_summary(model))
         return
-    _prune_run(model, pruning, 3)
+    prune_run(model, pruning, 3)
     assert int((model[2].weight == 0).sum()) > 0
 
 
 def test_gradual_pruning_with_one_layer_already_masked_prunes_the_others_too():
     """One layer masked by the user, then GradualPruning over all weights: the unmasked layer is
     pruned too, or the call is refused; never silently left dense."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"0.weight": mp.Mask(mp.masks.magnitude(0.5))})
-    before = _snapshot(model)
+    before = snapshot_with_summary(model)
     try:
         pruning = mp.GradualPruning(
             model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.8, end=2, every=1
         )
     except mp.MaskparamError:
-        assert _same_snapshot(before, _snapshot(model))
+        assert same_snapshot_with_summary(before, snapshot_with_summary(model))
         return
-    _prune_run(model, pruning, 3)
-    assert _zeros(model) == round(0.8 * 192)
+    prune_run(model, pruning, 3)
+    assert zeros_in_linears(model) == round(0.8 * 192)
 
 
 def test_gradual_pruning_with_structured_rule():
     """lambda s: structured(s, dim=0): whole rows pruned, round(s * rows) of each layer at end."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     pruning = mp.GradualPruning(
         model, {"*.weight": lambda s: mp.masks.structured(s, dim=0)}, sparsity=0.5, end=4, every=2
     )
-    _prune_run(model, pruning, 5)
+    prune_run(model, pruning, 5)
     assert mp.verify(model) == []
     for layer, rows in ((model[0], 16), (model[2], 4)):
         dead = (layer.weight == 0).all(dim=1)
@@ -729,11 +632,11 @@ def test_gradual_pruning_with_structured_rule():
 
 def test_gradual_pruning_with_n_m_rule_is_2_4_throughout():
     """lambda s: n_m(2, 4): every group of 4 keeps at most 2 throughout training."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     pruning = mp.GradualPruning(
         model, {"*.weight": lambda s: mp.masks.n_m(2, 4)}, sparsity=0.5, end=4, every=2
     )
-    _prune_run(model, pruning, 5)
+    prune_run(model, pruning, 5)
     for layer in (model[0], model[2]):
         groups = (layer.weight != 0).reshape(-1, 4).sum(dim=1)
         assert int(groups.max()) <= 2
@@ -742,7 +645,7 @@ def test_gradual_pruning_with_n_m_rule_is_2_4_throughout():
 
 def test_gradual_pruning_with_begin_after_zero():
     """begin=4, end=10, every=3: masks change only at 4, 7, 10 and reach the target."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     pruning = mp.GradualPruning(
         model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.6, begin=4, end=10, every=3
     )
@@ -750,12 +653,12 @@ def test_gradual_pruning_with_begin_after_zero():
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     for _ in range(12):
         optimizer.zero_grad()
-        _loss(model).backward()
+        pruning_loss(model).backward()
         optimizer.step()
         seen.append(pruning.step())
     changes = [i + 1 for i in range(1, 12) if seen[i] != seen[i - 1]]
     assert set(changes) <= {7, 10}
-    assert _zeros(model) == round(0.6 * 192)
+    assert zeros_in_linears(model) == round(0.6 * 192)
 
 
 # ------------------------------------------------------------------------------------ rewind
@@ -763,12 +666,12 @@ def test_gradual_pruning_with_begin_after_zero():
 
 def test_rewind_to_a_copy_taken_before_apply():
     """Lottery ticket: rewind to a deep copy from before apply: survivors get early values."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     early = copy.deepcopy(model)
     pruning = mp.GradualPruning(
         model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.8, end=4, every=2
     )
-    _prune_run(model, pruning, 5)
+    prune_run(model, pruning, 5)
     mp.rewind(model, early)
     for i in (0, 2):
         kept = model[i].weight != 0
@@ -780,10 +683,10 @@ def test_rewind_to_a_copy_taken_before_apply():
 def test_rewind_to_a_copy_with_another_mask():
     """Rewind to a copy taken after update_masks of another density: each free entry gets the
     copy's effective value (0 where the copy had pruned it), masks unchanged."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1))})
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    _train(model, optimizer, 2)
+    pruning_steps(model, optimizer, 2)
     later = copy.deepcopy(model)
     mp.update_masks(later, {"*.weight": mp.masks.global_magnitude(0.9)})
     mask_before = [mp.kept_entries(model, f"{i}.weight").clone() for i in (0, 2)]
@@ -798,18 +701,18 @@ def test_rewind_to_a_copy_with_another_mask():
 def test_rewind_to_a_state_dict_with_extra_or_missing_keys_is_refused_unchanged():
     """rewind(strict=True) to a state_dict with an extra or a missing key: MaskparamError, model
     unchanged."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1))})
-    plain = {k: v.clone() * 2 for k, v in _mlp(seed=3).state_dict().items()}
-    before = _snapshot(model)
+    plain = {k: v.clone() * 2 for k, v in mlp(8, 16, 4, seed=3).state_dict().items()}
+    before = snapshot_with_summary(model)
     extra = dict(plain, **{"9.weight": torch.zeros(2, 2)})
     with pytest.raises(mp.MaskparamError, match="9.weight"):
         mp.rewind(model, extra)
-    assert _same_snapshot(before, _snapshot(model))
+    assert same_snapshot_with_summary(before, snapshot_with_summary(model))
     missing = {k: v for k, v in plain.items() if k != "2.bias"}
     with pytest.raises(mp.MaskparamError, match="2.bias"):
         mp.rewind(model, missing)
-    assert _same_snapshot(before, _snapshot(model))
+    assert same_snapshot_with_summary(before, snapshot_with_summary(model))
     mp.rewind(model, missing, strict=False)
     assert torch.equal(model[0].bias, plain["0.bias"])
 
@@ -817,17 +720,17 @@ def test_rewind_to_a_state_dict_with_extra_or_missing_keys_is_refused_unchanged(
 def test_rewind_to_the_models_own_constrained_state_dict():
     """rewind(model, model.state_dict() saved earlier): the constrained keys are understood or
     refused clearly, never silently skipped."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1))})
     early = copy.deepcopy(model.state_dict())
-    early_weights = _weights(model)
+    early_weights = linear_weights(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    _train(model, optimizer, 2)
+    pruning_steps(model, optimizer, 2)
     try:
         mp.rewind(model, early)
     except mp.MaskparamError:
         return
-    for e, g in zip(early_weights, _weights(model), strict=True):
+    for e, g in zip(early_weights, linear_weights(model), strict=True):
         assert torch.equal(e, g)
 
 
@@ -838,7 +741,7 @@ def test_rewind_with_batchnorm_buffers():
     early = copy.deepcopy(model)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.global_magnitude(0.5))})
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    _train(model, optimizer, 3)
+    pruning_steps(model, optimizer, 3)
     assert not torch.equal(model[1].running_mean, early[1].running_mean)
     mp.rewind(model, early)
     assert torch.equal(model[1].running_mean, early[1].running_mean)
@@ -938,27 +841,27 @@ def test_global_magnitude_with_a_one_entry_tensor_and_full_sparsity():
 
 def test_global_magnitude_with_freeze_freezes_the_largest():
     """Freeze(global_magnitude(0.9)): the 10% largest |w| across the rule are frozen bit for bit."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     ref = copy.deepcopy(model)
     mp.apply_mask(model, {"*.weight": mp.Freeze(mp.masks.global_magnitude(0.9))})
     keep = _torch_global([(ref[0], "weight"), (ref[2], "weight")], 0.9)
-    before = _weights(model)
+    before = linear_weights(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-1, weight_decay=0.1)
-    _train(model, optimizer, 3)
-    for b, a, k in zip(before, _weights(model), keep, strict=True):
-        assert _bitwise_equal(a[k], b[k])
+    pruning_steps(model, optimizer, 3)
+    for b, a, k in zip(before, linear_weights(model), keep, strict=True):
+        assert bitwise_equal(a[k], b[k])
         assert not torch.equal(a[~k], b[~k])
 
 
 def test_global_magnitude_inside_a_stack_ranks_the_effective_tensor():
     """[Triangular, Mask(global_magnitude)]: the ranking sees the triangle's zeros (pruned first),
     so the count of kept entries is exactly (1 - s) * n."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": [mp.Triangular(), mp.Mask(mp.masks.global_magnitude(0.8))]})
     n = 8 * 16 + 16 * 4
-    assert _zeros(model) == round(0.8 * n)
+    assert zeros_in_linears(model) == round(0.8 * n)
     mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.9)})
-    assert _zeros(model) == round(0.9 * n)
+    assert zeros_in_linears(model) == round(0.9 * n)
     assert mp.verify(model) == []
 
 
@@ -968,20 +871,20 @@ def test_global_magnitude_inside_a_stack_ranks_the_effective_tensor():
 def test_n_m_on_a_tensor_whose_last_dim_does_not_divide_is_refused_unchanged():
     """n_m(2, 4) on a Linear(6, 3): a MaskparamError naming the tensor, the model unchanged."""
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6), nn.Linear(6, 3))
-    before = _snapshot(model)
+    before = snapshot_with_summary(model)
     with pytest.raises(mp.MaskparamError, match=r"2\.weight"):
         mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.n_m(2, 4))})
-    assert _same_snapshot(before, _snapshot(model))
+    assert same_snapshot_with_summary(before, snapshot_with_summary(model))
 
 
 def test_n_m_update_on_a_tensor_whose_last_dim_does_not_divide_is_refused_unchanged():
     """update_masks with n_m where one layer does not divide: refused, masks unchanged."""
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6), nn.Linear(6, 3))
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=0))})
-    before = _snapshot(model)
+    before = snapshot_with_summary(model)
     with pytest.raises(mp.MaskparamError, match=r"2\.weight"):
         mp.update_masks(model, {"*.weight": mp.masks.n_m(2, 4)})
-    assert _same_snapshot(before, _snapshot(model))
+    assert same_snapshot_with_summary(before, snapshot_with_summary(model))
 
 
 def test_wanda_on_a_conv_is_refused_unchanged():
@@ -990,21 +893,21 @@ def test_wanda_on_a_conv_is_refused_unchanged():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
     x = torch.randn(2, 1, 6, 6)
     source = mp.masks.wanda(model, [x], 0.5)
-    before = _snapshot(model)
+    before = snapshot_with_summary(model)
     with pytest.raises(mp.MaskparamError, match="Linear"):
         mp.apply_mask(model, {"*.weight": mp.Mask(source)})
-    assert _same_snapshot(before, _snapshot(model))
+    assert same_snapshot_with_summary(before, snapshot_with_summary(model))
 
 
 def test_fisher_on_a_model_with_frozen_params_is_clear():
     """fisher on a model whose first layer is frozen (requires_grad=False), rule over every
     weight: a MaskparamError naming the frozen tensor, or a mask for the trainable ones only."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     model[0].weight.requires_grad_(False)
-    x, y = _x(), torch.randn(16, 4)
-    before = _snapshot(model)
+    x, y = pruning_inputs(), torch.randn(16, 4)
+    before = snapshot_with_summary(model)
     fish = mp.masks.fisher(model, [(x, y)], lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), 0.5)
-    assert _same_snapshot(before, _snapshot(model))
+    assert same_snapshot_with_summary(before, snapshot_with_summary(model))
     mp.apply_mask(model, {"*.weight": mp.Freeze(~fish)})
     # "*.weight" passes over frozen parameters: only 2.weight is ranked, half of it frozen.
     assert not hasattr(model[0], "parametrizations")
@@ -1014,7 +917,7 @@ def test_fisher_on_a_model_with_frozen_params_is_clear():
 
 def test_complement_of_a_non_joint_generator_freezes_what_it_does_not_select():
     """Freeze(~magnitude(0.75)) freezes the 75% smallest, training the 25% largest."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     w = model[0].weight.detach().clone()
     mp.apply_mask(model, {"0.weight": mp.Freeze(~mp.masks.magnitude(0.75))})
     frozen, _ = mp.frozen_entries(model, "0.weight")
@@ -1026,26 +929,26 @@ def test_complement_of_a_non_joint_generator_freezes_what_it_does_not_select():
 
 def test_update_masks_refuses_bad_rule_values_clearly():
     """update_masks with a float (a user passing the sparsity): a MaskparamError, unchanged."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=0))})
-    before = _snapshot(model)
+    before = snapshot_with_summary(model)
     with pytest.raises(mp.MaskparamError):
         mp.update_masks(model, {"*.weight": 0.9})
     with pytest.raises(mp.MaskparamError):
         mp.update_masks(model, {"*.weight": mp.masks.global_magnitude})  # forgot to call it
-    assert _same_snapshot(before, _snapshot(model))
+    assert same_snapshot_with_summary(before, snapshot_with_summary(model))
 
 
 def test_update_masks_with_a_mask_of_the_wrong_shape_is_refused_unchanged():
     """A tensor mask of another shape for one of two selected tensors: refused, nothing written."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=0))})
-    before = _snapshot(model)
+    before = snapshot_with_summary(model)
     with pytest.raises(mp.MaskparamError):
         mp.update_masks(
             model, {"0.weight": torch.ones(16, 8, dtype=torch.bool), "2.weight": torch.ones(3, 3)}
         )
-    assert _same_snapshot(before, _snapshot(model))
+    assert same_snapshot_with_summary(before, snapshot_with_summary(model))
 
 
 # ----------------------------------------------------------------------------- more edges
@@ -1054,17 +957,17 @@ def test_update_masks_with_a_mask_of_the_wrong_shape_is_refused_unchanged():
 @pytest.mark.parametrize("layout", ["dense", "compact"])
 def test_prune_everything_then_regrow(layout):
     """update_masks to sparsity 1.0 (no free entry) then back to 0.5: trains, exact, no error."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    _train(model, optimizer, 1)
+    pruning_steps(model, optimizer, 1)
     mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(1.0)})
-    _train(model, optimizer, 1)
-    assert _zeros(model) == 192
+    pruning_steps(model, optimizer, 1)
+    assert zeros_in_linears(model) == 192
     mp.update_masks(model, {"*.weight": mp.masks.random(0.5, seed=3)})
-    _train(model, optimizer, 2)
+    pruning_steps(model, optimizer, 2)
     assert mp.verify(model) == []
-    assert 0 < _zeros(model) < 192
+    assert 0 < zeros_in_linears(model) < 192
 
 
 @pytest.mark.parametrize("layout", ["dense", "compact"])
@@ -1076,34 +979,34 @@ def test_checkpoint_after_updating_a_row_mask_to_an_entry_mask_loads_into_the_in
     run whose masks changed loads into a model built with the initial rules')."""
 
     def build() -> nn.Sequential:
-        model = _mlp()
+        model = mlp(8, 16, 4, seed=0)
         rules = {"0.weight": mp.Mask(mp.masks.rows(list(range(6))), layout=layout)}
         return mp.apply_mask(model, rules)
 
     model = build()
     mp.update_masks(model, {"0.weight": mp.masks.magnitude(0.8)})
     with torch.no_grad():
-        out = model(_x())
+        out = model(pruning_inputs())
     state = copy.deepcopy(model.state_dict())
     fresh = build()
     fresh.load_state_dict(state)
     with torch.no_grad():
-        assert torch.equal(fresh(_x()), out)
+        assert torch.equal(fresh(pruning_inputs()), out)
     assert mp.verify(fresh) == []
 
 
 @pytest.mark.parametrize("layout", ["dense", "compact"])
 def test_mp_load_state_dict_of_a_checkpoint_from_before_an_update(layout):
     """mp.load_state_dict (all or nothing) of the pre-update checkpoint restores it exactly."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
     state = copy.deepcopy(model.state_dict())
     with torch.no_grad():
-        out = model(_x())
+        out = model(pruning_inputs())
     mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)})
     mp.load_state_dict(model, state)
     with torch.no_grad():
-        assert torch.equal(model(_x()), out)
+        assert torch.equal(model(pruning_inputs()), out)
     assert mp.verify(model) == []
 
 
@@ -1112,23 +1015,23 @@ def test_update_masks_inside_parametrize_cached_is_seen_or_refused():
     update_masks refuses clearly; never silently the cached old weight."""
     from torch.nn.utils import parametrize
 
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout="dense")})
     with torch.no_grad(), parametrize.cached():
-        model(_x())
+        model(pruning_inputs())
         try:
             mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.9)})
         except mp.MaskparamError:
             return
-        inside = model(_x())
+        inside = model(pruning_inputs())
     with torch.no_grad():
-        assert torch.equal(inside, model(_x()))
+        assert torch.equal(inside, model(pruning_inputs()))
 
 
 def test_gradual_pruning_error_over_a_triangular_tensor_names_the_tensor():
     """GradualPruning over weights one of which is Triangular: the error names '0.weight' and
     says why (it is constrained already), not 'apply_mask the tensors first'."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"0.weight": mp.Triangular()})
     with pytest.raises(mp.MaskparamError) as refusal:
         mp.GradualPruning(model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.5, end=2)
@@ -1141,7 +1044,7 @@ def test_gradual_pruning_resumed_mid_schedule_with_its_optimizer(layout):
     checkpoints, finish: bit-identical to the uninterrupted run."""
 
     def build(seed: int):
-        model = _mlp(seed=seed)
+        model = mlp(8, 16, 4, seed=seed)
         pruning = mp.GradualPruning(
             model,
             {"*.weight": mp.masks.global_magnitude},
@@ -1153,17 +1056,17 @@ def test_gradual_pruning_resumed_mid_schedule_with_its_optimizer(layout):
         return model, pruning, torch.optim.Adam(model.parameters(), lr=1e-2)
 
     model, pruning, optimizer = build(0)
-    _prune_run(model, pruning, 5, optimizer)
+    prune_run(model, pruning, 5, optimizer)
     saved = copy.deepcopy((model.state_dict(), pruning.state_dict(), optimizer.state_dict()))
-    _prune_run(model, pruning, 6, optimizer)
+    prune_run(model, pruning, 6, optimizer)
     fresh, fresh_pruning, fresh_opt = build(1)
     fresh.load_state_dict(saved[0])
     fresh_pruning.load_state_dict(saved[1])
     fresh_opt.load_state_dict(saved[2])
-    _prune_run(fresh, fresh_pruning, 6, fresh_opt)
-    for a, b in zip(_weights(model), _weights(fresh), strict=True):
+    prune_run(fresh, fresh_pruning, 6, fresh_opt)
+    for a, b in zip(linear_weights(model), linear_weights(fresh), strict=True):
         assert torch.equal(a, b)
-    assert _zeros(fresh) == round(0.9 * 192)
+    assert zeros_in_linears(fresh) == round(0.9 * 192)
 
 
 @pytest.mark.xfail(
@@ -1175,23 +1078,23 @@ def test_ema_through_prune_and_regrow_averages_the_effective_weights(layout):
     """README: for fixed masks, averaging originals averages effective tensors. Through an
     update that prunes then regrows an entry, the EMA should still be the EMA of the weights the
     model computed with (an entry that was 0 while pruned contributes 0)."""
-    model = _mlp()
+    model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
     decay = 0.5
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
-    manual = [w.clone() for w in _weights(model)]
+    manual = [w.clone() for w in linear_weights(model)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(6):
-        _train(model, optimizer, 1)
+        pruning_steps(model, optimizer, 1)
         if step == 1:
             mp.update_masks(model, {"*.weight": mp.masks.random(0.5, seed=7)})  # prune + regrow
         if step == 3:
             mp.update_masks(model, {"*.weight": mp.masks.random(0.5, seed=1)})  # regrow back
         ema.update_parameters(model)
-        manual = [m.lerp(w, 1 - decay) for m, w in zip(manual, _weights(model), strict=True)]
+        manual = [m.lerp(w, 1 - decay) for m, w in zip(manual, linear_weights(model), strict=True)]
     kept = [
         mp.kept_entries(model, f"{i}.weight").expand(w.shape).bool()
         for i, w in zip((0, 2), manual, strict=True)
     ]
-    for got, want, k in zip(_weights(ema.module), manual, kept, strict=True):
+    for got, want, k in zip(linear_weights(ema.module), manual, kept, strict=True):
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)

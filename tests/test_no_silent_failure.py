@@ -99,66 +99,24 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import re
 from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from helpers import (
+    assert_state_unchanged,
+    outcome_is_exact_or_refused,
+    refusal_of,
+    square_sum_steps,
+    state_of,
+    subspace_linear,
+    zeros_like_selected,
+)
 from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import maskparam as mp
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def state_of(model: nn.Module) -> dict[str, Tensor]:
-    """Every tensor a failed call could have changed: the state_dict plus all buffers
-    (non-persistent ones included, e.g. a compact layout's index)."""
-    state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-    for name, buffer in model.named_buffers():
-        state.setdefault(f"buffer:{name}", buffer.detach().clone())
-    return state
-
-
-def assert_state_unchanged(model: nn.Module, before: dict[str, Tensor]) -> None:
-    after = state_of(model)
-    assert after.keys() == before.keys()
-    for key, value in before.items():
-        assert after[key].dtype == value.dtype, key
-        assert after[key].shape == value.shape, key
-        assert torch.equal(after[key], value), key
-
-
-def refusal_of(fn: Callable[[], object]) -> mp.MaskparamError | None:
-    """The MaskparamError ``fn()`` raises, or None when it returns (other errors propagate)."""
-    try:
-        fn()
-    except mp.MaskparamError as refusal:
-        return refusal
-    return None
-
-
-def outcome_is_exact_or_refused(
-    fn: Callable[[], object],
-    check: Callable[[], None],
-    model: nn.Module,
-    match: str | None = None,
-) -> str:
-    """Pass if ``fn()`` raises MaskparamError (the model then unchanged bit for bit, the message
-    matching ``match``), or if ``fn()`` succeeds and ``check()`` holds. Returns which."""
-    before = state_of(model)
-    refusal = refusal_of(fn)
-    if refusal is not None:
-        if match is not None:
-            assert re.search(match, str(refusal)), str(refusal)
-        assert_state_unchanged(model, before)
-        return "refused"
-    check()
-    return "exact"
 
 
 def refused_naming(make_spec: Callable[[], mp.Spec], model: nn.Module, names: str) -> None:
@@ -172,17 +130,6 @@ def refused_naming(make_spec: Callable[[], mp.Spec], model: nn.Module, names: st
     with pytest.raises(mp.MaskparamError, match=names):
         mp.apply_mask(model, {"weight": spec})
     assert_state_unchanged(model, before)
-
-
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, steps: int = 3) -> None:
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(x).float().square().sum().backward()
-        optimizer.step()
-
-
-def zeros_like_selected(tensor: Tensor, selected: Tensor) -> Tensor:
-    return torch.zeros(int(selected.sum()), dtype=tensor.dtype)
 
 
 # A 4x4 keep-mask: columns 1 and 3 are masked (Mask) or frozen (Freeze takes True = frozen).
@@ -240,7 +187,7 @@ def test_item01_half_adaptive_optimizers_masked_entries_stay_zero(kind, optimize
     layer.to(dtype)
     before = layer.weight.detach().clone()
     params = [p for n, p in layer.named_parameters() if not n.endswith("scores")]
-    train(layer, ADAPTIVE[optimizer](params), torch.randn(8, 4, dtype=dtype))
+    square_sum_steps(layer, ADAPTIVE[optimizer](params), torch.randn(8, 4, dtype=dtype))
     after = layer.weight.detach()
     assert not after.isnan().any(), "NaN in the effective weight"
     assert torch.equal(after[constrained], before[constrained])  # masked 0, frozen bit-identical
@@ -323,7 +270,7 @@ def test_item03_plain_checkpoint_into_stack_keeps_every_constraint(order, how):
     assert torch.equal(layer.weight, reference.weight)
     _stack_constraints_hold(layer, order)
     frozen_col = layer.weight.detach()[:, 3].clone()
-    train(layer, torch.optim.SGD(layer.parameters(), lr=0.1), torch.randn(4, 6))
+    square_sum_steps(layer, torch.optim.SGD(layer.parameters(), lr=0.1), torch.randn(4, 6))
     _stack_constraints_hold(layer, order)
     if "freeze_col3" in order and order.index("freeze_col3") == len(order) - 1:
         assert torch.equal(layer.weight.detach()[:, 3], frozen_col)
@@ -373,7 +320,7 @@ def test_item04_ema_with_buffers_keeps_constraints(kind):
     x = torch.randn(8, 6)
     expected = None  # the EMA of the model's effective weight, as AveragedModel computes it
     for _ in range(3):
-        train(model, optimizer, x, steps=1)
+        square_sum_steps(model, optimizer, x, steps=1)
         averaged.update_parameters(model)
         weight = model.weight.detach()
         expected = weight.clone() if expected is None else expected.lerp(weight, 1 - EMA_DECAY)
@@ -394,7 +341,7 @@ def test_item04_timm_style_ema_over_state_dict_keeps_constraints(kind, which):
     x = torch.randn(8, 6)
     expected = model.weight.detach().clone()
     for _ in range(3):
-        train(model, optimizer, x, steps=1)
+        square_sum_steps(model, optimizer, x, steps=1)
         with torch.no_grad():
             model_state = model.state_dict()
             for key, value in ema.state_dict().items():
@@ -413,7 +360,7 @@ def test_helper02_ema_with_buffers_keeps_subspace_checkpoint_loadable():
     averaged = AveragedModel(model, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(2):
-        train(model, optimizer, torch.randn(4, 4), steps=1)
+        square_sum_steps(model, optimizer, torch.randn(4, 4), steps=1)
         averaged.update_parameters(model)
     fresh = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Subspace(2, seed=3)})
     fresh.load_state_dict(averaged.module.state_dict())
@@ -526,13 +473,6 @@ def test_item06_mp_load_strict_missing_key_is_atomic():
 PROJECTIONS = ["gaussian", "sparse", "fastfood"]
 
 
-def _subspace_linear(projection: str) -> nn.Linear:
-    layer = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Subspace(3, projection=projection)})
-    with torch.no_grad():
-        layer.parametrizations.weight[0].coordinates.theta.normal_()
-    return layer
-
-
 @pytest.mark.parametrize("loader", ["mp", "torch"])
 @pytest.mark.parametrize(
     ("saved", "loaded"),
@@ -540,8 +480,8 @@ def _subspace_linear(projection: str) -> nn.Linear:
     ids=lambda p: p,
 )
 def test_item07_subspace_checkpoint_of_other_projection_is_refused(saved, loaded, loader):
-    source = _subspace_linear(saved)
-    model = _subspace_linear(loaded)
+    source = subspace_linear(saved)
+    model = subspace_linear(loaded)
     checkpoint = source.state_dict()
     x = torch.randn(5, 4)
 
@@ -692,7 +632,7 @@ def _subspace_in(projection: str, dtype: torch.dtype) -> nn.Linear:
 def test_item10_gaussian_subspace_after_double_reloads_its_checkpoint_exactly():
     trained = _subspace_in("gaussian", torch.float64)
     x = torch.randn(5, 4, dtype=torch.float64)
-    train(trained, torch.optim.SGD(trained.parameters(), lr=0.1), x, steps=1)
+    square_sum_steps(trained, torch.optim.SGD(trained.parameters(), lr=0.1), x, steps=1)
     fresh = _subspace_in("gaussian", torch.float64)
     fresh.load_state_dict(trained.state_dict())
     assert torch.equal(fresh(x), trained(x))
@@ -703,7 +643,7 @@ def test_item10_gaussian_subspace_after_double_reloads_its_checkpoint_exactly():
 def test_item10_subspace_after_dtype_change_reloads_or_refuses(projection, dtype):
     trained = _subspace_in(projection, dtype)
     x = torch.randn(5, 4, dtype=dtype)
-    train(trained, torch.optim.SGD(trained.parameters(), lr=0.1), x, steps=1)
+    square_sum_steps(trained, torch.optim.SGD(trained.parameters(), lr=0.1), x, steps=1)
     checkpoint = trained.state_dict()
     model = _subspace_in(projection, dtype)
     output = model(x).detach()
@@ -734,7 +674,7 @@ class TwoMatrices(nn.Module):
         return x @ self.a @ self.b
 
 
-def _module_for_item11(kind: str) -> tuple[nn.Module, str]:
+def _model_and_tensor_name(kind: str) -> tuple[nn.Module, str]:
     """The model and the name of the tensor to constrain (it is registered first)."""
     return (nn.Linear(4, 3), "weight") if kind == "linear" else (TwoMatrices(), "a")
 
@@ -755,7 +695,7 @@ def _load_then_step_matches_or_refuses(
             id(p) in expected and torch.equal(optimizer.state[p]["exp_avg"], expected[id(p)])
             for p in model.parameters()
         )
-        train(model, optimizer, torch.randn(2, 4), steps=1)
+        square_sum_steps(model, optimizer, torch.randn(2, 4), steps=1)
     except mp.MaskparamError:
         return  # a clear refusal
     assert matches, "a parameter received another parameter's optimizer state"
@@ -763,10 +703,10 @@ def _load_then_step_matches_or_refuses(
 
 @pytest.mark.parametrize("kind", ["linear", "two_matrices"])
 def test_item11_optimizer_state_saved_constrained_loaded_after_bake(kind):
-    model, name = _module_for_item11(kind)
+    model, name = _model_and_tensor_name(kind)
     mp.apply_mask(model, {name: mp.Triangular(layout="dense")})
     optimizer = torch.optim.Adam(model.parameters())
-    train(model, optimizer, torch.randn(2, 4), steps=1)
+    square_sum_steps(model, optimizer, torch.randn(2, 4), steps=1)
     saved, expected = mp.optimizer_state_dict(optimizer, model), _adam_state_by_parameter(optimizer)
     mp.remove_parametrizations(model)  # the baked tensor is the same Parameter object
     _load_then_step_matches_or_refuses(model, saved, expected)
@@ -774,9 +714,9 @@ def test_item11_optimizer_state_saved_constrained_loaded_after_bake(kind):
 
 @pytest.mark.parametrize("kind", ["linear", "two_matrices"])
 def test_item11_optimizer_state_saved_plain_loaded_after_apply(kind):
-    model, name = _module_for_item11(kind)
+    model, name = _model_and_tensor_name(kind)
     optimizer = torch.optim.Adam(model.parameters())
-    train(model, optimizer, torch.randn(2, 4), steps=1)
+    square_sum_steps(model, optimizer, torch.randn(2, 4), steps=1)
     saved, expected = mp.optimizer_state_dict(optimizer, model), _adam_state_by_parameter(optimizer)
     # dense: state of the same shape, mapped by name (the compact layout's relayout of the
     # state is tested in tests/workflows/test_optimizers.py)
@@ -811,7 +751,7 @@ def test_item12_frozen_negative_zero_keeps_its_sign(kind, optimizer):
         layer.weight[1] = -0.0
     mp.apply_mask(layer, {"weight": SIGN_SPECS[kind]()})
     assert torch.signbit(layer.weight[1]).all()
-    train(layer, SIGN_OPTIMIZERS[optimizer](layer.parameters()), torch.randn(2, 4))
+    square_sum_steps(layer, SIGN_OPTIMIZERS[optimizer](layer.parameters()), torch.randn(2, 4))
     assert torch.signbit(layer.weight.detach()[1]).all(), layer.weight.detach()[1]
 
 
@@ -865,11 +805,11 @@ def test_item13_swa_over_learnable_mask_averages_effective_weights_or_refuses():
 def test_crash01_new_optimizer_after_baking_subspace_steps():
     model = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Subspace(2)})
     old = torch.optim.Adam(model.parameters())
-    train(model, old, torch.randn(2, 4), steps=1)
+    square_sum_steps(model, old, torch.randn(2, 4), steps=1)
     mp.remove_parametrizations(model)
     new = torch.optim.Adam(model.parameters())  # `old` is still alive
     before = model.weight.detach().clone()
-    train(model, new, torch.randn(2, 4), steps=1)
+    square_sum_steps(model, new, torch.randn(2, 4), steps=1)
     assert not torch.equal(model.weight, before)
 
 
@@ -881,7 +821,7 @@ def test_crash02_theta_and_the_rest_in_separate_optimizers_step():
     rest_optimizer = torch.optim.SGD(rest, lr=0.1)
     bias = model.bias.detach().clone()
     for optimizer in (theta_optimizer, rest_optimizer):
-        train(model, optimizer, torch.randn(2, 4), steps=1)
+        square_sum_steps(model, optimizer, torch.randn(2, 4), steps=1)
     assert theta.detach().abs().sum() > 0
     assert not torch.equal(model.bias, bias)
 
@@ -910,7 +850,7 @@ def test_crash03_optimizer_after_rolled_back_apply_steps():
     assert failed.value is not None  # the exception (and its traceback) is still alive
     assert not parametrize.is_parametrized(model[0])  # rolled back
     optimizer = torch.optim.Adam(model.parameters())
-    train(model, optimizer, torch.randn(2, 4), steps=1)
+    square_sum_steps(model, optimizer, torch.randn(2, 4), steps=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -923,7 +863,7 @@ def _compact_trained() -> tuple[nn.Linear, torch.optim.Optimizer]:
         nn.Linear(4, 3), {"weight": mp.Mask(mp.masks.random(0.5), layout="compact")}
     )
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
-    train(layer, optimizer, torch.randn(2, 4), steps=1)  # leaves a compact-shaped .grad
+    square_sum_steps(layer, optimizer, torch.randn(2, 4), steps=1)  # leaves a compact-shaped .grad
     return layer, optimizer
 
 
@@ -1017,7 +957,7 @@ def test_crash06_sparse_gradient_embedding_is_refused_at_apply(kind):
 
 @pytest.mark.parametrize("projection", ["gaussian", "fastfood"])
 def test_crash07_meta_subspace_load_with_assign_works_or_refuses(projection):
-    source = _subspace_linear(projection)
+    source = subspace_linear(projection)
     model = nn.Linear(4, 3, device="meta")
     mp.apply_mask(model, {"weight": mp.Subspace(3, projection=projection)})
     x = torch.randn(2, 4)
@@ -1039,7 +979,7 @@ def _loads_to_the_same_outputs(model: nn.Module, source: nn.Module) -> None:
 
 
 def test_crash07_meta_sparse_subspace_applies_or_refuses():
-    source = _subspace_linear("sparse")
+    source = subspace_linear("sparse")
     model = nn.Linear(4, 3, device="meta")
     refusal = refusal_of(
         lambda: mp.apply_mask(model, {"weight": mp.Subspace(3, projection="sparse")})
@@ -1054,7 +994,7 @@ def test_helper03_fastfood_applied_under_meta_device_context_works_or_refuses():
     """Found by helper: the README's order ("apply under torch.device('meta')") crashes for
     Fastfood with "Tensor.item() cannot be called on meta tensors" (its seeded buffers are
     drawn under the meta default device)."""
-    source = _subspace_linear("fastfood")
+    source = subspace_linear("fastfood")
     with torch.device("meta"):
         model = nn.Linear(4, 3)
         refusal = refusal_of(

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import mlp
 from torch import Tensor, nn
 
 import maskparam as mp
@@ -31,10 +32,6 @@ def _data(
 def _ce(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     x, y = batch
     return nn.functional.cross_entropy(model(x), y)
-
-
-def _mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
 def _members(model: nn.Module) -> list[tuple[str, Tensor]]:
@@ -82,7 +79,7 @@ def reference_fish(
 
 @pytest.mark.parametrize("density", [0.05, 0.3, 0.7])
 def test_fisher_equals_the_reference(density):
-    model = _mlp()
+    model = mlp(6, 8, 8, 3, activation=nn.ReLU)
     with torch.no_grad():
         model[2].weight[:4] = -10.0  # dead units: whole rows and columns of exact-zero scores
     batches = _data(1, [(1, 6)] * 7)  # batch size 1, as FISH's data loader
@@ -101,7 +98,7 @@ def test_fisher_equals_the_reference(density):
 
 
 def test_fisher_scores_are_mean_squared_gradients_and_rank_across_tensors():
-    model = _mlp()
+    model = mlp(6, 8, 8, 3, activation=nn.ReLU)
     batches = _data(2, [(4, 6), (3, 6)])
     fish = mp.masks.fisher(model, batches, _ce, 0.25)
     expected = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
@@ -192,7 +189,7 @@ def test_fisher_restores_the_model_when_the_loss_fails(snapshot):
 
 
 def test_freeze_of_the_complement_trains_exactly_the_selected_entries(train):
-    model = _mlp()
+    model = mlp(6, 8, 8, 3, activation=nn.ReLU)
     fish = mp.masks.fisher(model, _data(6, [(1, 6)] * 5), _ce, 0.1)
     selected = dict(
         zip([n for n, _ in _members(model)], fish.build_joint(_members(model)), strict=True)
@@ -408,7 +405,7 @@ def _empty() -> Any:
     ],
 )
 def test_fisher_refusals_leave_the_model_unchanged(snapshot, batches, loss, density, message):
-    model = _mlp()
+    model = mlp(6, 8, 8, 3, activation=nn.ReLU)
     if isinstance(batches, str):
         batches = _data(10, [(2, 6)] * 2)
     before = snapshot(model)
@@ -421,7 +418,7 @@ def test_fisher_refusals_leave_the_model_unchanged(snapshot, batches, loss, dens
 
 
 def test_fisher_refuses_tensors_its_scores_do_not_cover(snapshot):
-    model = _mlp()
+    model = mlp(6, 8, 8, 3, activation=nn.ReLU)
     model[4].weight.requires_grad_(False)
     mp.apply_mask(model, {"0.weight": mp.Mask(mp.masks.magnitude(0.5))})
     fish = mp.masks.fisher(model, _data(11, [(2, 6)]), _ce, 0.5)

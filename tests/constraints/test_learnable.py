@@ -7,14 +7,11 @@ import re
 
 import pytest
 import torch
+from helpers import mlp
 from torch import nn
 
 import maskparam as mp
 from maskparam.constraints.mask import MaskMultiply
-
-
-def _mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
 
 
 def _train(model: nn.Module, steps: int, penalty: float) -> None:
@@ -31,7 +28,7 @@ def _train(model: nn.Module, steps: int, penalty: float) -> None:
 
 
 def test_hard_mode_leaves_outputs_unchanged_and_scores_train():
-    model = _mlp()
+    model = mlp(8, 16, 4)
     x = torch.randn(5, 8)
     before = model(x)
     mp.apply_mask(model, {"*.weight": mp.LearnableMask()})
@@ -44,7 +41,7 @@ def test_hard_mode_leaves_outputs_unchanged_and_scores_train():
 
 
 def test_hard_masks_are_exactly_binary_and_masked_entries_exactly_zero():
-    model = _mlp()
+    model = mlp(8, 16, 4)
     mp.apply_mask(model, {"*.weight": mp.LearnableMask()})
     _train(model, steps=60, penalty=1.0)
     masks = mp.learned_masks(model)
@@ -65,7 +62,7 @@ def test_soft_mode_scales_by_the_documented_start_value():
 
 
 def test_mask_penalty_is_the_l1_of_mask_values_and_differentiable():
-    model = _mlp()
+    model = mlp(8, 16, 4)
     mp.apply_mask(model, {"0.weight": mp.LearnableMask("soft"), "2.weight": mp.LearnableMask()})
     values = mp.learned_masks(model)
     total = sum(float(v.sum()) for v in values.values())
@@ -78,7 +75,7 @@ def test_mask_penalty_is_the_l1_of_mask_values_and_differentiable():
 
 
 def test_harden_then_export_keeps_outputs_exactly():
-    model = _mlp()
+    model = mlp(8, 16, 4)
     mp.apply_mask(model, {"*.weight": mp.LearnableMask()})
     _train(model, steps=40, penalty=1.0)
     x = torch.randn(7, 8)
@@ -97,7 +94,7 @@ def test_harden_then_export_keeps_outputs_exactly():
 
 
 def test_harden_to_a_global_target_sparsity():
-    model = _mlp()
+    model = mlp(8, 16, 4)
     mp.apply_mask(model, {"*.weight": mp.LearnableMask("soft")})
     _train(model, steps=10, penalty=0.5)
     densities = mp.harden(model, sparsity=0.8)
@@ -111,7 +108,7 @@ def test_harden_to_a_global_target_sparsity():
 
 
 def test_harden_per_tensor_sparsity():
-    model = _mlp()
+    model = mlp(8, 16, 4)
     mp.apply_mask(model, {"*.weight": mp.LearnableMask("soft")})
     _train(model, steps=5, penalty=0.5)
     densities = mp.harden(model, sparsity=0.75, per_tensor=True)

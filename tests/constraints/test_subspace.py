@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from helpers import mlp
 from torch import nn
 
 import maskparam as mp
@@ -19,10 +20,6 @@ from maskparam.constraints.projections import (
 )
 
 PROJECTIONS = ["gaussian", "sparse", "fastfood"]
-
-
-def _model() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 3))
 
 
 def _explicit_basis(model: nn.Module, coordinates: nn.Module, dim: int) -> torch.Tensor:
@@ -54,7 +51,7 @@ def _explicit_basis(model: nn.Module, coordinates: nn.Module, dim: int) -> torch
 
 @pytest.mark.parametrize("projection", PROJECTIONS)
 def test_apply_is_bit_identical_and_only_theta_trains(projection, train):
-    model = _model()
+    model = mlp(12, 20, 3)
     x = torch.randn(8, 12)
     before = model(x)
     originals = [p.detach().clone() for p in model.parameters()]
@@ -78,7 +75,7 @@ def test_apply_is_bit_identical_and_only_theta_trains(projection, train):
 
 
 def test_group_theta_appears_once_in_parameters_and_state_dict():
-    model = _model()
+    model = mlp(12, 20, 3)
     mp.apply_mask(model, {"*": mp.Subspace(10, projection="fastfood", group="all")})
     thetas = [n for n, _ in model.named_parameters() if n.endswith("theta")]
     assert thetas == ["0.parametrizations.weight.0.coordinates.theta"]
@@ -90,7 +87,7 @@ def test_group_theta_appears_once_in_parameters_and_state_dict():
 
 
 def test_without_a_group_each_tensor_has_its_own_theta():
-    model = _model()
+    model = mlp(12, 20, 3)
     mp.apply_mask(model, {"*.weight": mp.Subspace(4, projection="sparse")})
     thetas = [n for n, _ in model.named_parameters() if n.endswith("theta")]
     assert thetas == [
@@ -101,7 +98,7 @@ def test_without_a_group_each_tensor_has_its_own_theta():
 
 @pytest.mark.parametrize("projection", PROJECTIONS)
 def test_random_bases_have_unit_norm_columns_over_the_group(projection):
-    model = _model()
+    model = mlp(12, 20, 3)
     mp.apply_mask(model, {"*": mp.Subspace(9, projection=projection, group="g", seed=4)})
     basis = _explicit_basis(model, model[0].parametrizations.weight[0].coordinates, 9)
     assert basis.shape == (12 * 20 + 20 + 20 * 3 + 3, 9)
@@ -109,7 +106,7 @@ def test_random_bases_have_unit_norm_columns_over_the_group(projection):
 
 
 def test_sparse_basis_has_density_one_over_root_d():
-    model = _model()
+    model = mlp(12, 20, 3)
     mp.apply_mask(model, {"*": mp.Subspace(9, projection="sparse", group="g", seed=4)})
     basis = _explicit_basis(model, model[0].parametrizations.weight[0].coordinates, 9)
     density = float((basis != 0).float().mean())
@@ -238,7 +235,7 @@ def test_dense_and_fastfood_give_the_same_loss_curve_shape(train):
 @pytest.mark.parametrize("projection", PROJECTIONS)
 def test_state_dict_restores_the_subspace_in_a_fresh_model(projection):
     torch.manual_seed(1)
-    model = _model()
+    model = mlp(12, 20, 3)
     rules = {"*": mp.Subspace(7, projection=projection, group="all", seed=5)}
     mp.apply_mask(model, rules)
     with torch.no_grad():
@@ -247,7 +244,7 @@ def test_state_dict_restores_the_subspace_in_a_fresh_model(projection):
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
     torch.manual_seed(2)
-    fresh = mp.apply_mask(_model(), rules)
+    fresh = mp.apply_mask(mlp(12, 20, 3), rules)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     x = torch.randn(4, 12)
     assert torch.equal(fresh(x), model(x))
@@ -255,10 +252,10 @@ def test_state_dict_restores_the_subspace_in_a_fresh_model(projection):
 
 def test_loading_a_checkpoint_of_another_seed_is_refused():
     model = mp.apply_mask(
-        _model(), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
+        mlp(12, 20, 3), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
     )
     other = mp.apply_mask(
-        _model(), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=6)}
+        mlp(12, 20, 3), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=6)}
     )
     with pytest.raises(
         mp.MaskparamError, match=r"(?s)seed=5, this model with seed=6.*Subspace\(\.\.\., seed=5\)"
@@ -267,7 +264,7 @@ def test_loading_a_checkpoint_of_another_seed_is_refused():
 
 
 def test_bake_is_exact_and_gives_back_trainable_parameters():
-    model = _model()
+    model = mlp(12, 20, 3)
     mp.apply_mask(model, {"*": mp.Subspace(6, projection="fastfood", group="all")})
     with torch.no_grad():
         model[0].parametrizations.weight[0].coordinates.theta.normal_()
@@ -280,7 +277,7 @@ def test_bake_is_exact_and_gives_back_trainable_parameters():
 
 
 def test_summary_reports_dim_against_d():
-    model = _model()
+    model = mlp(12, 20, 3)
     mp.apply_mask(model, {"*": mp.Subspace(10, projection="fastfood", group="all")})
     result = mp.summary(model)
     total = 12 * 20 + 20 + 20 * 3 + 3
@@ -320,7 +317,7 @@ BAD = [
 
 @pytest.mark.parametrize(("rules", "message"), BAD)
 def test_bad_subspace_input_leaves_the_model_untouched(snapshot, rules, message):
-    model = _model()
+    model = mlp(12, 20, 3)
     before = snapshot(model)
     with pytest.raises(mp.MaskparamError, match=message):
         mp.apply_mask(model, rules)
@@ -340,7 +337,7 @@ def test_bad_subspace_specs(make, message):
 
 
 def test_a_group_cannot_be_extended_by_a_later_call():
-    model = _model()
+    model = mlp(12, 20, 3)
     mp.apply_mask(model, {"0.*": mp.Subspace(5, group="g")})
     with pytest.raises(mp.MaskparamError, match="already has a group of this name"):
         mp.apply_mask(model, {"2.*": mp.Subspace(5, group="g")})
@@ -348,7 +345,7 @@ def test_a_group_cannot_be_extended_by_a_later_call():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_applying_in_half_precision_changes_no_output(dtype):
-    model = _model().to(dtype)
+    model = mlp(12, 20, 3).to(dtype)
     x = torch.randn(4, 12, dtype=dtype)
     before = model(x)
     mp.apply_mask(model, {"*.weight": mp.Subspace(6, projection="fastfood", group="all")})
@@ -492,7 +489,7 @@ def _fastfood_model(monkeypatch, projection_class: type[FastfoodProjection]) -> 
     with monkeypatch.context() as patch:
         patch.setattr("maskparam.constraints.subspace.FastfoodProjection", projection_class)
         model = mp.apply_mask(
-            _model(), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
+            mlp(12, 20, 3), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
         )
     with torch.no_grad():
         model[0].parametrizations.weight[0].coordinates.theta.normal_()
@@ -505,7 +502,7 @@ def test_a_generation_1_fastfood_checkpoint_is_refused(monkeypatch, snapshot):
     key = "0.parametrizations.weight.0.coordinates.generation"
     assert key not in checkpoint  # generation 1 saved none: its checkpoints look like this
     model = mp.apply_mask(
-        _model(), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
+        mlp(12, 20, 3), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
     )
     assert int(model.state_dict()[key]) == 2
     new_e = _explicit_basis(model, model[0].parametrizations.weight[0].coordinates, 7)
@@ -530,7 +527,7 @@ def test_a_generation_with_the_same_column_norms_is_refused_by_its_generation(
 ):
     other = _fastfood_model(monkeypatch, _SameNorms)
     model = mp.apply_mask(
-        _model(), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
+        mlp(12, 20, 3), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
     )
     checkpoint = other.state_dict()
     norms = "0.parametrizations.weight.0.coordinates.inv_norm"
@@ -544,5 +541,7 @@ def test_a_generation_with_the_same_column_norms_is_refused_by_its_generation(
 
 def test_gaussian_and_sparse_checkpoints_carry_no_generation():
     for projection in ("gaussian", "sparse"):
-        model = mp.apply_mask(_model(), {"*": mp.Subspace(7, projection=projection, group="g")})
+        model = mp.apply_mask(
+            mlp(12, 20, 3), {"*": mp.Subspace(7, projection=projection, group="g")}
+        )
         assert not [k for k in model.state_dict() if k.endswith("generation")]

@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from torch import nn
+from helpers import mlp
 
 import maskparam as mp
 
@@ -23,10 +23,6 @@ def _rules() -> mp.Rules:
         "fc2.weight": [mp.Triangular(), mp.Freeze(mp.masks.random(0.3, seed=3))],
         "head.*": mp.Mask(mp.masks.random(0.5, seed=7)),
     }
-
-
-def _mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
 def test_fresh_model_with_other_seeds_restores_bit_identical_outputs(make_tiny, tiny_input, train):
@@ -64,9 +60,9 @@ def test_state_dict_holds_masks_and_frozen_values_compactly(tiny):
 
 
 def test_plain_checkpoint_into_constrained_model(train):
-    pretrained = _mlp()
+    pretrained = mlp(6, 8, 3)
     plain_state = pretrained.state_dict()
-    model = mp.apply_mask(_mlp(), {
+    model = mp.apply_mask(mlp(6, 8, 3), {
         "0.weight": mp.Freeze(dim=0, index=[1, 2]),
         "2.weight": mp.Mask(mp.masks.random(0.5, seed=3)),
         "0.bias": mp.Freeze(torch.tensor([True] + [False] * 7)),
@@ -84,10 +80,10 @@ def test_plain_checkpoint_into_constrained_model(train):
 
 
 def test_loading_a_plain_checkpoint_does_not_alias_it(train):
-    pretrained = _mlp()
+    pretrained = mlp(6, 8, 3)
     state = pretrained.state_dict()
     reference = {k: v.clone() for k, v in state.items()}
-    model = mp.apply_mask(_mlp(), {"*.weight": mp.Mask(mp.masks.random(0.5))})
+    model = mp.apply_mask(mlp(6, 8, 3), {"*.weight": mp.Mask(mp.masks.random(0.5))})
     mp.load_state_dict(model, state)
     train(model, torch.randn(2, 6), steps=1, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
     for key, value in pretrained.state_dict().items():
@@ -95,17 +91,17 @@ def test_loading_a_plain_checkpoint_does_not_alias_it(train):
 
 
 def test_constrained_checkpoint_into_plain_model_names_the_fix():
-    constrained = mp.apply_mask(_mlp(), {"0.weight": mp.Triangular()})
+    constrained = mp.apply_mask(mlp(6, 8, 3), {"0.weight": mp.Triangular()})
     with pytest.raises(
         mp.MaskparamError,
         match=r"(?s)holds constraints.*'0.parametrizations.weight.original'.*apply the same rules.*remove_parametrizations",
     ):
-        mp.load_state_dict(_mlp(), constrained.state_dict())
+        mp.load_state_dict(mlp(6, 8, 3), constrained.state_dict())
 
 
 def test_load_state_dict_strict_reports_missing_keys():
-    model = mp.apply_mask(_mlp(), {"0.weight": mp.Triangular()})
-    state = _mlp().state_dict()
+    model = mp.apply_mask(mlp(6, 8, 3), {"0.weight": mp.Triangular()})
+    state = mlp(6, 8, 3).state_dict()
     del state["2.bias"]
     with pytest.raises(mp.MaskparamError, match=re.escape("missing keys: ['2.bias']")):
         mp.load_state_dict(model, state)
@@ -113,7 +109,7 @@ def test_load_state_dict_strict_reports_missing_keys():
 
 
 def test_torch_save_of_the_module_names_the_fix():
-    model = mp.apply_mask(_mlp(), {"*.weight": mp.Mask(mp.masks.random(0.5))})
+    model = mp.apply_mask(mlp(6, 8, 3), {"*.weight": mp.Mask(mp.masks.random(0.5))})
     with pytest.raises(
         mp.MaskparamError,
         match=r"(?s)torch.save.*model.state_dict\(\).*remove_parametrizations\(copy.deepcopy",

@@ -5,44 +5,31 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import LAYOUT_SPECS, is_compact, mlp
 from torch import nn
 
 import maskparam as mp
 from maskparam.constraints.compact import AUTO_COMPACT_MAX_FREE, CompactScatter
 
-SPECS = {
-    "mask": lambda layout: mp.Mask(mp.masks.random(0.5, seed=1), layout=layout),
-    "freeze": lambda layout: mp.Freeze(mp.masks.random(0.5, seed=2), layout=layout),
-    "triangular": lambda layout: mp.Triangular(layout=layout),
-}
 
-
-def _is_compact(model: nn.Module, index: int = 0) -> bool:
-    return isinstance(model[index].parametrizations.weight[0], CompactScatter)
-
-
-def _mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
-@pytest.mark.parametrize("kind", list(SPECS))
+@pytest.mark.parametrize("kind", list(LAYOUT_SPECS))
 def test_auto_is_compact_for_a_trainable_parameter_at_half_density(kind):
-    model = mp.apply_mask(_mlp(), {"0.weight": SPECS[kind]("auto")})
-    assert _is_compact(model)
+    model = mp.apply_mask(mlp(8, 8, 3), {"0.weight": LAYOUT_SPECS[kind]("auto")})
+    assert is_compact(model)
     assert "compact" in mp.summary(model).tensors[0].constraint
 
 
 @pytest.mark.parametrize(
     ("why", "build"),
     [
-        ("mostly free", lambda: mp.apply_mask(_mlp(), {"0.weight": mp.Mask(mp.masks.random(0.9))})),
+        ("mostly free", lambda: mp.apply_mask(mlp(8, 8, 3), {"0.weight": mp.Mask(mp.masks.random(0.9))})),
         ("frozen parameter", lambda: _frozen_then(mp.Mask(mp.masks.random(0.5)))),
         ("stacked second", lambda: mp.apply_mask(
-            _mlp(), {"0.weight": [mp.Triangular(layout="dense"), mp.Mask(mp.masks.random(0.5))]}
+            mlp(8, 8, 3), {"0.weight": [mp.Triangular(layout="dense"), mp.Mask(mp.masks.random(0.5))]}
         )),
         ("meta device", lambda: _on_meta(mp.Mask(mp.masks.random(0.5)))),
         ("frozen slices", lambda: mp.apply_mask(
-            _mlp(), {"0.weight": mp.Freeze(dim=0, index=[0, 1, 2, 3, 4])}
+            mlp(8, 8, 3), {"0.weight": mp.Freeze(dim=0, index=[0, 1, 2, 3, 4])}
         )),
     ],
 )  # fmt: skip
@@ -54,23 +41,23 @@ def test_auto_is_dense_where_compact_cannot_pay_or_work(why, build):
 
 
 def _frozen_then(spec: mp.Spec) -> nn.Module:
-    model = _mlp()
+    model = mlp(8, 8, 3)
     model[0].weight.requires_grad_(False)
     return mp.apply_mask(model, {"0.weight": spec})
 
 
 def _on_meta(spec: mp.Spec) -> nn.Module:
     with torch.device("meta"):
-        model = _mlp()
+        model = mlp(8, 8, 3)
     return mp.apply_mask(model, {"0.weight": spec})
 
 
 def test_auto_on_tied_weights_is_dense_and_the_tie_holds():
-    model = _mlp()
+    model = mlp(8, 8, 3)
     model[2] = nn.Linear(8, 8)
     model[2].weight = model[0].weight
     mp.apply_mask(model, {"0.weight": mp.Mask(mp.masks.random(0.5))})
-    assert not _is_compact(model)
+    assert not is_compact(model)
     assert model[0].weight is not None
     assert torch.equal(model[0].weight, model[2].weight)
 
@@ -87,15 +74,15 @@ def test_the_threshold_is_inclusive_and_counts_broadcast_masks_in_full():
 
 @pytest.mark.parametrize("load", ["torch", "mp"])
 @pytest.mark.parametrize(("saved", "loaded"), [("dense", "compact"), ("compact", "dense")])
-@pytest.mark.parametrize("kind", list(SPECS))
+@pytest.mark.parametrize("kind", list(LAYOUT_SPECS))
 def test_a_checkpoint_of_either_layout_loads_into_either(kind, saved, loaded, load, train):
     torch.manual_seed(0)
-    source = mp.apply_mask(_mlp(), {"0.weight": SPECS[kind](saved)})
+    source = mp.apply_mask(mlp(8, 8, 3), {"0.weight": LAYOUT_SPECS[kind](saved)})
     train(source, torch.randn(5, 8), steps=3)
     state = {k: v.clone() for k, v in source.state_dict().items()}
     torch.manual_seed(1)  # other weights, and (for Mask and Freeze) the checkpoint's masks rule
-    target = mp.apply_mask(_mlp(), {"0.weight": SPECS[kind](loaded)})
-    assert _is_compact(target) == (loaded == "compact")
+    target = mp.apply_mask(mlp(8, 8, 3), {"0.weight": LAYOUT_SPECS[kind](loaded)})
+    assert is_compact(target) == (loaded == "compact")
     before = {k: v.clone() for k, v in state.items()}
     if load == "torch":
         target.load_state_dict(state)
@@ -113,8 +100,8 @@ def test_a_checkpoint_of_either_layout_loads_into_either(kind, saved, loaded, lo
 
 def test_a_compact_checkpoint_of_another_triangle_is_refused_and_nothing_loads():
     # (A dense Triangular stores no state: its checkpoint cannot say which triangle it was.)
-    source = mp.apply_mask(_mlp(), {"0.weight": mp.Triangular(lower=False, layout="compact")})
-    target = mp.apply_mask(_mlp(), {"0.weight": mp.Triangular(layout="dense")})
+    source = mp.apply_mask(mlp(8, 8, 3), {"0.weight": mp.Triangular(lower=False, layout="compact")})
+    target = mp.apply_mask(mlp(8, 8, 3), {"0.weight": mp.Triangular(layout="dense")})
     before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises((mp.MaskparamError, RuntimeError)):
         target.load_state_dict(source.state_dict())
@@ -124,10 +111,12 @@ def test_a_compact_checkpoint_of_another_triangle_is_refused_and_nothing_loads()
 
 
 def test_a_corrupt_mask_is_refused_after_translation_and_nothing_loads():
-    source = mp.apply_mask(_mlp(), {"0.weight": mp.Mask(mp.masks.random(0.5), layout="dense")})
+    source = mp.apply_mask(
+        mlp(8, 8, 3), {"0.weight": mp.Mask(mp.masks.random(0.5), layout="dense")}
+    )
     state = source.state_dict()
     state["0.parametrizations.weight.0.mask"][0, 0] = 2
-    target = mp.apply_mask(_mlp(), {"0.weight": mp.Mask(mp.masks.random(0.5))})
+    target = mp.apply_mask(mlp(8, 8, 3), {"0.weight": mp.Mask(mp.masks.random(0.5))})
     before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(mp.MaskparamError, match=r"mask: 1 values are neither 0 nor 1"):
         target.load_state_dict(state)

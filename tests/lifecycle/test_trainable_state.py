@@ -5,50 +5,13 @@ seed or another base is refused with the model untouched."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
+from helpers import X_8x16, adamw_steps_to_one, mlp, through_file_with_size, trained_base
 from torch import Tensor, nn
 
 import maskparam as mp
 from maskparam._trainable import checksum
-
-
-def _base(seed: int = 0) -> nn.Sequential:
-    """The "pretrained" base: the same weights for every seed=0 call."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
-    )
-
-
-X = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
-
-
-def _train(model: nn.Module, steps: int = 5) -> None:
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1
-    )
-    for _ in range(steps):
-        optimizer.zero_grad()
-        (model(X) - 1).square().mean().backward()
-        optimizer.step()
-
-
-def _through_file(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], int]:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    size = len(buffer.getvalue())
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True), size
-
-
-def _trained(rules: mp.Rules) -> nn.Sequential:
-    model = mp.apply_mask(_base(), rules)
-    _train(model)
-    return model
-
 
 CASES: dict[str, mp.Rules] = {
     "mask_dense": {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout="dense")},
@@ -73,17 +36,17 @@ CASES: dict[str, mp.Rules] = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip_is_bit_identical(case):
     rules = CASES[case]
-    trained = _trained(rules)
-    state, _ = _through_file(mp.trainable_state_dict(trained))
+    trained = trained_base(rules)
+    state, _ = through_file_with_size(mp.trainable_state_dict(trained))
     assert all(isinstance(v, Tensor) for v in state.values())
     assert not any(k.endswith(".free_positions") for k in state)  # masks regenerate from rules
-    fresh = mp.apply_mask(_base(), rules)
+    fresh = mp.apply_mask(mlp(16, 32, 32, 4, activation=nn.ReLU, seed=0), rules)
     ids = {name: id(p) for name, p in fresh.named_parameters()}
     with torch.no_grad():
-        assert not torch.equal(fresh(X), trained(X))  # training changed the outputs
+        assert not torch.equal(fresh(X_8x16), trained(X_8x16))  # training changed the outputs
     mp.load_trainable_state_dict(fresh, state)
     with torch.no_grad():
-        assert torch.equal(fresh(X), trained(X))
+        assert torch.equal(fresh(X_8x16), trained(X_8x16))
     assert {name: id(p) for name, p in fresh.named_parameters()} == ids
     assert mp.verify(fresh) == []
     # Saved again from the restored model: the same state, entry for entry.
@@ -93,7 +56,7 @@ def test_round_trip_is_bit_identical(case):
 
 
 def test_compact_state_is_the_stored_parameter():
-    trained = _trained({"0.weight": mp.Mask(mp.masks.random(0.3, seed=1))})
+    trained = trained_base({"0.weight": mp.Mask(mp.masks.random(0.3, seed=1))})
     assert "compact" in mp.summary(trained).tensors[0].constraint
     state = mp.trainable_state_dict(trained)
     stored = trained[0].parametrizations.weight.original
@@ -102,9 +65,9 @@ def test_compact_state_is_the_stored_parameter():
 
 
 def test_theta_key_and_nothing_else_trains_in_a_group():
-    state = mp.trainable_state_dict(_trained(CASES["subspace_group_fastfood"]))
+    state = mp.trainable_state_dict(trained_base(CASES["subspace_group_fastfood"]))
     assert sorted(k for k in state if not k.startswith("meta:")) == ["group:all.theta"]
-    per_tensor = mp.trainable_state_dict(_trained(CASES["subspace_per_tensor"]))
+    per_tensor = mp.trainable_state_dict(trained_base(CASES["subspace_per_tensor"]))
     assert {"0.weight.theta", "2.weight.theta", "4.weight.theta"} <= per_tensor.keys()
 
 
@@ -113,7 +76,7 @@ def test_batchnorm_running_statistics_travel(make_tiny, tiny_input, train):
     torch.manual_seed(0)
     trained = mp.apply_mask(make_tiny(), rules)
     train(trained, tiny_input, steps=3)  # train mode: the running statistics move
-    state, _ = _through_file(mp.trainable_state_dict(trained))
+    state, _ = through_file_with_size(mp.trainable_state_dict(trained))
     assert "norm.running_mean" in state
     torch.manual_seed(0)
     fresh = mp.apply_mask(make_tiny(), rules)
@@ -127,34 +90,34 @@ def test_batchnorm_running_statistics_travel(make_tiny, tiny_input, train):
 @pytest.mark.parametrize("layout", ["dense", "compact"])
 def test_after_update_masks_positions_are_saved_and_taken(layout):
     rules = {"*.weight": mp.Mask(mp.masks.magnitude(0.5), layout=layout)}
-    trained = _trained(rules)
+    trained = trained_base(rules)
     mp.update_masks(trained, {"*.weight": mp.masks.magnitude(0.75)})  # from the trained weights
-    _train(trained)
-    state, _ = _through_file(mp.trainable_state_dict(trained))
+    adamw_steps_to_one(trained)
+    state, _ = through_file_with_size(mp.trainable_state_dict(trained))
     positions = state["2.weight.free_positions"]
     assert positions.dtype == torch.int32
     assert positions.numel() == state["2.weight.free_values"].numel() == 256
-    fresh = mp.apply_mask(_base(), rules)
+    fresh = mp.apply_mask(mlp(16, 32, 32, 4, activation=nn.ReLU, seed=0), rules)
     assert not torch.equal(mp.kept_entries(fresh, "2.weight"), mp.kept_entries(trained, "2.weight"))
     mp.load_trainable_state_dict(fresh, state)
     with torch.no_grad():
-        assert torch.equal(fresh(X), trained(X))
+        assert torch.equal(fresh(X_8x16), trained(X_8x16))
     for name in ("0.weight", "2.weight", "4.weight"):
         assert torch.equal(mp.kept_entries(fresh, name), mp.kept_entries(trained, name))
     assert mp.verify(fresh) == []
-    _train(fresh)  # the optimizer state follows the new layout; the mask holds
+    adamw_steps_to_one(fresh)  # the optimizer state follows the new layout; the mask holds
     assert mp.verify(fresh) == []
 
 
 def test_masks_from_elsewhere_save_their_positions():
-    hardened = _trained({"0.weight": mp.LearnableMask(init=0.01)})
+    hardened = trained_base({"0.weight": mp.LearnableMask(init=0.01)})
     mp.harden(hardened)
     assert "0.weight.free_positions" in mp.trainable_state_dict(hardened)
     rules = {"0.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout="dense")}
-    loaded = mp.apply_mask(_base(), rules)
+    loaded = mp.apply_mask(mlp(16, 32, 32, 4, activation=nn.ReLU, seed=0), rules)
     assert "0.weight.free_positions" not in mp.trainable_state_dict(loaded)
     loaded.load_state_dict(
-        _trained({"0.weight": mp.Mask(mp.masks.random(0.5, seed=2))}).state_dict()
+        trained_base({"0.weight": mp.Mask(mp.masks.random(0.5, seed=2))}).state_dict()
     )
     state = mp.trainable_state_dict(loaded)  # the checkpoint brought another mask
     assert torch.equal(
@@ -165,11 +128,11 @@ def test_masks_from_elsewhere_save_their_positions():
 
 def test_changed_freeze_mask_is_refused_with_the_fix(snapshot):
     rules = {"2.weight": mp.Freeze(mp.masks.magnitude(0.5), layout="dense")}
-    trained = _trained(rules)
+    trained = trained_base(rules)
     mp.update_masks(trained, {"2.weight": mp.masks.magnitude(0.75)})
     state = mp.trainable_state_dict(trained)
     assert "2.weight.free_positions" in state
-    fresh = mp.apply_mask(_base(), rules)
+    fresh = mp.apply_mask(mlp(16, 32, 32, 4, activation=nn.ReLU, seed=0), rules)
     before = snapshot(fresh)
     with pytest.raises(mp.MaskparamError, match=r"'2\.weight'.*changed after apply"):
         mp.load_trainable_state_dict(fresh, state)
@@ -178,7 +141,7 @@ def test_changed_freeze_mask_is_refused_with_the_fix(snapshot):
     fresh.load_state_dict(trained.state_dict())
     mp.load_trainable_state_dict(fresh, state)
     with torch.no_grad():
-        assert torch.equal(fresh(X), trained(X))
+        assert torch.equal(fresh(X_8x16), trained(X_8x16))
 
 
 def test_size_one_percent_trainable_under_10_bytes_per_entry():
@@ -190,13 +153,13 @@ def test_size_one_percent_trainable_under_10_bytes_per_entry():
     trainable = mp.summary(model).trainable
     assert trainable == 4 * round(0.01 * 512 * 512)
     _train_seq(model)
-    _, size = _through_file(mp.trainable_state_dict(model))
+    _, size = through_file_with_size(mp.trainable_state_dict(model))
     print(f"1% fine-tune: {size} bytes for {trainable} entries ({size / trainable:.2f} B/entry)")
     assert size <= 10 * trainable
     # Even with every position saved (masks changed after apply) it stays under 10.
     for layer in model:
         layer.parametrizations.weight[0].mask_changed = True
-    _, with_positions = _through_file(mp.trainable_state_dict(model))
+    _, with_positions = through_file_with_size(mp.trainable_state_dict(model))
     print(f"with positions: {with_positions} bytes ({with_positions / trainable:.2f} B/entry)")
     assert size < with_positions <= 10 * trainable
 
@@ -221,7 +184,7 @@ def test_size_global_subspace_is_theta_plus_a_little():
     optimizer.zero_grad()
     model(torch.randn(4, 64)).square().mean().backward()
     optimizer.step()
-    state, size = _through_file(mp.trainable_state_dict(model))
+    state, size = through_file_with_size(mp.trainable_state_dict(model))
     print(f"global subspace d={d}: {size} bytes (4·d = {4 * d})")
     assert size <= 4 * d + 16 * 1024
     assert state["group:all.theta"].shape == (d,)
@@ -235,9 +198,11 @@ def _snapshot_refusal(snapshot, model: nn.Module, state: dict[str, Tensor], matc
 
 
 def test_refuses_other_rules_another_mask_seed(snapshot):
-    state = mp.trainable_state_dict(_trained({"*.weight": mp.Mask(mp.masks.random(0.5, seed=1))}))
+    state = mp.trainable_state_dict(
+        trained_base({"*.weight": mp.Mask(mp.masks.random(0.5, seed=1))})
+    )
     # 0.weight and 4.weight fit; 2.weight was made with another seed: nothing is written.
-    other = mp.apply_mask(_base(), {
+    other = mp.apply_mask(mlp(16, 32, 32, 4, activation=nn.ReLU, seed=0), {
         "0.weight": mp.Mask(mp.masks.random(0.5, seed=1)),
         "2.weight": mp.Mask(mp.masks.random(0.5, seed=9)),
         "4.weight": mp.Mask(mp.masks.random(0.5, seed=1)),
@@ -246,22 +211,23 @@ def test_refuses_other_rules_another_mask_seed(snapshot):
 
 
 def test_refuses_another_subspace_seed(snapshot):
-    state = mp.trainable_state_dict(_trained(CASES["subspace_group_fastfood"]))
+    state = mp.trainable_state_dict(trained_base(CASES["subspace_group_fastfood"]))
     other = mp.apply_mask(
-        _base(), {"*": mp.Subspace(10, projection="fastfood", group="all", seed=4)}
+        mlp(16, 32, 32, 4, activation=nn.ReLU, seed=0),
+        {"*": mp.Subspace(10, projection="fastfood", group="all", seed=4)},
     )
     _snapshot_refusal(snapshot, other, state, r"'0\.weight'.*base checksum.*seed")
 
 
 def test_refuses_another_base(snapshot):
     rules = {"2.weight": mp.Freeze(dim=0, index=[0, 3, 5]), "0.bias": mp.Subspace(3)}
-    trained = mp.apply_mask(_base(), rules)
+    trained = mp.apply_mask(mlp(16, 32, 32, 4, activation=nn.ReLU, seed=0), rules)
     trained[4].requires_grad_(False)  # a frozen, unconstrained layer: part of the base
-    _train(trained)
+    adamw_steps_to_one(trained)
     state = mp.trainable_state_dict(trained)
 
     def fresh_with(change) -> nn.Sequential:
-        base = _base()
+        base = mlp(16, 32, 32, 4, activation=nn.ReLU, seed=0)
         with torch.no_grad():
             change(base)
         model = mp.apply_mask(base, rules)
@@ -271,7 +237,7 @@ def test_refuses_another_base(snapshot):
     same = fresh_with(lambda base: None)
     mp.load_trainable_state_dict(same, state)  # the control: the same base loads
     with torch.no_grad():
-        assert torch.equal(same(X), trained(X))
+        assert torch.equal(same(X_8x16), trained(X_8x16))
     cases = {
         r"'4\.weight'.*another base": lambda base: base[4].weight[1, 2].add_(1e-3),
         r"'2\.weight'.*base checksum": lambda base: base[2].weight[3, 0].add_(1e-3),  # frozen row
@@ -283,8 +249,8 @@ def test_refuses_another_base(snapshot):
 
 def test_refuses_corrupted_lengths_positions_and_keys(snapshot):
     rules = {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1))}
-    state = mp.trainable_state_dict(_trained(rules))
-    model = mp.apply_mask(_base(), rules)
+    state = mp.trainable_state_dict(trained_base(rules))
+    model = mp.apply_mask(mlp(16, 32, 32, 4, activation=nn.ReLU, seed=0), rules)
     short = dict(state, **{"2.weight.free_values": state["2.weight.free_values"][:-1]})
     _snapshot_refusal(snapshot, model, short, r"'2\.weight\.free_values'.*corrupt")
     missing = {k: v for k, v in state.items() if k != "4.bias"}
@@ -305,7 +271,9 @@ def test_refuses_corrupted_lengths_positions_and_keys(snapshot):
 
 
 def test_refuses_a_full_state_dict_and_another_format():
-    model = mp.apply_mask(_base(), {"0.weight": mp.Triangular()})
+    model = mp.apply_mask(
+        mlp(16, 32, 32, 4, activation=nn.ReLU, seed=0), {"0.weight": mp.Triangular()}
+    )
     with pytest.raises(mp.MaskparamError, match="lacks its metadata"):
         mp.load_trainable_state_dict(model, model.state_dict())
     state = mp.trainable_state_dict(model)
@@ -356,7 +324,7 @@ def test_gpt2_two_new_token_rows():
         optimizer.zero_grad()
         model(input_ids=tokens, labels=tokens).loss.backward()
         optimizer.step()
-    state, size = _through_file(mp.trainable_state_dict(model))
+    state, size = through_file_with_size(mp.trainable_state_dict(model))
     print(f"GPT-2 two new rows: {size} bytes")
     assert [k for k in state if not k.startswith("meta:")] == ["transformer.wte.weight.free_values"]
     assert state["transformer.wte.weight.free_values"].numel() == 2 * 64

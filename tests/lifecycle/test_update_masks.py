@@ -9,24 +9,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import train_steps
+from helpers import mlp, pruning_inputs, train_steps
 from torch import Tensor, nn
 from torch.nn.utils import prune
-from torch_optimizers import OPTIMIZERS
-from workflows.test_optimizers import PRUNING_LOOP_OPTIMIZERS
+from torch_optimizers import OPTIMIZERS, PRUNING_LOOP_OPTIMIZERS
 
 import maskparam as mp
 from maskparam.constraints.compact import CompactScatter
-
-
-def _mlp(dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)).to(dtype)
-
-
-def _x(dtype: torch.dtype = torch.float32) -> Tensor:
-    return torch.randn(16, 8, generator=torch.Generator().manual_seed(3)).to(dtype)
-
 
 # (rules at apply, the rule value for each update): random masks of other seeds regrow entries.
 Case = tuple[Callable[[], dict[str, Any]], Callable[[int], Any]]
@@ -75,12 +64,12 @@ def _compact(model: nn.Module) -> bool:
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_constraint_stays_exact_through_update_masks(case, optimizer):
     apply_rules, update_rule = CASES[case]
-    model = mp.apply_mask(_mlp(), apply_rules())
+    model = mp.apply_mask(mlp(8, 8, 8, seed=0), apply_rules())
     if optimizer == "Adafactor" and _compact(model):
         pytest.skip("Adafactor refuses the compact layout (tests/workflows/test_optimizers.py)")
     params = list(model.parameters())
     opt = OPTIMIZERS[optimizer](params)
-    x = _x()
+    x = pruning_inputs()
     for k in range(3):
         train_steps(model, x, steps=2, optimizer=opt)
         assert mp.verify(model) == []
@@ -106,10 +95,10 @@ def _weights(model: nn.Module) -> dict[str, Tensor]:
 def test_dense_and_compact_layouts_train_bit_identically_through_updates(name, kind):
     spec = mp.Mask if kind == "mask" else mp.Freeze
     sources = [mp.masks.random(0.5, seed=s) for s in (1, 2, 3)]  # each regrows entries
-    x = _x()
+    x = pruning_inputs()
     trained = {}
     for layout in ("dense", "compact"):
-        model = mp.apply_mask(_mlp(), {"*.weight": spec(sources[0], layout=layout)})
+        model = mp.apply_mask(mlp(8, 8, 8, seed=0), {"*.weight": spec(sources[0], layout=layout)})
         optimizer = PRUNING_LOOP_OPTIMIZERS[name](model.parameters())
         for source in sources[1:]:
             train_steps(model, x, steps=3, optimizer=optimizer)
@@ -139,7 +128,7 @@ def test_a_regrown_entry_starts_from_zero_with_fresh_state(factory, key, fresh):
     first = mp.masks.random(0.5, seed=1)(layer.weight)
     mp.apply_mask(layer, {"weight": mp.Mask(first, layout="dense")})
     optimizer = factory(layer.parameters())
-    train_steps(layer, _x(), steps=3, optimizer=optimizer)
+    train_steps(layer, pruning_inputs(), steps=3, optimizer=optimizer)
     stored = layer.parametrizations.weight.original
     state = optimizer.state[stored][key]
     regrown = ~first
@@ -158,19 +147,21 @@ def test_freeze_update_holds_new_values_and_thaws_from_the_frozen_value():
     second = mp.masks.random(0.5, seed=2)(layer.weight)
     mp.apply_mask(layer, {"weight": mp.Freeze(first)})
     optimizer = torch.optim.AdamW(layer.parameters(), lr=0.05, weight_decay=0.1)
-    train_steps(layer, _x(), steps=3, optimizer=optimizer)
+    train_steps(layer, pruning_inputs(), steps=3, optimizer=optimizer)
     at_update = layer.weight.detach().clone()
     mp.update_masks(layer, {"weight": second})
     assert torch.equal(layer.weight, at_update)  # nothing moves at the update itself
-    train_steps(layer, _x(), steps=3, optimizer=optimizer)
+    train_steps(layer, pruning_inputs(), steps=3, optimizer=optimizer)
     assert torch.equal(layer.weight[second], at_update[second])  # frozen now, bit for bit
     thawed = first & ~second
     assert bool((layer.weight[thawed] != at_update[thawed]).all())  # they train again
 
 
 def test_global_magnitude_update_equals_torch_global_unstructured_on_the_effective_weights():
-    model = mp.apply_mask(_mlp(), {"*.weight": mp.Mask(mp.masks.global_magnitude(0.3))})
-    train_steps(model, _x(), steps=3)
+    model = mp.apply_mask(
+        mlp(8, 8, 8, seed=0), {"*.weight": mp.Mask(mp.masks.global_magnitude(0.3))}
+    )
+    train_steps(model, pruning_inputs(), steps=3)
     reference = mp.remove_parametrizations(copy.deepcopy(model))
     mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.7)})
     prune.global_unstructured(
@@ -186,11 +177,12 @@ def test_global_magnitude_update_equals_torch_global_unstructured_on_the_effecti
 @pytest.mark.parametrize("layout", ["dense", "compact"])
 def test_half_precision_masks_update_exactly(dtype, layout):
     model = mp.apply_mask(
-        _mlp(dtype), {"*.weight": mp.Mask(mp.masks.magnitude(0.5), layout=layout)}
+        mlp(8, 8, 8, dtype=dtype, seed=0),
+        {"*.weight": mp.Mask(mp.masks.magnitude(0.5), layout=layout)},
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for sparsity in (0.6, 0.2, 0.8):
-        train_steps(model, _x(dtype), steps=2, optimizer=optimizer)
+        train_steps(model, pruning_inputs(dtype), steps=2, optimizer=optimizer)
         mp.update_masks(model, {"*.weight": mp.masks.magnitude(sparsity)})
         assert mp.verify(model) == []
         assert int((model[0].weight == 0).sum()) >= round(sparsity * 64)
@@ -198,7 +190,8 @@ def test_half_precision_masks_update_exactly(dtype, layout):
 
 def test_wildcards_pass_over_tensors_without_a_mask():
     model = mp.apply_mask(
-        _mlp(), {"0.weight": mp.Triangular(), "2.weight": mp.Mask(mp.masks.magnitude(0.5))}
+        mlp(8, 8, 8, seed=0),
+        {"0.weight": mp.Triangular(), "2.weight": mp.Mask(mp.masks.magnitude(0.5))},
     )
     mp.update_masks(model, {"*": mp.masks.magnitude(0.75)})
     assert int((model[2].weight == 0).sum()) == 48
@@ -266,7 +259,7 @@ REFUSED: dict[str, tuple[dict[str, Any], Any, str]] = {
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_refusals_name_the_problem_and_leave_the_model_unchanged(case):
     apply_rules, rules, message = REFUSED[case]
-    model = mp.apply_mask(_mlp(), apply_rules)
+    model = mp.apply_mask(mlp(8, 8, 8, seed=0), apply_rules)
     before = copy.deepcopy(model.state_dict())
     shapes = [p.shape for p in model.parameters()]
     with pytest.raises(mp.MaskparamError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -279,7 +272,7 @@ def test_refusals_name_the_problem_and_leave_the_model_unchanged(case):
 
 def test_a_stale_compact_gradient_follows_its_entries():
     layer = mp.apply_mask(nn.Linear(8, 8), {"weight": mp.Mask(mp.masks.random(0.5, seed=1))})
-    layer(_x()).square().sum().backward()
+    layer(pruning_inputs()).square().sum().backward()
     stored = layer.parametrizations.weight.original
     full = layer.parametrizations.weight[0](stored.grad)  # the gradient at its positions
     mp.update_masks(layer, {"weight": mp.masks.random(0.3, seed=2)})

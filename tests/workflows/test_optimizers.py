@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
-from torch_optimizers import OPTIMIZERS, uncovered
+from torch_optimizers import OPTIMIZERS, PRUNING_LOOP_OPTIMIZERS, uncovered
 
 import maskparam as mp
 
@@ -174,7 +174,7 @@ def test_subspace_refuses_an_optimizer_created_before_apply_not_silently_idle():
     assert not torch.equal(theta, before)
 
 
-class _TwoMatrices(nn.Module):
+class TwoMatrices(nn.Module):
     """Two parameters of one shape in one module: a positional state swap would go unnoticed."""
 
     def __init__(self) -> None:
@@ -194,7 +194,7 @@ def _moments(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, to
 @pytest.mark.parametrize("direction", ["plain-to-constrained", "constrained-to-baked"])
 def test_optimizer_state_by_name_survives_apply_and_bake(direction, train):
     torch.manual_seed(0)
-    model = _TwoMatrices()
+    model = TwoMatrices()
     if direction == "constrained-to-baked":
         mp.apply_mask(model, {"a": mp.Triangular()})
     optimizer = torch.optim.Adam(model.parameters())
@@ -240,23 +240,6 @@ def test_optimizer_state_without_names_or_of_another_mask_is_refused(train):
     with pytest.raises(mp.MaskparamError, match=r"(?s)'weight'.*exp_avg.*shape \(6,\)"):
         mp.load_optimizer_state_dict(fresh, other, compact_saved)
     assert fresh.state_dict()["state"] == {}  # nothing was loaded
-
-
-# Optimizers whose state at an entry that never had a gradient is their fresh state (no coupled
-# weight decay): there the dense layout and the compact one must train identically, bit for bit,
-# through apply, bake and a new mask, with one optimizer.
-PRUNING_LOOP_OPTIMIZERS = {
-    "SGD(momentum)": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
-    "SGD(nesterov)": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
-    "Adam(amsgrad)": lambda p: torch.optim.Adam(p, lr=0.05, amsgrad=True),
-    "AdamW": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
-    "AdamW(fused)": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1, fused=True),
-    "NAdam": lambda p: torch.optim.NAdam(p, lr=0.05, weight_decay=0.1, decoupled_weight_decay=True),
-    "RAdam": lambda p: torch.optim.RAdam(p, lr=0.05, weight_decay=0.1, decoupled_weight_decay=True),
-    "Rprop": lambda p: torch.optim.Rprop(p, lr=0.01),
-    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1, initial_accumulator_value=0.5),
-    "RMSprop": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9),
-}
 
 
 @pytest.mark.parametrize("name", list(PRUNING_LOOP_OPTIMIZERS))

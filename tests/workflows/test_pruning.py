@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import train_steps
+from helpers import train_steps
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
