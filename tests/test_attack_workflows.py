@@ -13,38 +13,10 @@ a stack + LearnableMask + Subspace model, then harden and bake under the compile
 
 from __future__ import annotations
 
-import pytest
 import torch
 from helpers import mlp
-from torch import nn
 
 import maskparam as mp
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="open, documented (README): nn.init on a constrained weight writes into the tensor the "
-    "parametrization computed and is lost (torch's parametrize; reset_parameters, weight.copy_ "
-    "too); assign module.weight = w, or initialise parametrizations.weight.original",
-)
-@pytest.mark.parametrize(
-    "reinit",
-    [
-        pytest.param(lambda layer: nn.init.zeros_(layer.weight), id="nn.init.zeros_"),
-        pytest.param(lambda layer: layer.reset_parameters(), id="reset_parameters"),
-        pytest.param(lambda layer: layer.weight.data.fill_(0.0), id="weight.data.fill_"),
-    ],
-)
-def test_reinitialising_a_constrained_weight_takes_effect_or_is_refused(reinit) -> None:
-    # Lottery-ticket rewinding and re-initialising the free entries are common after masking.
-    layer = mp.apply_mask(nn.Linear(8, 8), {"weight": mp.Mask(mp.masks.random(0.5))})
-    before = layer.weight.detach().clone()
-    try:
-        with torch.no_grad():
-            reinit(layer)
-    except mp.MaskparamError:
-        return
-    assert not torch.equal(layer.weight, before), "the re-initialisation was silently lost"
 
 
 def test_plain_checkpoint_into_a_magnitude_mask_keeps_the_mask_it_has() -> None:

@@ -68,13 +68,6 @@ def test_user_parametrization_below_ours_keeps_working():
     assert (row.name, row.free, row.total) == ("weight", int(mask.sum()), 16)
 
 
-def test_assigning_the_tensor_keeps_the_constraint():
-    layer = nn.Linear(3, 3)
-    mp.apply_mask(layer, {"weight": mp.Triangular()})
-    layer.weight = torch.ones(3, 3)
-    assert torch.equal(layer.weight, torch.ones(3, 3).tril())
-
-
 def test_error_is_a_value_error():
     assert issubclass(mp.MaskparamError, ValueError)
 

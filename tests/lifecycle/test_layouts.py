@@ -121,20 +121,3 @@ def test_a_corrupt_mask_is_refused_after_translation_and_nothing_loads():
     with pytest.raises(mp.MaskparamError, match=r"mask: 1 values are neither 0 nor 1"):
         target.load_state_dict(state)
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
-
-
-def test_adafactor_is_refused_on_a_compact_tensor_with_the_fix():
-    # It factors a matrix's second moment: on the compact vector of free entries it would
-    # silently run unfactored. (Muon refuses a vector itself, when constructed.)
-    layer = mp.apply_mask(nn.Linear(4, 4, bias=False), {"weight": mp.Mask(mp.masks.random(0.5))})
-    optimizer = torch.optim.Adafactor([layer.parametrizations.weight.original])
-    layer(torch.randn(2, 4)).sum().backward()
-    with pytest.raises(mp.MaskparamError, match=r"(?s)'weight'.*layout='dense'"):
-        optimizer.step()
-    dense = mp.apply_mask(
-        nn.Linear(4, 4, bias=False), {"weight": mp.Mask(mp.masks.random(0.5), layout="dense")}
-    )
-    optimizer = torch.optim.Adafactor(dense.parameters())
-    dense(torch.randn(2, 4)).sum().backward()
-    optimizer.step()
-    assert mp.verify(dense) == []

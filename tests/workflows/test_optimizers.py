@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
-from torch_optimizers import OPTIMIZERS, PRUNING_LOOP_OPTIMIZERS, uncovered
+from torch_optimizers import OPTIMIZERS, uncovered
 
 import maskparam as mp
 
@@ -112,68 +112,6 @@ def test_optimizers_never_move_constrained_entries(
     assert torch.equal(effective[frozen], start[frozen])
 
 
-@pytest.mark.parametrize(
-    "make_optimizer",
-    [
-        lambda p: torch.optim.Adam(p, lr=0.1),
-        lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1),
-        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
-    ],
-    ids=["Adam", "AdamW", "SGD(momentum)"],
-)
-def test_an_optimizer_from_before_apply_keeps_going_in_either_layout(make_optimizer):
-    # Prune after some training, with the optimizer the run already has: the compact layout
-    # (the default at 50%) trains exactly as the dense one, and keeps going after baking, when
-    # the pruned entries start again from zero state (the dense layout kept stale state there).
-    torch.manual_seed(0)
-    x = torch.randn(6, 5)
-    start = {k: v.clone() for k, v in nn.Linear(5, 4).state_dict().items()}
-    kept = mp.masks.random(0.5, seed=1)(torch.empty(4, 5))
-    effective, baked, state = {}, {}, {}
-    for layout in ("dense", "compact"):
-        layer = nn.Linear(5, 4)
-        layer.load_state_dict(start)
-        optimizer = make_optimizer(layer.parameters())
-        for step in range(4):
-            if step == 2:
-                mp.apply_mask(layer, {"weight": mp.Mask(kept, layout=layout)})
-            optimizer.zero_grad()
-            layer(x).square().sum().backward()
-            optimizer.step()
-        effective[layout] = layer.weight.detach().clone()
-        mp.remove_parametrizations(layer)
-        optimizer.zero_grad()
-        layer(x).square().sum().backward()
-        optimizer.step()
-        baked[layout] = layer.weight.detach().clone()
-        state[layout] = optimizer.state[layer.weight]
-    assert torch.equal(effective["compact"], effective["dense"])
-    assert torch.equal(baked["compact"][kept], baked["dense"][kept])
-    for key, value in state["compact"].items():
-        if value.dim():
-            assert value.shape == (4, 5), key
-            assert torch.equal(state["compact"][key][kept], state["dense"][key][kept]), key
-
-
-def test_subspace_refuses_an_optimizer_created_before_apply_not_silently_idle():
-    model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 3))
-    optimizer = torch.optim.Adam(model.parameters())
-    mp.apply_mask(model, {"*": mp.Subspace(5, projection="fastfood", group="all")})
-    model(torch.randn(2, 12)).sum().backward()
-    theta = model[0].parametrizations.weight[0].coordinates.theta
-    optimizer.step()  # θ might live in another optimizer: the first step cannot tell yet
-    assert torch.equal(theta, torch.zeros(5))  # ...but nothing trained it since
-    with pytest.raises(
-        mp.MaskparamError,
-        match=r"(?s)'0.weight': this Adam holds the tensor's original.*created before apply_mask",
-    ):
-        optimizer.step()
-    optimizer.add_param_group({"params": [theta]})  # the fix the message names
-    before = theta.detach().clone()
-    optimizer.step()
-    assert not torch.equal(theta, before)
-
-
 class TwoMatrices(nn.Module):
     """Two parameters of one shape in one module: a positional state swap would go unnoticed."""
 
@@ -240,29 +178,3 @@ def test_optimizer_state_without_names_or_of_another_mask_is_refused(train):
     with pytest.raises(mp.MaskparamError, match=r"(?s)'weight'.*exp_avg.*shape \(6,\)"):
         mp.load_optimizer_state_dict(fresh, other, compact_saved)
     assert fresh.state_dict()["state"] == {}  # nothing was loaded
-
-
-@pytest.mark.parametrize("name", list(PRUNING_LOOP_OPTIMIZERS))
-def test_iterative_pruning_with_one_optimizer_trains_as_the_dense_layout(name):
-    torch.manual_seed(0)
-    x = torch.randn(16, 8)
-    start = {k: v.clone() for k, v in nn.Linear(8, 8).state_dict().items()}
-    first = mp.masks.random(0.5, seed=1)(torch.empty(8, 8))
-    second = mp.masks.random(0.5, seed=2)(torch.empty(8, 8))  # as many entries, elsewhere
-    trained = {}
-    for layout in ("dense", "compact"):
-        layer = nn.Linear(8, 8)
-        layer.load_state_dict(start)
-        optimizer = PRUNING_LOOP_OPTIMIZERS[name](layer.parameters())
-        for mask in (first, second):
-            mp.apply_mask(layer, {"weight": mp.Mask(mask, layout=layout)})
-            for _ in range(3):
-                optimizer.zero_grad()
-                layer(x).square().mean().backward()
-                optimizer.step()
-            mp.remove_parametrizations(layer)
-            # Laid out in full at once: a checkpoint saved now loads into the plain model.
-            shapes = {v.shape for v in optimizer.state[layer.weight].values() if v.dim()}
-            assert shapes == {torch.Size([8, 8])}
-        trained[layout] = layer.weight.detach().clone()
-    assert torch.equal(trained["compact"], trained["dense"])
