@@ -750,109 +750,6 @@ def test_rewind_with_batchnorm_buffers():
     assert mp.verify(model) == []
 
 
-# ------------------------------------------------------------------------ global_magnitude
-
-
-def _torch_global(modules_names, amount):
-    prune.global_unstructured(modules_names, pruning_method=prune.L1Unstructured, amount=amount)
-    masks = [getattr(m, f"{n}_mask").bool() for m, n in modules_names]
-    for m, n in modules_names:
-        prune.remove(m, n)
-    return masks
-
-
-def test_global_magnitude_over_linear_conv_and_bias_equals_torch():
-    """One rule over Linear + Conv weights and biases: prune.global_unstructured's masks."""
-    torch.manual_seed(0)
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(2, 3, 3)
-            self.fc = nn.Linear(12, 5)
-
-        def forward(self, x: Tensor) -> Tensor:
-            return self.fc(self.conv(x).flatten(1))
-
-    model, ref = Net(), Net()
-    ref.load_state_dict(model.state_dict())
-    mp.apply_mask(model, {"*": mp.Mask(mp.masks.global_magnitude(0.6), layout="dense")})
-    names = [(ref.conv, "weight"), (ref.conv, "bias"), (ref.fc, "weight"), (ref.fc, "bias")]
-    expected = _torch_global(names, 0.6)
-    got = [model.conv.weight != 0, model.conv.bias != 0, model.fc.weight != 0, model.fc.bias != 0]
-    for e, g in zip(expected, got, strict=True):
-        assert torch.equal(e, g)
-
-
-def test_global_magnitude_with_mixed_dtypes_equals_torch():
-    """Tensors of fp16, bf16 and fp32 in one rule: the same masks as prune.global_unstructured
-    on the same values."""
-    torch.manual_seed(0)
-    a, b, c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
-    a.half()
-    b.bfloat16()
-    model = nn.ModuleDict({"a": a, "b": b, "c": c})
-    ref = copy.deepcopy(model)
-    mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.global_magnitude(0.5))})
-    try:
-        expected = _torch_global(
-            [(ref["a"], "weight"), (ref["b"], "weight"), (ref["c"], "weight")], 0.5
-        )
-    except RuntimeError:  # torch cannot cat these: compare with a float64 ranking
-        values = torch.cat([ref[k].weight.detach().double().abs().reshape(-1) for k in "abc"])
-        keep = torch.ones_like(values, dtype=torch.bool)
-        keep[torch.topk(values, k=round(0.5 * values.numel()), largest=False).indices] = False
-        expected = [part.reshape(8, 8) for part in keep.split(64)]
-    for k, e in zip("abc", expected, strict=True):
-        assert torch.equal(model[k].weight != 0, e)
-
-
-@pytest.mark.parametrize("numel", [64, 2**17])
-def test_global_magnitude_with_nan_and_inf_equals_torch(numel):
-    """NaN and inf weights (small and large tensors): the masks prune.global_unstructured gives,
-    and the effective weight is exactly zero where pruned."""
-    torch.manual_seed(0)
-    rows = numel // 64
-    model = nn.Sequential(nn.Linear(64, rows), nn.Linear(rows, 4))
-    with torch.no_grad():
-        model[0].weight[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
-        model[1].weight[0, 0] = float("nan")
-        model[1].weight[1, :2] = 0.0
-    ref = copy.deepcopy(model)
-    mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.global_magnitude(0.5))})
-    expected = _torch_global([(ref[0], "weight"), (ref[1], "weight")], 0.5)
-    for layer, e in zip(model, expected, strict=True):
-        got = mp.kept_entries(model, "0.weight" if layer is model[0] else "1.weight")
-        assert torch.equal(got.expand(e.shape).bool(), e)
-        assert torch.equal(layer.weight[~e], torch.zeros(int((~e).sum())))
-
-
-def test_global_magnitude_with_a_one_entry_tensor_and_full_sparsity():
-    """Empty-ish tensors: a (1, 1) weight beside a larger one, sparsity 0 and 1: torch's masks."""
-    torch.manual_seed(0)
-    for amount in (0.0, 1.0, 0.5):
-        model = nn.Sequential(nn.Linear(1, 1), nn.Linear(1, 7))
-        ref = copy.deepcopy(model)
-        mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.global_magnitude(amount))})
-        expected = _torch_global([(ref[0], "weight"), (ref[1], "weight")], amount)
-        for layer, e in zip(model, expected, strict=True):
-            assert torch.equal(layer.weight != 0, e)
-
-
-def test_global_magnitude_with_freeze_freezes_the_largest():
-    """Freeze(global_magnitude(0.9)): the 10% largest |w| across the rule are frozen bit for bit."""
-    model = mlp(8, 16, 4, seed=0)
-    ref = copy.deepcopy(model)
-    mp.apply_mask(model, {"*.weight": mp.Freeze(mp.masks.global_magnitude(0.9))})
-    keep = _torch_global([(ref[0], "weight"), (ref[2], "weight")], 0.9)
-    before = linear_weights(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-1, weight_decay=0.1)
-    pruning_steps(model, optimizer, 3)
-    for b, a, k in zip(before, linear_weights(model), keep, strict=True):
-        assert bitwise_equal(a[k], b[k])
-        assert not torch.equal(a[~k], b[~k])
-
-
 def test_global_magnitude_inside_a_stack_ranks_the_effective_tensor():
     """[Triangular, Mask(global_magnitude)]: the ranking sees the triangle's zeros (pruned first),
     so the count of kept entries is exactly (1 - s) * n."""
@@ -865,18 +762,6 @@ def test_global_magnitude_inside_a_stack_ranks_the_effective_tensor():
     assert mp.verify(model) == []
 
 
-# ----------------------------------------------------------------------------------- misuse
-
-
-def test_n_m_on_a_tensor_whose_last_dim_does_not_divide_is_refused_unchanged():
-    """n_m(2, 4) on a Linear(6, 3): a MaskparamError naming the tensor, the model unchanged."""
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6), nn.Linear(6, 3))
-    before = snapshot_with_summary(model)
-    with pytest.raises(mp.MaskparamError, match=r"2\.weight"):
-        mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.n_m(2, 4))})
-    assert same_snapshot_with_summary(before, snapshot_with_summary(model))
-
-
 def test_n_m_update_on_a_tensor_whose_last_dim_does_not_divide_is_refused_unchanged():
     """update_masks with n_m where one layer does not divide: refused, masks unchanged."""
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6), nn.Linear(6, 3))
@@ -885,34 +770,6 @@ def test_n_m_update_on_a_tensor_whose_last_dim_does_not_divide_is_refused_unchan
     with pytest.raises(mp.MaskparamError, match=r"2\.weight"):
         mp.update_masks(model, {"*.weight": mp.masks.n_m(2, 4)})
     assert same_snapshot_with_summary(before, snapshot_with_summary(model))
-
-
-def test_wanda_on_a_conv_is_refused_unchanged():
-    """wanda with a rule selecting a Conv weight: MaskparamError, nothing changed."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
-    x = torch.randn(2, 1, 6, 6)
-    source = mp.masks.wanda(model, [x], 0.5)
-    before = snapshot_with_summary(model)
-    with pytest.raises(mp.MaskparamError, match="Linear"):
-        mp.apply_mask(model, {"*.weight": mp.Mask(source)})
-    assert same_snapshot_with_summary(before, snapshot_with_summary(model))
-
-
-def test_fisher_on_a_model_with_frozen_params_is_clear():
-    """fisher on a model whose first layer is frozen (requires_grad=False), rule over every
-    weight: a MaskparamError naming the frozen tensor, or a mask for the trainable ones only."""
-    model = mlp(8, 16, 4, seed=0)
-    model[0].weight.requires_grad_(False)
-    x, y = pruning_inputs(), torch.randn(16, 4)
-    before = snapshot_with_summary(model)
-    fish = mp.masks.fisher(model, [(x, y)], lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), 0.5)
-    assert same_snapshot_with_summary(before, snapshot_with_summary(model))
-    mp.apply_mask(model, {"*.weight": mp.Freeze(~fish)})
-    # "*.weight" passes over frozen parameters: only 2.weight is ranked, half of it frozen.
-    assert not hasattr(model[0], "parametrizations")
-    frozen, _ = mp.frozen_entries(model, "2.weight")
-    assert int(frozen.expand(4, 16).sum()) == 64 - int(0.5 * 64)
 
 
 def test_complement_of_a_non_joint_generator_freezes_what_it_does_not_select():

@@ -1,5 +1,5 @@
 """LearnableMask (constraints/learnable.py): hard and soft modes, mask_penalty, harden (threshold
-and target sparsity), export, summary, bad input."""
+and target sparsity, a soft scale folded, a tied weight kept tied), export, summary, bad input."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 
 import pytest
 import torch
-from helpers import mlp
-from torch import nn
+from helpers import mlp, outcome_is_exact_or_refused, zeros_like_selected
+from torch import Tensor, nn
 
 import maskparam as mp
 from maskparam.constraints.mask import MaskMultiply
@@ -164,3 +164,54 @@ def test_harden_without_fold_keeps_the_weights_unscaled():
     mp.harden(layer, fold=False)
     assert torch.equal(layer.parametrizations.weight.original, raw)
     assert torch.equal(layer.weight, raw)  # every score starts at 3T > 0: all kept, unscaled
+
+
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(8, 4)
+        self.head = nn.Linear(4, 8, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+# from the no-silent-failure attack on 0.1 (item 5: harden on a tied LearnableMask)
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"sparsity": 0.75}, {"threshold": 0.5}], ids=["default", "sparsity", "threshold"]
+)
+def test_harden_tied_learnable_mask_keeps_the_tie(kwargs):
+    model = mp.apply_mask(TiedLM(), {"emb.weight": mp.LearnableMask()})
+    with torch.no_grad():
+        scores = model.emb.parametrizations.weight[0].scores
+        scores.copy_(torch.randn_like(scores))
+    ids = torch.arange(8)
+    before = model(ids).detach()
+    mp.harden(model, **kwargs)
+    hardened = model(ids).detach()
+    assert torch.equal(model.emb.weight, model.head.weight), "the tie split"
+    assert not [n for n, _ in model.named_parameters() if n.endswith("scores")]
+    if not kwargs:
+        assert torch.equal(hardened, before)
+    mp.remove_parametrizations(model)
+    assert model.emb.weight is model.head.weight
+    assert torch.equal(model(ids), hardened)
+
+
+# from the no-silent-failure attack on 0.1 (item 13: hardening learnable masks)
+def test_harden_soft_mask_keeps_outputs_or_says_how_to_fold():
+    layer = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.LearnableMask("soft")})
+    scores = layer.parametrizations.weight[0].scores
+    with torch.no_grad():
+        scores.copy_(torch.randn_like(scores) * 3)
+    kept = scores.detach() > 0
+    before = layer.weight.detach().clone()
+
+    def check() -> None:
+        after = layer.weight.detach()
+        assert torch.equal(after[~kept], zeros_like_selected(after, ~kept))
+        # The kept entries keep their scaled values: the scale is folded into the weight.
+        assert torch.allclose(after[kept], before[kept], rtol=1e-6, atol=1e-6)
+
+    outcome_is_exact_or_refused(lambda: mp.harden(layer), check, layer, match="(?i)fold")

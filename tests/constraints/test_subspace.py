@@ -1,14 +1,24 @@
 """Subspace (constraints/subspace.py, constraints/projections.py): W = θ₀ + E·θ per tensor and
-across a whole model (intrinsic dimension); the projections; checkpoints, bake, summary, errors."""
+across a whole model (intrinsic dimension); the projections; checkpoints (after a dtype change
+too), bake, summary, errors (a basis that would need gigabytes, seeds, mixed-dtype groups)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
+from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import mlp
+from helpers import (
+    assert_state_unchanged,
+    mlp,
+    outcome_is_exact_or_refused,
+    refusal_of,
+    square_sum_steps,
+    state_of,
+)
 from torch import nn
 
 import maskparam as mp
@@ -545,3 +555,110 @@ def test_gaussian_and_sparse_checkpoints_carry_no_generation():
             mlp(12, 20, 3), {"*": mp.Subspace(7, projection=projection, group="g")}
         )
         assert not [k for k in model.state_dict() if k.endswith("generation")]
+
+
+def _subspace_in(projection: str, dtype: torch.dtype) -> nn.Linear:
+    layer = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Subspace(4, projection=projection)})
+    return layer.to(dtype)
+
+
+# from the no-silent-failure attack on 0.1 (item 10: dtype changed after apply)
+def test_gaussian_subspace_after_double_reloads_its_checkpoint_exactly():
+    trained = _subspace_in("gaussian", torch.float64)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    square_sum_steps(trained, torch.optim.SGD(trained.parameters(), lr=0.1), x, steps=1)
+    fresh = _subspace_in("gaussian", torch.float64)
+    fresh.load_state_dict(trained.state_dict())
+    assert torch.equal(fresh(x), trained(x))
+
+
+# from the no-silent-failure attack on 0.1 (item 10: dtype changed after apply)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["half", "double"])
+@pytest.mark.parametrize("projection", ["gaussian", "sparse", "fastfood"])
+def test_subspace_after_dtype_change_reloads_or_refuses(projection, dtype):
+    trained = _subspace_in(projection, dtype)
+    x = torch.randn(5, 4, dtype=dtype)
+    square_sum_steps(trained, torch.optim.SGD(trained.parameters(), lr=0.1), x, steps=1)
+    checkpoint = trained.state_dict()
+    model = _subspace_in(projection, dtype)
+    output = model(x).detach()
+
+    def check() -> None:
+        assert torch.equal(model(x), trained(x))
+
+    if outcome_is_exact_or_refused(lambda: model.load_state_dict(checkpoint), check, model) == (
+        "refused"
+    ):
+        assert torch.equal(model(x), output)  # still usable
+
+
+def _virtual_memory_size() -> int:
+    with open("/proc/self/status") as status:  # noqa: PTH123
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmSize")
+
+
+@contextlib.contextmanager
+def address_space_headroom(extra: int) -> Iterator[None]:
+    """Cap this process's address space at its current size + ``extra`` bytes, so that a call
+    that would allocate gigabytes fails at once (torch raises) instead of allocating them."""
+    resource = pytest.importorskip("resource")
+    try:
+        cap = _virtual_memory_size() + extra
+    except OSError:
+        pytest.skip("needs /proc/self/status")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY and cap > hard:
+        pytest.skip("the hard address-space limit is below the cap")
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+# from the no-silent-failure attack on 0.1 (crashes: memory)
+@pytest.mark.parametrize(
+    ("projection", "dim"), [("fastfood", 20_000), ("sparse", 100_000)], ids=["fastfood", "sparse"]
+)
+def test_subspace_that_needs_gigabytes_is_refused_before_allocating(projection, dim):
+    """On 0.1 Fastfood (d=20000 over 1M entries) allocates a 5.2 GB identity for the column norms
+    and sparse (d=1e5) peaks at ~5.9 GB; under a 512 MB cap both die in torch's allocator."""
+    layer = nn.Linear(1000, 1000)
+    before = state_of(layer)
+    with address_space_headroom(512 * 2**20):
+        refusal = refusal_of(
+            lambda: mp.apply_mask(layer, {"weight": mp.Subspace(dim, projection=projection)})
+        )
+    if refusal is not None:
+        assert "bytes" in str(refusal)
+        assert_state_unchanged(layer, before)
+
+
+# from the no-silent-failure attack on 0.1 (crashes: a Python error instead of MaskparamError)
+def test_subspace_seed_beyond_int64_works_or_refuses():
+    layer = nn.Linear(4, 3)
+
+    def check() -> None:
+        checkpoint = layer.state_dict()
+        fresh = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Subspace(2, seed=2**44)})
+        fresh.load_state_dict(checkpoint)
+        x = torch.randn(2, 4)
+        assert torch.equal(fresh(x), layer(x))
+
+    outcome_is_exact_or_refused(
+        lambda: mp.apply_mask(layer, {"weight": mp.Subspace(2, seed=2**44)}), check, layer
+    )
+
+
+# from the no-silent-failure attack on 0.1 (crashes: a Python error instead of MaskparamError)
+@pytest.mark.parametrize("order", ["fp32_first", "fp64_first"])
+def test_mixed_dtype_subspace_group_raises_maskparam_error(order):
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3).double()
+    model = nn.Sequential(first, second) if order == "fp32_first" else nn.Sequential(second, first)
+    before = state_of(model)
+    with pytest.raises(mp.MaskparamError, match=r"'[01]\.weight'|'g'"):
+        mp.apply_mask(model, {"*.weight": mp.Subspace(2, group="g")})
+    assert_state_unchanged(model, before)

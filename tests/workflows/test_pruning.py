@@ -8,100 +8,11 @@ import copy
 import pytest
 import torch
 from helpers import train_steps
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.ao.pruning import CubicSL
 from torch.nn.utils import prune
 
 import maskparam as mp
-
-
-def _model(integer_valued: bool = False, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Conv1d(2, 3, 3), nn.Linear(10, 4))
-    if integer_valued:  # many equal magnitudes: ties decide
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.randint(-3, 4, p.shape).float())
-    return model
-
-
-def _weights(model: nn.Module) -> list[Tensor]:
-    return [model[i].weight for i in (0, 2, 3)]
-
-
-@settings(max_examples=30, deadline=None)
-@given(
-    sparsity=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)),
-    integer_valued=st.booleans(),
-    seed=st.integers(0, 5),
-    layout=st.sampled_from(["dense", "compact", "auto"]),
-)
-def test_global_magnitude_equals_torch_global_unstructured(sparsity, integer_valued, seed, layout):
-    model = _model(integer_valued, seed)
-    reference = copy.deepcopy(model)
-    rules = {"*.weight": mp.Mask(mp.masks.global_magnitude(sparsity), layout=layout)}
-    mp.apply_mask(model, rules)
-    prune.global_unstructured(
-        [(reference[i], "weight") for i in (0, 2, 3)],
-        pruning_method=prune.L1Unstructured,
-        amount=sparsity,
-    )
-    for ours, theirs in zip(_weights(model), _weights(reference), strict=True):
-        assert torch.equal(ours, theirs)
-
-
-def test_global_magnitude_ranks_per_rule_and_across_the_rules_tensors():
-    model = _model()
-    with torch.no_grad():
-        model[0].weight.abs_().add_(10)  # the big layer keeps everything under one ranking
-    mp.apply_mask(
-        model,
-        {
-            "[03].weight": mp.Mask(mp.masks.global_magnitude(0.25)),
-            "2.weight": mp.Mask(mp.masks.global_magnitude(0.5)),
-        },
-    )
-    assert int((model[0].weight == 0).sum()) == 0
-    assert int((model[3].weight == 0).sum()) == 40  # 40 of 160 pruned: all of layer 3's 40
-    assert int((model[2].weight == 0).sum()) == round(0.5 * 18)  # its own ranking
-
-
-def test_global_magnitude_freezes_the_largest_with_freeze():
-    model = _model()
-    before = [w.detach().clone() for w in _weights(model)]
-    mp.apply_mask(model, {"*.weight": mp.Freeze(mp.masks.global_magnitude(0.9))})
-    train_steps(model[:2], torch.randn(4, 12), steps=3)
-    frozen = mp.masks.global_magnitude(0.9).build_joint([(str(i), w) for i, w in enumerate(before)])
-    assert torch.equal(model[0].weight[frozen[0]], before[0][frozen[0]])
-    assert not torch.equal(model[0].weight, before[0])
-    assert mp.verify(model) == []
-
-
-def test_a_joint_generator_is_called_once_per_rule_with_the_rules_tensors():
-    calls = []
-
-    class Record(mp.masks.JointMaskGenerator):
-        def build_joint(self, members):
-            calls.append([name for name, _ in members])
-            return [torch.ones_like(t, dtype=torch.bool) for _, t in members]
-
-    mp.apply_mask(_model(), {"*.weight": mp.Mask(Record()), "*.bias": mp.Mask(Record())})
-    assert calls == [["0.weight", "2.weight", "3.weight"], ["0.bias", "2.bias", "3.bias"]]
-
-
-def test_a_joint_generator_returning_too_few_masks_is_refused_and_nothing_changes():
-    class Short(mp.masks.JointMaskGenerator):
-        def build_joint(self, members):
-            return [torch.ones_like(members[0][1], dtype=torch.bool)]
-
-    model = _model()
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(mp.MaskparamError, match="returned 1 mask"):
-        mp.apply_mask(model, {"*.weight": mp.Mask(Short())})
-    assert model.state_dict().keys() == before.keys()
-
 
 # --- the schedule ------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """mp.masks.fisher (FISH) and mp.masks.wanda: equal to transcriptions of the reference code, the
-model left untouched, every refusal made before anything changes."""
+model left untouched, every refusal made before anything changes (a conv for wanda, frozen
+parameters for fisher)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import mlp
+from helpers import mlp, pruning_inputs, same_snapshot_with_summary, snapshot_with_summary
 from torch import Tensor, nn
 
 import maskparam as mp
@@ -527,3 +528,33 @@ def test_update_masks_takes_wanda_again_and_refuses_fisher_on_constrained_tensor
     fish = mp.masks.fisher(model, [(batches[0], torch.zeros(5, dtype=torch.long))], _ce, 0.3)
     with pytest.raises(mp.MaskparamError, match="compute the scores before apply_mask"):
         mp.update_masks(model, {"*.weight": ~fish})
+
+
+# from the attack on the pruning toolkit
+def test_wanda_on_a_conv_is_refused_unchanged():
+    """wanda with a rule selecting a Conv weight: MaskparamError, nothing changed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    x = torch.randn(2, 1, 6, 6)
+    source = mp.masks.wanda(model, [x], 0.5)
+    before = snapshot_with_summary(model)
+    with pytest.raises(mp.MaskparamError, match="Linear"):
+        mp.apply_mask(model, {"*.weight": mp.Mask(source)})
+    assert same_snapshot_with_summary(before, snapshot_with_summary(model))
+
+
+# from the attack on the pruning toolkit
+def test_fisher_on_a_model_with_frozen_params_is_clear():
+    """fisher on a model whose first layer is frozen (requires_grad=False), rule over every
+    weight: a MaskparamError naming the frozen tensor, or a mask for the trainable ones only."""
+    model = mlp(8, 16, 4, seed=0)
+    model[0].weight.requires_grad_(False)
+    x, y = pruning_inputs(), torch.randn(16, 4)
+    before = snapshot_with_summary(model)
+    fish = mp.masks.fisher(model, [(x, y)], lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), 0.5)
+    assert same_snapshot_with_summary(before, snapshot_with_summary(model))
+    mp.apply_mask(model, {"*.weight": mp.Freeze(~fish)})
+    # "*.weight" passes over frozen parameters: only 2.weight is ranked, half of it frozen.
+    assert not hasattr(model[0], "parametrizations")
+    frozen, _ = mp.frozen_entries(model, "2.weight")
+    assert int(frozen.expand(4, 16).sum()) == 64 - int(0.5 * 64)
