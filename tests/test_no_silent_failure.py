@@ -116,20 +116,6 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import maskparam as mp
 
-
-def refused_naming(make_spec: Callable[[], mp.Spec], model: nn.Module, names: str) -> None:
-    """A bad argument must be a MaskparamError: when the spec is constructed (there is no tensor
-    to name yet), or when applied, naming the tensor (``names``: a regex) and changing nothing."""
-    try:
-        spec = make_spec()
-    except mp.MaskparamError:
-        return
-    before = state_of(model)
-    with pytest.raises(mp.MaskparamError, match=names):
-        mp.apply_mask(model, {"weight": spec})
-    assert_state_unchanged(model, before)
-
-
 # ---------------------------------------------------------------------------------------------
 # Item 3: stacks and loading: a plain checkpoint (or `module.weight = w`) into a stack
 # ---------------------------------------------------------------------------------------------
@@ -506,38 +492,6 @@ def test_item13_swa_over_learnable_mask_averages_effective_weights_or_refuses():
 
 
 # ---------------------------------------------------------------------------------------------
-# Crashes: compact layout baked while a .grad of the compact shape exists
-# ---------------------------------------------------------------------------------------------
-
-
-def _compact_trained() -> tuple[nn.Linear, torch.optim.Optimizer]:
-    layer = mp.apply_mask(
-        nn.Linear(4, 3), {"weight": mp.Mask(mp.masks.random(0.5), layout="compact")}
-    )
-    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
-    square_sum_steps(layer, optimizer, torch.randn(2, 4), steps=1)  # leaves a compact-shaped .grad
-    return layer, optimizer
-
-
-def test_crash04_compact_bake_with_grad_then_new_optimizer_steps():
-    layer, _ = _compact_trained()
-    mp.remove_parametrizations(layer)
-    assert layer.weight.grad is None or layer.weight.grad.shape == layer.weight.shape
-    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
-    layer(torch.randn(2, 4)).square().sum().backward()  # accumulates into .grad
-    optimizer.step()
-
-
-def test_crash04_compact_bake_then_old_optimizer_steps_or_refuses():
-    layer, optimizer = _compact_trained()
-    mp.remove_parametrizations(layer)
-    optimizer.zero_grad()
-    layer(torch.randn(2, 4)).square().sum().backward()
-    refusal = refusal_of(optimizer.step)
-    assert refusal is None or "'weight'" in str(refusal)
-
-
-# ---------------------------------------------------------------------------------------------
 # Crashes: nn.Embedding(sparse=True) and the meta device
 # ---------------------------------------------------------------------------------------------
 
@@ -607,56 +561,6 @@ def test_helper03_fastfood_applied_under_meta_device_context_works_or_refuses():
         assert "'weight'" in str(refusal)
         return
     _loads_to_the_same_outputs(model, source)
-
-
-# ---------------------------------------------------------------------------------------------
-# Crashes: Python errors instead of MaskparamError, and silently reinterpreted arguments
-# ---------------------------------------------------------------------------------------------
-
-
-def _nan_basis() -> Tensor:
-    basis = torch.randn(12, 2)
-    basis[0, 0] = float("nan")
-    return basis
-
-
-def _inf_basis() -> Tensor:
-    basis = torch.randn(12, 2)
-    basis[3, 1] = float("inf")
-    return basis
-
-
-BAD_SPECS: dict[str, Callable[[], mp.Spec]] = {
-    "freeze_index_1.5": lambda: mp.Freeze(dim=0, index=1.5),
-    "freeze_dim_0.0": lambda: mp.Freeze(dim=0.0, index=[1]),
-    "triangular_diagonal_0.5": lambda: mp.Triangular(diagonal=0.5),
-    "subspace_nan_basis": lambda: mp.Subspace(2, basis=_nan_basis()),
-    "subspace_inf_basis": lambda: mp.Subspace(2, basis=_inf_basis()),
-    "learnable_temperature_inf": lambda: mp.LearnableMask("soft", temperature=float("inf")),
-    "learnable_init_nan": lambda: mp.LearnableMask(init=float("nan")),
-    # found by helper: an infinite init makes every weight NaN (inf - inf in the straight-through)
-    "learnable_init_inf (helper)": lambda: mp.LearnableMask(init=float("inf")),
-    # silently reinterpreted on 0.1
-    "masks_random_True": lambda: mp.Mask(mp.masks.random(True)),
-    "freeze_dim_True": lambda: mp.Freeze(dim=True, index=[0]),
-    "triangular_lower_no": lambda: mp.Triangular(lower="no"),
-    # found by helper: the same bool-as-number reinterpretation elsewhere
-    "masks_magnitude_True (helper)": lambda: mp.Mask(mp.masks.magnitude(True)),
-    # found by helper: accepted when constructed, then a RuntimeError from torch.manual_seed
-    "masks_random_seed_True (helper)": lambda: mp.Mask(mp.masks.random(0.5, seed=True)),
-    "subspace_seed_True (helper)": lambda: mp.Subspace(2, seed=True),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_SPECS))
-def test_crash08_bad_arguments_raise_maskparam_error(case):
-    refused_naming(BAD_SPECS[case], nn.Linear(4, 3), "'weight'")
-
-
-def test_crash08_rule_value_none_raises_maskparam_error():
-    layer = nn.Linear(4, 3)
-    with pytest.raises(mp.MaskparamError, match="'weight'"):
-        mp.apply_mask(layer, {"weight": None})
 
 
 # ---------------------------------------------------------------------------------------------
