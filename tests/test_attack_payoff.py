@@ -278,17 +278,6 @@ def test_mp_load_state_dict_dense_checkpoint_into_sparse_model():
     assert_same_bits(sparse, before)
 
 
-def test_rewind_onto_sparse_model_is_refused_clearly():
-    """mp.rewind(sparse_model, dense_copy) rewinds or raises a MaskparamError; model unchanged."""
-    model = nn.Sequential(sparse_linear())
-    earlier = copy.deepcopy(model)
-    mp.to_sparse(model, layout="csr")
-    before = state_bits(model)
-    with pytest.raises(mp.MaskparamError, match="0.weight"):
-        mp.rewind(model, earlier)
-    assert_same_bits(model, before)
-
-
 def test_trainable_state_dict_of_sparse_model():
     """trainable_state_dict(sparse_model) works (nothing trains) or says why, by tensor."""
     model = _csr_model()
@@ -553,64 +542,6 @@ def test_batchnorm_running_statistics_and_buffers_travel():
         assert torch.equal(restored.state_dict()[key], value), key
     trained.eval()
     restored.eval()
-    with torch.no_grad():
-        assert torch.equal(restored(X_6x7), trained(X_6x7))
-
-
-@pytest.mark.parametrize("layout", ["dense", "compact"])
-def test_after_update_masks_loads_onto_fresh_model(layout):
-    """After update_masks the saved positions are taken by the fresh model's Mask."""
-
-    def rules():
-        return {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)}
-
-    trained = mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules())
-    sgd_wd_steps(trained)
-    mp.update_masks(trained, {"*.weight": mp.Mask(mp.masks.magnitude(0.7))})
-    sgd_wd_steps(trained)
-    state = through_file(mp.trainable_state_dict(trained))
-    restored = mp.load_trainable_state_dict(
-        mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules()), state
-    )
-    with torch.no_grad():
-        assert torch.equal(restored(X_6x7), trained(X_6x7))
-    assert mp.verify(restored) == []
-
-
-# =============================================================================================
-# trainable_state_dict: defects
-
-
-def test_layer_pruned_to_nothing_round_trips():
-    """A layer that update_masks pruned entirely still round-trips onto a fresh model."""
-
-    def rules():
-        return {"2.weight": mp.Mask(mp.masks.magnitude(0.5), layout="dense")}
-
-    trained = mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules())
-    mp.update_masks(trained, {"2.weight": mp.Mask(torch.zeros(5, 9, dtype=torch.bool))})
-    sgd_wd_steps(trained)
-    state = through_file(mp.trainable_state_dict(trained))
-    restored = mp.load_trainable_state_dict(
-        mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules()), state
-    )
-    with torch.no_grad():
-        assert torch.equal(restored(X_6x7), trained(X_6x7))
-
-
-def test_positions_taken_by_a_mask_that_was_empty():
-    """A saved mask that differs from the model's (here: empty) Mask is taken, as documented."""
-
-    def rules():
-        return {"2.weight": mp.Mask(torch.zeros(5, 9, dtype=torch.bool), layout="dense")}
-
-    trained = mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules())
-    mp.update_masks(trained, {"2.weight": mp.Mask(mp.masks.magnitude(0.5))})
-    sgd_wd_steps(trained)
-    state = mp.trainable_state_dict(trained)
-    restored = mp.load_trainable_state_dict(
-        mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules()), state
-    )
     with torch.no_grad():
         assert torch.equal(restored(X_6x7), trained(X_6x7))
 

@@ -87,28 +87,6 @@ def test_batchnorm_running_statistics_travel(make_tiny, tiny_input, train):
         assert torch.equal(fresh(tiny_input), trained(tiny_input))
 
 
-@pytest.mark.parametrize("layout", ["dense", "compact"])
-def test_after_update_masks_positions_are_saved_and_taken(layout):
-    rules = {"*.weight": mp.Mask(mp.masks.magnitude(0.5), layout=layout)}
-    trained = trained_base(rules)
-    mp.update_masks(trained, {"*.weight": mp.masks.magnitude(0.75)})  # from the trained weights
-    adamw_steps_to_one(trained)
-    state, _ = through_file_with_size(mp.trainable_state_dict(trained))
-    positions = state["2.weight.free_positions"]
-    assert positions.dtype == torch.int32
-    assert positions.numel() == state["2.weight.free_values"].numel() == 256
-    fresh = mp.apply_mask(mlp(16, 32, 32, 4, activation=nn.ReLU, seed=0), rules)
-    assert not torch.equal(mp.kept_entries(fresh, "2.weight"), mp.kept_entries(trained, "2.weight"))
-    mp.load_trainable_state_dict(fresh, state)
-    with torch.no_grad():
-        assert torch.equal(fresh(X_8x16), trained(X_8x16))
-    for name in ("0.weight", "2.weight", "4.weight"):
-        assert torch.equal(mp.kept_entries(fresh, name), mp.kept_entries(trained, name))
-    assert mp.verify(fresh) == []
-    adamw_steps_to_one(fresh)  # the optimizer state follows the new layout; the mask holds
-    assert mp.verify(fresh) == []
-
-
 def test_masks_from_elsewhere_save_their_positions():
     hardened = trained_base({"0.weight": mp.LearnableMask(init=0.01)})
     mp.harden(hardened)
@@ -124,24 +102,6 @@ def test_masks_from_elsewhere_save_their_positions():
         state["0.weight.free_positions"].long(),
         mp.kept_entries(loaded, "0.weight").reshape(-1).nonzero().reshape(-1),
     )
-
-
-def test_changed_freeze_mask_is_refused_with_the_fix(snapshot):
-    rules = {"2.weight": mp.Freeze(mp.masks.magnitude(0.5), layout="dense")}
-    trained = trained_base(rules)
-    mp.update_masks(trained, {"2.weight": mp.masks.magnitude(0.75)})
-    state = mp.trainable_state_dict(trained)
-    assert "2.weight.free_positions" in state
-    fresh = mp.apply_mask(mlp(16, 32, 32, 4, activation=nn.ReLU, seed=0), rules)
-    before = snapshot(fresh)
-    with pytest.raises(mp.MaskparamError, match=r"'2\.weight'.*changed after apply"):
-        mp.load_trainable_state_dict(fresh, state)
-    before.assert_same(fresh)
-    # With the trained model's full checkpoint first, the masks agree and the state loads.
-    fresh.load_state_dict(trained.state_dict())
-    mp.load_trainable_state_dict(fresh, state)
-    with torch.no_grad():
-        assert torch.equal(fresh(X_8x16), trained(X_8x16))
 
 
 def test_size_one_percent_trainable_under_10_bytes_per_entry():

@@ -517,19 +517,6 @@ def test_not_a_module_is_refused():
         mp.masks.wanda("model", [1], 0.5)  # type: ignore[arg-type]
 
 
-def test_update_masks_takes_wanda_again_and_refuses_fisher_on_constrained_tensors():
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
-    batches = [torch.randn(5, 8)]
-    rule = (nn.Linear, "weight")
-    mp.apply_mask(model, {rule: mp.Mask(mp.masks.wanda(model, batches, 0.25))})
-    mp.update_masks(model, {rule: mp.masks.wanda(model, batches, 0.5)})
-    pruned = [int((model[i].weight == 0).sum()) for i in (0, 2)]
-    assert pruned == [8 * 4, 4 * 4]
-    fish = mp.masks.fisher(model, [(batches[0], torch.zeros(5, dtype=torch.long))], _ce, 0.3)
-    with pytest.raises(mp.MaskparamError, match="compute the scores before apply_mask"):
-        mp.update_masks(model, {"*.weight": ~fish})
-
-
 # from the attack on the pruning toolkit
 def test_wanda_on_a_conv_is_refused_unchanged():
     """wanda with a rule selecting a Conv weight: MaskparamError, nothing changed."""
