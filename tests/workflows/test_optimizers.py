@@ -112,69 +112,6 @@ def test_optimizers_never_move_constrained_entries(
     assert torch.equal(effective[frozen], start[frozen])
 
 
-class TwoMatrices(nn.Module):
-    """Two parameters of one shape in one module: a positional state swap would go unnoticed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Parameter(torch.randn(4, 4))
-        self.b = nn.Parameter(torch.randn(4, 4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.a @ self.b
-
-
 def _moments(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, torch.Tensor]:
     names = {id(p): n for n, p in model.named_parameters()}
     return {names[id(p)]: s["exp_avg"].clone() for p, s in optimizer.state.items()}
-
-
-@pytest.mark.parametrize("direction", ["plain-to-constrained", "constrained-to-baked"])
-def test_optimizer_state_by_name_survives_apply_and_bake(direction, train):
-    torch.manual_seed(0)
-    model = TwoMatrices()
-    if direction == "constrained-to-baked":
-        mp.apply_mask(model, {"a": mp.Triangular()})
-    optimizer = torch.optim.Adam(model.parameters())
-    train(model, torch.randn(2, 4), steps=1, optimizer=optimizer)
-    a = model.parametrizations.a.original if direction == "constrained-to-baked" else model.a
-    expected = {
-        "a": optimizer.state[a]["exp_avg"].clone(),
-        "b": optimizer.state[model.b]["exp_avg"].clone(),
-    }
-    saved = mp.optimizer_state_dict(optimizer, model)
-    if direction == "constrained-to-baked":
-        mp.remove_parametrizations(model)
-    else:
-        mp.apply_mask(model, {"a": mp.Triangular()})
-    # torch's positional load would give `a` the state of `b` here (same shapes: no error).
-    new = torch.optim.Adam(model.parameters())
-    mp.load_optimizer_state_dict(new, model, saved)
-    a = model.a if direction == "constrained-to-baked" else model.parametrizations.a.original
-    assert torch.equal(new.state[a]["exp_avg"], expected["a"])
-    assert torch.equal(new.state[model.b]["exp_avg"], expected["b"])
-    train(model, torch.randn(2, 4), steps=1, optimizer=new)
-
-
-def test_optimizer_state_without_names_or_of_another_mask_is_refused(train):
-    model = nn.Linear(4, 3)
-    optimizer = torch.optim.Adam(model.parameters())
-    train(model, torch.randn(2, 4), steps=1, optimizer=optimizer)
-    with pytest.raises(mp.MaskparamError, match="no parameter names"):
-        mp.load_optimizer_state_dict(optimizer, model, optimizer.state_dict())
-    saved = mp.optimizer_state_dict(optimizer, model)
-    # A plain (full-shape) state fits the compact layout: the free entries' state is kept.
-    mp.apply_mask(model, {"weight": mp.Mask(mp.masks.random(0.5), layout="compact")})
-    kept = mp.kept_entries(model, "weight")
-    new = torch.optim.Adam(model.parameters())
-    mp.load_optimizer_state_dict(new, model, saved)
-    loaded = new.state[model.parametrizations.weight.original]["exp_avg"]
-    assert torch.equal(loaded, optimizer.state[model.parametrizations.weight.original]
-                       ["exp_avg"][kept])  # fmt: skip
-    # State saved under a mask of another density fits neither layout: refused, nothing loaded.
-    compact_saved = mp.optimizer_state_dict(new, model)
-    other = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Mask(mp.masks.random(0.25))})
-    fresh = torch.optim.Adam(other.parameters())
-    with pytest.raises(mp.MaskparamError, match=r"(?s)'weight'.*exp_avg.*shape \(6,\)"):
-        mp.load_optimizer_state_dict(fresh, other, compact_saved)
-    assert fresh.state_dict()["state"] == {}  # nothing was loaded

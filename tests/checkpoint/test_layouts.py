@@ -1,5 +1,6 @@
-"""layout="auto": compact where it pays and is possible, dense elsewhere; checkpoints and optimizer
-state of either layout load into either."""
+"""Checkpoints of either layout load into either (_layouts.py): dense <-> compact, with
+torch's loader and mp.load_state_dict, outputs and masks equal; what cannot be translated is
+refused and nothing loads."""
 
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
-"""Attack on the two payoff features: ``mp.to_sparse`` / ``mp.CSRLinear`` and
-``mp.trainable_state_dict`` / ``mp.load_trainable_state_dict``.
-
-Each test is what a user would do, asserting the promised behaviour: outputs equal the dense
-model's, or a ``mp.MaskparamError`` naming the tensor, with the model left exactly as it was.
-Tests marked ``xfail(strict=True)`` are defects found by this attack.
-"""
+"""``mp.to_sparse`` / ``mp.CSRLinear``: a baked, pruned model in its fastest layout, with the
+same outputs (any input rank, dtypes, shared and tied Linears), a smaller state_dict, and
+everything torch does with a model (save, load, export, compile, deepcopy); what it cannot do is
+refused by name (a constrained model, bad arguments, CSR weights handed to other maskparam
+calls)."""
 
 from __future__ import annotations
 
@@ -14,37 +12,156 @@ import warnings
 
 import pytest
 import torch
-from helpers import (
-    X_6x7,
-    assert_same_bits,
-    mlp,
-    sgd_wd_steps,
-    sparse_linear,
-    state_bits,
-    through_file,
-)
+from helpers import assert_same_bits, mlp, sparse_linear, state_bits, through_file
 from torch import Tensor, nn
 
 import maskparam as mp
 
 
-def _csr_model(dtype=torch.float32) -> nn.Sequential:
-    model = nn.Sequential(sparse_linear(dtype=dtype), nn.ReLU(), sparse_linear(8, 4, dtype=dtype))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return mp.to_sparse(model, layout="csr")
+def _pruned_mlp(sparsity: float, width: int = 128) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(32, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4)
+    )
+    mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.global_magnitude(sparsity))})
+    return mp.remove_parametrizations(model)
 
 
-def _saved_bytes(obj: object) -> int:
+def _bytes(state: dict) -> int:
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return len(buffer.getvalue())
+    torch.save(state, buffer)
+    return buffer.tell()
 
 
-# =============================================================================================
-# to_sparse: passing regressions
+@pytest.mark.parametrize("shape", [(7, 32), (2, 5, 32), (32,)])
+def test_csr_outputs_equal_the_dense_model_for_any_leading_shape(shape):
+    dense = _pruned_mlp(0.9)
+    x = torch.randn(*shape)
+    sparse = mp.to_sparse(copy.deepcopy(dense), layout="csr")
+    assert all(type(m) is mp.CSRLinear for m in sparse if isinstance(m, nn.Linear))
+    assert all(m.weight.layout == torch.sparse_csr for m in sparse if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), dense(x), rtol=1e-5, atol=1e-6)
 
 
+def test_the_state_dict_shrinks_with_the_zeros_and_loads_with_weights_only():
+    dense = _pruned_mlp(0.95, width=256)
+    sparse = mp.to_sparse(copy.deepcopy(dense), layout="csr")
+    state = sparse.state_dict()
+    assert state.keys() == dense.state_dict().keys()
+    assert state["2.weight"].crow_indices().dtype == torch.int32  # 32-bit indices: they fit
+    ratio = _bytes(state) / _bytes(dense.state_dict())
+    assert ratio <= 0.15, ratio  # values (4 B) + column (4 B) per kept entry, 5% kept
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    fresh = mp.to_sparse(_pruned_mlp(0.95, width=256), layout="csr")
+    with torch.no_grad():  # another model of the same masks, then the saved values
+        for m in fresh:
+            if isinstance(m, nn.Linear):
+                m.weight.values().zero_()
+    fresh.load_state_dict(loaded)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), sparse(x))
+
+
+def test_export_save_and_deepcopy_keep_working():
+    dense = _pruned_mlp(0.9)
+    sparse = mp.to_sparse(copy.deepcopy(dense), layout="csr")
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        expected = sparse(x)
+    exported = torch.export.export(sparse, (x,))
+    assert torch.equal(exported.module()(x), expected)
+    buffer = io.BytesIO()
+    torch.save(sparse, buffer)  # the whole model: CSRLinear is importable
+    buffer.seek(0)
+    with torch.no_grad():
+        assert torch.equal(torch.load(buffer, weights_only=False)(x), expected)
+        copied = copy.deepcopy(sparse)
+        assert torch.equal(copied(x), expected)
+    copied[0].weight.values().zero_()  # a copy: the original keeps its values
+    with torch.no_grad():
+        assert torch.equal(sparse(x), expected)
+
+
+def test_auto_keeps_dense_where_csr_cannot_pay_and_says_what_it_chose():
+    dense = _pruned_mlp(0.3)
+    sparse = mp.to_sparse(copy.deepcopy(dense))
+    assert [c.layout for c in sparse.sparse_choices] == ["dense"] * 3
+    assert all(c.dense_ms is None for c in sparse.sparse_choices)  # below MIN_ZEROS: not timed
+    assert all(type(m) is nn.Linear for m in sparse if isinstance(m, nn.Linear))
+    timed = mp.to_sparse(_pruned_mlp(0.95, width=512), batch_size=64)
+    choices = [c for c in timed.sparse_choices if c.zeros >= mp._sparse.MIN_ZEROS]
+    assert len(choices) >= 2
+    for choice in choices:  # timed, and the faster one kept, by the margin
+        assert choice.dense_ms is not None
+        assert choice.sparse_ms is not None
+        assert (choice.layout == "csr") == (choice.dense_ms >= 1.1 * choice.sparse_ms)
+
+
+def test_only_plain_linears_are_converted():
+    attention = nn.MultiheadAttention(16, 2)  # reads out_proj.weight itself: left dense
+    with torch.no_grad():
+        attention.out_proj.weight.zero_()
+    mp.to_sparse(attention, layout="csr")
+    assert attention.out_proj.weight.layout == torch.strided
+    x = torch.randn(3, 1, 16)
+    attention(x, x, x)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: mp.to_sparse(m, layout="coo"), "unknown layout"),
+        (lambda m: mp.to_sparse(m, batch_size=0), "batch_size"),
+        (lambda m: mp.to_sparse(m, min_speedup=0), "min_speedup"),
+        (
+            lambda m: mp.to_sparse(mp.apply_mask(m, {"0.weight": mp.Triangular()})),
+            "bake first",
+        ),
+    ],
+)
+def test_bad_calls_are_refused_and_change_nothing(call, message):
+    model = _pruned_mlp(0.9)
+    with pytest.raises(mp.MaskparamError, match=message):
+        call(model)
+    assert all(m.weight.layout == torch.strided for m in model if isinstance(m, nn.Linear))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured sparsity needs CUDA")
+def test_cuda_two_four_weights_become_semi_structured_where_faster():
+    torch.manual_seed(0)
+    layer = nn.Linear(1024, 1024).half().cuda()
+    mp.apply_mask(layer, {"weight": mp.Mask(mp.masks.n_m(2, 4))})
+    mp.remove_parametrizations(layer)
+    x = torch.randn(64, 1024, dtype=torch.half, device="cuda")
+    with torch.no_grad():
+        expected = layer(x)
+    mp.to_sparse(layer)
+    (choice,) = layer.sparse_choices
+    assert choice.layout in ("2:4", "dense")
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_a_cpu_two_four_weight_is_not_a_semi_structured_candidate():
+    layer = nn.Linear(8, 8)
+    mp.apply_mask(layer, {"weight": mp.Mask(mp.masks.n_m(2, 4))})
+    mp.remove_parametrizations(layer)
+    assert not mp._sparse._semi_structured_candidate(layer.weight)
+
+
+def test_a_meta_model_is_refused():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(mp.MaskparamError, match="meta device"):
+        mp.to_sparse(model)
+
+
+# from the attack on to_sparse and trainable_state_dict
 def test_to_sparse_linear_in_sequential_modulelist_and_custom_module():
     """Linears anywhere (Sequential, ModuleList, a custom module) convert and outputs stay equal."""
 
@@ -69,6 +186,7 @@ def test_to_sparse_linear_in_sequential_modulelist_and_custom_module():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
 
 
+# from the attack on to_sparse and trainable_state_dict
 def test_to_sparse_linear_used_twice_stays_one_module():
     """A Linear applied twice converts once and its two uses still agree with dense."""
     layer = sparse_linear(8, 8)
@@ -83,6 +201,7 @@ def test_to_sparse_linear_used_twice_stays_one_module():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
 
 
+# from the attack on to_sparse and trainable_state_dict
 @pytest.mark.parametrize("shape", [(16,), (2, 3, 16), (2, 2, 3, 16), (0, 16), (2, 0, 16)])
 def test_to_sparse_any_input_rank_and_empty_batch(shape):
     """1-D, 3-D, 4-D inputs and an empty batch give the dense model's outputs and shapes."""
@@ -95,6 +214,7 @@ def test_to_sparse_any_input_rank_and_empty_batch(shape):
         torch.testing.assert_close(out, dense(x), rtol=1e-5, atol=1e-6)
 
 
+# from the attack on to_sparse and trainable_state_dict
 @pytest.mark.parametrize("bias", [True, False])
 def test_to_sparse_all_zero_weight_and_no_bias(bias):
     """An all-zero weight and a Linear without bias convert and compute what dense did."""
@@ -109,6 +229,7 @@ def test_to_sparse_all_zero_weight_and_no_bias(bias):
         assert torch.equal(layer(x), expected)
 
 
+# from the attack on to_sparse and trainable_state_dict
 def test_to_sparse_float64_weight():
     """A float64 Linear converts and its outputs stay float64 and equal."""
     layer = sparse_linear(dtype=torch.float64)
@@ -122,6 +243,7 @@ def test_to_sparse_float64_weight():
     torch.testing.assert_close(out, expected)
 
 
+# from the attack on to_sparse and trainable_state_dict
 def test_sparse_state_dict_weights_only_and_deepcopy_of_shared_csr():
     """The sparse state_dict reads with weights_only; a deepcopy keeps a shared CSRLinear shared."""
     layer = sparse_linear()
@@ -137,6 +259,14 @@ def test_sparse_state_dict_weights_only_and_deepcopy_of_shared_csr():
         assert torch.equal(clone[0](x), model[0](x))
 
 
+def _csr_model(dtype=torch.float32) -> nn.Sequential:
+    model = nn.Sequential(sparse_linear(dtype=dtype), nn.ReLU(), sparse_linear(8, 4, dtype=dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mp.to_sparse(model, layout="csr")
+
+
+# from the attack on to_sparse and trainable_state_dict
 @pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning")  # inside inductor
 @pytest.mark.filterwarnings("ignore::UserWarning")  # sparse CSR beta
 def test_to_sparse_export_and_compile_match():
@@ -152,6 +282,7 @@ def test_to_sparse_export_and_compile_match():
         torch.testing.assert_close(compiled(x), expected)
 
 
+# from the attack on to_sparse and trainable_state_dict
 @pytest.mark.slow
 def test_to_sparse_hf_bert_and_gpt2_outputs_unchanged():
     """HF BERT/GPT-2 built from configs: pruned, baked, to_sparse: logits equal, keys equal."""
@@ -183,6 +314,7 @@ def test_to_sparse_hf_bert_and_gpt2_outputs_unchanged():
         assert list(model.state_dict()) == keys
 
 
+# from the attack on to_sparse and trainable_state_dict
 def test_to_sparse_on_a_constrained_model_is_refused():
     """to_sparse before baking says to bake first, and changes nothing."""
     model = mp.apply_mask(
@@ -194,10 +326,7 @@ def test_to_sparse_on_a_constrained_model_is_refused():
     assert_same_bits(model, before)
 
 
-# =============================================================================================
-# to_sparse: defects
-
-
+# from the attack on to_sparse and trainable_state_dict
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_to_sparse_auto_half_precision_model_keeps_working(dtype):
     """to_sparse(layout='auto') of a 97%-sparse fp16/bf16 model runs and outputs still match."""
@@ -212,6 +341,7 @@ def test_to_sparse_auto_half_precision_model_keeps_working(dtype):
         torch.testing.assert_close(model(x), expected)
 
 
+# from the attack on to_sparse and trainable_state_dict
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_to_sparse_csr_half_precision_is_refused_or_runs(dtype):
     """layout='csr' on fp16/bf16: either a MaskparamError up front, or a model that runs."""
@@ -227,6 +357,7 @@ def test_to_sparse_csr_half_precision_is_refused_or_runs(dtype):
         torch.testing.assert_close(layer(x), expected)
 
 
+# from the attack on to_sparse and trainable_state_dict
 def test_model_to_float64_after_to_sparse():
     """model.to(torch.float64) after to_sparse gives a float64 model that runs."""
     model = _csr_model()
@@ -240,6 +371,7 @@ def test_model_to_float64_after_to_sparse():
         torch.testing.assert_close(model(x.double()).float(), expected)
 
 
+# from the attack on to_sparse and trainable_state_dict
 def test_mp_load_state_dict_sparse_checkpoint_into_dense_model():
     """mp.load_state_dict(dense, sparse_state) loads (values equal) or names the layout problem."""
     dense = nn.Sequential(sparse_linear())
@@ -258,6 +390,7 @@ def test_mp_load_state_dict_sparse_checkpoint_into_dense_model():
     assert_same_bits(target, before)
 
 
+# from the attack on to_sparse and trainable_state_dict
 def test_mp_load_state_dict_dense_checkpoint_into_sparse_model():
     """mp.load_state_dict(sparse_model, dense_state) loads or names the tensor and the fix."""
     sparse = nn.Sequential(sparse_linear())
@@ -278,6 +411,7 @@ def test_mp_load_state_dict_dense_checkpoint_into_sparse_model():
     assert_same_bits(sparse, before)
 
 
+# from the attack on to_sparse and trainable_state_dict
 def test_trainable_state_dict_of_sparse_model():
     """trainable_state_dict(sparse_model) works (nothing trains) or says why, by tensor."""
     model = _csr_model()
@@ -291,6 +425,7 @@ def test_trainable_state_dict_of_sparse_model():
     assert "0.weight" in message
 
 
+# from the attack on to_sparse and trainable_state_dict
 def test_apply_mask_on_a_csr_weight_says_it_is_sparse():
     """apply_mask naming a CSR weight: a MaskparamError saying the weight is sparse (to_sparse)."""
     model = _csr_model()
@@ -303,6 +438,13 @@ def test_apply_mask_on_a_csr_weight_says_it_is_sparse():
     assert "fix the spec" not in message
 
 
+def _saved_bytes(obj: object) -> int:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return len(buffer.getvalue())
+
+
+# from the attack on to_sparse and trainable_state_dict
 def test_to_sparse_keeps_a_tied_weight_tied():
     """A Linear head tied to an Embedding stays tied (or stays dense) after to_sparse."""
     embedding = nn.Embedding(100, 32)
@@ -317,6 +459,7 @@ def test_to_sparse_keeps_a_tied_weight_tied():
     assert _saved_bytes(model.state_dict()) <= size
 
 
+# from the attack on to_sparse and trainable_state_dict
 def test_training_a_sparse_model_fails_clearly():
     """model.requires_grad_(True) + backward + step: trains, or a clear error naming the CSR weight."""
     model = _csr_model()
@@ -330,6 +473,7 @@ def test_training_a_sparse_model_fails_clearly():
     assert model[0].weight.layout == torch.sparse_csr
 
 
+# from the attack on to_sparse and trainable_state_dict
 @pytest.mark.parametrize("bad", [float("nan"), True])
 def test_to_sparse_refuses_a_nan_or_bool_min_speedup(bad):
     """min_speedup=nan or True is a MaskparamError, like min_speedup=0."""
@@ -338,6 +482,7 @@ def test_to_sparse_refuses_a_nan_or_bool_min_speedup(bad):
         mp.to_sparse(model, min_speedup=bad)
 
 
+# from the attack on to_sparse and trainable_state_dict
 def test_to_sparse_twice_keeps_what_it_chose():
     """A second to_sparse call is a no-op: sparse_choices still lists the CSR Linears."""
     model = nn.Sequential(sparse_linear())
@@ -347,6 +492,7 @@ def test_to_sparse_twice_keeps_what_it_chose():
     assert [c.layout for c in model.sparse_choices] == [c.layout for c in first] == ["csr"]
 
 
+# from the attack on to_sparse and trainable_state_dict
 def test_to_sparse_of_a_weight_norm_linear_keeps_working():
     """to_sparse of a model with nn.utils.weight_norm: the model still runs with equal outputs."""
     with warnings.catch_warnings():
@@ -363,207 +509,3 @@ def test_to_sparse_of_a_weight_norm_linear_keeps_working():
     with torch.no_grad():  # kept dense (it has hooks); an all-zero row makes NaN both times
         torch.testing.assert_close(model(x), expected, equal_nan=True)
     assert model.sparse_choices[0].layout == "dense (has forward hooks)"
-
-
-# =============================================================================================
-# trainable_state_dict: passing regressions
-
-RULES = {
-    "mask_dense": lambda: {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout="dense")},
-    "mask_compact": lambda: {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1))},
-    "freeze_dense": lambda: {"*.weight": mp.Freeze(mp.masks.random(0.5, seed=1), layout="dense")},
-    "freeze_compact": lambda: {"*.weight": mp.Freeze(mp.masks.random(0.5, seed=1))},
-    "freeze_slices": lambda: {"0.weight": mp.Freeze(dim=0, index=[0, 2, 4])},
-    "triangular": lambda: {"2.weight": mp.Triangular()},
-    "subspace": lambda: {"*.weight": mp.Subspace(4)},
-    "subspace_fastfood": lambda: {"*": mp.Subspace(5, projection="fastfood", group="g", seed=2)},
-    "learnable": lambda: {"*.weight": mp.LearnableMask(init=0.01)},
-    "stack": lambda: {"0.weight": [mp.Triangular(), mp.Mask(mp.masks.random(0.5, seed=3))]},
-}
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("case", list(RULES))
-def test_round_trip_any_dtype_through_a_file(case, dtype):
-    """fp16/bf16/fp64 fine-tunes round-trip through torch.load(weights_only=True) bit for bit."""
-    rules = RULES[case]
-    trained = mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, dtype=dtype, seed=0), rules())
-    sgd_wd_steps(trained)
-    state = through_file(mp.trainable_state_dict(trained))
-    restored = mp.load_trainable_state_dict(
-        mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, dtype=dtype, seed=0), rules()), state
-    )
-    with torch.no_grad():
-        assert torch.equal(restored(X_6x7.to(dtype)), trained(X_6x7.to(dtype)))
-    assert mp.verify(restored) == []
-
-
-@pytest.mark.parametrize("case", list(RULES))
-def test_load_overwrites_a_model_trained_further(case):
-    """Loading onto the same model after more training gives back the saved outputs exactly."""
-    model = mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), RULES[case]())
-    sgd_wd_steps(model)
-    state = mp.trainable_state_dict(model)
-    with torch.no_grad():
-        expected = model(X_6x7)
-    sgd_wd_steps(model, steps=4)
-    mp.load_trainable_state_dict(model, state)
-    with torch.no_grad():
-        assert torch.equal(model(X_6x7), expected)
-
-
-@pytest.mark.parametrize("case", ["freeze_dense", "freeze_compact", "freeze_slices", "subspace"])
-def test_another_base_in_the_last_bit_is_refused_untouched(case):
-    """A base whose frozen weights differ in one last bit is refused by name, model untouched."""
-    trained = mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), RULES[case]())
-    sgd_wd_steps(trained)
-    state = mp.trainable_state_dict(trained)
-    other = mlp(7, 9, 5, activation=nn.ReLU, seed=0)
-    with torch.no_grad():
-        w = other[0].weight
-        w.view(-1)[0] = torch.nextafter(w.view(-1)[0], torch.tensor(float("inf")))
-    other = mp.apply_mask(other, RULES[case]())
-    before, summary = state_bits(other), mp.summary(other)
-    with pytest.raises(mp.MaskparamError, match=r"'0\.weight'"):
-        mp.load_trainable_state_dict(other, state)
-    assert_same_bits(other, before)
-    assert mp.summary(other) == summary
-
-
-def test_untouched_frozen_parameter_that_differs_is_refused():
-    """A frozen, unconstrained bias that differs from the base is refused by name."""
-
-    def build():
-        model = mlp(7, 9, 5, activation=nn.ReLU, seed=0)
-        model[0].bias.requires_grad_(False)
-        return mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1))})
-
-    trained = build()
-    sgd_wd_steps(trained)
-    state = mp.trainable_state_dict(trained)
-    other = build()
-    with torch.no_grad():
-        other[0].bias[0] += 1e-6
-    before = state_bits(other)
-    with pytest.raises(mp.MaskparamError, match=r"'0\.bias'"):
-        mp.load_trainable_state_dict(other, state)
-    assert_same_bits(other, before)
-
-
-def _full_rules(seed: int = 1) -> mp.Rules:
-    return {
-        "0.weight": [mp.Triangular(), mp.Mask(mp.masks.random(0.5, seed=3))],
-        "2.weight": mp.Mask(mp.masks.random(0.5, seed=seed), layout="dense"),
-    }
-
-
-@pytest.mark.parametrize(
-    "make_other",
-    [
-        pytest.param(
-            lambda: mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), _full_rules(seed=9)),
-            id="other_seed",
-        ),
-        pytest.param(
-            lambda: mp.apply_mask(
-                mlp(7, 9, 5, activation=nn.ReLU, dtype=torch.float64, seed=0), _full_rules()
-            ),
-            id="other_dtype",
-        ),
-    ],
-)
-def test_refusals_name_the_tensor_and_change_nothing(make_other):
-    """Another mask seed or another dtype: MaskparamError naming the tensor, model unchanged."""
-    trained = mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), _full_rules())
-    sgd_wd_steps(trained)
-    state = through_file(mp.trainable_state_dict(trained))
-    other = make_other()
-    before, summary = state_bits(other), mp.summary(other)
-    with pytest.raises(mp.MaskparamError, match=r"'[02]\.weight"):
-        mp.load_trainable_state_dict(other, state)
-    assert_same_bits(other, before)
-    assert mp.summary(other) == summary
-
-
-def test_a_forgotten_rule_is_named():
-    """Loading onto a model where the user forgot the rule for 2.weight names '2.weight'."""
-    trained = mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), _full_rules())
-    sgd_wd_steps(trained)
-    state = mp.trainable_state_dict(trained)
-    other = mp.apply_mask(
-        mlp(7, 9, 5, activation=nn.ReLU, seed=0), RULES["stack"]()
-    )  # the rule for 2.weight forgotten
-    before = state_bits(other)
-    with pytest.raises(mp.MaskparamError) as info:
-        mp.load_trainable_state_dict(other, state)
-    assert_same_bits(other, before)
-    assert "2.weight" in str(info.value)
-
-
-@pytest.mark.parametrize("damage", ["extra", "missing", "truncated", "two_d", "dtype"])
-def test_damaged_states_are_refused_untouched(damage):
-    """An extra/missing key, a truncated, reshaped or retyped tensor: refused, model unchanged."""
-    rules = RULES["mask_compact"]
-    trained = mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules())
-    sgd_wd_steps(trained)
-    state = dict(mp.trainable_state_dict(trained))
-    key = "0.weight.free_values"
-    if damage == "extra":
-        state["9.weight.free_values"] = torch.zeros(3)
-    elif damage == "missing":
-        del state["2.bias"]
-    elif damage == "truncated":
-        state[key] = state[key][:-1]
-    elif damage == "two_d":
-        state[key] = state[key].reshape(1, -1)
-    else:
-        state[key] = state[key].double()
-    other = mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules())
-    sgd_wd_steps(other, steps=1)
-    before = state_bits(other)
-    with pytest.raises(mp.MaskparamError):
-        mp.load_trainable_state_dict(other, state)
-    assert_same_bits(other, before)
-
-
-def test_batchnorm_running_statistics_and_buffers_travel():
-    """BatchNorm running stats and num_batches_tracked are restored exactly."""
-
-    def build():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(7, 9), nn.BatchNorm1d(9), nn.Linear(9, 5))
-        return mp.apply_mask(model, {"*.weight": mp.Freeze(mp.masks.random(0.5, seed=1))})
-
-    trained = build().train()
-    sgd_wd_steps(trained)
-    state = through_file(mp.trainable_state_dict(trained))
-    restored = mp.load_trainable_state_dict(build(), state)
-    for key, value in trained.state_dict().items():
-        assert torch.equal(restored.state_dict()[key], value), key
-    trained.eval()
-    restored.eval()
-    with torch.no_grad():
-        assert torch.equal(restored(X_6x7), trained(X_6x7))
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="documented (README, Checkpoints): buffers count as base, except normalisation running "
-    "statistics; the old spectral_norm's u and v change in every training forward",
-)
-def test_spectral_norm_fine_tune_round_trips():
-    """A model with nn.utils.spectral_norm fine-tuned under a Mask restores onto its base."""
-
-    def build():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(7, 9)), nn.ReLU(), nn.Linear(9, 5))
-        return mp.apply_mask(model, {"2.weight": mp.Mask(mp.masks.random(0.5, seed=1))})
-
-    trained = build()
-    sgd_wd_steps(trained)
-    state = mp.trainable_state_dict(trained)
-    restored = mp.load_trainable_state_dict(build(), state)
-    trained.eval()
-    restored.eval()
-    with torch.no_grad():
-        assert torch.equal(restored(X_6x7), trained(X_6x7))
