@@ -1,8 +1,8 @@
 """The core promise under every optimizer in torch.optim, momentum and (decoupled) weight decay
 included: masked entries stay exactly zero, frozen entries bit-identical, the triangle exact, and
-the free entries do train; the same over random shapes and masks (hypothesis); and an optimizer
-created before apply_mask that would silently misbehave is refused with the fix
-(_optimizer_guard.py)."""
+the free entries do train; the same over random shapes and masks (hypothesis). An optimizer
+created before apply_mask or kept across a bake: core/test_optimizer_guard.py; optimizer
+checkpoints: checkpoint/test_optimizer_state_dict.py."""
 
 from __future__ import annotations
 
