@@ -110,8 +110,3 @@ def test_optimizers_never_move_constrained_entries(
     zero = ~kept | ~lower
     assert torch.equal(effective[zero], torch.zeros_like(effective[zero]))
     assert torch.equal(effective[frozen], start[frozen])
-
-
-def _moments(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, torch.Tensor]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    return {names[id(p)]: s["exp_avg"].clone() for p, s in optimizer.state.items()}
