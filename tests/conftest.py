@@ -1,5 +1,6 @@
 """Shared fixtures: small models, the one training helper, a snapshot that proves a model was left
-untouched, and the check that a trained model's constraints still hold."""
+untouched, and the check that a trained model's constraints still hold. The training loop and
+the snapshot themselves live in helpers.py (importable by the test files too)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from torch import Tensor, nn
 
 import maskparam as mp
 
-# Shared, non-test modules of the suite (torch_optimizers.py) import by name; pytest's importlib
-# mode does not put this folder on sys.path by itself.
+# Shared, non-test modules of the suite (helpers.py, strategies.py, torch_optimizers.py) import by
+# name; pytest's importlib mode does not put this folder on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import Snapshot, train_steps  # (importable once the folder is on sys.path)
 
 settings.register_profile("default", deadline=None, max_examples=60)
 settings.register_profile("ci", deadline=None, max_examples=150, derandomize=True)
@@ -63,74 +66,10 @@ def tiny_input() -> Tensor:
     return torch.randn(4, 3, 6, 6)
 
 
-OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-
-
-def default_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    # AdamW with weight decay: the optimizer that defeats gradient masking (decoupled decay
-    # moves every entry whose gradient is zero).
-    return torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)
-
-
-def train_steps(
-    model: nn.Module,
-    inputs: Tensor,
-    *,
-    steps: int = 3,
-    optimizer: torch.optim.Optimizer | OptimizerFactory = default_optimizer,
-    target: Tensor | None = None,
-) -> list[float]:
-    """Train ``model`` for ``steps`` steps on one batch (MSE to ``target``, or to zeros); losses.
-
-    ``optimizer`` is an optimizer or a factory of one over ``model.parameters()``. Works with
-    closure-based optimizers (LBFGS) too, and with half-precision models (the loss is in float32).
-    """
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        optimizer = optimizer(list(model.parameters()))
-    losses = []
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        out = model(inputs).float()
-        goal = torch.zeros_like(out) if target is None else target.float()
-        loss = nn.functional.mse_loss(out, goal)
-        loss.backward()
-        return loss
-
-    for _ in range(steps):
-        losses.append(float(optimizer.step(closure).detach()))  # type: ignore[union-attr]
-    return losses
-
-
 @pytest.fixture(scope="session")  # stateless; session scope lets hypothesis tests use it too
 def train() -> Callable[..., list[float]]:
     """The one training loop of the test suite: see :func:`train_steps`."""
     return train_steps
-
-
-@dataclass
-class Snapshot:
-    """Everything apply_mask could change: class per module, state_dict, Parameter identities."""
-
-    classes: dict[str, type]
-    state: dict[str, Tensor]
-    param_ids: dict[str, int]
-
-    @classmethod
-    def of(cls, model: nn.Module) -> Snapshot:
-        return cls(
-            {name: type(m) for name, m in model.named_modules()},
-            {k: v.detach().clone() for k, v in model.state_dict().items()},
-            {name: id(p) for name, p in model.named_parameters()},
-        )
-
-    def assert_same(self, model: nn.Module) -> None:
-        after = Snapshot.of(model)
-        assert after.classes == self.classes
-        assert after.param_ids == self.param_ids
-        assert after.state.keys() == self.state.keys()
-        for key, value in self.state.items():
-            assert torch.equal(after.state[key], value), key
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import mlp
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from block_mask import BlockMask
@@ -66,13 +67,9 @@ CASES: dict[str, Callable[[], Rules]] = {
 }
 
 
-def _mlp(dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6)).to(dtype)
-
-
 def _constrained(case: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return mp.apply_mask(_mlp(dtype), CASES[case]())
+    return mp.apply_mask(mlp(6, 6, 6, dtype=dtype), CASES[case]())
 
 
 def _inputs(dtype: torch.dtype = torch.float32) -> Tensor:
@@ -227,7 +224,7 @@ def test_bake_gives_a_plain_model_with_identical_outputs(case, train):
 def test_plain_checkpoint_load_then_train(case, train):
     model = _constrained(case)
     torch.manual_seed(3)
-    pretrained = _mlp().state_dict()  # plain keys, other values
+    pretrained = mlp(6, 6, 6).state_dict()  # plain keys, other values
     mp.load_state_dict(model, pretrained)
     _assert_holds(model)
     train(model, _inputs(), steps=2)

@@ -1,5 +1,6 @@
 """Every optimizer in torch.optim, with momentum and (decoupled) weight decay where it has them:
-the one table the optimizer tests and the matrix share (imported, not collected)."""
+the one table the optimizer tests and the matrix share; and the optimizers of the pruning loops
+(imported, not collected)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,22 @@ OPTIMIZERS: dict[str, Factory] = {
     "Adafactor": lambda p: torch.optim.Adafactor(p, lr=0.05, weight_decay=0.1),
     "Muon": _muon,
 }
+# Optimizers whose state at an entry that never had a gradient is their fresh state (no coupled
+# weight decay): there the dense layout and the compact one must train identically, bit for bit,
+# through apply, bake and a new mask, with one optimizer.
+PRUNING_LOOP_OPTIMIZERS = {
+    "SGD(momentum)": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    "SGD(nesterov)": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "Adam(amsgrad)": lambda p: torch.optim.Adam(p, lr=0.05, amsgrad=True),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+    "AdamW(fused)": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1, fused=True),
+    "NAdam": lambda p: torch.optim.NAdam(p, lr=0.05, weight_decay=0.1, decoupled_weight_decay=True),
+    "RAdam": lambda p: torch.optim.RAdam(p, lr=0.05, weight_decay=0.1, decoupled_weight_decay=True),
+    "Rprop": lambda p: torch.optim.Rprop(p, lr=0.01),
+    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1, initial_accumulator_value=0.5),
+    "RMSprop": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9),
+}
+
 # SparseAdam needs sparse gradients (nn.Embedding(sparse=True)); a parametrized tensor's gradient
 # flows through the parametrization and is dense, so SparseAdam cannot train it at all.
 NOT_APPLICABLE = {"SparseAdam"}

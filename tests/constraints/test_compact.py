@@ -1,5 +1,6 @@
 """layout="compact" (constraints/compact.py): the stored original holds only the free entries;
-same effective tensors and training as the dense layout; where it cannot be used, and says so."""
+same effective tensors and training as the dense layout; where it cannot be used, and says so;
+layout="auto" is compact where that pays and is possible, dense elsewhere."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import io
 
 import pytest
 import torch
+from helpers import LAYOUT_SPECS, is_compact, mlp
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import maskparam as mp
+from maskparam.constraints.compact import AUTO_COMPACT_MAX_FREE, CompactScatter
 
 SPECS = {
     "mask": lambda: mp.Mask(mp.masks.random(0.3, seed=1), layout="compact"),
@@ -115,3 +118,63 @@ def test_meta_tensors_are_refused_with_the_fix():
         model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     with pytest.raises(mp.MaskparamError, match="real tensors"):
         mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5), layout="compact")})
+
+
+@pytest.mark.parametrize("kind", list(LAYOUT_SPECS))
+def test_auto_is_compact_for_a_trainable_parameter_at_half_density(kind):
+    model = mp.apply_mask(mlp(8, 8, 3), {"0.weight": LAYOUT_SPECS[kind]("auto")})
+    assert is_compact(model)
+    assert "compact" in mp.summary(model).tensors[0].constraint
+
+
+def _frozen_then(spec: mp.Spec) -> nn.Module:
+    model = mlp(8, 8, 3)
+    model[0].weight.requires_grad_(False)
+    return mp.apply_mask(model, {"0.weight": spec})
+
+
+def _on_meta(spec: mp.Spec) -> nn.Module:
+    with torch.device("meta"):
+        model = mlp(8, 8, 3)
+    return mp.apply_mask(model, {"0.weight": spec})
+
+
+@pytest.mark.parametrize(
+    ("why", "build"),
+    [
+        ("mostly free", lambda: mp.apply_mask(mlp(8, 8, 3), {"0.weight": mp.Mask(mp.masks.random(0.9))})),
+        ("frozen parameter", lambda: _frozen_then(mp.Mask(mp.masks.random(0.5)))),
+        ("stacked second", lambda: mp.apply_mask(
+            mlp(8, 8, 3), {"0.weight": [mp.Triangular(layout="dense"), mp.Mask(mp.masks.random(0.5))]}
+        )),
+        ("meta device", lambda: _on_meta(mp.Mask(mp.masks.random(0.5)))),
+        ("frozen slices", lambda: mp.apply_mask(
+            mlp(8, 8, 3), {"0.weight": mp.Freeze(dim=0, index=[0, 1, 2, 3, 4])}
+        )),
+    ],
+)  # fmt: skip
+def test_auto_is_dense_where_compact_cannot_pay_or_work(why, build):
+    model = build()
+    stack = model[0].parametrizations.weight
+    assert not any(isinstance(c, CompactScatter) for c in stack), why
+    assert stack.original.shape == (8, 8)
+
+
+def test_auto_on_tied_weights_is_dense_and_the_tie_holds():
+    model = mlp(8, 8, 3)
+    model[2] = nn.Linear(8, 8)
+    model[2].weight = model[0].weight
+    mp.apply_mask(model, {"0.weight": mp.Mask(mp.masks.random(0.5))})
+    assert not is_compact(model)
+    assert model[0].weight is not None
+    assert torch.equal(model[0].weight, model[2].weight)
+
+
+def test_the_threshold_is_inclusive_and_counts_broadcast_masks_in_full():
+    rows = torch.zeros(10, 1, dtype=torch.bool)
+    rows[: int(AUTO_COMPACT_MAX_FREE * 10)] = True  # exactly 60% of the rows, broadcast
+    layer = mp.apply_mask(nn.Linear(4, 10), {"weight": mp.Mask(rows)})
+    assert isinstance(layer.parametrizations.weight[0], CompactScatter)
+    rows[int(AUTO_COMPACT_MAX_FREE * 10)] = True  # 70%
+    layer = mp.apply_mask(nn.Linear(4, 10), {"weight": mp.Mask(rows)})
+    assert not isinstance(layer.parametrizations.weight[0], CompactScatter)

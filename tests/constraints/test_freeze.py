@@ -1,12 +1,15 @@
 """Freeze (constraints/freeze.py): by mask or by slices, frozen entries keep their values bit for
-bit and get exactly zero gradient, the rest train; applying changes no output; bad specs."""
+bit (a frozen -0.0 too) and get exactly zero gradient, the rest train; applying changes no
+output; bad specs, and tensors Freeze(dim=...) cannot slice."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import assert_state_unchanged, square_sum_steps, state_of
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import DENSITIES, DTYPES, LAYOUTS, SEEDS, SHAPES
@@ -94,3 +97,49 @@ def test_bad_freezes_raise_and_leave_the_model_untouched(tiny, snapshot, rules, 
 def test_bad_freeze_specs_fail_when_constructed(make, message):
     with pytest.raises(mp.MaskparamError, match=message):
         make()
+
+
+SIGN_OPTIMIZERS = {
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.1),
+    "SGD_momentum_wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1),
+    "Adam": lambda p: torch.optim.Adam(p, lr=0.1),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1),
+}
+
+
+ROW1 = torch.zeros(4, 4, dtype=torch.bool)
+
+
+ROW1[1] = True
+
+
+SIGN_SPECS: dict[str, Callable[[], mp.Spec]] = {
+    "freeze_mask": lambda: mp.Freeze(ROW1),
+    "freeze_dim": lambda: mp.Freeze(dim=0, index=[1]),
+    "freeze_mask_compact": lambda: mp.Freeze(ROW1, layout="compact"),
+}
+
+
+# from the no-silent-failure attack on 0.1 (item 12: a frozen -0.0 became +0.0)
+@pytest.mark.parametrize("optimizer", list(SIGN_OPTIMIZERS))
+@pytest.mark.parametrize("kind", list(SIGN_SPECS))
+def test_frozen_negative_zero_keeps_its_sign(kind, optimizer):
+    layer = nn.Linear(4, 4)
+    with torch.no_grad():
+        layer.weight[1] = -0.0
+    mp.apply_mask(layer, {"weight": SIGN_SPECS[kind]()})
+    assert torch.signbit(layer.weight[1]).all()
+    square_sum_steps(layer, SIGN_OPTIMIZERS[optimizer](layer.parameters()), torch.randn(2, 4))
+    assert torch.signbit(layer.weight.detach()[1]).all(), layer.weight.detach()[1]
+
+
+# from the no-silent-failure attack on 0.1 (crashes: a Python error instead of MaskparamError)
+def test_freeze_slices_of_a_0d_tensor_raise_maskparam_error():
+    model = nn.Module()
+    model.scale = nn.Parameter(torch.tensor(2.0))
+    before = state_of(model)
+    with pytest.raises(mp.MaskparamError, match="'scale'"):
+        mp.apply_mask(model, {"scale": mp.Freeze(dim=0, index=0)})
+    with pytest.raises(mp.MaskparamError, match="'scale'"):
+        mp.apply_mask(model, {"scale": mp.Mask(mp.masks.rows([0]))})
+    assert_state_unchanged(model, before)

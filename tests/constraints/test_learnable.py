@@ -1,5 +1,5 @@
 """LearnableMask (constraints/learnable.py): hard and soft modes, mask_penalty, harden (threshold
-and target sparsity), export, summary, bad input."""
+and target sparsity, a soft scale folded, a tied weight kept tied), export, summary, bad input."""
 
 from __future__ import annotations
 
@@ -7,14 +7,11 @@ import re
 
 import pytest
 import torch
-from torch import nn
+from helpers import mlp, outcome_is_exact_or_refused, zeros_like_selected
+from torch import Tensor, nn
 
 import maskparam as mp
 from maskparam.constraints.mask import MaskMultiply
-
-
-def _mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
 
 
 def _train(model: nn.Module, steps: int, penalty: float) -> None:
@@ -31,7 +28,7 @@ def _train(model: nn.Module, steps: int, penalty: float) -> None:
 
 
 def test_hard_mode_leaves_outputs_unchanged_and_scores_train():
-    model = _mlp()
+    model = mlp(8, 16, 4)
     x = torch.randn(5, 8)
     before = model(x)
     mp.apply_mask(model, {"*.weight": mp.LearnableMask()})
@@ -44,7 +41,7 @@ def test_hard_mode_leaves_outputs_unchanged_and_scores_train():
 
 
 def test_hard_masks_are_exactly_binary_and_masked_entries_exactly_zero():
-    model = _mlp()
+    model = mlp(8, 16, 4)
     mp.apply_mask(model, {"*.weight": mp.LearnableMask()})
     _train(model, steps=60, penalty=1.0)
     masks = mp.learned_masks(model)
@@ -65,7 +62,7 @@ def test_soft_mode_scales_by_the_documented_start_value():
 
 
 def test_mask_penalty_is_the_l1_of_mask_values_and_differentiable():
-    model = _mlp()
+    model = mlp(8, 16, 4)
     mp.apply_mask(model, {"0.weight": mp.LearnableMask("soft"), "2.weight": mp.LearnableMask()})
     values = mp.learned_masks(model)
     total = sum(float(v.sum()) for v in values.values())
@@ -78,7 +75,7 @@ def test_mask_penalty_is_the_l1_of_mask_values_and_differentiable():
 
 
 def test_harden_then_export_keeps_outputs_exactly():
-    model = _mlp()
+    model = mlp(8, 16, 4)
     mp.apply_mask(model, {"*.weight": mp.LearnableMask()})
     _train(model, steps=40, penalty=1.0)
     x = torch.randn(7, 8)
@@ -97,7 +94,7 @@ def test_harden_then_export_keeps_outputs_exactly():
 
 
 def test_harden_to_a_global_target_sparsity():
-    model = _mlp()
+    model = mlp(8, 16, 4)
     mp.apply_mask(model, {"*.weight": mp.LearnableMask("soft")})
     _train(model, steps=10, penalty=0.5)
     densities = mp.harden(model, sparsity=0.8)
@@ -111,7 +108,7 @@ def test_harden_to_a_global_target_sparsity():
 
 
 def test_harden_per_tensor_sparsity():
-    model = _mlp()
+    model = mlp(8, 16, 4)
     mp.apply_mask(model, {"*.weight": mp.LearnableMask("soft")})
     _train(model, steps=5, penalty=0.5)
     densities = mp.harden(model, sparsity=0.75, per_tensor=True)
@@ -167,3 +164,54 @@ def test_harden_without_fold_keeps_the_weights_unscaled():
     mp.harden(layer, fold=False)
     assert torch.equal(layer.parametrizations.weight.original, raw)
     assert torch.equal(layer.weight, raw)  # every score starts at 3T > 0: all kept, unscaled
+
+
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(8, 4)
+        self.head = nn.Linear(4, 8, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+# from the no-silent-failure attack on 0.1 (item 5: harden on a tied LearnableMask)
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"sparsity": 0.75}, {"threshold": 0.5}], ids=["default", "sparsity", "threshold"]
+)
+def test_harden_tied_learnable_mask_keeps_the_tie(kwargs):
+    model = mp.apply_mask(TiedLM(), {"emb.weight": mp.LearnableMask()})
+    with torch.no_grad():
+        scores = model.emb.parametrizations.weight[0].scores
+        scores.copy_(torch.randn_like(scores))
+    ids = torch.arange(8)
+    before = model(ids).detach()
+    mp.harden(model, **kwargs)
+    hardened = model(ids).detach()
+    assert torch.equal(model.emb.weight, model.head.weight), "the tie split"
+    assert not [n for n, _ in model.named_parameters() if n.endswith("scores")]
+    if not kwargs:
+        assert torch.equal(hardened, before)
+    mp.remove_parametrizations(model)
+    assert model.emb.weight is model.head.weight
+    assert torch.equal(model(ids), hardened)
+
+
+# from the no-silent-failure attack on 0.1 (item 13: hardening learnable masks)
+def test_harden_soft_mask_keeps_outputs_or_says_how_to_fold():
+    layer = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.LearnableMask("soft")})
+    scores = layer.parametrizations.weight[0].scores
+    with torch.no_grad():
+        scores.copy_(torch.randn_like(scores) * 3)
+    kept = scores.detach() > 0
+    before = layer.weight.detach().clone()
+
+    def check() -> None:
+        after = layer.weight.detach()
+        assert torch.equal(after[~kept], zeros_like_selected(after, ~kept))
+        # The kept entries keep their scaled values: the scale is folded into the weight.
+        assert torch.allclose(after[kept], before[kept], rtol=1e-6, atol=1e-6)
+
+    outcome_is_exact_or_refused(lambda: mp.harden(layer), check, layer, match="(?i)fold")

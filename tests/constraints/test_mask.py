@@ -1,5 +1,6 @@
 """Mask (constraints/mask.py): masked entries are exactly zero and get exactly zero gradient; the
-ways a mask can be given (tensor, callable, generator, a shape that broadcasts); bad masks."""
+ways a mask can be given (tensor, callable, generator, a shape that broadcasts); bad masks, and
+a mask callable that raises."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given
 from strategies import DENSITIES, DTYPES, LAYOUTS, SEEDS, SHAPES
-from torch import nn
+from torch import Tensor, nn
 
 import maskparam as mp
 
@@ -85,3 +86,14 @@ def test_bad_masks_raise_and_leave_the_model_untouched(tiny, snapshot, rules, me
     with pytest.raises(mp.MaskparamError, match=re.compile(message, re.DOTALL)):
         mp.apply_mask(tiny, rules)
     before.assert_same(tiny)
+
+
+# from the no-silent-failure attack on 0.1 (crashes: a Python error instead of MaskparamError)
+@pytest.mark.parametrize("spec", ["Mask", "Freeze"])
+def test_error_in_user_mask_callable_names_the_tensor(spec):
+    def broken(tensor: Tensor) -> Tensor:
+        return 1 / 0  # type: ignore[return-value]
+
+    layer = nn.Linear(4, 3)
+    with pytest.raises(mp.MaskparamError, match="'weight'"):
+        mp.apply_mask(layer, {"weight": getattr(mp, spec)(broken)})

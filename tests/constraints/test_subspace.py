@@ -1,13 +1,24 @@
 """Subspace (constraints/subspace.py, constraints/projections.py): W = θ₀ + E·θ per tensor and
-across a whole model (intrinsic dimension); the projections; checkpoints, bake, summary, errors."""
+across a whole model (intrinsic dimension); the projections; checkpoints (after a dtype change
+too), bake, summary, errors (a basis that would need gigabytes, seeds, mixed-dtype groups)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
+from collections.abc import Iterator
 
 import pytest
 import torch
+from helpers import (
+    assert_state_unchanged,
+    mlp,
+    outcome_is_exact_or_refused,
+    refusal_of,
+    square_sum_steps,
+    state_of,
+)
 from torch import nn
 
 import maskparam as mp
@@ -19,10 +30,6 @@ from maskparam.constraints.projections import (
 )
 
 PROJECTIONS = ["gaussian", "sparse", "fastfood"]
-
-
-def _model() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 3))
 
 
 def _explicit_basis(model: nn.Module, coordinates: nn.Module, dim: int) -> torch.Tensor:
@@ -54,7 +61,7 @@ def _explicit_basis(model: nn.Module, coordinates: nn.Module, dim: int) -> torch
 
 @pytest.mark.parametrize("projection", PROJECTIONS)
 def test_apply_is_bit_identical_and_only_theta_trains(projection, train):
-    model = _model()
+    model = mlp(12, 20, 3)
     x = torch.randn(8, 12)
     before = model(x)
     originals = [p.detach().clone() for p in model.parameters()]
@@ -78,7 +85,7 @@ def test_apply_is_bit_identical_and_only_theta_trains(projection, train):
 
 
 def test_group_theta_appears_once_in_parameters_and_state_dict():
-    model = _model()
+    model = mlp(12, 20, 3)
     mp.apply_mask(model, {"*": mp.Subspace(10, projection="fastfood", group="all")})
     thetas = [n for n, _ in model.named_parameters() if n.endswith("theta")]
     assert thetas == ["0.parametrizations.weight.0.coordinates.theta"]
@@ -90,7 +97,7 @@ def test_group_theta_appears_once_in_parameters_and_state_dict():
 
 
 def test_without_a_group_each_tensor_has_its_own_theta():
-    model = _model()
+    model = mlp(12, 20, 3)
     mp.apply_mask(model, {"*.weight": mp.Subspace(4, projection="sparse")})
     thetas = [n for n, _ in model.named_parameters() if n.endswith("theta")]
     assert thetas == [
@@ -101,7 +108,7 @@ def test_without_a_group_each_tensor_has_its_own_theta():
 
 @pytest.mark.parametrize("projection", PROJECTIONS)
 def test_random_bases_have_unit_norm_columns_over_the_group(projection):
-    model = _model()
+    model = mlp(12, 20, 3)
     mp.apply_mask(model, {"*": mp.Subspace(9, projection=projection, group="g", seed=4)})
     basis = _explicit_basis(model, model[0].parametrizations.weight[0].coordinates, 9)
     assert basis.shape == (12 * 20 + 20 + 20 * 3 + 3, 9)
@@ -109,7 +116,7 @@ def test_random_bases_have_unit_norm_columns_over_the_group(projection):
 
 
 def test_sparse_basis_has_density_one_over_root_d():
-    model = _model()
+    model = mlp(12, 20, 3)
     mp.apply_mask(model, {"*": mp.Subspace(9, projection="sparse", group="g", seed=4)})
     basis = _explicit_basis(model, model[0].parametrizations.weight[0].coordinates, 9)
     density = float((basis != 0).float().mean())
@@ -238,7 +245,7 @@ def test_dense_and_fastfood_give_the_same_loss_curve_shape(train):
 @pytest.mark.parametrize("projection", PROJECTIONS)
 def test_state_dict_restores_the_subspace_in_a_fresh_model(projection):
     torch.manual_seed(1)
-    model = _model()
+    model = mlp(12, 20, 3)
     rules = {"*": mp.Subspace(7, projection=projection, group="all", seed=5)}
     mp.apply_mask(model, rules)
     with torch.no_grad():
@@ -247,7 +254,7 @@ def test_state_dict_restores_the_subspace_in_a_fresh_model(projection):
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
     torch.manual_seed(2)
-    fresh = mp.apply_mask(_model(), rules)
+    fresh = mp.apply_mask(mlp(12, 20, 3), rules)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     x = torch.randn(4, 12)
     assert torch.equal(fresh(x), model(x))
@@ -255,10 +262,10 @@ def test_state_dict_restores_the_subspace_in_a_fresh_model(projection):
 
 def test_loading_a_checkpoint_of_another_seed_is_refused():
     model = mp.apply_mask(
-        _model(), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
+        mlp(12, 20, 3), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
     )
     other = mp.apply_mask(
-        _model(), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=6)}
+        mlp(12, 20, 3), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=6)}
     )
     with pytest.raises(
         mp.MaskparamError, match=r"(?s)seed=5, this model with seed=6.*Subspace\(\.\.\., seed=5\)"
@@ -267,7 +274,7 @@ def test_loading_a_checkpoint_of_another_seed_is_refused():
 
 
 def test_bake_is_exact_and_gives_back_trainable_parameters():
-    model = _model()
+    model = mlp(12, 20, 3)
     mp.apply_mask(model, {"*": mp.Subspace(6, projection="fastfood", group="all")})
     with torch.no_grad():
         model[0].parametrizations.weight[0].coordinates.theta.normal_()
@@ -280,7 +287,7 @@ def test_bake_is_exact_and_gives_back_trainable_parameters():
 
 
 def test_summary_reports_dim_against_d():
-    model = _model()
+    model = mlp(12, 20, 3)
     mp.apply_mask(model, {"*": mp.Subspace(10, projection="fastfood", group="all")})
     result = mp.summary(model)
     total = 12 * 20 + 20 + 20 * 3 + 3
@@ -320,7 +327,7 @@ BAD = [
 
 @pytest.mark.parametrize(("rules", "message"), BAD)
 def test_bad_subspace_input_leaves_the_model_untouched(snapshot, rules, message):
-    model = _model()
+    model = mlp(12, 20, 3)
     before = snapshot(model)
     with pytest.raises(mp.MaskparamError, match=message):
         mp.apply_mask(model, rules)
@@ -340,7 +347,7 @@ def test_bad_subspace_specs(make, message):
 
 
 def test_a_group_cannot_be_extended_by_a_later_call():
-    model = _model()
+    model = mlp(12, 20, 3)
     mp.apply_mask(model, {"0.*": mp.Subspace(5, group="g")})
     with pytest.raises(mp.MaskparamError, match="already has a group of this name"):
         mp.apply_mask(model, {"2.*": mp.Subspace(5, group="g")})
@@ -348,7 +355,7 @@ def test_a_group_cannot_be_extended_by_a_later_call():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_applying_in_half_precision_changes_no_output(dtype):
-    model = _model().to(dtype)
+    model = mlp(12, 20, 3).to(dtype)
     x = torch.randn(4, 12, dtype=dtype)
     before = model(x)
     mp.apply_mask(model, {"*.weight": mp.Subspace(6, projection="fastfood", group="all")})
@@ -492,7 +499,7 @@ def _fastfood_model(monkeypatch, projection_class: type[FastfoodProjection]) -> 
     with monkeypatch.context() as patch:
         patch.setattr("maskparam.constraints.subspace.FastfoodProjection", projection_class)
         model = mp.apply_mask(
-            _model(), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
+            mlp(12, 20, 3), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
         )
     with torch.no_grad():
         model[0].parametrizations.weight[0].coordinates.theta.normal_()
@@ -505,7 +512,7 @@ def test_a_generation_1_fastfood_checkpoint_is_refused(monkeypatch, snapshot):
     key = "0.parametrizations.weight.0.coordinates.generation"
     assert key not in checkpoint  # generation 1 saved none: its checkpoints look like this
     model = mp.apply_mask(
-        _model(), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
+        mlp(12, 20, 3), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
     )
     assert int(model.state_dict()[key]) == 2
     new_e = _explicit_basis(model, model[0].parametrizations.weight[0].coordinates, 7)
@@ -530,7 +537,7 @@ def test_a_generation_with_the_same_column_norms_is_refused_by_its_generation(
 ):
     other = _fastfood_model(monkeypatch, _SameNorms)
     model = mp.apply_mask(
-        _model(), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
+        mlp(12, 20, 3), {"*": mp.Subspace(7, projection="fastfood", group="all", seed=5)}
     )
     checkpoint = other.state_dict()
     norms = "0.parametrizations.weight.0.coordinates.inv_norm"
@@ -544,5 +551,114 @@ def test_a_generation_with_the_same_column_norms_is_refused_by_its_generation(
 
 def test_gaussian_and_sparse_checkpoints_carry_no_generation():
     for projection in ("gaussian", "sparse"):
-        model = mp.apply_mask(_model(), {"*": mp.Subspace(7, projection=projection, group="g")})
+        model = mp.apply_mask(
+            mlp(12, 20, 3), {"*": mp.Subspace(7, projection=projection, group="g")}
+        )
         assert not [k for k in model.state_dict() if k.endswith("generation")]
+
+
+def _subspace_in(projection: str, dtype: torch.dtype) -> nn.Linear:
+    layer = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Subspace(4, projection=projection)})
+    return layer.to(dtype)
+
+
+# from the no-silent-failure attack on 0.1 (item 10: dtype changed after apply)
+def test_gaussian_subspace_after_double_reloads_its_checkpoint_exactly():
+    trained = _subspace_in("gaussian", torch.float64)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    square_sum_steps(trained, torch.optim.SGD(trained.parameters(), lr=0.1), x, steps=1)
+    fresh = _subspace_in("gaussian", torch.float64)
+    fresh.load_state_dict(trained.state_dict())
+    assert torch.equal(fresh(x), trained(x))
+
+
+# from the no-silent-failure attack on 0.1 (item 10: dtype changed after apply)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["half", "double"])
+@pytest.mark.parametrize("projection", ["gaussian", "sparse", "fastfood"])
+def test_subspace_after_dtype_change_reloads_or_refuses(projection, dtype):
+    trained = _subspace_in(projection, dtype)
+    x = torch.randn(5, 4, dtype=dtype)
+    square_sum_steps(trained, torch.optim.SGD(trained.parameters(), lr=0.1), x, steps=1)
+    checkpoint = trained.state_dict()
+    model = _subspace_in(projection, dtype)
+    output = model(x).detach()
+
+    def check() -> None:
+        assert torch.equal(model(x), trained(x))
+
+    if outcome_is_exact_or_refused(lambda: model.load_state_dict(checkpoint), check, model) == (
+        "refused"
+    ):
+        assert torch.equal(model(x), output)  # still usable
+
+
+def _virtual_memory_size() -> int:
+    with open("/proc/self/status") as status:  # noqa: PTH123
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmSize")
+
+
+@contextlib.contextmanager
+def address_space_headroom(extra: int) -> Iterator[None]:
+    """Cap this process's address space at its current size + ``extra`` bytes, so that a call
+    that would allocate gigabytes fails at once (torch raises) instead of allocating them."""
+    resource = pytest.importorskip("resource")
+    try:
+        cap = _virtual_memory_size() + extra
+    except OSError:
+        pytest.skip("needs /proc/self/status")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY and cap > hard:
+        pytest.skip("the hard address-space limit is below the cap")
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+# from the no-silent-failure attack on 0.1 (crashes: memory)
+@pytest.mark.parametrize(
+    ("projection", "dim"), [("fastfood", 20_000), ("sparse", 100_000)], ids=["fastfood", "sparse"]
+)
+def test_subspace_that_needs_gigabytes_is_refused_before_allocating(projection, dim):
+    """On 0.1 Fastfood (d=20000 over 1M entries) allocates a 5.2 GB identity for the column norms
+    and sparse (d=1e5) peaks at ~5.9 GB; under a 512 MB cap both die in torch's allocator."""
+    layer = nn.Linear(1000, 1000)
+    before = state_of(layer)
+    with address_space_headroom(512 * 2**20):
+        refusal = refusal_of(
+            lambda: mp.apply_mask(layer, {"weight": mp.Subspace(dim, projection=projection)})
+        )
+    if refusal is not None:
+        assert "bytes" in str(refusal)
+        assert_state_unchanged(layer, before)
+
+
+# from the no-silent-failure attack on 0.1 (crashes: a Python error instead of MaskparamError)
+def test_subspace_seed_beyond_int64_works_or_refuses():
+    layer = nn.Linear(4, 3)
+
+    def check() -> None:
+        checkpoint = layer.state_dict()
+        fresh = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Subspace(2, seed=2**44)})
+        fresh.load_state_dict(checkpoint)
+        x = torch.randn(2, 4)
+        assert torch.equal(fresh(x), layer(x))
+
+    outcome_is_exact_or_refused(
+        lambda: mp.apply_mask(layer, {"weight": mp.Subspace(2, seed=2**44)}), check, layer
+    )
+
+
+# from the no-silent-failure attack on 0.1 (crashes: a Python error instead of MaskparamError)
+@pytest.mark.parametrize("order", ["fp32_first", "fp64_first"])
+def test_mixed_dtype_subspace_group_raises_maskparam_error(order):
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3).double()
+    model = nn.Sequential(first, second) if order == "fp32_first" else nn.Sequential(second, first)
+    before = state_of(model)
+    with pytest.raises(mp.MaskparamError, match=r"'[01]\.weight'|'g'"):
+        mp.apply_mask(model, {"*.weight": mp.Subspace(2, group="g")})
+    assert_state_unchanged(model, before)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import mlp
 from torch import nn
 
 import maskparam as mp
@@ -26,10 +27,6 @@ KINDS: dict[str, Callable[[], mp.Spec]] = {
 }
 
 
-def mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
 @pytest.fixture(params=list(KINDS))
 def kind(request: pytest.FixtureRequest) -> str:
     """The name of a kind of constraint (a key of ``KINDS``)."""
@@ -38,18 +35,18 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def rules(kind: str) -> Callable[[], mp.Rules]:
-    """Fresh rules that put ``kind`` on every weight of :func:`mlp`."""
+    """Fresh rules that put ``kind`` on every weight of the MLP of ``make_mlp``."""
     return lambda: {"*.weight": KINDS[kind]()}
 
 
 @pytest.fixture
 def make_mlp() -> Callable[[], nn.Sequential]:
     """The unconstrained MLP: ``Linear(6, 8), Tanh, Linear(8, 3)``."""
-    return mlp
+    return lambda: mlp(6, 8, 3)
 
 
 @pytest.fixture
 def constrained(rules: Callable[[], mp.Rules]) -> nn.Sequential:
-    """:func:`mlp` with ``kind`` on its weights."""
+    """The MLP of ``make_mlp`` with ``kind`` on its weights."""
     torch.manual_seed(0)
-    return mp.apply_mask(mlp(), rules())
+    return mp.apply_mask(mlp(6, 8, 3), rules())

@@ -1,13 +1,16 @@
-"""SWA and EMA (torch.optim.swa_utils.AveragedModel) over constrained models keep every
-constraint, and bake exactly; learnable masks must be hardened before averaging."""
+"""SWA and EMA (torch.optim.swa_utils.AveragedModel, and timm-style EMA over the state_dict) over
+constrained models keep every constraint (integer index buffers included), and bake exactly;
+learnable masks must be hardened before averaging."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
-from torch import nn
+from helpers import refusal_of, square_sum_steps
+from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import maskparam as mp
@@ -74,3 +77,104 @@ def test_averaging_learnable_scores_is_refused_so_harden_first():
         original.mul_(3.0)
     averaged.update_parameters(model)
     assert torch.equal(averaged.module.weight.detach(), (first + 3.0 * first) / 2)
+
+
+EMA_DECAY = 0.9
+
+
+FROZEN_ROWS = [3, 5]  # 3 * 0.9 + 3 * 0.1 truncates to 2 in float32
+
+
+FREE_ROWS = [0, 1, 2, 4]
+
+
+EMA_SPECS: dict[str, Callable[[], mp.Spec]] = {
+    "freeze_dim": lambda: mp.Freeze(dim=0, index=FROZEN_ROWS),
+    "freeze_rows_compact": lambda: mp.Freeze(mp.masks.rows(FROZEN_ROWS), layout="compact"),
+    "mask_rows_compact": lambda: mp.Mask(mp.masks.rows(FREE_ROWS), layout="compact"),
+}
+
+
+def _ema_model(kind: str) -> tuple[nn.Linear, Tensor]:
+    model = mp.apply_mask(nn.Linear(6, 6), {"weight": EMA_SPECS[kind]()})
+    return model, model.weight.detach()[FROZEN_ROWS].clone()  # frozen values, or zeros
+
+
+# from the no-silent-failure attack on 0.1 (item 4: EMA over buffers averaged maskparam's integer index buffers)
+@pytest.mark.parametrize("kind", list(EMA_SPECS))
+def test_ema_with_buffers_keeps_constraints(kind):
+    model, constant_rows = _ema_model(kind)
+    averaged = AveragedModel(model, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 6)
+    expected = None  # the EMA of the model's effective weight, as AveragedModel computes it
+    for _ in range(3):
+        square_sum_steps(model, optimizer, x, steps=1)
+        averaged.update_parameters(model)
+        weight = model.weight.detach()
+        expected = weight.clone() if expected is None else expected.lerp(weight, 1 - EMA_DECAY)
+    result = averaged.module.weight.detach()
+    assert torch.equal(result[FROZEN_ROWS], constant_rows)
+    assert torch.equal(result[FREE_ROWS], expected[FREE_ROWS])
+
+
+# from the no-silent-failure attack on 0.1 (item 4: EMA over buffers averaged maskparam's integer index buffers)
+@pytest.mark.parametrize("which", ["all_tensors", "floating_only"])
+@pytest.mark.parametrize("kind", list(EMA_SPECS))
+def test_timm_style_ema_over_state_dict_keeps_constraints(kind, which):
+    """timm's ModelEmaV2 updates every state_dict entry (`ema * d + (1 - d) * model`), integer
+    ones included; ModelEmaV3 only floating ones. Frozen values are floats that the user's
+    arithmetic rounds (v * d + (1 - d) * v != v), so they are compared to 1e-6 here."""
+    model, constant_rows = _ema_model(kind)
+    ema = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 6)
+    expected = model.weight.detach().clone()
+    for _ in range(3):
+        square_sum_steps(model, optimizer, x, steps=1)
+        with torch.no_grad():
+            model_state = model.state_dict()
+            for key, value in ema.state_dict().items():
+                if which == "all_tensors" or value.is_floating_point():
+                    value.copy_(value * EMA_DECAY + (1 - EMA_DECAY) * model_state[key])
+            expected = expected * EMA_DECAY + (1 - EMA_DECAY) * model.weight
+    result = ema.weight.detach()
+    assert torch.allclose(result[FROZEN_ROWS], constant_rows, rtol=1e-6, atol=0)
+    assert torch.equal(result[FREE_ROWS], expected[FREE_ROWS])
+
+
+# from the no-silent-failure attack on 0.1 (item 4, found by a helper)
+def test_ema_with_buffers_keeps_subspace_checkpoint_loadable():
+    """Found by helper: AveragedModel(use_buffers=True) with EMA 0.9 turns the int64 seed buffer
+    3 into 2, so the averaged model's checkpoint is refused by a model built with seed=3."""
+    model = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Subspace(2, seed=3)})
+    averaged = AveragedModel(model, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        square_sum_steps(model, optimizer, torch.randn(4, 4), steps=1)
+        averaged.update_parameters(model)
+    fresh = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.Subspace(2, seed=3)})
+    fresh.load_state_dict(averaged.module.state_dict())
+    x = torch.randn(5, 4)
+    assert torch.equal(fresh(x), averaged.module(x))
+
+
+# from the no-silent-failure attack on 0.1 (item 13: averaging learnable masks)
+def test_swa_over_learnable_mask_averages_effective_weights_or_refuses():
+    layer = mp.apply_mask(nn.Linear(4, 3), {"weight": mp.LearnableMask()})
+    scores = layer.parametrizations.weight[0].scores
+    effective = []
+
+    def average() -> AveragedModel:
+        averaged = AveragedModel(layer)
+        for value in (0.5, -1.5):  # the hard mask keeps everything, then nothing
+            with torch.no_grad():
+                scores.fill_(value)
+            effective.append(layer.weight.detach().clone())
+            averaged.update_parameters(layer)
+        return averaged
+
+    averaged: list[AveragedModel] = []
+    if refusal_of(lambda: averaged.append(average())) is None:
+        mean = (effective[0] + effective[1]) / 2
+        assert torch.allclose(averaged[0].module.weight, mean, rtol=1e-6, atol=0)

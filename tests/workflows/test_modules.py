@@ -1,12 +1,15 @@
-"""Standard torch modules and module patterns: conv, norm, embedding and attention layers (the
-eval fast path included), weights tied between two modules, and deep copies."""
+"""Standard torch modules and module patterns: conv, norm, embedding (sparse gradients refused)
+and attention layers (the eval fast path included), weights tied between two modules, and deep
+copies."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import assert_state_unchanged, state_of
 from torch import nn
 
 import maskparam as mp
@@ -128,3 +131,21 @@ def test_embedding(train):
         optimizer=lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9, weight_decay=0.1),
     )
     assert torch.equal(embedding.weight[0], row)
+
+
+SPARSE_GRAD_SPECS: dict[str, Callable[[], mp.Spec]] = {
+    "freeze_dim": lambda: mp.Freeze(dim=0, index=[1]),
+    "mask_compact": lambda: mp.Mask(mp.masks.random(0.5), layout="compact"),
+    "subspace": lambda: mp.Subspace(3),
+    "triangular": mp.Triangular,
+}
+
+
+# from the no-silent-failure attack on 0.1 (crashes: nn.Embedding(sparse=True))
+@pytest.mark.parametrize("kind", list(SPARSE_GRAD_SPECS))
+def test_sparse_gradient_embedding_is_refused_at_apply(kind):
+    embedding = nn.Embedding(6, 4, sparse=True)
+    before = state_of(embedding)
+    with pytest.raises(mp.MaskparamError, match="'weight'"):
+        mp.apply_mask(embedding, {"weight": SPARSE_GRAD_SPECS[kind]()})
+    assert_state_unchanged(embedding, before)

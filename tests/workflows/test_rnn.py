@@ -501,3 +501,35 @@ def test_one_evaluation_per_constrained_weight_per_forward():
     model.rnn.parametrizations.weight_hh_l0[0].register_forward_hook(lambda *_: calls.append(1))
     model(_inputs())
     assert len(calls) == 1
+
+
+class TiedToRNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 12, bias=False)
+        self.rnn = nn.RNN(3, 12)
+        self.rnn.weight_ih_l0 = self.lin.weight
+
+
+# from the no-silent-failure attack on 0.1 (found by a helper: a weight tied to an RNN weight)
+def test_weight_tied_to_an_rnn_weight_constrains_the_rnn_too():
+    """On 0.1 the RNN's _flat_weights kept the value computed at apply time (pytorch issue
+    65688): after training, the RNN silently used stale weights, and copy.deepcopy of the model
+    failed. Now the RNN computes with the tied, constrained tensor in every forward."""
+    model = TiedToRNN()
+    mp.apply_mask(model, {"lin.weight": mp.Mask(mp.masks.random(0.5))})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.randn(4, 2, 3)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (model.rnn(x)[0].sum() + model.lin(x).sum()).backward()
+        optimizer.step()
+    assert mp.verify(model) == []
+    twin = nn.RNN(3, 12)
+    with torch.no_grad():
+        for name in twin._flat_weights_names:
+            getattr(twin, name).copy_(getattr(model.rnn, name))
+    assert torch.equal(twin.weight_ih_l0, model.lin.weight)
+    assert torch.equal(model.rnn(x)[0], twin(x)[0])
+    copied = copy.deepcopy(model)
+    assert torch.equal(copied.rnn(x)[0], twin(x)[0])

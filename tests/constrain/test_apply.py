@@ -1,13 +1,16 @@
-"""apply_mask (_apply.py): what it changes, what it keeps, how rules combine, and bad rules that
-raise a clear error and leave the model exactly as it was (a failed registration rolls back)."""
+"""apply_mask (_apply.py): what it changes, what it keeps, how rules combine, and bad rules and
+bad spec arguments that raise a clear error and leave the model exactly as it was (a failed
+registration rolls back); preview."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pytest
 import torch
-from torch import nn
+from helpers import assert_state_unchanged, state_of
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import maskparam as mp
@@ -68,13 +71,6 @@ def test_user_parametrization_below_ours_keeps_working():
     assert (row.name, row.free, row.total) == ("weight", int(mask.sum()), 16)
 
 
-def test_assigning_the_tensor_keeps_the_constraint():
-    layer = nn.Linear(3, 3)
-    mp.apply_mask(layer, {"weight": mp.Triangular()})
-    layer.weight = torch.ones(3, 3)
-    assert torch.equal(layer.weight, torch.ones(3, 3).tril())
-
-
 def test_error_is_a_value_error():
     assert issubclass(mp.MaskparamError, ValueError)
 
@@ -96,7 +92,7 @@ BAD_RULES = [
     ),
 ]
 # Bad rules of one constraint are tested in its file (constraints/test_*.py), bad selectors in
-# lifecycle/test_selectors.py.
+# core/test_selectors.py.
 
 
 @pytest.mark.parametrize(("rules", "message"), BAD_RULES)
@@ -228,3 +224,63 @@ def test_preview_reports_selected_and_passed_over_and_changes_nothing(snapshot):
     before.assert_same(model)
     with pytest.raises(mp.MaskparamError, match="needs a matrix"):  # the specs' checks run too
         mp.preview(model, {"fc.bias": mp.Triangular()})
+
+
+def refused_naming(make_spec: Callable[[], mp.Spec], model: nn.Module, names: str) -> None:
+    """A bad argument must be a MaskparamError: when the spec is constructed (there is no tensor
+    to name yet), or when applied, naming the tensor (``names``: a regex) and changing nothing."""
+    try:
+        spec = make_spec()
+    except mp.MaskparamError:
+        return
+    before = state_of(model)
+    with pytest.raises(mp.MaskparamError, match=names):
+        mp.apply_mask(model, {"weight": spec})
+    assert_state_unchanged(model, before)
+
+
+def _nan_basis() -> Tensor:
+    basis = torch.randn(12, 2)
+    basis[0, 0] = float("nan")
+    return basis
+
+
+def _inf_basis() -> Tensor:
+    basis = torch.randn(12, 2)
+    basis[3, 1] = float("inf")
+    return basis
+
+
+BAD_SPECS: dict[str, Callable[[], mp.Spec]] = {
+    "freeze_index_1.5": lambda: mp.Freeze(dim=0, index=1.5),
+    "freeze_dim_0.0": lambda: mp.Freeze(dim=0.0, index=[1]),
+    "triangular_diagonal_0.5": lambda: mp.Triangular(diagonal=0.5),
+    "subspace_nan_basis": lambda: mp.Subspace(2, basis=_nan_basis()),
+    "subspace_inf_basis": lambda: mp.Subspace(2, basis=_inf_basis()),
+    "learnable_temperature_inf": lambda: mp.LearnableMask("soft", temperature=float("inf")),
+    "learnable_init_nan": lambda: mp.LearnableMask(init=float("nan")),
+    # found by helper: an infinite init makes every weight NaN (inf - inf in the straight-through)
+    "learnable_init_inf (helper)": lambda: mp.LearnableMask(init=float("inf")),
+    # silently reinterpreted on 0.1
+    "masks_random_True": lambda: mp.Mask(mp.masks.random(True)),
+    "freeze_dim_True": lambda: mp.Freeze(dim=True, index=[0]),
+    "triangular_lower_no": lambda: mp.Triangular(lower="no"),
+    # found by helper: the same bool-as-number reinterpretation elsewhere
+    "masks_magnitude_True (helper)": lambda: mp.Mask(mp.masks.magnitude(True)),
+    # found by helper: accepted when constructed, then a RuntimeError from torch.manual_seed
+    "masks_random_seed_True (helper)": lambda: mp.Mask(mp.masks.random(0.5, seed=True)),
+    "subspace_seed_True (helper)": lambda: mp.Subspace(2, seed=True),
+}
+
+
+# from the no-silent-failure attack on 0.1 (crashes: Python errors instead of MaskparamError, silently reinterpreted arguments)
+@pytest.mark.parametrize("case", list(BAD_SPECS))
+def test_bad_arguments_raise_maskparam_error(case):
+    refused_naming(BAD_SPECS[case], nn.Linear(4, 3), "'weight'")
+
+
+# from the no-silent-failure attack on 0.1 (crashes: a Python error instead of MaskparamError)
+def test_rule_value_none_raises_maskparam_error():
+    layer = nn.Linear(4, 3)
+    with pytest.raises(mp.MaskparamError, match="'weight'"):
+        mp.apply_mask(layer, {"weight": None})

@@ -1,6 +1,7 @@
-"""The four questions that started the project, each answered and proven: a lower-triangular
-weight (000), training in a subspace θ₀ + E·θ (001), a fixed random mask (002), and five of ten
-conv filters frozen (003); and the demo (``python -m maskparam``) that shows them."""
+"""The four user scenarios that started the project, each answered and proven: a
+lower-triangular weight (question 000), training in a subspace θ₀ + E·θ (001), a fixed random
+mask (002), and five of ten conv filters frozen (003); and the demo (``python -m maskparam``) that
+shows them, a learnable mask averaged by SWA included."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import maskparam as mp
 from maskparam._demo import main, run_demo
 
 
-def test_question_000_lower_triangle_trains_upper_stays_exactly_zero_under_adamw(train):
+# question 000
+def test_lower_triangle_trains_upper_stays_exactly_zero_under_adamw(train):
     torch.manual_seed(0)
     model = nn.Linear(5, 5)
     mp.apply_mask(model, {"weight": mp.Triangular(lower=True)})
@@ -29,7 +31,8 @@ def test_question_000_lower_triangle_trains_upper_stays_exactly_zero_under_adamw
     assert bool((model.weight.detach()[lower] != lower_before[lower]).all())
 
 
-def test_question_001_params_D_is_E_params_d_plus_params_0_and_only_params_d_trains():
+# question 001
+def test_subspace_params_D_is_E_params_d_plus_params_0_and_only_params_d_trains():
     model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 3))
     total = sum(p.numel() for p in model.parameters())
     basis = torch.randn(total, 5) * 3.0  # not normalised, and must stay so
@@ -47,7 +50,8 @@ def test_question_001_params_D_is_E_params_d_plus_params_0_and_only_params_d_tra
     torch.testing.assert_close(flat, basis @ theta + flat_before, rtol=0, atol=1e-5)
 
 
-def test_question_002_fixed_random_mask_keeps_masked_weights_at_zero(train):
+# question 002
+def test_fixed_random_mask_keeps_masked_weights_at_zero(train):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=0))})
@@ -57,7 +61,8 @@ def test_question_002_fixed_random_mask_keeps_masked_weights_at_zero(train):
         assert torch.equal(model[i].weight.detach()[~mask], torch.zeros(int((~mask).sum())))
 
 
-def test_question_003_five_of_ten_filters_stay_bit_identical(train):
+# question 003
+def test_five_of_ten_filters_stay_bit_identical(train):
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 10, 3)
     mp.apply_mask(conv, {"weight": mp.Freeze(dim=0, index=[5, 6, 7, 8, 9])})

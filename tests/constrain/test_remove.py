@@ -1,10 +1,11 @@
 """remove_parametrizations (_remove.py): bake exactly, remove only ours, give back a plain,
-exportable model."""
+exportable model (a compact tensor with a gradient too, with a new or the old optimizer)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import refusal_of, square_sum_steps
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -104,3 +105,32 @@ def test_baked_model_scripts_and_exports(tiny, tiny_input):
     with torch.no_grad():
         assert torch.equal(scripted(tiny_input), expected)
         assert torch.equal(exported.module()(tiny_input), expected)
+
+
+def _compact_trained() -> tuple[nn.Linear, torch.optim.Optimizer]:
+    layer = mp.apply_mask(
+        nn.Linear(4, 3), {"weight": mp.Mask(mp.masks.random(0.5), layout="compact")}
+    )
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    square_sum_steps(layer, optimizer, torch.randn(2, 4), steps=1)  # leaves a compact-shaped .grad
+    return layer, optimizer
+
+
+# from the no-silent-failure attack on 0.1 (crashes: a compact layout baked while a compact-shaped .grad exists)
+def test_compact_bake_with_grad_then_new_optimizer_steps():
+    layer, _ = _compact_trained()
+    mp.remove_parametrizations(layer)
+    assert layer.weight.grad is None or layer.weight.grad.shape == layer.weight.shape
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.randn(2, 4)).square().sum().backward()  # accumulates into .grad
+    optimizer.step()
+
+
+# from the no-silent-failure attack on 0.1 (crashes: a compact layout baked while a compact-shaped .grad exists)
+def test_compact_bake_then_old_optimizer_steps_or_refuses():
+    layer, optimizer = _compact_trained()
+    mp.remove_parametrizations(layer)
+    optimizer.zero_grad()
+    layer(torch.randn(2, 4)).square().sum().backward()
+    refusal = refusal_of(optimizer.step)
+    assert refusal is None or "'weight'" in str(refusal)

@@ -1,5 +1,6 @@
-"""Mask generators (masks.py): reproducible, exact counts, broadcast shapes, the same masks users
-know from torch.nn.utils.prune, and bad arguments refused when the generator is made."""
+"""Mask generators (masks.py): reproducible, exact counts (ties too), broadcast shapes, the same
+masks users know from torch.nn.utils.prune, and bad arguments refused when the generator is made
+or when it meets a tensor it does not fit."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import same_snapshot_with_summary, snapshot_with_summary
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -419,3 +421,26 @@ def test_structured_and_n_m_describe_what_they_select(generator, words):
     assert words in generator.describe()
     holder = _Holder(torch.randn(4, 2, 8))  # 3-d: the nuclear norm of a slice is defined
     assert words in str(mp.summary(mp.apply_mask(holder, {"weight": mp.Freeze(generator)})))
+
+
+# from the no-silent-failure attack on 0.1 (item 8, a guard)
+@pytest.mark.parametrize("shape", [(4, 4), (64,), (300, 300)], ids=str)
+def test_magnitude_mask_on_ties_is_deterministic_and_matches_prune(shape):
+    """Guard (passes on 0.1): LayerNorm gains are all 1.0; the tie-break must be reproducible."""
+    ones = torch.ones(shape)
+    first = mp.masks.magnitude(0.5)(ones)
+    assert torch.equal(first, mp.masks.magnitude(0.5)(ones.clone()))
+    holder = nn.Module()
+    holder.weight = nn.Parameter(torch.ones(shape))
+    prune.l1_unstructured(holder, "weight", amount=0.5)
+    assert torch.equal(first, holder.weight_mask.bool())
+
+
+# from the attack on the pruning toolkit
+def test_n_m_on_a_tensor_whose_last_dim_does_not_divide_is_refused_unchanged():
+    """n_m(2, 4) on a Linear(6, 3): a MaskparamError naming the tensor, the model unchanged."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6), nn.Linear(6, 3))
+    before = snapshot_with_summary(model)
+    with pytest.raises(mp.MaskparamError, match=r"2\.weight"):
+        mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.n_m(2, 4))})
+    assert same_snapshot_with_summary(before, snapshot_with_summary(model))

@@ -1,5 +1,6 @@
 """mp.masks.fisher (FISH) and mp.masks.wanda: equal to transcriptions of the reference code, the
-model left untouched, every refusal made before anything changes."""
+model left untouched, every refusal made before anything changes (a conv for wanda, frozen
+parameters for fisher)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import mlp, pruning_inputs, same_snapshot_with_summary, snapshot_with_summary
 from torch import Tensor, nn
 
 import maskparam as mp
@@ -31,10 +33,6 @@ def _data(
 def _ce(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     x, y = batch
     return nn.functional.cross_entropy(model(x), y)
-
-
-def _mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
 def _members(model: nn.Module) -> list[tuple[str, Tensor]]:
@@ -82,7 +80,7 @@ def reference_fish(
 
 @pytest.mark.parametrize("density", [0.05, 0.3, 0.7])
 def test_fisher_equals_the_reference(density):
-    model = _mlp()
+    model = mlp(6, 8, 8, 3, activation=nn.ReLU)
     with torch.no_grad():
         model[2].weight[:4] = -10.0  # dead units: whole rows and columns of exact-zero scores
     batches = _data(1, [(1, 6)] * 7)  # batch size 1, as FISH's data loader
@@ -101,7 +99,7 @@ def test_fisher_equals_the_reference(density):
 
 
 def test_fisher_scores_are_mean_squared_gradients_and_rank_across_tensors():
-    model = _mlp()
+    model = mlp(6, 8, 8, 3, activation=nn.ReLU)
     batches = _data(2, [(4, 6), (3, 6)])
     fish = mp.masks.fisher(model, batches, _ce, 0.25)
     expected = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
@@ -192,7 +190,7 @@ def test_fisher_restores_the_model_when_the_loss_fails(snapshot):
 
 
 def test_freeze_of_the_complement_trains_exactly_the_selected_entries(train):
-    model = _mlp()
+    model = mlp(6, 8, 8, 3, activation=nn.ReLU)
     fish = mp.masks.fisher(model, _data(6, [(1, 6)] * 5), _ce, 0.1)
     selected = dict(
         zip([n for n, _ in _members(model)], fish.build_joint(_members(model)), strict=True)
@@ -408,7 +406,7 @@ def _empty() -> Any:
     ],
 )
 def test_fisher_refusals_leave_the_model_unchanged(snapshot, batches, loss, density, message):
-    model = _mlp()
+    model = mlp(6, 8, 8, 3, activation=nn.ReLU)
     if isinstance(batches, str):
         batches = _data(10, [(2, 6)] * 2)
     before = snapshot(model)
@@ -421,7 +419,7 @@ def test_fisher_refusals_leave_the_model_unchanged(snapshot, batches, loss, dens
 
 
 def test_fisher_refuses_tensors_its_scores_do_not_cover(snapshot):
-    model = _mlp()
+    model = mlp(6, 8, 8, 3, activation=nn.ReLU)
     model[4].weight.requires_grad_(False)
     mp.apply_mask(model, {"0.weight": mp.Mask(mp.masks.magnitude(0.5))})
     fish = mp.masks.fisher(model, _data(11, [(2, 6)]), _ce, 0.5)
@@ -519,14 +517,31 @@ def test_not_a_module_is_refused():
         mp.masks.wanda("model", [1], 0.5)  # type: ignore[arg-type]
 
 
-def test_update_masks_takes_wanda_again_and_refuses_fisher_on_constrained_tensors():
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
-    batches = [torch.randn(5, 8)]
-    rule = (nn.Linear, "weight")
-    mp.apply_mask(model, {rule: mp.Mask(mp.masks.wanda(model, batches, 0.25))})
-    mp.update_masks(model, {rule: mp.masks.wanda(model, batches, 0.5)})
-    pruned = [int((model[i].weight == 0).sum()) for i in (0, 2)]
-    assert pruned == [8 * 4, 4 * 4]
-    fish = mp.masks.fisher(model, [(batches[0], torch.zeros(5, dtype=torch.long))], _ce, 0.3)
-    with pytest.raises(mp.MaskparamError, match="compute the scores before apply_mask"):
-        mp.update_masks(model, {"*.weight": ~fish})
+# from the attack on the pruning toolkit
+def test_wanda_on_a_conv_is_refused_unchanged():
+    """wanda with a rule selecting a Conv weight: MaskparamError, nothing changed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    x = torch.randn(2, 1, 6, 6)
+    source = mp.masks.wanda(model, [x], 0.5)
+    before = snapshot_with_summary(model)
+    with pytest.raises(mp.MaskparamError, match="Linear"):
+        mp.apply_mask(model, {"*.weight": mp.Mask(source)})
+    assert same_snapshot_with_summary(before, snapshot_with_summary(model))
+
+
+# from the attack on the pruning toolkit
+def test_fisher_on_a_model_with_frozen_params_is_clear():
+    """fisher on a model whose first layer is frozen (requires_grad=False), rule over every
+    weight: a MaskparamError naming the frozen tensor, or a mask for the trainable ones only."""
+    model = mlp(8, 16, 4, seed=0)
+    model[0].weight.requires_grad_(False)
+    x, y = pruning_inputs(), torch.randn(16, 4)
+    before = snapshot_with_summary(model)
+    fish = mp.masks.fisher(model, [(x, y)], lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), 0.5)
+    assert same_snapshot_with_summary(before, snapshot_with_summary(model))
+    mp.apply_mask(model, {"*.weight": mp.Freeze(~fish)})
+    # "*.weight" passes over frozen parameters: only 2.weight is ranked, half of it frozen.
+    assert not hasattr(model[0], "parametrizations")
+    frozen, _ = mp.frozen_entries(model, "2.weight")
+    assert int(frozen.expand(4, 16).sum()) == 64 - int(0.5 * 64)

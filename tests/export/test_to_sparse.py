@@ -1,0 +1,511 @@
+"""``mp.to_sparse`` / ``mp.CSRLinear``: a baked, pruned model in its fastest layout, with the
+same outputs (any input rank, dtypes, shared and tied Linears), a smaller state_dict, and
+everything torch does with a model (save, load, export, compile, deepcopy); what it cannot do is
+refused by name (a constrained model, bad arguments, CSR weights handed to other maskparam
+calls)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from helpers import assert_same_bits, mlp, sparse_linear, state_bits, through_file
+from torch import Tensor, nn
+
+import maskparam as mp
+
+
+def _pruned_mlp(sparsity: float, width: int = 128) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(32, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4)
+    )
+    mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.global_magnitude(sparsity))})
+    return mp.remove_parametrizations(model)
+
+
+def _bytes(state: dict) -> int:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.tell()
+
+
+@pytest.mark.parametrize("shape", [(7, 32), (2, 5, 32), (32,)])
+def test_csr_outputs_equal_the_dense_model_for_any_leading_shape(shape):
+    dense = _pruned_mlp(0.9)
+    x = torch.randn(*shape)
+    sparse = mp.to_sparse(copy.deepcopy(dense), layout="csr")
+    assert all(type(m) is mp.CSRLinear for m in sparse if isinstance(m, nn.Linear))
+    assert all(m.weight.layout == torch.sparse_csr for m in sparse if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_state_dict_shrinks_with_the_zeros_and_loads_with_weights_only():
+    dense = _pruned_mlp(0.95, width=256)
+    sparse = mp.to_sparse(copy.deepcopy(dense), layout="csr")
+    state = sparse.state_dict()
+    assert state.keys() == dense.state_dict().keys()
+    assert state["2.weight"].crow_indices().dtype == torch.int32  # 32-bit indices: they fit
+    ratio = _bytes(state) / _bytes(dense.state_dict())
+    assert ratio <= 0.15, ratio  # values (4 B) + column (4 B) per kept entry, 5% kept
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    fresh = mp.to_sparse(_pruned_mlp(0.95, width=256), layout="csr")
+    with torch.no_grad():  # another model of the same masks, then the saved values
+        for m in fresh:
+            if isinstance(m, nn.Linear):
+                m.weight.values().zero_()
+    fresh.load_state_dict(loaded)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), sparse(x))
+
+
+def test_export_save_and_deepcopy_keep_working():
+    dense = _pruned_mlp(0.9)
+    sparse = mp.to_sparse(copy.deepcopy(dense), layout="csr")
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        expected = sparse(x)
+    exported = torch.export.export(sparse, (x,))
+    assert torch.equal(exported.module()(x), expected)
+    buffer = io.BytesIO()
+    torch.save(sparse, buffer)  # the whole model: CSRLinear is importable
+    buffer.seek(0)
+    with torch.no_grad():
+        assert torch.equal(torch.load(buffer, weights_only=False)(x), expected)
+        copied = copy.deepcopy(sparse)
+        assert torch.equal(copied(x), expected)
+    copied[0].weight.values().zero_()  # a copy: the original keeps its values
+    with torch.no_grad():
+        assert torch.equal(sparse(x), expected)
+
+
+def test_auto_keeps_dense_where_csr_cannot_pay_and_says_what_it_chose():
+    dense = _pruned_mlp(0.3)
+    sparse = mp.to_sparse(copy.deepcopy(dense))
+    assert [c.layout for c in sparse.sparse_choices] == ["dense"] * 3
+    assert all(c.dense_ms is None for c in sparse.sparse_choices)  # below MIN_ZEROS: not timed
+    assert all(type(m) is nn.Linear for m in sparse if isinstance(m, nn.Linear))
+    timed = mp.to_sparse(_pruned_mlp(0.95, width=512), batch_size=64)
+    choices = [c for c in timed.sparse_choices if c.zeros >= mp._sparse.MIN_ZEROS]
+    assert len(choices) >= 2
+    for choice in choices:  # timed, and the faster one kept, by the margin
+        assert choice.dense_ms is not None
+        assert choice.sparse_ms is not None
+        assert (choice.layout == "csr") == (choice.dense_ms >= 1.1 * choice.sparse_ms)
+
+
+def test_only_plain_linears_are_converted():
+    attention = nn.MultiheadAttention(16, 2)  # reads out_proj.weight itself: left dense
+    with torch.no_grad():
+        attention.out_proj.weight.zero_()
+    mp.to_sparse(attention, layout="csr")
+    assert attention.out_proj.weight.layout == torch.strided
+    x = torch.randn(3, 1, 16)
+    attention(x, x, x)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: mp.to_sparse(m, layout="coo"), "unknown layout"),
+        (lambda m: mp.to_sparse(m, batch_size=0), "batch_size"),
+        (lambda m: mp.to_sparse(m, min_speedup=0), "min_speedup"),
+        (
+            lambda m: mp.to_sparse(mp.apply_mask(m, {"0.weight": mp.Triangular()})),
+            "bake first",
+        ),
+    ],
+)
+def test_bad_calls_are_refused_and_change_nothing(call, message):
+    model = _pruned_mlp(0.9)
+    with pytest.raises(mp.MaskparamError, match=message):
+        call(model)
+    assert all(m.weight.layout == torch.strided for m in model if isinstance(m, nn.Linear))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured sparsity needs CUDA")
+def test_cuda_two_four_weights_become_semi_structured_where_faster():
+    torch.manual_seed(0)
+    layer = nn.Linear(1024, 1024).half().cuda()
+    mp.apply_mask(layer, {"weight": mp.Mask(mp.masks.n_m(2, 4))})
+    mp.remove_parametrizations(layer)
+    x = torch.randn(64, 1024, dtype=torch.half, device="cuda")
+    with torch.no_grad():
+        expected = layer(x)
+    mp.to_sparse(layer)
+    (choice,) = layer.sparse_choices
+    assert choice.layout in ("2:4", "dense")
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_a_cpu_two_four_weight_is_not_a_semi_structured_candidate():
+    layer = nn.Linear(8, 8)
+    mp.apply_mask(layer, {"weight": mp.Mask(mp.masks.n_m(2, 4))})
+    mp.remove_parametrizations(layer)
+    assert not mp._sparse._semi_structured_candidate(layer.weight)
+
+
+def test_a_meta_model_is_refused():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(mp.MaskparamError, match="meta device"):
+        mp.to_sparse(model)
+
+
+# from the attack on to_sparse and trainable_state_dict
+def test_to_sparse_linear_in_sequential_modulelist_and_custom_module():
+    """Linears anywhere (Sequential, ModuleList, a custom module) convert and outputs stay equal."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([sparse_linear(16, 16), sparse_linear(16, 16)])
+            self.head = nn.Sequential(sparse_linear(16, 4))
+
+        def forward(self, x: Tensor) -> Tensor:
+            for layer in self.layers:
+                x = torch.relu(layer(x))
+            return self.head(x)
+
+    model = Block()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = model(x)
+    mp.to_sparse(model, layout="csr")
+    assert [c.layout for c in model.sparse_choices] == ["csr"] * 3
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+# from the attack on to_sparse and trainable_state_dict
+def test_to_sparse_linear_used_twice_stays_one_module():
+    """A Linear applied twice converts once and its two uses still agree with dense."""
+    layer = sparse_linear(8, 8)
+    model = nn.Sequential(layer, nn.ReLU(), layer)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+    mp.to_sparse(model, layout="csr")
+    assert model[0] is model[2]
+    assert isinstance(model[0], mp.CSRLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+# from the attack on to_sparse and trainable_state_dict
+@pytest.mark.parametrize("shape", [(16,), (2, 3, 16), (2, 2, 3, 16), (0, 16), (2, 0, 16)])
+def test_to_sparse_any_input_rank_and_empty_batch(shape):
+    """1-D, 3-D, 4-D inputs and an empty batch give the dense model's outputs and shapes."""
+    layer = sparse_linear()
+    dense = copy.deepcopy(layer)
+    mp.to_sparse(layer, layout="csr")
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        out = layer(x)
+        torch.testing.assert_close(out, dense(x), rtol=1e-5, atol=1e-6)
+
+
+# from the attack on to_sparse and trainable_state_dict
+@pytest.mark.parametrize("bias", [True, False])
+def test_to_sparse_all_zero_weight_and_no_bias(bias):
+    """An all-zero weight and a Linear without bias convert and compute what dense did."""
+    layer = nn.Linear(6, 4, bias=bias)
+    nn.init.zeros_(layer.weight)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        expected = layer(x)
+    mp.to_sparse(layer, layout="csr")
+    assert layer.weight.layout == torch.sparse_csr
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected)
+
+
+# from the attack on to_sparse and trainable_state_dict
+def test_to_sparse_float64_weight():
+    """A float64 Linear converts and its outputs stay float64 and equal."""
+    layer = sparse_linear(dtype=torch.float64)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(x)
+    mp.to_sparse(layer, layout="csr")
+    with torch.no_grad():
+        out = layer(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected)
+
+
+# from the attack on to_sparse and trainable_state_dict
+def test_sparse_state_dict_weights_only_and_deepcopy_of_shared_csr():
+    """The sparse state_dict reads with weights_only; a deepcopy keeps a shared CSRLinear shared."""
+    layer = sparse_linear()
+    model = nn.ModuleList([layer, layer])
+    mp.to_sparse(model, layout="csr")
+    state = through_file(model.state_dict())
+    assert state["0.weight"].layout == torch.sparse_csr
+    assert state["0.weight"].crow_indices().dtype == torch.int32
+    clone = copy.deepcopy(model)
+    assert clone[0] is clone[1]
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        assert torch.equal(clone[0](x), model[0](x))
+
+
+def _csr_model(dtype=torch.float32) -> nn.Sequential:
+    model = nn.Sequential(sparse_linear(dtype=dtype), nn.ReLU(), sparse_linear(8, 4, dtype=dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mp.to_sparse(model, layout="csr")
+
+
+# from the attack on to_sparse and trainable_state_dict
+@pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning")  # inside inductor
+@pytest.mark.filterwarnings("ignore::UserWarning")  # sparse CSR beta
+def test_to_sparse_export_and_compile_match():
+    """torch.export(...).module() and torch.compile of a CSR model give the eager outputs."""
+    model = _csr_model()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        expected = model(x)
+    exported = torch.export.export(model, (x,)).module()
+    torch.testing.assert_close(exported(x), expected)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), expected)
+
+
+# from the attack on to_sparse and trainable_state_dict
+@pytest.mark.slow
+def test_to_sparse_hf_bert_and_gpt2_outputs_unchanged():
+    """HF BERT/GPT-2 built from configs: pruned, baked, to_sparse: logits equal, keys equal."""
+    transformers = pytest.importorskip("transformers")
+    ids = torch.randint(0, 100, (2, 7))
+    for model in (
+        transformers.BertForMaskedLM(
+            transformers.BertConfig(
+                num_hidden_layers=1, num_attention_heads=2, hidden_size=32,
+                intermediate_size=64, vocab_size=100, max_position_embeddings=32,
+            )
+        ),
+        transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                n_layer=1, n_head=2, n_embd=32, vocab_size=100, n_positions=32,
+                bos_token_id=0, eos_token_id=0,
+            )
+        ),
+    ):  # fmt: skip
+        model.eval()
+        mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.magnitude(0.9))}, strict=False)
+        mp.remove_parametrizations(model)
+        keys = list(model.state_dict())
+        with torch.no_grad():
+            expected = model(ids).logits
+        mp.to_sparse(model, layout="csr")
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        assert list(model.state_dict()) == keys
+
+
+# from the attack on to_sparse and trainable_state_dict
+def test_to_sparse_on_a_constrained_model_is_refused():
+    """to_sparse before baking says to bake first, and changes nothing."""
+    model = mp.apply_mask(
+        mlp(7, 9, 5, activation=nn.ReLU, seed=0), {"*.weight": mp.Mask(mp.masks.magnitude(0.9))}
+    )
+    before = state_bits(model)
+    with pytest.raises(mp.MaskparamError, match="remove_parametrizations"):
+        mp.to_sparse(model)
+    assert_same_bits(model, before)
+
+
+# from the attack on to_sparse and trainable_state_dict
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_to_sparse_auto_half_precision_model_keeps_working(dtype):
+    """to_sparse(layout='auto') of a 97%-sparse fp16/bf16 model runs and outputs still match."""
+    layer = nn.Linear(64, 64).to(dtype)
+    with torch.no_grad():
+        layer.weight.mul_((torch.rand(64, 64) > 0.97).to(dtype))
+    model = nn.Sequential(layer)
+    x = torch.randn(4, 64, dtype=dtype)
+    with torch.no_grad():
+        expected = model(x)
+        mp.to_sparse(model)
+        torch.testing.assert_close(model(x), expected)
+
+
+# from the attack on to_sparse and trainable_state_dict
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_to_sparse_csr_half_precision_is_refused_or_runs(dtype):
+    """layout='csr' on fp16/bf16: either a MaskparamError up front, or a model that runs."""
+    layer = sparse_linear(dtype=dtype)
+    x = torch.randn(3, 16, dtype=dtype)
+    with torch.no_grad():
+        expected = layer(x)
+    try:
+        mp.to_sparse(layer, layout="csr")
+    except mp.MaskparamError:
+        return
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
+
+
+# from the attack on to_sparse and trainable_state_dict
+def test_model_to_float64_after_to_sparse():
+    """model.to(torch.float64) after to_sparse gives a float64 model that runs."""
+    model = _csr_model()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = model(x)
+    model.to(torch.float64)
+    weight = model[0].weight
+    assert weight.values().dtype == weight.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.double()).float(), expected)
+
+
+# from the attack on to_sparse and trainable_state_dict
+def test_mp_load_state_dict_sparse_checkpoint_into_dense_model():
+    """mp.load_state_dict(dense, sparse_state) loads (values equal) or names the layout problem."""
+    dense = nn.Sequential(sparse_linear())
+    sparse = copy.deepcopy(dense)
+    mp.to_sparse(sparse, layout="csr")
+    target = nn.Sequential(nn.Linear(16, 8))
+    before = state_bits(target)
+    try:
+        mp.load_state_dict(target, sparse.state_dict())
+    except mp.MaskparamError as e:
+        message = str(e)
+    else:
+        assert torch.equal(target[0].weight, dense[0].weight)
+        return
+    assert "0.weight" in message
+    assert_same_bits(target, before)
+
+
+# from the attack on to_sparse and trainable_state_dict
+def test_mp_load_state_dict_dense_checkpoint_into_sparse_model():
+    """mp.load_state_dict(sparse_model, dense_state) loads or names the tensor and the fix."""
+    sparse = nn.Sequential(sparse_linear())
+    mp.to_sparse(sparse, layout="csr")
+    dense_state = nn.Sequential(nn.Linear(16, 8)).state_dict()
+    before = state_bits(sparse)
+    try:
+        mp.load_state_dict(sparse, dense_state)
+    except mp.MaskparamError as e:
+        message = str(e)
+    else:
+        x = torch.randn(2, 16)
+        reference = nn.Sequential(nn.Linear(16, 8))
+        reference.load_state_dict(dense_state)
+        torch.testing.assert_close(sparse(x), reference(x))
+        return
+    assert "0.weight" in message
+    assert_same_bits(sparse, before)
+
+
+# from the attack on to_sparse and trainable_state_dict
+def test_trainable_state_dict_of_sparse_model():
+    """trainable_state_dict(sparse_model) works (nothing trains) or says why, by tensor."""
+    model = _csr_model()
+    try:
+        state = mp.trainable_state_dict(model)
+    except mp.MaskparamError as e:
+        message = str(e)
+    else:
+        assert not [k for k in state if not k.startswith("meta:")]
+        return
+    assert "0.weight" in message
+
+
+# from the attack on to_sparse and trainable_state_dict
+def test_apply_mask_on_a_csr_weight_says_it_is_sparse():
+    """apply_mask naming a CSR weight: a MaskparamError saying the weight is sparse (to_sparse)."""
+    model = _csr_model()
+    before = state_bits(model)
+    with pytest.raises(mp.MaskparamError) as info:
+        mp.apply_mask(model, {"0.weight": mp.Mask(mp.masks.magnitude(0.5))})
+    assert_same_bits(model, before)
+    message = str(info.value)
+    assert "sparse" in message.lower()
+    assert "fix the spec" not in message
+
+
+def _saved_bytes(obj: object) -> int:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return len(buffer.getvalue())
+
+
+# from the attack on to_sparse and trainable_state_dict
+def test_to_sparse_keeps_a_tied_weight_tied():
+    """A Linear head tied to an Embedding stays tied (or stays dense) after to_sparse."""
+    embedding = nn.Embedding(100, 32)
+    head = nn.Linear(32, 100, bias=False)
+    head.weight = embedding.weight
+    with torch.no_grad():
+        embedding.weight.mul_(torch.rand(100, 32) > 0.95)
+    model = nn.ModuleDict({"embedding": embedding, "head": head})
+    size = _saved_bytes(model.state_dict())
+    mp.to_sparse(model, layout="csr")
+    assert model["head"].weight is model["embedding"].weight
+    assert _saved_bytes(model.state_dict()) <= size
+
+
+# from the attack on to_sparse and trainable_state_dict
+def test_training_a_sparse_model_fails_clearly():
+    """model.requires_grad_(True) + backward + step: trains, or a clear error naming the CSR weight."""
+    model = _csr_model()
+    model.train().requires_grad_(True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        model(torch.randn(3, 16)).sum().backward()
+        optimizer.step()
+    except mp.MaskparamError:
+        return
+    assert model[0].weight.layout == torch.sparse_csr
+
+
+# from the attack on to_sparse and trainable_state_dict
+@pytest.mark.parametrize("bad", [float("nan"), True])
+def test_to_sparse_refuses_a_nan_or_bool_min_speedup(bad):
+    """min_speedup=nan or True is a MaskparamError, like min_speedup=0."""
+    model = nn.Sequential(sparse_linear())
+    with pytest.raises(mp.MaskparamError, match="min_speedup"):
+        mp.to_sparse(model, min_speedup=bad)
+
+
+# from the attack on to_sparse and trainable_state_dict
+def test_to_sparse_twice_keeps_what_it_chose():
+    """A second to_sparse call is a no-op: sparse_choices still lists the CSR Linears."""
+    model = nn.Sequential(sparse_linear())
+    mp.to_sparse(model, layout="csr")
+    first = list(model.sparse_choices)
+    mp.to_sparse(model, layout="csr")
+    assert [c.layout for c in model.sparse_choices] == [c.layout for c in first] == ["csr"]
+
+
+# from the attack on to_sparse and trainable_state_dict
+def test_to_sparse_of_a_weight_norm_linear_keeps_working():
+    """to_sparse of a model with nn.utils.weight_norm: the model still runs with equal outputs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = torch.nn.utils.weight_norm(sparse_linear())
+    model = nn.Sequential(layer)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        expected = model(x)
+    try:
+        mp.to_sparse(model, layout="csr")
+    except mp.MaskparamError:
+        return
+    with torch.no_grad():  # kept dense (it has hooks); an all-zero row makes NaN both times
+        torch.testing.assert_close(model(x), expected, equal_nan=True)
+    assert model.sparse_choices[0].layout == "dense (has forward hooks)"
