@@ -133,17 +133,15 @@ def test_optimizer_state_without_names_or_of_another_mask_is_refused(train):
 # from the attack on layout='auto' (CRYPTIC: a size mismatch at the next step)
 @pytest.mark.parametrize("via_mp", [False, True])
 def test_optimizer_checkpoint_right_after_bake_holds_full_shape_state(via_mp: bool) -> None:
-    """CRYPTIC. Train, bake, save model + optimizer (no step after the bake): the optimizer
-    state is still the 31-vector (relayout is lazy, at the next step), so it does not load into
-    the plain model it belongs to: torch size mismatch at step (optimizer.load_state_dict), or
-    MaskparamError 'apply the same rules as when the state was saved' (mp.load_optimizer_state_dict,
-    which is impossible after baking). Expected: full-shape state, as dense."""
+    """Train, bake with the optimizer, save model + optimizer (no step after the bake): the
+    optimizer state is full-shape at once (not the 31-vector of the compact layout), so it loads
+    into the plain model it belongs to, through torch or mp.load_optimizer_state_dict."""
     torch.manual_seed(0)
     model = nn.Linear(8, 8, bias=False)
     mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64())})
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     steps_on_x_16x8(model, opt, 3)
-    mp.remove_parametrizations(model)
+    mp.remove_parametrizations(model, optimizer=opt)  # its state is laid out in full at once
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(mp.optimizer_state_dict(opt, model) if via_mp else opt.state_dict())
     plain = nn.Linear(8, 8, bias=False)

@@ -23,7 +23,7 @@ from helpers import (
 from torch import Tensor, nn
 
 import maskparam as mp
-from maskparam._trainable import checksum
+from maskparam.checkpoint.trainable import checksum
 
 CASES: dict[str, mp.Rules] = {
     "mask_dense": {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout="dense")},

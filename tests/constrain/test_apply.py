@@ -92,7 +92,7 @@ BAD_RULES = [
     ),
 ]
 # Bad rules of one constraint are tested in its file (constraints/test_*.py), bad selectors in
-# core/test_selectors.py.
+# core/test_match.py.
 
 
 @pytest.mark.parametrize(("rules", "message"), BAD_RULES)

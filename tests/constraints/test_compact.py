@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import maskparam as mp
-from maskparam.constraints.compact import AUTO_COMPACT_MAX_FREE, CompactScatter
+from maskparam.constraints.compact import AUTO_COMPACT_MAX_FREE, CompactConstraint
 
 SPECS = {
     "mask": lambda: mp.Mask(mp.masks.random(0.3, seed=1), layout="compact"),
@@ -156,7 +156,7 @@ def _on_meta(spec: mp.Spec) -> nn.Module:
 def test_auto_is_dense_where_compact_cannot_pay_or_work(why, build):
     model = build()
     stack = model[0].parametrizations.weight
-    assert not any(isinstance(c, CompactScatter) for c in stack), why
+    assert not any(isinstance(c, CompactConstraint) for c in stack), why
     assert stack.original.shape == (8, 8)
 
 
@@ -174,7 +174,7 @@ def test_the_threshold_is_inclusive_and_counts_broadcast_masks_in_full():
     rows = torch.zeros(10, 1, dtype=torch.bool)
     rows[: int(AUTO_COMPACT_MAX_FREE * 10)] = True  # exactly 60% of the rows, broadcast
     layer = mp.apply_mask(nn.Linear(4, 10), {"weight": mp.Mask(rows)})
-    assert isinstance(layer.parametrizations.weight[0], CompactScatter)
+    assert isinstance(layer.parametrizations.weight[0], CompactConstraint)
     rows[int(AUTO_COMPACT_MAX_FREE * 10)] = True  # 70%
     layer = mp.apply_mask(nn.Linear(4, 10), {"weight": mp.Mask(rows)})
-    assert not isinstance(layer.parametrizations.weight[0], CompactScatter)
+    assert not isinstance(layer.parametrizations.weight[0], CompactConstraint)

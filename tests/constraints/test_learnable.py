@@ -11,7 +11,7 @@ from helpers import mlp, outcome_is_exact_or_refused, zeros_like_selected
 from torch import Tensor, nn
 
 import maskparam as mp
-from maskparam.constraints.mask import MaskMultiply
+from maskparam.constraints.mask import MaskConstraint
 
 
 def _train(model: nn.Module, steps: int, penalty: float) -> None:
@@ -83,7 +83,7 @@ def test_harden_then_export_keeps_outputs_exactly():
         before = model(x)
     densities = mp.harden(model)
     assert set(densities) == {"0.weight", "2.weight"}
-    assert isinstance(model[0].parametrizations.weight[0], MaskMultiply)
+    assert isinstance(model[0].parametrizations.weight[0], MaskConstraint)
     assert not any(".scores" in name for name, _ in model.named_parameters())
     with torch.no_grad():
         assert torch.equal(model(x), before)

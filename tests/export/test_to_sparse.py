@@ -16,6 +16,7 @@ from helpers import assert_same_bits, mlp, sparse_linear, state_bits, through_fi
 from torch import Tensor, nn
 
 import maskparam as mp
+from maskparam.export import sparse as sparse_export
 
 
 def _pruned_mlp(sparsity: float, width: int = 128) -> nn.Sequential:
@@ -94,7 +95,7 @@ def test_auto_keeps_dense_where_csr_cannot_pay_and_says_what_it_chose():
     assert all(c.dense_ms is None for c in sparse.sparse_choices)  # below MIN_ZEROS: not timed
     assert all(type(m) is nn.Linear for m in sparse if isinstance(m, nn.Linear))
     timed = mp.to_sparse(_pruned_mlp(0.95, width=512), batch_size=64)
-    choices = [c for c in timed.sparse_choices if c.zeros >= mp._sparse.MIN_ZEROS]
+    choices = [c for c in timed.sparse_choices if c.zeros >= sparse_export.MIN_ZEROS]
     assert len(choices) >= 2
     for choice in choices:  # timed, and the faster one kept, by the margin
         assert choice.dense_ms is not None
@@ -151,7 +152,7 @@ def test_a_cpu_two_four_weight_is_not_a_semi_structured_candidate():
     layer = nn.Linear(8, 8)
     mp.apply_mask(layer, {"weight": mp.Mask(mp.masks.n_m(2, 4))})
     mp.remove_parametrizations(layer)
-    assert not mp._sparse._semi_structured_candidate(layer.weight)
+    assert not sparse_export._semi_structured_candidate(layer.weight)
 
 
 def test_a_meta_model_is_refused():

@@ -31,7 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch_optimizers import OPTIMIZERS, PRUNING_LOOP_OPTIMIZERS
 
 import maskparam as mp
-from maskparam.constraints.compact import CompactScatter
+from maskparam.constraints.compact import CompactConstraint
 
 # (rules at apply, the rule value for each update): random masks of other seeds regrow entries.
 Case = tuple[Callable[[], dict[str, Any]], Callable[[int], Any]]
@@ -73,7 +73,7 @@ CASES: dict[str, Case] = {
 
 
 def _compact(model: nn.Module) -> bool:
-    return any(isinstance(m, CompactScatter) for m in model.modules())
+    return any(isinstance(m, CompactConstraint) for m in model.modules())
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
@@ -90,7 +90,7 @@ def test_every_constraint_stays_exact_through_update_masks(case, optimizer):
         train_steps(model, x, steps=2, optimizer=opt)
         assert mp.verify(model) == []
         before = {n: t.detach().clone() for n, t in _weights(model).items()}
-        mp.update_masks(model, {"*.weight": update_rule(k)})
+        mp.update_masks(model, {"*.weight": update_rule(k)}, optimizer=opt)
         assert mp.verify(model) == []  # exact from the next forward
         assert all(p is q for p, q in zip(model.parameters(), params, strict=True))
         for name, now in _weights(model).items():
@@ -118,7 +118,7 @@ def test_dense_and_compact_layouts_train_bit_identically_through_updates(name, k
         optimizer = PRUNING_LOOP_OPTIMIZERS[name](model.parameters())
         for source in sources[1:]:
             train_steps(model, x, steps=3, optimizer=optimizer)
-            mp.update_masks(model, {"*.weight": source})
+            mp.update_masks(model, {"*.weight": source}, optimizer=optimizer)
         train_steps(model, x, steps=3, optimizer=optimizer)
         trained[layout] = [w.detach().clone() for w in _weights(model).values()]
         assert _compact(model) == (layout == "compact")
@@ -149,7 +149,7 @@ def test_a_regrown_entry_starts_from_zero_with_fresh_state(factory, key, fresh):
     state = optimizer.state[stored][key]
     regrown = ~first
     # SGD's coupled weight decay built state at masked entries: the reset is not a no-op.
-    mp.update_masks(layer, {"weight": torch.ones(8, 8, dtype=torch.bool)})
+    mp.update_masks(layer, {"weight": torch.ones(8, 8, dtype=torch.bool)}, optimizer=optimizer)
     assert bool((stored[regrown] == 0).all())
     assert bool((state[regrown] == fresh).all())
     kept_state = state[first].clone()
@@ -165,7 +165,7 @@ def test_freeze_update_holds_new_values_and_thaws_from_the_frozen_value():
     optimizer = torch.optim.AdamW(layer.parameters(), lr=0.05, weight_decay=0.1)
     train_steps(layer, pruning_inputs(), steps=3, optimizer=optimizer)
     at_update = layer.weight.detach().clone()
-    mp.update_masks(layer, {"weight": second})
+    mp.update_masks(layer, {"weight": second}, optimizer=optimizer)
     assert torch.equal(layer.weight, at_update)  # nothing moves at the update itself
     train_steps(layer, pruning_inputs(), steps=3, optimizer=optimizer)
     assert torch.equal(layer.weight[second], at_update[second])  # frozen now, bit for bit
@@ -179,7 +179,7 @@ def test_global_magnitude_update_equals_torch_global_unstructured_on_the_effecti
     )
     train_steps(model, pruning_inputs(), steps=3)
     reference = mp.remove_parametrizations(copy.deepcopy(model))
-    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.7)})
+    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.7)}, optimizer=None)
     prune.global_unstructured(
         [(reference[0], "weight"), (reference[2], "weight")],
         pruning_method=prune.L1Unstructured,
@@ -199,7 +199,7 @@ def test_half_precision_masks_update_exactly(dtype, layout):
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for sparsity in (0.6, 0.2, 0.8):
         train_steps(model, pruning_inputs(dtype), steps=2, optimizer=optimizer)
-        mp.update_masks(model, {"*.weight": mp.masks.magnitude(sparsity)})
+        mp.update_masks(model, {"*.weight": mp.masks.magnitude(sparsity)}, optimizer=optimizer)
         assert mp.verify(model) == []
         assert int((model[0].weight == 0).sum()) >= round(sparsity * 64)
 
@@ -209,7 +209,7 @@ def test_wildcards_pass_over_tensors_without_a_mask():
         mlp(8, 8, 8, seed=0),
         {"0.weight": mp.Triangular(), "2.weight": mp.Mask(mp.masks.magnitude(0.5))},
     )
-    mp.update_masks(model, {"*": mp.masks.magnitude(0.75)})
+    mp.update_masks(model, {"*": mp.masks.magnitude(0.75)}, optimizer=None)
     assert int((model[2].weight == 0).sum()) == 48
     assert bool((model[0].weight.triu(1) == 0).all())
 
@@ -279,7 +279,7 @@ def test_refusals_name_the_problem_and_leave_the_model_unchanged(case):
     before = copy.deepcopy(model.state_dict())
     shapes = [p.shape for p in model.parameters()]
     with pytest.raises(mp.MaskparamError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        mp.update_masks(model, rules)
+        mp.update_masks(model, rules, optimizer=None)
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -291,7 +291,7 @@ def test_a_stale_compact_gradient_follows_its_entries():
     layer(pruning_inputs()).square().sum().backward()
     stored = layer.parametrizations.weight.original
     full = layer.parametrizations.weight[0](stored.grad)  # the gradient at its positions
-    mp.update_masks(layer, {"weight": mp.masks.random(0.3, seed=2)})
+    mp.update_masks(layer, {"weight": mp.masks.random(0.3, seed=2)}, optimizer=None)
     kept = mp.masks.random(0.3, seed=2)(torch.empty(8, 8))
     assert stored.grad.shape == stored.shape
     assert torch.equal(layer.parametrizations.weight[0](stored.grad), torch.where(kept, full, 0))
@@ -312,7 +312,7 @@ def _layout_run(layout: str, make_opt, *, updates) -> list[Tensor]:
     optimizer = make_opt(model.parameters())
     pruning_steps(model, optimizer)
     for source in updates:
-        mp.update_masks(model, {"*.weight": source})
+        mp.update_masks(model, {"*.weight": source}, optimizer=optimizer)
         pruning_steps(model, optimizer)
     assert mp.verify(model) == []
     return linear_weights(model)
@@ -348,7 +348,7 @@ def test_lbfgs_keeps_training_after_a_compact_update_changes_size():
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1))})
     optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, history_size=3, max_iter=3)
     pruning_steps(model, optimizer, 2)
-    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)})
+    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)}, optimizer=optimizer)
     pruning_steps(model, optimizer, 2)
     assert mp.verify(model) == []
     assert zeros_in_linears(model) >= round(0.8 * (8 * 16 + 16 * 4))
@@ -363,9 +363,11 @@ def test_optimizer_created_before_apply_mask_follows_update_masks():
         model = mlp(8, 16, 4, seed=0)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         pruning_steps(model, optimizer, 2)
-        mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
+        # the optimizer is passed: maskparam moves state only in optimizers it is given
+        rules = {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)}
+        mp.apply_mask(model, rules, optimizer=optimizer)
         pruning_steps(model, optimizer, 2)
-        mp.update_masks(model, {"*.weight": mp.masks.random(0.5, seed=5)})
+        mp.update_masks(model, {"*.weight": mp.masks.random(0.5, seed=5)}, optimizer=optimizer)
         pruning_steps(model, optimizer, 2)
         assert mp.verify(model) == []
         results.append(linear_weights(model))
@@ -392,7 +394,11 @@ def test_two_optimizers_and_param_groups_with_other_lrs_follow_update_masks():
         )
         for step in range(6):
             if step in (2, 4):
-                mp.update_masks(model, {"*.weight": mp.masks.random(0.45, seed=step)})
+                mp.update_masks(
+                    model,
+                    {"*.weight": mp.masks.random(0.45, seed=step)},
+                    optimizer=[first, second],
+                )
             first.zero_grad()
             second.zero_grad()
             pruning_loss(model).backward()
@@ -415,7 +421,7 @@ def test_gradient_accumulation_across_an_update_trains_as_dense():
         pruning_steps(model, optimizer, 1)
         optimizer.zero_grad()
         pruning_loss(model).backward()
-        mp.update_masks(model, {"*.weight": mp.masks.random(0.5, seed=12)})
+        mp.update_masks(model, {"*.weight": mp.masks.random(0.5, seed=12)}, optimizer=optimizer)
         pruning_loss(model).backward()
         optimizer.step()
         assert mp.verify(model) == []
@@ -432,10 +438,10 @@ def test_prune_everything_then_regrow(layout):
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)})
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     pruning_steps(model, optimizer, 1)
-    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(1.0)})
+    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(1.0)}, optimizer=optimizer)
     pruning_steps(model, optimizer, 1)
     assert zeros_in_linears(model) == 192
-    mp.update_masks(model, {"*.weight": mp.masks.random(0.5, seed=3)})
+    mp.update_masks(model, {"*.weight": mp.masks.random(0.5, seed=3)}, optimizer=optimizer)
     pruning_steps(model, optimizer, 2)
     assert mp.verify(model) == []
     assert 0 < zeros_in_linears(model) < 192
@@ -449,7 +455,7 @@ def test_update_mask_behind_triangular_in_half_precision(dtype):
     mp.apply_mask(model, {"0.weight": [mp.Triangular(), mp.Mask(mp.masks.random(0.7, seed=3))]})
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     pruning_steps(model, optimizer, 2)
-    mp.update_masks(model, {"0.weight": mp.masks.magnitude(0.8)})
+    mp.update_masks(model, {"0.weight": mp.masks.magnitude(0.8)}, optimizer=optimizer)
     pruning_steps(model, optimizer, 2)
     w = model[0].weight
     assert mp.verify(model) == []
@@ -474,7 +480,7 @@ def test_update_freeze_behind_a_compact_mask_in_half_precision(dtype):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1)
     pruning_steps(model, optimizer, 2)
     new = mp.masks.random(0.5, seed=11)
-    mp.update_masks(model, {"0.weight": mp.Freeze(new)})
+    mp.update_masks(model, {"0.weight": mp.Freeze(new)}, optimizer=optimizer)
     frozen = mp.frozen_entries(model, "0.weight")
     held = model[0].weight.detach().clone()
     pruning_steps(model, optimizer, 3)
@@ -494,7 +500,7 @@ def test_to_float64_after_apply_then_update():
     model.to(torch.float64)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     pruning_steps(model, optimizer, 1)
-    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)})
+    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)}, optimizer=optimizer)
     pruning_steps(model, optimizer, 1)
     assert mp.verify(model) == []
     assert all(p.dtype == torch.float64 for p in model.parameters())
@@ -516,7 +522,7 @@ def test_global_magnitude_counts_a_tied_weight_once():
     )
     assert torch.equal(model.emb.weight != 0, ref.emb.weight_mask.bool())
     assert torch.equal(model.mid.weight != 0, ref.mid.weight_mask.bool())
-    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.75)})
+    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.75)}, optimizer=None)
     total = 60 + 36
     zeros = int((model.emb.weight == 0).sum()) + int((model.mid.weight == 0).sum())
     assert zeros == round(0.75 * total)
@@ -531,7 +537,7 @@ def test_global_magnitude_inside_a_stack_ranks_the_effective_tensor():
     mp.apply_mask(model, {"*.weight": [mp.Triangular(), mp.Mask(mp.masks.global_magnitude(0.8))]})
     n = 8 * 16 + 16 * 4
     assert zeros_in_linears(model) == round(0.8 * n)
-    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.9)})
+    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.9)}, optimizer=None)
     assert zeros_in_linears(model) == round(0.9 * n)
     assert mp.verify(model) == []
 
@@ -544,7 +550,7 @@ def test_complement_of_a_non_joint_generator_freezes_what_it_does_not_select():
     mp.apply_mask(model, {"0.weight": mp.Freeze(~mp.masks.magnitude(0.75))})
     frozen, _ = mp.frozen_entries(model, "0.weight")
     assert torch.equal(frozen.expand(16, 8).bool(), ~mp.masks.magnitude(0.75)(w))
-    mp.update_masks(model, {"0.weight": ~mp.masks.magnitude(0.5)})
+    mp.update_masks(model, {"0.weight": ~mp.masks.magnitude(0.5)}, optimizer=None)
     frozen, _ = mp.frozen_entries(model, "0.weight")
     assert int(frozen.expand(16, 8).sum()) == 64
 
@@ -567,7 +573,7 @@ def test_averaged_model_of_a_model_whose_masks_are_updated(layout, use_buffers, 
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     pruning_steps(model, optimizer, 2)
     ema.update_parameters(model)
-    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)})
+    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)}, optimizer=optimizer)
     pruning_steps(model, optimizer, 2)
     ema.update_parameters(model)
     assert mp.verify(ema.module) == []
@@ -597,9 +603,13 @@ def test_ema_through_prune_and_regrow_averages_the_effective_weights(layout):
     for step in range(6):
         pruning_steps(model, optimizer, 1)
         if step == 1:
-            mp.update_masks(model, {"*.weight": mp.masks.random(0.5, seed=7)})  # prune + regrow
+            mp.update_masks(
+                model, {"*.weight": mp.masks.random(0.5, seed=7)}, optimizer=optimizer
+            )  # prune + regrow
         if step == 3:
-            mp.update_masks(model, {"*.weight": mp.masks.random(0.5, seed=1)})  # regrow back
+            mp.update_masks(
+                model, {"*.weight": mp.masks.random(0.5, seed=1)}, optimizer=optimizer
+            )  # regrow back
         ema.update_parameters(model)
         manual = [m.lerp(w, 1 - decay) for m, w in zip(manual, linear_weights(model), strict=True)]
     kept = [
@@ -624,7 +634,7 @@ def test_deepcopy_then_update_the_copy_leaves_the_original_alone(layout):
     clone = copy.deepcopy(model)
     clone_opt = torch.optim.Adam(clone.parameters(), lr=1e-2)
     pruning_steps(clone, clone_opt, 1)
-    mp.update_masks(clone, {"*.weight": mp.masks.random(0.3, seed=4)})
+    mp.update_masks(clone, {"*.weight": mp.masks.random(0.3, seed=4)}, optimizer=clone_opt)
     pruning_steps(clone, clone_opt, 1)
     assert same_snapshot_with_summary(before, snapshot_with_summary(model))
     with torch.no_grad():
@@ -648,7 +658,7 @@ def test_deepcopy_of_model_and_optimizer_then_update_trains_as_the_original_woul
         pruning_steps(model, optimizer, 2)
         if copied:
             model, optimizer = copy.deepcopy((model, optimizer))
-        mp.update_masks(model, {"*.weight": mp.masks.random(density, seed=6)})
+        mp.update_masks(model, {"*.weight": mp.masks.random(density, seed=6)}, optimizer=optimizer)
         pruning_steps(model, optimizer, 2)
         assert mp.verify(model) == []
         results.append(linear_weights(model))
@@ -667,12 +677,16 @@ def test_compiled_model_sees_masks_updated_between_calls(layout):
     x = pruning_inputs()
     with torch.no_grad():
         assert torch.equal(compiled(x), model(x))
-        mp.update_masks(model, {"0.weight": mp.masks.random(0.5, seed=2)})  # same size
+        mp.update_masks(
+            model, {"0.weight": mp.masks.random(0.5, seed=2)}, optimizer=None
+        )  # same size
         same_size = compiled(x)
         eager = model(x)
     assert torch.equal(same_size, eager)
     with torch.no_grad():
-        mp.update_masks(model, {"0.weight": mp.masks.random(0.25, seed=3)})  # other size
+        mp.update_masks(
+            model, {"0.weight": mp.masks.random(0.25, seed=3)}, optimizer=None
+        )  # other size
         assert torch.equal(compiled(x), model(x))
 
 
@@ -690,7 +704,9 @@ def test_compiled_training_sees_masks_updated_between_steps(layout):
         optimizer.zero_grad()
         compiled(x).square().mean().backward()
         optimizer.step()
-        mp.update_masks(model, {"0.weight": mp.masks.random(0.5 - 0.1 * step, seed=step)})
+        mp.update_masks(
+            model, {"0.weight": mp.masks.random(0.5 - 0.1 * step, seed=step)}, optimizer=optimizer
+        )
         with torch.no_grad():
             assert torch.equal(compiled(x), model(x))
     assert mp.verify(model) == []
@@ -707,7 +723,7 @@ def test_update_masks_inside_parametrize_cached_is_seen_or_refused():
     with torch.no_grad(), parametrize.cached():
         model(pruning_inputs())
         try:
-            mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.9)})
+            mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.9)}, optimizer=None)
         except mp.MaskparamError:
             return
         inside = model(pruning_inputs())
@@ -722,9 +738,11 @@ def test_update_masks_refuses_bad_rule_values_clearly():
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=0))})
     before = snapshot_with_summary(model)
     with pytest.raises(mp.MaskparamError):
-        mp.update_masks(model, {"*.weight": 0.9})
+        mp.update_masks(model, {"*.weight": 0.9}, optimizer=None)
     with pytest.raises(mp.MaskparamError):
-        mp.update_masks(model, {"*.weight": mp.masks.global_magnitude})  # forgot to call it
+        mp.update_masks(
+            model, {"*.weight": mp.masks.global_magnitude}, optimizer=None
+        )  # forgot to call it
     assert same_snapshot_with_summary(before, snapshot_with_summary(model))
 
 
@@ -736,7 +754,9 @@ def test_update_masks_with_a_mask_of_the_wrong_shape_is_refused_unchanged():
     before = snapshot_with_summary(model)
     with pytest.raises(mp.MaskparamError):
         mp.update_masks(
-            model, {"0.weight": torch.ones(16, 8, dtype=torch.bool), "2.weight": torch.ones(3, 3)}
+            model,
+            {"0.weight": torch.ones(16, 8, dtype=torch.bool), "2.weight": torch.ones(3, 3)},
+            optimizer=None,
         )
     assert same_snapshot_with_summary(before, snapshot_with_summary(model))
 
@@ -748,7 +768,7 @@ def test_n_m_update_on_a_tensor_whose_last_dim_does_not_divide_is_refused_unchan
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=0))})
     before = snapshot_with_summary(model)
     with pytest.raises(mp.MaskparamError, match=r"2\.weight"):
-        mp.update_masks(model, {"*.weight": mp.masks.n_m(2, 4)})
+        mp.update_masks(model, {"*.weight": mp.masks.n_m(2, 4)}, optimizer=None)
     assert same_snapshot_with_summary(before, snapshot_with_summary(model))
 
 
@@ -765,9 +785,11 @@ def test_an_average_follows_updated_masks_when_given_them(layout):
     for update in range(3):
         train_steps(model, torch.randn(4, 8), steps=2, optimizer=optimizer)
         ema.update_parameters(model)
-        mp.update_masks(model, {"*.weight": mp.masks.random(0.4, seed=10 + update)})
+        mp.update_masks(
+            model, {"*.weight": mp.masks.random(0.4, seed=10 + update)}, optimizer=optimizer
+        )
         names = [t.name for t in mp.summary(model).tensors]
-        mp.update_masks(ema.module, {n: mp.kept_entries(model, n) for n in names})
+        mp.update_masks(ema.module, {n: mp.kept_entries(model, n) for n in names}, optimizer=None)
         for n in names:
             assert torch.equal(mp.kept_entries(ema.module, n), mp.kept_entries(model, n))
         assert mp.verify(ema.module) == []
@@ -783,9 +805,9 @@ def test_update_masks_takes_wanda_again_and_refuses_fisher_on_constrained_tensor
     batches = [torch.randn(5, 8)]
     rule = (nn.Linear, "weight")
     mp.apply_mask(model, {rule: mp.Mask(mp.masks.wanda(model, batches, 0.25))})
-    mp.update_masks(model, {rule: mp.masks.wanda(model, batches, 0.5)})
+    mp.update_masks(model, {rule: mp.masks.wanda(model, batches, 0.5)}, optimizer=None)
     pruned = [int((model[i].weight == 0).sum()) for i in (0, 2)]
     assert pruned == [8 * 4, 4 * 4]
     fish = mp.masks.fisher(model, [(batches[0], torch.zeros(5, dtype=torch.long))], _ce, 0.3)
     with pytest.raises(mp.MaskparamError, match="compute the scores before apply_mask"):
-        mp.update_masks(model, {"*.weight": ~fish})
+        mp.update_masks(model, {"*.weight": ~fish}, optimizer=None)

@@ -43,10 +43,11 @@ def test_loading_a_checkpoint_from_before_an_update_restores_old_masks(layout):
     before = snapshot_with_summary(model)
     with torch.no_grad():
         out = model(pruning_inputs())
-    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)})
+    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)}, optimizer=optimizer)
     pruning_steps(model, optimizer, 2)
     buffer.seek(0)
-    model.load_state_dict(torch.load(buffer, weights_only=True))
+    # the optimizer is passed: maskparam moves state only in optimizers it is given
+    mp.load_state_dict(model, torch.load(buffer, weights_only=True), optimizer=optimizer)
     assert same_snapshot_with_summary(before, snapshot_with_summary(model), summary=False)
     with torch.no_grad():
         assert torch.equal(model(pruning_inputs()), out)
@@ -64,7 +65,7 @@ def test_mp_load_state_dict_of_a_checkpoint_from_before_an_update(layout):
     state = copy.deepcopy(model.state_dict())
     with torch.no_grad():
         out = model(pruning_inputs())
-    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)})
+    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)}, optimizer=None)
     mp.load_state_dict(model, state)
     with torch.no_grad():
         assert torch.equal(model(pruning_inputs()), out)
@@ -79,7 +80,7 @@ def test_summary_after_loading_a_checkpoint_from_before_an_update_describes_the_
     mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1))})
     state = copy.deepcopy(model.state_dict())
     before = mp.summary(model).tensors
-    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)})
+    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)}, optimizer=None)
     model.load_state_dict(state)
     assert "largest |w|" not in str(mp.summary(model))
     # The generator of a loaded mask is not known: the summary says where the mask came from.
@@ -113,7 +114,7 @@ def test_resume_model_and_optimizer_from_before_an_update(layout, same_density, 
     expected, saved, model, optimizer = _resume_reference(layout, same_density)
     model_state, torch_opt_state, named_opt_state = saved
     source = mp.masks.random(0.5, seed=9) if same_density else mp.masks.random(0.25, seed=9)
-    mp.update_masks(model, {"*.weight": source})
+    mp.update_masks(model, {"*.weight": source}, optimizer=optimizer)
     pruning_steps(model, optimizer, 2)
     model.load_state_dict(model_state)
     if loader == "torch":
@@ -136,7 +137,7 @@ def test_named_optimizer_state_from_before_an_update_is_refused_or_fits(layout):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     pruning_steps(model, optimizer, 1)
     saved = mp.optimizer_state_dict(optimizer, model)
-    mp.update_masks(model, {"*.weight": mp.masks.random(0.25, seed=9)})
+    mp.update_masks(model, {"*.weight": mp.masks.random(0.25, seed=9)}, optimizer=optimizer)
     try:
         mp.load_optimizer_state_dict(optimizer, model, saved)
     except mp.MaskparamError:
@@ -160,7 +161,7 @@ def test_checkpoint_after_updating_a_row_mask_to_an_entry_mask_loads_into_the_in
         return mp.apply_mask(model, rules)
 
     model = build()
-    mp.update_masks(model, {"0.weight": mp.masks.magnitude(0.8)})
+    mp.update_masks(model, {"0.weight": mp.masks.magnitude(0.8)}, optimizer=None)
     with torch.no_grad():
         out = model(pruning_inputs())
     state = copy.deepcopy(model.state_dict())
@@ -175,7 +176,9 @@ def test_checkpoint_after_updating_a_row_mask_to_an_entry_mask_loads_into_the_in
 def test_after_update_masks_positions_are_saved_and_taken(layout):
     rules = {"*.weight": mp.Mask(mp.masks.magnitude(0.5), layout=layout)}
     trained = trained_base(rules)
-    mp.update_masks(trained, {"*.weight": mp.masks.magnitude(0.75)})  # from the trained weights
+    mp.update_masks(
+        trained, {"*.weight": mp.masks.magnitude(0.75)}, optimizer=None
+    )  # from the trained weights
     adamw_steps_to_one(trained)
     state, _ = through_file_with_size(mp.trainable_state_dict(trained))
     positions = state["2.weight.free_positions"]
@@ -183,7 +186,7 @@ def test_after_update_masks_positions_are_saved_and_taken(layout):
     assert positions.numel() == state["2.weight.free_values"].numel() == 256
     fresh = mp.apply_mask(mlp(16, 32, 32, 4, activation=nn.ReLU, seed=0), rules)
     assert not torch.equal(mp.kept_entries(fresh, "2.weight"), mp.kept_entries(trained, "2.weight"))
-    mp.load_trainable_state_dict(fresh, state)
+    mp.load_trainable_state_dict(fresh, state, optimizer=None)
     with torch.no_grad():
         assert torch.equal(fresh(X_8x16), trained(X_8x16))
     for name in ("0.weight", "2.weight", "4.weight"):
@@ -196,17 +199,17 @@ def test_after_update_masks_positions_are_saved_and_taken(layout):
 def test_changed_freeze_mask_is_refused_with_the_fix(snapshot):
     rules = {"2.weight": mp.Freeze(mp.masks.magnitude(0.5), layout="dense")}
     trained = trained_base(rules)
-    mp.update_masks(trained, {"2.weight": mp.masks.magnitude(0.75)})
+    mp.update_masks(trained, {"2.weight": mp.masks.magnitude(0.75)}, optimizer=None)
     state = mp.trainable_state_dict(trained)
     assert "2.weight.free_positions" in state
     fresh = mp.apply_mask(mlp(16, 32, 32, 4, activation=nn.ReLU, seed=0), rules)
     before = snapshot(fresh)
     with pytest.raises(mp.MaskparamError, match=r"'2\.weight'.*changed after apply"):
-        mp.load_trainable_state_dict(fresh, state)
+        mp.load_trainable_state_dict(fresh, state, optimizer=None)
     before.assert_same(fresh)
     # With the trained model's full checkpoint first, the masks agree and the state loads.
     fresh.load_state_dict(trained.state_dict())
-    mp.load_trainable_state_dict(fresh, state)
+    mp.load_trainable_state_dict(fresh, state, optimizer=None)
     with torch.no_grad():
         assert torch.equal(fresh(X_8x16), trained(X_8x16))
 
@@ -221,11 +224,11 @@ def test_after_update_masks_loads_onto_fresh_model(layout):
 
     trained = mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules())
     sgd_wd_steps(trained)
-    mp.update_masks(trained, {"*.weight": mp.Mask(mp.masks.magnitude(0.7))})
+    mp.update_masks(trained, {"*.weight": mp.Mask(mp.masks.magnitude(0.7))}, optimizer=None)
     sgd_wd_steps(trained)
     state = through_file(mp.trainable_state_dict(trained))
     restored = mp.load_trainable_state_dict(
-        mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules()), state
+        mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules()), state, optimizer=None
     )
     with torch.no_grad():
         assert torch.equal(restored(X_6x7), trained(X_6x7))
@@ -240,11 +243,13 @@ def test_layer_pruned_to_nothing_round_trips():
         return {"2.weight": mp.Mask(mp.masks.magnitude(0.5), layout="dense")}
 
     trained = mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules())
-    mp.update_masks(trained, {"2.weight": mp.Mask(torch.zeros(5, 9, dtype=torch.bool))})
+    mp.update_masks(
+        trained, {"2.weight": mp.Mask(torch.zeros(5, 9, dtype=torch.bool))}, optimizer=None
+    )
     sgd_wd_steps(trained)
     state = through_file(mp.trainable_state_dict(trained))
     restored = mp.load_trainable_state_dict(
-        mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules()), state
+        mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules()), state, optimizer=None
     )
     with torch.no_grad():
         assert torch.equal(restored(X_6x7), trained(X_6x7))
@@ -258,11 +263,11 @@ def test_positions_taken_by_a_mask_that_was_empty():
         return {"2.weight": mp.Mask(torch.zeros(5, 9, dtype=torch.bool), layout="dense")}
 
     trained = mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules())
-    mp.update_masks(trained, {"2.weight": mp.Mask(mp.masks.magnitude(0.5))})
+    mp.update_masks(trained, {"2.weight": mp.Mask(mp.masks.magnitude(0.5))}, optimizer=None)
     sgd_wd_steps(trained)
     state = mp.trainable_state_dict(trained)
     restored = mp.load_trainable_state_dict(
-        mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules()), state
+        mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules()), state, optimizer=None
     )
     with torch.no_grad():
         assert torch.equal(restored(X_6x7), trained(X_6x7))

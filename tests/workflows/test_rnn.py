@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 from torch.optim.swa_utils import AveragedModel
 
 import maskparam as mp
-from maskparam.constraints.base import Constraint
+from maskparam.core.constraint import Constraint
 
 # --- the modules ----------------------------------------------------------------------------------
 # Every weight has at least 4 columns and 5 rows, for the matrix's Freeze(dim=1, index=[3])

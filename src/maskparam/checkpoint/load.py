@@ -145,10 +145,10 @@ def load_state_dict(
             f"unexpected keys: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}",
             fix="load a checkpoint of the same architecture, or pass strict=False.",
         )
-    check_checkpoint(model, rest, "")  # keys were checked above; shapes and entries here
-    layouts_before = _free_layouts(model)
+    layouts_before = _free_layouts(model) if optimizers else []
     for ref, _, _ in layouts_before:
         check_state_fits(optimizers, ref.storage, ref.name)
+    check_checkpoint(model, rest, "")  # keys were checked above; shapes and entries here
     with torch.no_grad():
         for module, local, value in assigned.values():
             # Goes through each parametrization's right_inverse, like `module.weight = value`,

@@ -26,6 +26,7 @@ from maskparam.core.constraint import (
     binary_mask_problem,
     broadcasts_to,
 )
+from maskparam.core.optimizer import elementwise
 from maskparam.core.positions import free_positions, to_full, to_stored
 from maskparam.errors import error
 
@@ -38,12 +39,7 @@ __all__ = [
     "fit_mask",
 ]
 
-# Optimizers whose update depends on a tensor's shape: Adafactor factors the second moment of a
-# matrix, and would silently run unfactored on the compact layout's vector. (Muon refuses a
-# vector itself, when constructed.)
-_SHAPE_AWARE = tuple(
-    cls for cls in (getattr(torch.optim, n, None) for n in ("Adafactor",)) if cls is not None
-)
+
 
 #: ``layout="auto"`` stores a tensor compact when at most this fraction of its entries is free.
 #: Measured on an MLP 4 x 1024, 1 thread (benchmarks/results/train_step.md): up to it, compact
@@ -285,7 +281,9 @@ class CompactConstraint(Constraint):
 
     @override
     def optimizer_problem(self, optimizer: torch.optim.Optimizer) -> str | None:
-        if isinstance(optimizer, _SHAPE_AWARE):
+        # Adafactor factors a matrix's second moment: on the vector it would run unfactored.
+        # (LBFGS is flat over all parameters anyway; Muon refuses a vector itself.)
+        if not elementwise(optimizer) and not isinstance(optimizer, torch.optim.LBFGS):
             return (
                 f"{type(optimizer).__name__} treats a matrix as a matrix, but the compact layout "
                 "stores this tensor as the vector of its free entries: it would run another "

@@ -524,8 +524,8 @@ class Spec:
         (``{"w": mp.Mask(source)}``); refused for a spec without one. ``rule`` names the rule."""
         raise error(
             f"rule {rule}",
-            f"update_masks takes a mask source, mp.Mask(source) or mp.Freeze(source); got "
-            f"{type(self).__name__}, which has no mask to update.",
+            f"update_masks maps selectors to a mask source, mp.Mask(source) or "
+            f"mp.Freeze(source); got a {type(self).__name__}, which has no mask to update.",
             fix="pass e.g. {'*.weight': mp.masks.global_magnitude(0.9)}.",
         )
 

@@ -40,6 +40,7 @@ __all__ = [
     "Optimizers",
     "as_optimizers",
     "check_state_fits",
+    "elementwise",
     "holders",
     "move_entries",
     "reset_entries",
@@ -56,6 +57,20 @@ class _Unset:
 
 
 UNSET: Any = _Unset()
+
+# Optimizers whose state is not one value per entry of a parameter: LBFGS keeps flat vectors over
+# all its parameters, Adafactor factors a matrix's second moment into a row and a column.
+_NOT_ELEMENTWISE: tuple[type, ...] = tuple(
+    cls
+    for cls in (torch.optim.LBFGS, getattr(torch.optim, "Adafactor", None))
+    if isinstance(cls, type)
+)
+
+
+def elementwise(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s per-parameter state holds one value per entry (SGD, Adam, ...)."""
+    return not isinstance(optimizer, _NOT_ELEMENTWISE)
+
 
 # State an optimizer starts an entry from, where it is not zero.
 _FRESH: dict[tuple[type, str], str] = {
@@ -114,8 +129,8 @@ def check_state_fits(
     """Refuse, before anything changes, state for ``parameter`` that is not laid out for the
     entries it holds now (e.g. an optimizer created before ``apply_mask`` stored it compact)."""
     for optimizer, _ in holders(optimizers, parameter):
-        if isinstance(optimizer, torch.optim.LBFGS):
-            continue  # flat vectors over all its parameters, kept under the first one
+        if not elementwise(optimizer):
+            continue  # its state is not laid out entry by entry
         state = optimizer.state.get(parameter, {})
         odd = sorted(
             {

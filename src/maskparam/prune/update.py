@@ -172,9 +172,9 @@ def check_optimizers(
                 "the new mask changes what is stored (entries become free, or the compact "
                 "layout stores others), and the state of the optimizer that trains it must "
                 "follow, but no optimizer was passed.",
-                fix=f"pass the optimizer: {caller}(..., optimizer=optimizer) (or set "
-                "GradualPruning's .optimizer); optimizer=None where no optimizer holds state "
-                "for these tensors.",
+                fix=f"pass the optimizer: {caller}(..., optimizer=optimizer)"
+                + (" or set its .optimizer" if caller == "GradualPruning" else "")
+                + "; optimizer=None where no optimizer holds state for these tensors.",
             )
         check_state_fits(optimizers, stored, update.ref.name)
         for holder in optimizers:

@@ -1,7 +1,7 @@
-"""The optimizer guard (_optimizer_guard.py): an optimizer created before apply_mask, or
-kept across a bake, a new apply, a load, a deepcopy or a stale gradient, trains on exactly as with
-the dense layout (its state laid out by position), or is refused with a clear error; never a
-silent or cryptic failure, and no false refusal."""
+"""Optimizer state (core/optimizer.py): an optimizer created before apply_mask, or kept across
+a bake, a new apply, a load, a deepcopy or a stale gradient, trains on exactly as with the dense
+layout (its state laid out by position) when it is passed to those calls, or is refused with a
+clear error; never a silent or cryptic failure, and no false refusal."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from helpers import keep_31_of_64, loss_on_x_16x8, square_sum_steps, steps_on_x_16x8
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import _global_optimizer_pre_hooks
 from torch_optimizers import PRUNING_LOOP_OPTIMIZERS
 
 import maskparam as mp
@@ -41,12 +42,12 @@ def test_an_optimizer_from_before_apply_keeps_going_in_either_layout(make_optimi
         optimizer = make_optimizer(layer.parameters())
         for step in range(4):
             if step == 2:
-                mp.apply_mask(layer, {"weight": mp.Mask(kept, layout=layout)})
+                mp.apply_mask(layer, {"weight": mp.Mask(kept, layout=layout)}, optimizer=optimizer)
             optimizer.zero_grad()
             layer(x).square().sum().backward()
             optimizer.step()
         effective[layout] = layer.weight.detach().clone()
-        mp.remove_parametrizations(layer)
+        mp.remove_parametrizations(layer, optimizer=optimizer)
         optimizer.zero_grad()
         layer(x).square().sum().backward()
         optimizer.step()
@@ -63,17 +64,18 @@ def test_an_optimizer_from_before_apply_keeps_going_in_either_layout(make_optimi
 def test_subspace_refuses_an_optimizer_created_before_apply_not_silently_idle():
     model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 3))
     optimizer = torch.optim.Adam(model.parameters())
-    mp.apply_mask(model, {"*": mp.Subspace(5, projection="fastfood", group="all")})
-    model(torch.randn(2, 12)).sum().backward()
-    theta = model[0].parametrizations.weight[0].coordinates.theta
-    optimizer.step()  # θ might live in another optimizer: the first step cannot tell yet
-    assert torch.equal(theta, torch.zeros(5))  # ...but nothing trained it since
+    rules = {"*": mp.Subspace(5, projection="fastfood", group="all")}
+    # maskparam sees the optimizer where it is passed: there it refuses, nothing applied.
     with pytest.raises(
         mp.MaskparamError,
-        match=r"(?s)'0.weight': this Adam holds the tensor's original.*created before apply_mask",
+        match=r"(?s)'0.weight': this Adam holds the tensor's original.*would train nothing",
     ):
-        optimizer.step()
+        mp.apply_mask(model, rules, optimizer=optimizer)
+    assert mp.summary(model).tensors == ()
+    mp.apply_mask(model, rules)
+    theta = model[0].parametrizations.weight[0].coordinates.theta
     optimizer.add_param_group({"params": [theta]})  # the fix the message names
+    model(torch.randn(2, 12)).sum().backward()
     before = theta.detach().clone()
     optimizer.step()
     assert not torch.equal(theta, before)
@@ -92,12 +94,12 @@ def test_iterative_pruning_with_one_optimizer_trains_as_the_dense_layout(name):
         layer.load_state_dict(start)
         optimizer = PRUNING_LOOP_OPTIMIZERS[name](layer.parameters())
         for mask in (first, second):
-            mp.apply_mask(layer, {"weight": mp.Mask(mask, layout=layout)})
+            mp.apply_mask(layer, {"weight": mp.Mask(mask, layout=layout)}, optimizer=optimizer)
             for _ in range(3):
                 optimizer.zero_grad()
                 layer(x).square().mean().backward()
                 optimizer.step()
-            mp.remove_parametrizations(layer)
+            mp.remove_parametrizations(layer, optimizer=optimizer)
             # Laid out in full at once: a checkpoint saved now loads into the plain model.
             shapes = {v.shape for v in optimizer.state[layer.weight].values() if v.dim()}
             assert shapes == {torch.Size([8, 8])}
@@ -117,10 +119,12 @@ def _reapply_after_bake(layout: str, second: torch.Tensor) -> torch.Tensor:
     torch.manual_seed(0)
     model = nn.Linear(8, 8, bias=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64(), layout=layout)})
+    mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64(), layout=layout)}, optimizer=opt)
     steps_on_x_16x8(model, opt, 3)
-    mp.remove_parametrizations(model)
-    mp.apply_mask(model, {"weight": mp.Mask(second, layout=layout)})  # no step in between
+    mp.remove_parametrizations(model, optimizer=opt)
+    mp.apply_mask(
+        model, {"weight": mp.Mask(second, layout=layout)}, optimizer=opt
+    )  # no step in between
     steps_on_x_16x8(model, opt, 2)
     return model.weight.detach().clone()
 
@@ -154,7 +158,8 @@ def test_loading_another_mask_of_the_same_density_keeps_momentum_by_position() -
         mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64(), layout=layout)})
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         steps_on_x_16x8(model, opt, 3)
-        model.load_state_dict(saved)
+        # the optimizer is passed: maskparam moves state only in optimizers it is given
+        mp.load_state_dict(model, saved, optimizer=opt)
         steps_on_x_16x8(model, opt, 2)
         return model.weight.detach().clone()
 
@@ -165,9 +170,9 @@ def _train_bake_train(layout: str, opt_cls: type, **kwargs: object) -> torch.Ten
     torch.manual_seed(0)
     model = nn.Linear(8, 8, bias=False)
     opt = opt_cls(model.parameters(), **kwargs)
-    mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64(), layout=layout)})
+    mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64(), layout=layout)}, optimizer=opt)
     steps_on_x_16x8(model, opt, 3)
-    mp.remove_parametrizations(model)
+    mp.remove_parametrizations(model, optimizer=opt)
     steps_on_x_16x8(model, opt, 5)
     return model.weight.detach().clone()
 
@@ -216,7 +221,7 @@ def test_deepcopy_then_bake_keeps_the_optimizer_working() -> None:
     clone = copy.deepcopy(model)
     opt = torch.optim.Adam(clone.parameters(), lr=0.1)
     steps_on_x_16x8(clone, opt, 1)
-    mp.remove_parametrizations(clone)
+    mp.remove_parametrizations(clone, optimizer=opt)
     steps_on_x_16x8(clone, opt, 1)
 
 
@@ -233,7 +238,7 @@ def test_load_state_dict_with_assign_then_bake_keeps_the_optimizer_working() -> 
     model.load_state_dict(saved, assign=True)
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     steps_on_x_16x8(model, opt, 1)
-    mp.remove_parametrizations(model)
+    mp.remove_parametrizations(model, optimizer=opt)
     steps_on_x_16x8(model, opt, 1)
 
 
@@ -247,7 +252,9 @@ def test_a_gradient_present_at_apply_with_zero_grad_set_to_none_false_keeps_trai
     model = nn.Linear(8, 8, bias=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     steps_on_x_16x8(model, opt, 1)
-    mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64())})  # pruning at an epoch boundary
+    mp.apply_mask(
+        model, {"weight": mp.Mask(keep_31_of_64())}, optimizer=opt
+    )  # pruning at an epoch boundary
     for _ in range(2):
         opt.zero_grad(set_to_none=False)
         loss_on_x_16x8(model).backward()
@@ -309,17 +316,151 @@ def test_optimizer_after_rolled_back_apply_steps():
 
 
 def test_adafactor_is_refused_on_a_compact_tensor_with_the_fix():
-    # It factors a matrix's second moment: on the compact vector of free entries it would
-    # silently run unfactored. (Muon refuses a vector itself, when constructed.)
-    layer = mp.apply_mask(nn.Linear(4, 4, bias=False), {"weight": mp.Mask(mp.masks.random(0.5))})
-    optimizer = torch.optim.Adafactor([layer.parametrizations.weight.original])
-    layer(torch.randn(2, 4)).sum().backward()
+    layer = nn.Linear(4, 4, bias=False)
+    optimizer = torch.optim.Adafactor(layer.parameters())
     with pytest.raises(mp.MaskparamError, match=r"(?s)'weight'.*layout='dense'"):
-        optimizer.step()
+        mp.apply_mask(layer, {"weight": mp.Mask(mp.masks.random(0.5))}, optimizer=optimizer)
     dense = mp.apply_mask(
-        nn.Linear(4, 4, bias=False), {"weight": mp.Mask(mp.masks.random(0.5), layout="dense")}
+        layer, {"weight": mp.Mask(mp.masks.random(0.5), layout="dense")}, optimizer=optimizer
     )
-    optimizer = torch.optim.Adafactor(dense.parameters())
     dense(torch.randn(2, 4)).sum().backward()
     optimizer.step()
     assert mp.verify(dense) == []
+
+
+# Optimizer state has one owner, the optimizer: maskparam moves it only in the optimizers a
+# call is given (optimizer=), and registers no hook.
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+
+
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, n: int = 2) -> None:
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    for _ in range(n):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+
+
+def test_no_optimizer_hook_is_ever_registered():
+    model = mp.apply_mask(_mlp(), {"*.weight": mp.Mask(mp.masks.random(0.3, seed=1))})
+    optimizer = torch.optim.Adam(model.parameters())
+    _train(model, optimizer)
+    mp.update_masks(model, {"*.weight": mp.masks.random(0.3, seed=2)}, optimizer=optimizer)
+    mp.remove_parametrizations(model, optimizer=optimizer)
+    _train(model, optimizer)
+    assert len(_global_optimizer_pre_hooks) == 0
+    assert len(optimizer._optimizer_step_pre_hooks) == 0
+
+
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+def test_an_update_that_changes_what_is_stored_needs_the_optimizer(layout):
+    model = mp.apply_mask(
+        _mlp(), {"*.weight": mp.Mask(mp.masks.random(0.3, seed=1), layout=layout)}
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, optimizer)
+    before = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(mp.MaskparamError, match=r"no optimizer was passed(?s:.*)optimizer=None"):
+        mp.update_masks(model, {"*.weight": mp.masks.random(0.3, seed=2)})  # regrows entries
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert str(optimizer.state_dict()) == str(state)
+    mp.update_masks(model, {"*.weight": mp.masks.random(0.3, seed=2)}, optimizer=optimizer)
+    _train(model, optimizer)
+    assert mp.verify(model) == []
+
+
+def test_pruning_a_dense_layout_changes_nothing_stored_and_needs_no_optimizer():
+    model = mp.apply_mask(
+        _mlp(), {"*.weight": mp.Mask(mp.masks.global_magnitude(0.5), layout="dense")}
+    )
+    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)})  # only prunes
+    assert sum(int((model[i].weight == 0).sum()) for i in (0, 2)) == round(0.8 * 96)
+
+
+def test_optimizer_none_says_that_none_holds_state():
+    model = mp.apply_mask(_mlp(), {"*.weight": mp.Mask(mp.masks.random(0.3, seed=1))})
+    mp.update_masks(model, {"*.weight": mp.masks.random(0.3, seed=2)}, optimizer=None)
+    optimizer = torch.optim.Adam(model.parameters())  # created afterwards
+    _train(model, optimizer)
+    assert mp.verify(model) == []
+
+
+def test_state_laid_out_for_other_entries_is_refused_before_anything_changes():
+    model = _mlp()
+    optimizer = torch.optim.Adam(model.parameters())
+    _train(model, optimizer)  # full-shape state
+    mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.random(0.3, seed=1))})  # not passed
+    with pytest.raises(mp.MaskparamError, match=r"laid out for other entries"):
+        mp.update_masks(model, {"*.weight": mp.masks.random(0.3, seed=2)}, optimizer=optimizer)
+
+
+def test_apply_and_bake_lay_out_the_state_of_the_optimizers_they_are_given():
+    dense = _mlp()
+    compact = copy.deepcopy(dense)
+    results, optimizers = [], []
+    for model, layout in ((dense, "dense"), (compact, "compact")):
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+        _train(model, optimizer)  # state from before apply_mask
+        rules = {"*.weight": mp.Mask(mp.masks.random(0.3, seed=1), layout=layout)}
+        mp.apply_mask(model, rules, optimizer=optimizer)
+        _train(model, optimizer)
+        results.append(torch.cat([model[i].weight.detach().reshape(-1) for i in (0, 2)]))
+        optimizers.append(optimizer)
+    torch.testing.assert_close(results[1], results[0])  # the kept entries trained alike
+    kept = mp.kept_entries(compact, "0.weight")
+    stored = compact[0].parametrizations.weight.original
+    compact_state = dict(optimizers[1].state[stored])
+    mp.remove_parametrizations(compact, optimizer=optimizers[1])
+    for key in ("exp_avg", "exp_avg_sq"):
+        full = optimizers[1].state[compact[0].weight][key]
+        assert full.shape == (8, 8)
+        assert torch.equal(full[kept], compact_state[key])
+        assert torch.equal(full[~kept], torch.zeros(int((~kept).sum())))  # fresh
+    _train(compact, optimizers[1])
+
+
+def test_a_load_with_other_masks_moves_the_state_of_the_optimizer_it_is_given():
+    def run(layout: str) -> torch.Tensor:
+        model = mp.apply_mask(
+            _mlp(), {"*.weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)}
+        )
+        other = mp.apply_mask(
+            _mlp(), {"*.weight": mp.Mask(mp.masks.random(0.5, seed=2), layout=layout)}
+        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        _train(model, optimizer)
+        mp.load_state_dict(model, other.state_dict(), optimizer=optimizer)
+        _train(model, optimizer)
+        return torch.cat(
+            [model[0].weight.detach().reshape(-1), model[2].weight.detach().reshape(-1)]
+        )
+
+    torch.testing.assert_close(run("compact"), run("dense"))
+
+
+def test_adafactor_on_a_compact_tensor_is_refused_where_it_is_passed():
+    model = _mlp()
+    optimizer = torch.optim.Adafactor(model.parameters())
+    with pytest.raises(mp.MaskparamError, match="layout='dense'"):
+        mp.apply_mask(
+            model, {"*.weight": mp.Mask(mp.masks.random(0.3, seed=1))}, optimizer=optimizer
+        )
+    assert not mp.summary(model).tensors  # nothing applied
+
+
+def test_an_optimizer_holding_a_frozen_original_without_theta_is_refused():
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(mp.MaskparamError, match="would train nothing"):
+        mp.apply_mask(model, {"0.weight": mp.Subspace(3)}, optimizer=optimizer)
+    assert not mp.summary(model).tensors
+    assert model[0].weight.requires_grad
+
+
+def test_the_optimizer_argument_is_checked():
+    model = mp.apply_mask(_mlp(), {"*.weight": mp.Mask(mp.masks.random(0.3, seed=1))})
+    with pytest.raises(mp.MaskparamError, match="optimizer must be a torch.optim.Optimizer"):
+        mp.update_masks(model, {"*.weight": mp.masks.random(0.3, seed=2)}, optimizer="adam")

@@ -1,4 +1,4 @@
-"""Selectors (_selectors.py): the matcher is a pure function, checked on a table of
+"""Selectors (core/match.py): the matcher is a pure function, checked on a table of
 (selector, names, module) -> expected; then through apply_mask: every selector kind, and selectors
 that match nothing, name a tensor that cannot be constrained, or raise."""
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import maskparam as mp
-from maskparam._selectors import check_selector, describe, is_exact_name, matches
+from maskparam.core.match import check_selector, describe, is_exact_name, matches
 from maskparam.errors import MaskparamError
 
 LINEAR = nn.Linear(2, 2)
