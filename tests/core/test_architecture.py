@@ -18,7 +18,13 @@ PACKAGE = Path(mp.__file__).resolve().parent
 # The stages, bottom up: a module may import from its own stage and the ones before it.
 STAGES = ["errors", "core", "masks", "constraints", "constrain", "prune", "checkpoint", "export"]
 # The package's front (its __init__, the demo, a compatibility shim) stands above every stage.
-FRONT = {"maskparam", "maskparam.__main__", "maskparam._demo", "maskparam._sparse"}
+FRONT = {
+    "maskparam",
+    "maskparam.__main__",
+    "maskparam._demo",
+    "maskparam._load_guard",
+    "maskparam._sparse",
+}
 
 
 def _module_name(path: Path) -> str:

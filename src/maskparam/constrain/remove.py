@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from maskparam.core.constraint import Constraint
+from maskparam.core.load_guard import unguard_loads
 from maskparam.core.optimizer import Optimizers, as_optimizers, check_state_fits, move_entries
 from maskparam.core.parametrize import (
     give_own_class,
@@ -85,6 +86,7 @@ def remove_parametrizations(
             if original is not None:
                 baked.add(original)
         _settle(module)
+    unguard_loads(model)
     return model
 
 

@@ -40,7 +40,6 @@ __all__ = [
 ]
 
 
-
 #: ``layout="auto"`` stores a tensor compact when at most this fraction of its entries is free.
 #: Measured on an MLP 4 x 1024, 1 thread (benchmarks/results/train_step.md): up to it, compact
 #: costs about what dense costs under SGD(momentum) and fused AdamW and avoids most of default

@@ -24,17 +24,32 @@ from maskparam.core.parametrize import (
 )
 from maskparam.errors import error
 
-__all__ = ["check_checkpoint", "guard_loads"]
+__all__ = ["check_checkpoint", "guard_loads", "unguard_loads"]
 
 _GUARDED = "_maskparam_load_guard"
 
 
 def guard_loads(model: nn.Module) -> None:
-    """Check constraint entries of every checkpoint loaded into ``model`` first (once per model)."""
-    if getattr(model, _GUARDED, False):
+    """Check constraint entries of every checkpoint loaded into ``model`` first (once per model).
+
+    The hook's handle is kept on the model (a plain attribute, which a deep copy carries), so
+    that :func:`unguard_loads` takes it off once nothing of maskparam is left to check.
+    """
+    if model.__dict__.get(_GUARDED) is not None:
         return
-    model.register_load_state_dict_pre_hook(check_checkpoint)  # type: ignore[no-untyped-call]
-    object.__setattr__(model, _GUARDED, True)
+    handle = model.register_load_state_dict_pre_hook(check_checkpoint)  # type: ignore[no-untyped-call]
+    object.__setattr__(model, _GUARDED, handle.id)
+
+
+def unguard_loads(model: nn.Module) -> None:
+    """Remove the load guard from every module of ``model`` that no longer holds a constraint:
+    a baked model is plain torch again (its pickle names nothing of maskparam)."""
+    for module in model.modules():
+        hook_id = module.__dict__.get(_GUARDED)
+        if hook_id is None or any(isinstance(m, Constraint) for m in module.modules()):
+            continue
+        module._load_state_dict_pre_hooks.pop(hook_id, None)
+        del module.__dict__[_GUARDED]
 
 
 def check_checkpoint(

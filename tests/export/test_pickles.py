@@ -1,0 +1,42 @@
+"""Whole-model pickles of a baked and of a ``to_sparse`` model, saved by maskparam 0.2 (with
+``torch.save(model)``, before the package was split into stages), still load and compute the same.
+The files were written by tests/data/README.md's recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import maskparam as mp
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+# torch warns that CSR tensors are beta when it rebuilds one from a pickle: nothing to change here.
+CSR_BETA = "ignore:Sparse CSR tensor support is in beta:UserWarning"
+
+
+@pytest.mark.filterwarnings(CSR_BETA)
+@pytest.mark.parametrize("name", ["baked_v0_2.pt", "to_sparse_v0_2.pt"])
+def test_a_pickled_model_from_0_2_loads_and_computes_the_same(name):
+    saved = torch.load(DATA / name, weights_only=False)
+    model = saved["model"]
+    assert torch.equal(model(saved["x"]), saved["y"])
+    assert model.state_dict().keys() == saved["model"].state_dict().keys()
+
+
+def test_a_baked_model_holds_nothing_of_maskparam():
+    model = mp.apply_mask(torch.nn.Linear(4, 4), {"weight": mp.Mask(mp.masks.random(0.5))})
+    mp.remove_parametrizations(model)
+    assert model._load_state_dict_pre_hooks == {}
+    assert not [k for k in vars(model) if "maskparam" in k]
+
+
+@pytest.mark.filterwarnings(CSR_BETA)
+def test_a_pickled_to_sparse_model_is_a_csr_linear_of_today():
+    saved = torch.load(DATA / "to_sparse_v0_2.pt", weights_only=False)
+    assert type(saved["model"][0]) is mp.CSRLinear
+    assert [c.layout for c in saved["model"].sparse_choices] == ["csr", "dense"]
+    assert isinstance(saved["model"].sparse_choices[0], mp.SparseChoice)
