@@ -18,13 +18,22 @@ from maskparam.masks.generators import MaskGenerator, resolve
 
 
 def _tiles_of(full: Tensor, block: int) -> Tensor | None:
-    """The tile mask of a full-shape bool mask, or None where a tile is not all one value."""
-    rows, cols = full.shape[-2] // block, full.shape[-1] // block
-    tiles = full.reshape(rows, block, cols, block)
-    kept = tiles.any(dim=3).any(dim=1)
-    if not torch.equal(tiles.all(dim=3).all(dim=1), kept):
-        return None
+    """The tile mask of a full-shape bool mask, or None where a tile is not all one value (the
+    tiles of the last row and column may be cut short by the matrix's edge)."""
+    rows, cols = -(-full.shape[-2] // block), -(-full.shape[-1] // block)
+    kept = torch.zeros(rows, cols, dtype=torch.bool, device=full.device)
+    for r in range(rows):
+        for c in range(cols):
+            tile = full[r * block : (r + 1) * block, c * block : (c + 1) * block]
+            if bool(tile.any()) != bool(tile.all()):
+                return None
+            kept[r, c] = bool(tile.any())
     return kept
+
+
+def _expand(tiles: Tensor, block: int, shape: torch.Size) -> Tensor:
+    full = tiles.bool().repeat_interleave(block, 0).repeat_interleave(block, 1)
+    return full[: shape[0], : shape[1]]
 
 
 def _refuse_partial(subject: str, block: int) -> mp.MaskparamError:
@@ -50,8 +59,7 @@ class BlockMaskConstraint(mp.Constraint):
         self.register_buffer("tiles", tiles.to(torch.uint8).contiguous())
 
     def full(self) -> Tensor:
-        b = self.block
-        return self.tiles.bool().repeat_interleave(b, 0).repeat_interleave(b, 1)
+        return _expand(self.tiles, self.block, self.shape)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.where(self.full(), x, torch.zeros((), dtype=x.dtype, device=x.device))
@@ -92,10 +100,10 @@ class BlockMask(mp.Spec):
     block: int = 2
 
     def build(self, name: str, tensor: Tensor) -> mp.Constraint:
-        if tensor.dim() != 2 or tensor.shape[0] % self.block or tensor.shape[1] % self.block:
+        if tensor.dim() != 2:
             raise mp.MaskparamError(
-                f"BlockMask for {name!r}: needs a matrix tiled by {self.block}.\n"
-                "  fix: select matrices whose sides the block divides."
+                f"BlockMask for {name!r}: needs a matrix; got shape {tuple(tensor.shape)}.\n"
+                "  fix: select matrices only."
             )
         full = resolve(self.mask, tensor, f"BlockMask for {name!r}").expand(tensor.shape)  # type: ignore[arg-type]
         tiles = _tiles_of(full, self.block)
@@ -119,13 +127,15 @@ class BlockMagnitude(MaskGenerator):
 
     def build(self, tensor: Tensor, subject: str) -> Tensor:
         b = self.block
-        rows, cols = tensor.shape[0] // b, tensor.shape[1] // b
-        norms = tensor.detach().abs().reshape(rows, b, cols, b).sum(dim=(1, 3)).reshape(-1)
+        rows, cols = -(-tensor.shape[0] // b), -(-tensor.shape[1] // b)
+        padded = torch.zeros(rows * b, cols * b, dtype=tensor.dtype, device=tensor.device)
+        padded[: tensor.shape[0], : tensor.shape[1]] = tensor.detach().abs()
+        norms = padded.reshape(rows, b, cols, b).sum(dim=(1, 3)).reshape(-1)
         pruned = round(self.sparsity * norms.numel())
         keep = torch.ones_like(norms, dtype=torch.bool)
         if pruned:
             keep[torch.topk(norms, pruned, largest=False, sorted=False).indices] = False
-        return keep.reshape(rows, cols).repeat_interleave(b, 0).repeat_interleave(b, 1)
+        return _expand(keep.reshape(rows, cols), b, tensor.shape)
 
     def describe(self) -> str:
         return f"the {100 * (1 - self.sparsity):.0f}% heaviest {self.block}x{self.block} tiles"

@@ -314,6 +314,7 @@ def pruning_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int
 
 def prune_run(model: nn.Module, pruning: mp.GradualPruning, steps: int, opt=None) -> None:
     optimizer = opt or torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    pruning.optimizer = optimizer  # its state follows the masks
     for _ in range(steps):
         optimizer.zero_grad()
         pruning_loss(model, next(model.parameters()).dtype).backward()

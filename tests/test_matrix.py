@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 import torch
+from block_mask import BlockMask, block_magnitude
 from helpers import mlp
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from block_mask import BlockMask
 from torch_optimizers import OPTIMIZERS, uncovered
 
 import maskparam as mp
@@ -59,7 +59,7 @@ CASES: dict[str, Callable[[], Rules]] = {
         "*.weight": [mp.Mask(_random(0.6, 3)), mp.Freeze(_random(0.3, 4))]
     },
     # A constraint defined only in the tests (tests/block_mask.py): the extension point.
-    "block-mask": lambda: {"*.weight": BlockMask(mp.masks.rows([0, 1, 4, 5]))},
+    "block-mask": lambda: {"*.weight": BlockMask(block_magnitude(0.5))},
     "stack-compact-mask-triangular": lambda: {
         "*.weight": [mp.Mask(_random(0.7, 5), layout="compact"), mp.Triangular()]
     },

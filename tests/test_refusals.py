@@ -687,7 +687,11 @@ CASES: list[tuple[str, Setup]] = [
     ("rule value generator expression", rules(lambda: {"weight": (s for s in [mp.Triangular()])})),
     (
         "rule value a Constraint",
-        rules(lambda: {"weight": mp.constraints.triangular.TriangularConstraint(lower=True, diagonal=0)}),
+        rules(
+            lambda: {
+                "weight": mp.constraints.triangular.TriangularConstraint(lower=True, diagonal=0)
+            }
+        ),
     ),
     # --- rules: selectors ------------------------------------------------------------------------
     ("selector int", rules(lambda: {0: mp.Triangular()})),

@@ -25,7 +25,7 @@ def test_bake_restores_class_keys_parameter_identity_and_values(tiny, tiny_input
     classes_before = {name: type(m) for name, m in tiny.named_modules()}
     optimizer = torch.optim.AdamW(tiny.parameters(), lr=0.1, weight_decay=0.1)  # before apply
 
-    mp.apply_mask(tiny, RULES)
+    mp.apply_mask(tiny, RULES, optimizer=optimizer)
     train(tiny, tiny_input, optimizer=optimizer)
     tiny.eval()
     with torch.no_grad():
@@ -37,7 +37,7 @@ def test_bake_restores_class_keys_parameter_identity_and_values(tiny, tiny_input
         }
         outputs = tiny(tiny_input)
 
-    assert mp.remove_parametrizations(tiny) is tiny
+    assert mp.remove_parametrizations(tiny, optimizer=optimizer) is tiny
     assert list(tiny.state_dict().keys()) == untouched_keys
     assert {name: type(m) for name, m in tiny.named_modules()} == classes_before
     assert not any(parametrize.is_parametrized(m) for m in tiny.modules())
@@ -129,7 +129,7 @@ def test_compact_bake_with_grad_then_new_optimizer_steps():
 # from the no-silent-failure attack on 0.1 (crashes: a compact layout baked while a compact-shaped .grad exists)
 def test_compact_bake_then_old_optimizer_steps_or_refuses():
     layer, optimizer = _compact_trained()
-    mp.remove_parametrizations(layer)
+    mp.remove_parametrizations(layer, optimizer=optimizer)
     optimizer.zero_grad()
     layer(torch.randn(2, 4)).square().sum().backward()
     refusal = refusal_of(optimizer.step)

@@ -48,6 +48,7 @@ def test_gradual_pruning_reaches_each_scheduled_sparsity_with_one_line_in_the_lo
         model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, begin=10, end=50, every=10
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    pruning.optimizer = optimizer  # its state follows the masks
     params = list(model.parameters())
     x = torch.randn(32, 16)
     seen = []
@@ -64,15 +65,23 @@ def test_gradual_pruning_reaches_each_scheduled_sparsity_with_one_line_in_the_lo
         assert zeros == round(scheduled * total)  # exact zeros, even under weight decay
     assert seen[-1][1] == 0.9
     assert all(p is q for p, q in zip(model.parameters(), params, strict=True))
-    assert [type(m) for m in mp.remove_parametrizations(model)] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert [type(m) for m in mp.remove_parametrizations(model, optimizer=optimizer)] == [
+        nn.Linear,
+        nn.ReLU,
+        nn.Linear,
+    ]
 
 
 def test_gradual_pruning_stores_compact_from_the_start_when_the_final_density_pays():
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
-    mp.GradualPruning(model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=10)
+    mp.GradualPruning(
+        model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=10, optimizer=None
+    )
     assert "compact" in mp.summary(model).tensors[0].constraint
     dense = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
-    mp.GradualPruning(dense, {"*.weight": mp.masks.global_magnitude}, sparsity=0.3, end=10)
+    mp.GradualPruning(
+        dense, {"*.weight": mp.masks.global_magnitude}, sparsity=0.3, end=10, optimizer=None
+    )
     assert "compact" not in mp.summary(dense).tensors[0].constraint
 
 
@@ -85,7 +94,9 @@ def test_gradual_pruning_resumes_from_a_checkpoint_bit_identically(layout):
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
         pruning = mp.GradualPruning(model, rules, sparsity=0.8, end=20, every=5, layout=layout)
-        return model, pruning, torch.optim.AdamW(model.parameters(), lr=0.01)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+        pruning.optimizer = optimizer  # its state follows the masks
+        return model, pruning, optimizer
 
     def run(model: nn.Module, pruning: mp.GradualPruning, optimizer, steps: int) -> None:
         for _ in range(steps):
@@ -121,13 +132,13 @@ def test_gradual_pruning_resumes_from_a_checkpoint_bit_identically(layout):
 def test_gradual_pruning_refuses_bad_schedules_before_touching_the_model(kwargs, message):
     model = nn.Linear(4, 4)
     with pytest.raises(mp.MaskparamError, match=message):
-        mp.GradualPruning(model, {"weight": mp.masks.magnitude}, **kwargs)
+        mp.GradualPruning(model, {"weight": mp.masks.magnitude}, **kwargs, optimizer=None)
     assert type(model) is nn.Linear
 
 
 def test_gradual_pruning_refuses_a_rule_that_is_not_a_function_of_the_sparsity():
     with pytest.raises(mp.MaskparamError, match="not a function of the sparsity"):
-        mp.GradualPruning(nn.Linear(4, 4), {"weight": 0.5}, sparsity=0.5, end=10)  # type: ignore[dict-item]
+        mp.GradualPruning(nn.Linear(4, 4), {"weight": 0.5}, sparsity=0.5, end=10, optimizer=None)  # type: ignore[dict-item]
 
 
 class _Tagger(nn.Module):
@@ -159,6 +170,7 @@ def test_global_rules_prune_a_model_with_an_lstm_like_torch_and_bake_it_plain():
         model, {"*weight*": mp.masks.global_magnitude}, sparsity=0.9, end=30, every=10
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    pruning.optimizer = optimizer  # its state follows the masks
     x, y = torch.randint(0, 20, (5, 7)), torch.randint(0, 3, (7,))
     for _ in range(40):
         optimizer.zero_grad()
@@ -167,7 +179,7 @@ def test_global_rules_prune_a_model_with_an_lstm_like_torch_and_bake_it_plain():
         pruning.step()
     assert mp.verify(model) == []
     out = model(x)
-    mp.remove_parametrizations(model)
+    mp.remove_parametrizations(model, optimizer=optimizer)
     assert type(model.lstm) is nn.LSTM
     assert torch.equal(model(x), out)
     weights = [p for n, p in model.named_parameters() if "weight" in n]
@@ -179,7 +191,9 @@ def test_gradual_pruning_refuses_tensors_with_another_constraint_instead_of_pass
         nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), {"0.weight": mp.Triangular()}
     )
     with pytest.raises(mp.MaskparamError, match="has another constraint"):
-        mp.GradualPruning(model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.5, end=10)
+        mp.GradualPruning(
+            model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.5, end=10, optimizer=None
+        )
     assert not mp.summary(model).tensors[1:]  # 1.weight untouched
 
 
@@ -187,7 +201,9 @@ def test_gradual_pruning_updates_a_stack_the_user_applied():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     stack = [mp.Triangular(), mp.Mask(mp.masks.global_magnitude(0.0))]
     mp.apply_mask(model, {"*.weight": stack})
-    pruning = mp.GradualPruning(model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.8, end=4)
+    pruning = mp.GradualPruning(
+        model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.8, end=4, optimizer=None
+    )
     for _ in range(4):
         pruning.step()
     assert mp.verify(model) == []
@@ -200,7 +216,12 @@ def test_gradual_pruning_reaches_exactly_the_target_and_stays_there_past_end():
     """Calling step() past `end` keeps exactly round(s * n) zero weights."""
     model = mlp(8, 16, 4, seed=0)
     pruning = mp.GradualPruning(
-        model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=10, every=5
+        model,
+        {"*.weight": mp.masks.global_magnitude},
+        sparsity=0.9,
+        end=10,
+        every=5,
+        optimizer=None,
     )
     prune_run(model, pruning, 10)
     assert zeros_in_linears(model) == round(0.9 * 192)
@@ -218,6 +239,7 @@ def test_gradual_pruning_with_begin_after_zero():
     )
     seen = []
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    pruning.optimizer = optimizer  # its state follows the masks
     for _ in range(12):
         optimizer.zero_grad()
         pruning_loss(model).backward()
@@ -234,7 +256,12 @@ def test_gradual_pruning_in_half_precision_reaches_exactly_the_target(dtype):
     """An fp16/bf16 model pruned gradually has exactly round(s * n) zero weights at the end."""
     model = mlp(8, 16, 4, dtype=dtype, seed=0)
     pruning = mp.GradualPruning(
-        model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.75, end=6, every=2
+        model,
+        {"*.weight": mp.masks.global_magnitude},
+        sparsity=0.75,
+        end=6,
+        every=2,
+        optimizer=None,
     )
     prune_run(model, pruning, 8, torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9))
     assert zeros_in_linears(model) == round(0.75 * 192)
@@ -246,7 +273,12 @@ def test_gradual_pruning_with_structured_rule():
     """lambda s: structured(s, dim=0): whole rows pruned, round(s * rows) of each layer at end."""
     model = mlp(8, 16, 4, seed=0)
     pruning = mp.GradualPruning(
-        model, {"*.weight": lambda s: mp.masks.structured(s, dim=0)}, sparsity=0.5, end=4, every=2
+        model,
+        {"*.weight": lambda s: mp.masks.structured(s, dim=0)},
+        sparsity=0.5,
+        end=4,
+        every=2,
+        optimizer=None,
     )
     prune_run(model, pruning, 5)
     assert mp.verify(model) == []
@@ -260,7 +292,12 @@ def test_gradual_pruning_with_n_m_rule_is_2_4_throughout():
     """lambda s: n_m(2, 4): every group of 4 keeps at most 2 throughout training."""
     model = mlp(8, 16, 4, seed=0)
     pruning = mp.GradualPruning(
-        model, {"*.weight": lambda s: mp.masks.n_m(2, 4)}, sparsity=0.5, end=4, every=2
+        model,
+        {"*.weight": lambda s: mp.masks.n_m(2, 4)},
+        sparsity=0.5,
+        end=4,
+        every=2,
+        optimizer=None,
     )
     prune_run(model, pruning, 5)
     for layer in (model[0], model[2]):
@@ -277,6 +314,7 @@ def test_gradual_pruning_of_a_tied_model_reaches_the_target():
         model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.5, end=4, every=2
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruning.optimizer = optimizer  # its state follows the masks
     ids = torch.arange(10).reshape(2, 5)
     for _ in range(6):
         optimizer.zero_grad()
@@ -306,7 +344,7 @@ def test_gradual_pruning_with_a_wildcard_on_a_model_with_an_lstm(selector):
     computes (they were refused, with the reason, before RNN support)."""
     model = _RNNNet()
     pruning = mp.GradualPruning(
-        model, {selector: mp.masks.global_magnitude}, sparsity=0.5, end=2, every=1
+        model, {selector: mp.masks.global_magnitude}, sparsity=0.5, end=2, every=1, optimizer=None
     )
     pruning.step()
     pruning.step()
@@ -327,7 +365,7 @@ def test_gradual_pruning_resumed_after_end_from_a_loaded_checkpoint_stays_pruned
     model stays at the final sparsity (the checkpoint's masks are not thrown away)."""
     model = mlp(8, 16, 4, seed=0)
     pruning = mp.GradualPruning(
-        model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=4, every=2
+        model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=4, every=2, optimizer=None
     )
     prune_run(model, pruning, 6)
     state, progress = copy.deepcopy(model.state_dict()), pruning.state_dict()
@@ -336,7 +374,7 @@ def test_gradual_pruning_resumed_after_end_from_a_loaded_checkpoint_stays_pruned
     # Resume: the user builds the model, applies the same GradualPruning, loads both.
     fresh = mlp(8, 16, 4, seed=1)
     resumed = mp.GradualPruning(
-        fresh, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=4, every=2
+        fresh, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=4, every=2, optimizer=None
     )
     fresh.load_state_dict(state)
     resumed.load_state_dict(progress)
@@ -352,14 +390,14 @@ def test_gradual_pruning_constructed_on_a_model_already_loaded_keeps_its_masks()
     progress: the masks must not be reset to initial_sparsity (silently dense again)."""
     model = mlp(8, 16, 4, seed=0)
     pruning = mp.GradualPruning(
-        model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=4, every=2
+        model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=4, every=2, optimizer=None
     )
     prune_run(model, pruning, 6)
     assert zeros_in_linears(model) == round(0.9 * 192)
     progress = pruning.state_dict()
     # The resumed run builds its GradualPruning on the model that already holds the masks.
     resumed = mp.GradualPruning(
-        model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=4, every=2
+        model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.9, end=4, every=2, optimizer=None
     )
     resumed.load_state_dict(progress)
     prune_run(model, resumed, 2)
@@ -381,6 +419,7 @@ def test_gradual_pruning_resumed_mid_schedule_with_its_optimizer(layout):
             end=8,
             every=2,
             layout=layout,
+            optimizer=None,
         )
         return model, pruning, torch.optim.Adam(model.parameters(), lr=1e-2)
 
@@ -405,7 +444,12 @@ def test_gradual_pruning_refuses_every_that_does_not_divide():
     before = snapshot_with_summary(model)
     with pytest.raises(mp.MaskparamError, match="every"):
         mp.GradualPruning(
-            model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.5, end=10, every=3
+            model,
+            {"*.weight": mp.masks.global_magnitude},
+            sparsity=0.5,
+            end=10,
+            every=3,
+            optimizer=None,
         )
     assert same_snapshot_with_summary(before, snapshot_with_summary(model))
 
@@ -420,7 +464,12 @@ def test_gradual_pruning_over_tensors_partly_constrained_prunes_all_or_refuses()
     before = snapshot_with_summary(model)
     try:
         pruning = mp.GradualPruning(
-            model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.5, end=2, every=1
+            model,
+            {"*.weight": mp.masks.global_magnitude},
+            sparsity=0.5,
+            end=2,
+            every=1,
+            optimizer=None,
         )
     except mp.MaskparamError:
         assert same_snapshot_with_summary(before, snapshot_with_summary(model))
@@ -438,7 +487,12 @@ def test_gradual_pruning_with_one_layer_already_masked_prunes_the_others_too():
     before = snapshot_with_summary(model)
     try:
         pruning = mp.GradualPruning(
-            model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.8, end=2, every=1
+            model,
+            {"*.weight": mp.masks.global_magnitude},
+            sparsity=0.8,
+            end=2,
+            every=1,
+            optimizer=None,
         )
     except mp.MaskparamError:
         assert same_snapshot_with_summary(before, snapshot_with_summary(model))
@@ -454,5 +508,7 @@ def test_gradual_pruning_error_over_a_triangular_tensor_names_the_tensor():
     model = mlp(8, 16, 4, seed=0)
     mp.apply_mask(model, {"0.weight": mp.Triangular()})
     with pytest.raises(mp.MaskparamError) as refusal:
-        mp.GradualPruning(model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.5, end=2)
+        mp.GradualPruning(
+            model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.5, end=2, optimizer=None
+        )
     assert "0.weight" in str(refusal.value)

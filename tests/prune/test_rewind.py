@@ -51,7 +51,7 @@ def test_lottery_ticket_rewind_resets_survivors_and_keeps_the_mask(layout, early
     if early_kind == "plain state_dict":
         mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.global_magnitude(0.8), layout=layout)})
     else:
-        mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)})
+        mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)}, optimizer=None)
     kept = [model[i].weight != 0 for i in (0, 2)]
     mp.rewind(model, early)  # type: ignore[arg-type]
     for i, k, w in zip((0, 2), kept, early_weights, strict=True):
@@ -80,7 +80,7 @@ def test_rewind_to_a_copy_taken_before_apply():
     model = mlp(8, 16, 4, seed=0)
     early = copy.deepcopy(model)
     pruning = mp.GradualPruning(
-        model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.8, end=4, every=2
+        model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.8, end=4, every=2, optimizer=None
     )
     prune_run(model, pruning, 5)
     mp.rewind(model, early)
@@ -100,7 +100,7 @@ def test_rewind_to_a_copy_with_another_mask():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     pruning_steps(model, optimizer, 2)
     later = copy.deepcopy(model)
-    mp.update_masks(later, {"*.weight": mp.masks.global_magnitude(0.9)})
+    mp.update_masks(later, {"*.weight": mp.masks.global_magnitude(0.9)}, optimizer=optimizer)
     mask_before = [mp.kept_entries(model, f"{i}.weight").clone() for i in (0, 2)]
     mp.rewind(model, later)
     for i, mask in zip((0, 2), mask_before, strict=True):

@@ -273,7 +273,7 @@ def test_bake_gives_back_the_plain_module_computing_the_same(kind, case):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     _train(model, x, optimizer, steps=2)
     constrained_output = model(x).detach()  # autograd on for both: see the twin's comparison
-    mp.remove_parametrizations(model)
+    mp.remove_parametrizations(model, optimizer=optimizer)
 
     fresh = Net(kind)
     assert type(model.rnn) is type(fresh.rnn)
