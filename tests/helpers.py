@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 import maskparam as mp
-from maskparam.constraints.compact import CompactConstraint
 
 
 def mlp(
@@ -417,4 +416,4 @@ LAYOUT_SPECS = {
 
 
 def is_compact(model: nn.Module, index: int = 0) -> bool:
-    return isinstance(model[index].parametrizations.weight[0], CompactConstraint)
+    return model[index].parametrizations.weight[0].stored_positions() is not None
