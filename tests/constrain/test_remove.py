@@ -25,6 +25,7 @@ def test_bake_restores_class_keys_parameter_identity_and_values(tiny, tiny_input
     classes_before = {name: type(m) for name, m in tiny.named_modules()}
     optimizer = torch.optim.AdamW(tiny.parameters(), lr=0.1, weight_decay=0.1)  # before apply
 
+    # the optimizer is passed: maskparam moves state only in optimizers it is given
     mp.apply_mask(tiny, RULES, optimizer=optimizer)
     train(tiny, tiny_input, optimizer=optimizer)
     tiny.eval()
@@ -129,6 +130,7 @@ def test_compact_bake_with_grad_then_new_optimizer_steps():
 # from the no-silent-failure attack on 0.1 (crashes: a compact layout baked while a compact-shaped .grad exists)
 def test_compact_bake_then_old_optimizer_steps_or_refuses():
     layer, optimizer = _compact_trained()
+    # the optimizer is passed: maskparam moves state only in optimizers it is given
     mp.remove_parametrizations(layer, optimizer=optimizer)
     optimizer.zero_grad()
     layer(torch.randn(2, 4)).square().sum().backward()

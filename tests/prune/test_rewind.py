@@ -100,7 +100,7 @@ def test_rewind_to_a_copy_with_another_mask():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     pruning_steps(model, optimizer, 2)
     later = copy.deepcopy(model)
-    mp.update_masks(later, {"*.weight": mp.masks.global_magnitude(0.9)}, optimizer=optimizer)
+    mp.update_masks(later, {"*.weight": mp.masks.global_magnitude(0.9)}, optimizer=None)
     mask_before = [mp.kept_entries(model, f"{i}.weight").clone() for i in (0, 2)]
     mp.rewind(model, later)
     for i, mask in zip((0, 2), mask_before, strict=True):
