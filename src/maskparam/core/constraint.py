@@ -290,9 +290,9 @@ class Constraint(FixedTensors):
 
     #: The spec whose mask sources :func:`maskparam.update_masks` gives this constraint, or None
     #: where it takes no new mask: ``Mask`` when its mask says which entries are kept (the rest
-    #: are zero), ``Freeze`` when it says which entries are frozen. A rule may name the spec
-    #: (``{"w": mp.Mask(source)}``) to pick one constraint of a stack; :class:`maskparam.
-    #: GradualPruning` drives the constraints whose mask spec is ``Mask``.
+    #: are zero), ``Freeze`` when it says which entries are frozen. A rule may give a spec
+    #: (``{"w": mp.Mask(source)}``), whose :meth:`Spec.updates` picks one constraint of a stack;
+    #: :class:`maskparam.GradualPruning` drives the constraints whose mask spec is ``Mask``.
     mask_spec: type[Spec] | None = None
 
     def take_mask(self, selected: Tensor, current: Tensor, what: str) -> MaskChange:
