@@ -284,3 +284,28 @@ def test_rule_value_none_raises_maskparam_error():
     layer = nn.Linear(4, 3)
     with pytest.raises(mp.MaskparamError, match="'weight'"):
         mp.apply_mask(layer, {"weight": None})
+
+
+def test_a_failed_apply_gives_a_compact_target_back_its_gradient():
+    class Reshaped(mp.Constraint):
+        def forward(self, x):
+            return x.reshape(-1)  # torch refuses a parametrization that changes the shape
+
+        def pins(self, value):
+            return None
+
+        def describe(self):
+            return "Reshaped"
+
+    class Reshaping(mp.Spec):
+        def build(self, name, tensor):
+            return Reshaped()
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model(torch.randn(2, 4)).sum().backward()
+    grad = model[0].weight.grad.clone()
+    rules = {"0.weight": mp.Mask(mp.masks.random(0.5), layout="compact"), "1.weight": Reshaping()}
+    with pytest.raises(mp.MaskparamError, match="removed again"):
+        mp.apply_mask(model, rules)
+    assert type(model[0]) is nn.Linear
+    assert torch.equal(model[0].weight.grad, grad)

@@ -75,11 +75,16 @@ def test_state_dict_restores_a_weight_dependent_compact_mask():
     assert torch.equal(fresh.weight, trained.weight)  # the index follows the loaded mask
 
 
-def test_bake_gives_back_full_tensors_even_without_leave_parametrized():
+def test_leave_parametrized_false_on_a_compact_tensor_is_refused_unchanged():
+    # A compact original holds only its free entries: the raw originals cannot come back, and
+    # baking instead would reinterpret the call. Baking itself gives the full tensor back.
     layer = nn.Linear(4, 4)
     mp.apply_mask(layer, {"weight": mp.Triangular(layout="compact")})
     effective = layer.weight.detach().clone()
-    mp.remove_parametrizations(layer, leave_parametrized=False)  # no raw values are kept
+    with pytest.raises(mp.MaskparamError, match=r"(?s)stored compact.*nothing was removed"):
+        mp.remove_parametrizations(layer, leave_parametrized=False)
+    assert "compact" in mp.summary(layer).tensors[0].constraint
+    mp.remove_parametrizations(layer)
     assert torch.equal(layer.weight, effective)
     assert layer.weight.shape == (4, 4)
 

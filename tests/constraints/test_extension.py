@@ -161,3 +161,67 @@ def test_it_stands_behind_either_layout_and_its_checkpoint_crosses_layouts():
     back = mp.apply_mask(_model(seed=8), stack("compact"))
     back.load_state_dict(dense.state_dict())  # and the dense one back into compact
     assert torch.equal(back(x), model(x))
+
+
+class _KeepColumns(mp.Constraint):
+    """Whole columns kept or zeroed; its take_mask answers with masks of one row (they
+    broadcast to the tensor), as a per-column constraint naturally would."""
+
+    selects_entries = True
+    mask_spec = mp.Mask
+    mask_buffer = "columns"
+
+    def __init__(self, columns: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("columns", columns.to(torch.uint8).reshape(1, -1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.columns.bool(), x, 0.0)
+
+    def pins(self, value: torch.Tensor) -> mp.Pins:
+        return mp.Pins(~self.columns.bool().expand_as(value), torch.zeros_like(value))
+
+    def describe(self) -> str:
+        return "KeepColumns"
+
+    def free_for_mask(self, selected: torch.Tensor) -> torch.Tensor:
+        return selected
+
+    def take_mask(self, selected: torch.Tensor, current: torch.Tensor, what: str) -> mp.MaskChange:
+        before = self.columns.bool().clone()
+        self.columns.copy_(selected.reshape(1, -1))
+        after = self.columns.bool().clone()
+        return mp.MaskChange(before, after, torch.where(after & ~before, 0.0, current))
+
+
+def test_a_mask_change_that_broadcasts_regrows_the_right_entries():
+    layer = nn.Linear(4, 3)
+    columns = torch.tensor([True, False, True, False])
+    mp.apply_mask(layer, {"weight": mp.Mask(columns)})  # dense first: the stored original
+    mp.remove_parametrizations(layer)
+    with torch.no_grad():
+        layer.weight.fill_(5.0)  # every stored value nonzero: a regrown entry must start at 0
+    built = _KeepColumns(columns)
+    layer = mp.apply_mask(layer, {"weight": _Spec(built)})
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        optimizer.zero_grad()
+        layer(x).square().mean().backward()
+        optimizer.step()
+    mp.update_masks(
+        layer, {"weight": torch.tensor([[True, True, True, False]])}, optimizer=optimizer
+    )
+    assert torch.equal(layer.weight[:, 1], torch.zeros(3))  # column 1 regrown from zero
+    momentum = optimizer.state[layer.parametrizations.weight.original]["momentum_buffer"]
+    assert torch.equal(momentum[:, 1], torch.zeros(3))  # with fresh state
+    assert bool((momentum[:, 0] != 0).all())  # the others keep theirs
+    assert mp.verify(layer) == []
+
+
+class _Spec(mp.Spec):
+    def __init__(self, built: mp.Constraint) -> None:
+        self.built = built
+
+    def build(self, name: str, tensor: torch.Tensor) -> mp.Constraint:
+        return self.built

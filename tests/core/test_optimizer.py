@@ -464,3 +464,33 @@ def test_the_optimizer_argument_is_checked():
     model = mp.apply_mask(_mlp(), {"*.weight": mp.Mask(mp.masks.random(0.3, seed=1))})
     with pytest.raises(mp.MaskparamError, match="optimizer must be a torch.optim.Optimizer"):
         mp.update_masks(model, {"*.weight": mp.masks.random(0.3, seed=2)}, optimizer="adam")
+
+
+def test_baking_a_dense_layout_gives_the_fixed_entries_fresh_state_as_compact_does():
+    states = {}
+    for layout in ("dense", "compact"):
+        torch.manual_seed(0)
+        layer = nn.Linear(8, 8)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+        _train(nn.Sequential(layer), optimizer)
+        rules = {"weight": mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)}
+        mp.apply_mask(layer, rules, optimizer=optimizer)
+        _train(nn.Sequential(layer), optimizer)
+        kept = mp.kept_entries(layer, "weight")
+        mp.remove_parametrizations(layer, optimizer=optimizer)
+        states[layout] = optimizer.state[layer.weight]["momentum_buffer"].clone()
+        assert torch.equal(states[layout][~kept], torch.zeros(int((~kept).sum())))
+    assert torch.equal(states["dense"], states["compact"])
+
+
+def test_the_same_optimizer_twice_moves_its_state_once():
+    results = []
+    for optimizers in ("once", "twice"):
+        model = mp.apply_mask(_mlp(), {"*.weight": mp.Mask(mp.masks.random(0.3, seed=1))})
+        optimizer = torch.optim.Adam(model.parameters())
+        _train(model, optimizer)
+        given = optimizer if optimizers == "once" else [optimizer, optimizer]
+        mp.update_masks(model, {"*.weight": mp.masks.random(0.3, seed=2)}, optimizer=given)
+        stored = model[0].parametrizations.weight.original
+        results.append(optimizer.state[stored]["exp_avg"].clone())
+    assert torch.equal(results[0], results[1])

@@ -15,6 +15,7 @@ from helpers import (
     prune_run,
     pruning_inputs,
     pruning_loss,
+    pruning_steps,
     same_snapshot_with_summary,
     snapshot_with_summary,
     train_steps,
@@ -512,3 +513,20 @@ def test_gradual_pruning_error_over_a_triangular_tensor_names_the_tensor():
             model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.5, end=2, optimizer=None
         )
     assert "0.weight" in str(refusal.value)
+
+
+def test_a_refused_scheduled_update_counts_no_step_and_is_retried():
+    model = mlp(8, 16, 4, seed=0)
+    pruning = mp.GradualPruning(
+        model, {"*.weight": mp.masks.global_magnitude}, sparsity=0.8, end=4, every=2
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pruning_steps(model, optimizer, 1)
+    pruning.step()  # step 1: nothing scheduled
+    pruning_steps(model, optimizer, 1)
+    with pytest.raises(mp.MaskparamError, match="no optimizer was passed"):
+        pruning.step()  # step 2 changes the compact layout: the optimizer is needed
+    assert pruning.steps == 1
+    pruning.optimizer = optimizer
+    assert pruning.step() == pruning.sparsity_at(2)  # retried, on schedule
+    assert pruning.steps == 2

@@ -364,6 +364,11 @@ def _register(
         for target, constraints in built
         if constraints[0].reshapes_original
     }
+    full_grads = {
+        id(target.ref): target.ref.storage.grad
+        for target, constraints in built
+        if constraints[0].reshapes_original
+    }
     full_shapes = {id(target.ref): target.ref.storage.shape for target, _ in built}
     own_class_given: set[int] = set()
     failing: TensorRef | None = None
@@ -415,8 +420,10 @@ def _register(
                 if maskparam_constraints(module, local):
                     remove_constraints(module, local, leave_parametrized=False)
             if id(ref) in full_values:
+                stored = getattr(ref.module, ref.local_name)
                 with torch.no_grad():
-                    getattr(ref.module, ref.local_name).set_(full_values[id(ref)])
+                    stored.set_(full_values[id(ref)])
+                stored.grad = full_grads[id(ref)]  # compacted at registration: the full one back
         if isinstance(failure, MaskparamError):
             raise
         raise error(

@@ -17,7 +17,13 @@ from torch.nn.utils import parametrize
 
 from maskparam.core.constraint import Constraint
 from maskparam.core.load_guard import unguard_loads
-from maskparam.core.optimizer import Optimizers, as_optimizers, check_state_fits, move_entries
+from maskparam.core.optimizer import (
+    Optimizers,
+    as_optimizers,
+    check_state_fits,
+    move_entries,
+    reset_entries,
+)
 from maskparam.core.parametrize import (
     give_own_class,
     maskparam_constraints,
@@ -25,6 +31,7 @@ from maskparam.core.parametrize import (
     parametrized_names,
     restore_key_order,
 )
+from maskparam.core.positions import stored_indices
 from maskparam.core.rnn import reset_flat_weights
 from maskparam.errors import check_bool, check_module, error
 
@@ -59,16 +66,29 @@ def remove_parametrizations(
     check_bool(leave_parametrized, "remove_parametrizations", "leave_parametrized")
     optimizers = as_optimizers(optimizer, "remove_parametrizations")
     owners: dict[int, tuple[nn.Module, list[str]]] = {}
-    for module in model.modules():
+    paths: dict[int, str] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
         names = [n for n in parametrized_names(module) if maskparam_constraints(module, n)]
         if names:
             owners[id(module)] = (module, names)
+            paths.setdefault(id(module), f"{path}." if path else "")
     for module, names in owners.values():  # check all before changing any
         for tensor_name in names:
-            _check_removable(module, tensor_name, leave_parametrized=leave_parametrized)
+            qualified = paths[id(module)] + tensor_name
+            _check_removable(module, tensor_name, qualified, leave_parametrized=leave_parametrized)
             plist = parametrization_list(module, tensor_name)
+            compact = any(c.reshapes_original for c in maskparam_constraints(module, tensor_name))
+            if compact and not leave_parametrized:
+                raise error(
+                    repr(qualified),
+                    "leave_parametrized=False gives back the stored originals, but this tensor is "
+                    "stored compact: it holds only its free entries, so the others cannot come "
+                    "back; nothing was removed.",
+                    fix="bake it (leave_parametrized=True), or apply with layout='dense' where "
+                    "the originals must come back.",
+                )
             if plist.is_tensor:
-                check_state_fits(optimizers, plist.original, tensor_name)
+                check_state_fits(optimizers, plist.original, qualified)
     baked: set[int] = set()
     for module, names in owners.values():
         give_own_class(module)  # once per module: a class copy per tensor would be quadratic
@@ -108,12 +128,14 @@ def _settle(module: nn.Module) -> None:
         reset_flat_weights(module)
 
 
-def _check_removable(module: nn.Module, tensor_name: str, *, leave_parametrized: bool) -> None:
+def _check_removable(
+    module: nn.Module, tensor_name: str, qualified: str, *, leave_parametrized: bool
+) -> None:
     plist = parametrization_list(module, tensor_name)
     users = [p for p in plist if not isinstance(p, Constraint)]
     if leave_parametrized and users and not all(hasattr(p, "right_inverse") for p in users):
         raise error(
-            repr(tensor_name),
+            repr(qualified),
             f"baking maskparam's constraint leaves {type(users[0]).__name__} in place, which has no "
             "right_inverse to take the constrained value.",
             fix="remove that parametrization first, or pass leave_parametrized=False.",
@@ -131,7 +153,14 @@ def _remove(
     ours = maskparam_constraints(module, tensor_name)
     original = plist.original if plist.is_tensor else None
     positions = ours[0].stored_positions() if ours and ours[0] is plist[0] else None
-    # A compact original holds only the free entries: the full tensor is the effective one.
+    fixed = None  # the entries a dense layout fixed: they come back with fresh optimizer state
+    if optimizers and original is not None and positions is None and len(ours) == len(plist):
+        free = torch.ones(original.shape, dtype=torch.bool, device=original.device)
+        for constraint in ours:
+            free = constraint.free_entries(free)
+        fixed = ~free
+    # A compact original holds only the free entries: the full tensor is the effective one (the
+    # rollback of a failed apply restores the full values itself).
     leave_parametrized = leave_parametrized or any(p.reshapes_original for p in ours)
     if len(ours) == len(plist):
         # torch bakes with set_(), keeping the Parameter object, and restores the class.
@@ -162,3 +191,5 @@ def _remove(
                 full_shape=original.shape,
                 name=tensor_name,
             )
+        elif fixed is not None:
+            reset_entries(optimizers, original, stored_indices(fixed, None), tensor_name)

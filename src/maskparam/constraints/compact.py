@@ -157,6 +157,14 @@ class CompactConstraint(Constraint):
             if "free" in state
             else None
         )
+        if problem is None and self.mask_spec is None and "free" in state:
+            # No mask can change these free entries (a triangle's): a checkpoint must hold them.
+            loaded = state["free"].to(self.free.device).ne(0).expand(self.shape)
+            if not torch.equal(loaded, self.free.bool().expand(self.shape)):
+                problem = (
+                    f"free: the checkpoint's free entries are not this {self.description}'s "
+                    "(another triangle, or a mask's)"
+                )
         return [*super().check_state(state), *([problem] if problem else [])]
 
     @override

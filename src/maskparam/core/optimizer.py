@@ -88,7 +88,8 @@ def as_optimizers(value: object, caller: str) -> list[torch.optim.Optimizer]:
     if isinstance(value, (list, tuple)) and all(
         isinstance(o, torch.optim.Optimizer) for o in value
     ):
-        return list(value)
+        # Each once, however often it is listed: its state must move once.
+        return list({id(o): o for o in value}.values())
     raise error(
         caller,
         f"optimizer must be a torch.optim.Optimizer, a list of them, or None; got "

@@ -111,7 +111,8 @@ def _check_rewindable(ref: TensorRef) -> None:
             f"it is constrained by {type(others[0]).__name__}, whose trained values are not "
             "the tensor's entries.",
             fix="rewind with the state_dict of that earlier model instead "
-            "(model.load_state_dict(early.state_dict())), or pass strict=False and leave it out.",
+            "(model.load_state_dict(early.state_dict())), or leave the tensor out of `to` (a "
+            "state_dict without it) and pass strict=False.",
         )
 
 

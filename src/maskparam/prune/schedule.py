@@ -200,13 +200,14 @@ class GradualPruning:
 
     def step(self) -> float:
         """Count one optimizer step; at ``begin``, ``begin + every``, ..., ``end``, compute the
-        masks for the scheduled sparsity. Returns the sparsity the masks now have."""
-        self.steps += 1
-        t = self.steps
+        masks for the scheduled sparsity. Returns the sparsity the masks now have. A refused
+        update counts no step: calling again (say, once :attr:`optimizer` is set) retries it."""
+        t = self.steps + 1
         if self.begin <= t <= self.end and (t - self.begin) % self.every == 0:
             target = self.sparsity_at(t)
             if target != self.sparsity:
                 self._update(target)
+        self.steps = t
         return self.sparsity
 
     def state_dict(self) -> dict[str, Any]:

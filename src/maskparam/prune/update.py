@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from maskparam.core.constraint import Constraint, Spec
+from maskparam.core.constraint import Constraint, MaskChange, Spec
 from maskparam.core.match import Selector, TensorIndex, describe, match_rule, no_match_error
 from maskparam.core.optimizer import (
     UNSET,
@@ -322,8 +322,12 @@ def commit_update(update: MaskUpdate, optimizers: Sequence[torch.optim.Optimizer
     shape = update.current.shape
     was = constraint.stored_positions()
     with torch.no_grad():
-        change = constraint.take_mask(
-            update.selected, update.current, masks.describe_source(update.source)
+        change = _full(
+            constraint.take_mask(
+                update.selected, update.current, masks.describe_source(update.source)
+            ),
+            shape,
+            ref.name,
         )
         constraint.mask_changed = True  # no longer what the rule computed at apply time
         now = constraint.stored_positions()
@@ -334,6 +338,24 @@ def commit_update(update: MaskUpdate, optimizers: Sequence[torch.optim.Optimizer
             move_entries(optimizers, stored, was=was, now=now, full_shape=shape, name=ref.name)
             return
         _write_arriving(update, change.arriving, change.start, optimizers)
+
+
+def _full(change: MaskChange, shape: torch.Size, name: str) -> MaskChange:
+    """``change`` with each tensor of the tensor's full ``shape`` (a constraint may return masks
+    that broadcast to it, such as one per row)."""
+    try:
+        return MaskChange(
+            change.free_before.expand(shape).to(torch.bool),
+            change.free_after.expand(shape).to(torch.bool),
+            change.start.expand(shape),
+        )
+    except (RuntimeError, AttributeError) as failure:
+        raise error(
+            repr(name),
+            f"its constraint's take_mask returned a MaskChange that does not fit the tensor's "
+            f"shape {tuple(shape)} ({failure}).",
+            fix="return bool masks and start values of the tensor's shape (or broadcastable).",
+        ) from failure
 
 
 def _write_arriving(
