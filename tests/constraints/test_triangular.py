@@ -10,6 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import DTYPES, LAYOUTS, MATRIX_SHAPES
+from torch import nn
 
 import maskparam as mp
 
@@ -44,3 +45,22 @@ def test_a_vector_is_refused_and_the_model_left_untouched(tiny, snapshot):
     ):
         mp.apply_mask(tiny, {"fc1.bias": mp.Triangular()})
     before.assert_same(tiny)
+
+
+@pytest.mark.parametrize("saved", ["upper-compact", "mask-dense", "mask-compact"])
+def test_a_compact_triangle_refuses_a_checkpoint_of_other_free_entries(saved, snapshot):
+    # from the newcomer's attack on the architecture: a compact triangle took any mask
+    # from a checkpoint and stopped being triangular, with verify() == [].
+    sources = {
+        "upper-compact": mp.Triangular(lower=False, layout="compact"),
+        "mask-dense": mp.Mask(mp.masks.random(0.5, seed=1), layout="dense"),
+        "mask-compact": mp.Mask(mp.masks.random(0.6, seed=1), layout="compact"),
+    }
+    source = mp.apply_mask(nn.Linear(5, 5), {"weight": sources[saved]})
+    model = mp.apply_mask(nn.Linear(5, 5), {"weight": mp.Triangular(layout="compact")})
+    before = snapshot(model)
+    with pytest.raises(mp.MaskparamError, match="free entries are not this Triangular"):
+        model.load_state_dict(source.state_dict())
+    before.assert_same(model)
+    assert mp.verify(model) == []
+    assert int((model.weight.triu(1) != 0).sum()) == 0
