@@ -444,7 +444,7 @@ def _check_optimizers(
         for constraint in constraints:
             problem = constraint.optimizer_problem(optimizer)
             if problem:
-                raise error(repr(ref.name), problem + ".", fix="see above.")
+                raise error(repr(ref.name), problem[0], fix=problem[1])
             added = constraint.trained_parameters()
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
             # Only where the constraint froze the original (a subspace): an optimizer holding it

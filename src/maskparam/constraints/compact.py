@@ -287,16 +287,20 @@ class CompactConstraint(Constraint):
         self.positions(refresh=True)
 
     @override
-    def optimizer_problem(self, optimizer: torch.optim.Optimizer) -> str | None:
+    def optimizer_problem(self, optimizer: torch.optim.Optimizer) -> tuple[str, str] | None:
         # Adafactor factors a matrix's second moment: on the vector it would run unfactored.
         # (LBFGS is flat over all parameters anyway; Muon refuses a vector itself.)
         if not elementwise(optimizer) and not isinstance(optimizer, torch.optim.LBFGS):
-            return (
+            problem = (
                 f"{type(optimizer).__name__} treats a matrix as a matrix, but the compact layout "
                 "stores this tensor as the vector of its free entries: it would run another "
-                "algorithm on it. Pass layout='dense' to this tensor's spec, or train it with an "
-                "elementwise optimizer (SGD, Adam, AdamW)"
+                "algorithm on it."
             )
+            fix = (
+                "pass layout='dense' to this tensor's spec, or train it with an elementwise "
+                "optimizer (SGD, Adam, AdamW)."
+            )
+            return problem, fix
         return None
 
     @override

@@ -387,9 +387,9 @@ class Constraint(FixedTensors):
         """Derive again what depends on buffers that were written without a version count (a
         collective such as ``dist.broadcast``)."""
 
-    def optimizer_problem(self, optimizer: torch.optim.Optimizer) -> str | None:
-        """Why ``optimizer`` cannot train this constraint's stored original, or None (checked
-        where an optimizer is passed to maskparam)."""
+    def optimizer_problem(self, optimizer: torch.optim.Optimizer) -> tuple[str, str] | None:
+        """Why ``optimizer`` cannot train this constraint's stored original, and the fix, or None
+        (checked where an optimizer that holds the original is passed to maskparam)."""
         del optimizer
         return None
 

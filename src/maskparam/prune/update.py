@@ -31,6 +31,7 @@ from maskparam.core.optimizer import (
     Optimizers,
     as_optimizers,
     check_state_fits,
+    holders,
     move_entries,
     reset_entries,
 )
@@ -177,10 +178,10 @@ def check_optimizers(
                 + "; optimizer=None where no optimizer holds state for these tensors.",
             )
         check_state_fits(optimizers, stored, update.ref.name)
-        for holder in optimizers:
+        for holder, _ in holders(optimizers, stored):
             problem = update.constraint.optimizer_problem(holder)
             if problem:
-                raise error(repr(update.ref.name), problem + ".", fix="see above.")
+                raise error(repr(update.ref.name), problem[0], fix=problem[1])
 
 
 def _rule_value(selector: Selector, value: object) -> tuple[Spec | None, MaskSource]:
