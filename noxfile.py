@@ -4,7 +4,7 @@ Sessions:
     tests      the test suite (doctests included); extra args go to pytest
     lint       ruff check and ruff format --check
     typecheck  mypy --strict on src
-    demo       python -m maskparam: the seed scenarios, trained and verified
+    demo       python -m maskparam: the four use cases, trained and verified
     bench      benchmarks/run.py (quick by default; `nox -s bench -- --full` for the full set)
 """
 

@@ -1,7 +1,8 @@
 """Forward+backward cost of candidate exact formulations for each spec, on one 1024x1024 weight.
 
-This is the measurement behind the kernels maskparam uses (see the README): the exact bitwise
-selections against 0.1's multiplies, and torch.where / masked_fill / bool masks (much slower).
+This is the measurement behind the kernels maskparam uses (see docs/how-it-works.md): the exact
+bitwise selections against plain multiplies (not exact for inf/NaN or -0.0), and torch.where /
+masked_fill / bool masks (much slower).
 """
 
 from __future__ import annotations
@@ -37,19 +38,21 @@ def run(size: int = 1024, rounds: int = 30) -> str:
         "identity (x * 1.0)": lambda: x * 1.0,
         "Mask: x * float mask": lambda: x * kept_f,
         "Mask: x * uint8 mask": lambda: x * kept_u8,
-        "Mask: x * uint8 mask.to(x.dtype) (0.1)": lambda: x * kept_u8.to(x.dtype),
+        "Mask: x * uint8 mask.to(x.dtype) (not exact)": lambda: x * kept_u8.to(x.dtype),
         "Mask: keep_bits(x, uint8 mask) (used, exact)": lambda: keep_bits(x, kept_u8),
         "Mask: x * bool mask": lambda: x * selected,
         "Mask: torch.where(mask, x, 0)": lambda: torch.where(selected, x, 0.0),
         "Mask: x.masked_fill(~mask, 0)": lambda: x.masked_fill(~selected, 0.0),
-        "Mask compact: scatter(0, index, c) (0.1)": lambda: (
+        "Mask compact: scatter(0, index, c)": lambda: (
             zeros.reshape(-1).scatter(0, positions, compact).view(size, size)
         ),
         "Mask compact: scatter_free (used: index_copy_ / index_select)": lambda: scatter_free(
             compact, positions, None, zeros.shape
         ),
         "Triangular: x.tril() (used)": x.tril,
-        "Freeze: addcmul(v, x, keep_u8) (0.1)": lambda: torch.addcmul(frozen_values, x, keep_u8),
+        "Freeze: addcmul(v, x, keep_u8) (not exact)": lambda: torch.addcmul(
+            frozen_values, x, keep_u8
+        ),
         "Freeze: keep_or_frozen(x, keep_u8, v) (used, exact)": lambda: keep_or_frozen(
             x, keep_u8, frozen_values
         ),
