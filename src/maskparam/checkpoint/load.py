@@ -26,7 +26,7 @@ from maskparam.core.optimizer import (
     move_entries,
     reset_entries,
 )
-from maskparam.core.parametrize import maskparam_constraints, walk_stack
+from maskparam.core.parametrize import maskparam_constraints
 from maskparam.core.positions import stored_indices
 from maskparam.core.tensors import TensorRef, find_tensors
 from maskparam.errors import check_bool, check_module, error
@@ -172,11 +172,13 @@ def _free_layouts(model: nn.Module) -> list[tuple[TensorRef, Tensor, Tensor | No
 
 def _layout(ref: TensorRef) -> tuple[TensorRef, Tensor, Tensor | None]:
     chain = maskparam_constraints(ref.module, ref.local_name)
-    _, value = walk_stack(ref.module, ref.local_name)
-    free = torch.ones(value.shape, dtype=torch.bool, device=value.device)
+    positions = chain[0].stored_positions()
+    # The tensor's full shape, without evaluating the stack: a compact layout knows it.
+    shape = ref.storage.shape if positions is None else chain[0].mask_shape()
+    assert shape is not None  # a constraint that stores positions knows the full shape
+    free = torch.ones(shape, dtype=torch.bool, device=ref.storage.device)
     for constraint in chain:
         free = constraint.free_entries(free)
-    positions = chain[0].stored_positions()
     return ref, free, None if positions is None else positions.clone()
 
 
@@ -190,10 +192,10 @@ def _follow(
             _, free_after, now = _layout(ref)
             stored, shape = ref.storage, free_before.shape
             if was is not None and now is not None:  # the stored entries are the free ones
-                move_entries(optimizers, stored, was=was, now=now, full_shape=shape, name=ref.name)
+                move_entries(optimizers, stored, was=was, now=now, full_shape=shape)
             else:
                 arriving = free_after & ~free_before
-                reset_entries(optimizers, stored, stored_indices(arriving, None), ref.name)
+                reset_entries(optimizers, stored, stored_indices(arriving, None))
 
 
 def _parametrization_prefix(name: str) -> str:

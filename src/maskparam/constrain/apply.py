@@ -407,10 +407,9 @@ def _register(
         for target, constraints in built:  # nothing can fail now: state follows the layout
             positions = constraints[0].stored_positions()
             if positions is not None:
-                stored, name = target.ref.storage, target.ref.name
                 shape = full_shapes[id(target.ref)]
                 move_entries(
-                    optimizers, stored, was=None, now=positions, full_shape=shape, name=name
+                    optimizers, target.ref.storage, was=None, now=positions, full_shape=shape
                 )
     except Exception as failure:
         # Dense layouts store the tensor unchanged, so removing without baking restores each
@@ -441,12 +440,12 @@ def _check_optimizers(
     """Refuse an optimizer passed to apply_mask that cannot train the constrained tensor."""
     stored = ref.storage
     for optimizer, _ in holders(optimizers, stored):
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for constraint in constraints:
             problem = constraint.optimizer_problem(optimizer)
             if problem:
                 raise error(repr(ref.name), problem[0], fix=problem[1])
             added = constraint.trained_parameters()
-            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
             # Only where the constraint froze the original (a subspace): an optimizer holding it
             # without what trains instead trains nothing. Learnable scores may live in an
             # optimizer of their own.

@@ -189,7 +189,6 @@ def _remove(
                 was=positions,
                 now=None,
                 full_shape=original.shape,
-                name=tensor_name,
             )
         elif fixed is not None:
-            reset_entries(optimizers, original, stored_indices(fixed, None), tensor_name)
+            reset_entries(optimizers, original, stored_indices(fixed, None))

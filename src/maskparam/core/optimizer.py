@@ -19,7 +19,7 @@ State of a shape that belongs to neither the old nor the new layout is refused, 
 >>> weight = torch.nn.Parameter(torch.ones(4))
 >>> sgd = torch.optim.SGD([weight], lr=0.1, momentum=0.9)
 >>> weight.grad = torch.ones(4); sgd.step()
->>> reset_entries([sgd], weight, torch.tensor([1, 2]), "w")
+>>> reset_entries([sgd], weight, torch.tensor([1, 2]))
 >>> sgd.state[weight]["momentum_buffer"].tolist()
 [1.0, 0.0, 0.0, 1.0]
 """
@@ -153,12 +153,12 @@ def check_state_fits(
 
 
 def reset_entries(
-    optimizers: Sequence[torch.optim.Optimizer], parameter: Tensor, positions: Tensor, name: str
+    optimizers: Sequence[torch.optim.Optimizer], parameter: Tensor, positions: Tensor
 ) -> None:
-    """Fresh state at the flat ``positions`` of ``parameter`` (entries that become free)."""
+    """Fresh state at the flat ``positions`` of ``parameter`` (entries that become free). The
+    caller checked beforehand that the state fits (:func:`check_state_fits`)."""
     if not positions.numel():
         return
-    check_state_fits(optimizers, parameter, name)
     for optimizer, group in holders(optimizers, parameter):
         state = optimizer.state.get(parameter, {})
         for key, value in _per_entry(state, parameter.shape).items():
@@ -175,12 +175,12 @@ def move_entries(
     was: Tensor | None,
     now: Tensor | None,
     full_shape: torch.Size,
-    name: str,
 ) -> None:
     """Lay ``parameter``'s state out again after its stored entries moved from the flat
     positions ``was`` to ``now`` (``None``: the full tensor): each entry keeps its state, an
     entry that was not stored starts fresh. Call it once the parameter holds the new entries;
-    the state must be laid out for ``was``."""
+    the state must be laid out for ``was`` (checked beforehand with :func:`check_state_fits`,
+    so that nothing fails once entries have moved)."""
     was_shape = full_shape if was is None else torch.Size([was.numel()])
     for optimizer, group in holders(optimizers, parameter):
         if isinstance(optimizer, torch.optim.LBFGS):
@@ -202,4 +202,3 @@ def move_entries(
                     else to_full(value, was, full_shape, base.to(value.device))
                 )
                 state[key] = full.clone() if now is None else to_stored(full, now)
-    check_state_fits(optimizers, parameter, name)

@@ -336,7 +336,7 @@ def commit_update(update: MaskUpdate, optimizers: Sequence[torch.optim.Optimizer
             stored.set_(to_stored(change.start, now).to(stored.dtype))  # type: ignore[call-overload]
             if stored.grad is not None and stored.grad.shape == was.shape:
                 stored.grad = to_stored(to_full(stored.grad, was, shape), now)
-            move_entries(optimizers, stored, was=was, now=now, full_shape=shape, name=ref.name)
+            move_entries(optimizers, stored, was=was, now=now, full_shape=shape)
             return
         _write_arriving(update, change.arriving, change.start, optimizers)
 
@@ -375,4 +375,4 @@ def _write_arriving(
     at = stored_indices(arriving, positions)
     values = start.reshape(-1) if positions is None else to_stored(start, positions)
     stored.view(-1).index_copy_(0, at, values.index_select(0, at).to(stored.dtype))
-    reset_entries(optimizers, stored, at, update.ref.name)
+    reset_entries(optimizers, stored, at)
