@@ -812,3 +812,67 @@ def test_update_masks_takes_wanda_again_and_refuses_fisher_on_constrained_tensor
     fish = mp.masks.fisher(model, [(batches[0], torch.zeros(5, dtype=torch.long))], _ce, 0.3)
     with pytest.raises(mp.MaskparamError, match="compute the scores before apply_mask"):
         mp.update_masks(model, {"*.weight": ~fish}, optimizer=None)
+
+
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+@pytest.mark.parametrize("frozen", ["entries", "slices"])
+def test_a_mask_update_prunes_entries_a_freeze_behind_it_holds(layout, frozen):
+    """[Mask, Freeze]: an entry the new mask prunes is exactly 0, frozen or not; frozen entries
+    the mask keeps hold their values bit for bit; verify finds nothing."""
+    model = mlp(8, 16, 4, seed=0)
+    freeze = (
+        mp.Freeze(mp.masks.random(0.5, seed=1))
+        if frozen == "entries"
+        else mp.Freeze(dim=0, index=[1, 3, 5, 7])
+    )
+    rules = {"0.weight": [mp.Mask(mp.masks.magnitude(0.3), layout=layout), freeze]}
+    mp.apply_mask(model, rules)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruning_steps(model, optimizer, 2)
+    held = model[0].weight.detach().clone()
+    is_frozen = (mp.frozen_entries(model, "0.weight")[0]).expand(16, 8).bool()
+    mp.update_masks(model, {"0.weight": mp.Mask(mp.masks.magnitude(0.7))}, optimizer=optimizer)
+    pruning_steps(model, optimizer, 2)
+    kept = mp.kept_entries(model, "0.weight").expand(16, 8).bool()
+    weight = model[0].weight.detach()
+    assert int((~kept & is_frozen).sum()) > 0  # the update pruned frozen entries
+    assert not weight[~kept].any()
+    assert bitwise_equal(weight[kept & is_frozen], held[kept & is_frozen])
+    assert mp.verify(model) == []
+
+
+def test_trainable_state_after_an_update_keeps_the_mask_where_a_freeze_fixes_entries():
+    """A Mask updated behind frozen slices: its kept entries in the frozen rows are not free,
+    yet the mask there matters; a trainable-state round trip gives the trained tensor back bit
+    for bit."""
+
+    def stack() -> list[mp.Spec]:
+        return [mp.Freeze(dim=0, index=[1, 3]), mp.Mask(mp.masks.magnitude(0.3))]
+
+    rules = {"0.weight": stack()}
+    model = mp.apply_mask(mlp(6, 5, seed=0), rules)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train_steps(model, torch.randn(8, 6), optimizer=optimizer, steps=1)
+    mp.update_masks(model, {"0.weight": mp.Mask(mp.masks.magnitude(0.6))}, optimizer=optimizer)
+    train_steps(model, torch.randn(8, 6), optimizer=optimizer, steps=1)
+    state = mp.trainable_state_dict(model)
+    fresh = mp.apply_mask(mlp(6, 5, seed=0), {"0.weight": stack()})
+    mp.load_trainable_state_dict(fresh, state, optimizer=None)
+    assert bitwise_equal(fresh[0].weight.detach(), model[0].weight.detach())
+    assert torch.equal(mp.kept_entries(fresh, "0.weight"), mp.kept_entries(model, "0.weight"))
+    assert mp.verify(fresh) == []
+
+
+def test_trainable_state_refuses_frozen_values_a_mask_update_pruned():
+    """[Mask, Freeze(dim)]: an update that prunes frozen entries changes the frozen values (they
+    become 0), which a trainable state does not carry: its load onto the base is refused, by
+    name, with the model unchanged."""
+    rules = lambda: {"0.weight": [mp.Mask(mp.masks.magnitude(0.3)), mp.Freeze(dim=0, index=[1])]}
+    model = mp.apply_mask(mlp(6, 5, seed=0), rules())
+    mp.update_masks(model, {"0.weight": mp.Mask(mp.masks.magnitude(0.9))}, optimizer=None)
+    state = mp.trainable_state_dict(model)
+    fresh = mp.apply_mask(mlp(6, 5, seed=0), rules())
+    before = snapshot_with_summary(fresh)
+    with pytest.raises(mp.MaskparamError, match="pruned entries a Freeze behind it holds"):
+        mp.load_trainable_state_dict(fresh, state, optimizer=None)
+    assert same_snapshot_with_summary(snapshot_with_summary(fresh), before)

@@ -177,6 +177,23 @@ class _Entry:
     def positions_needed(self) -> bool:
         return any(c.mask_changed for c in self.chain)
 
+    def mask_free(self) -> Tensor | None:
+        """What the tensor's one updatable mask leaves free by itself, where its mask changed
+        and other constraints fix some of those entries (a ``Mask`` behind ``Freeze(dim)``: the
+        kept entries of frozen rows). The free entries alone do not say that mask then; None
+        elsewhere."""
+        own = self.own_mask_free()
+        if own is None or not self.positions_needed() or torch.equal(own & self.free, own):
+            return None
+        return own
+
+    def own_mask_free(self) -> Tensor | None:
+        """What the tensor's one updatable mask leaves free by itself (None: not one such)."""
+        masked = [c for c in self.chain if c.mask_spec is not None]
+        if self.free is None or len(masked) != 1:
+            return None
+        return masked[0].free_entries(torch.ones_like(self.free)).expand(self.free.shape).clone()
+
 
 def _free_mask(chain: list[Constraint], start: Tensor) -> Tensor:
     """Which entries of the tensor train, given those of its stored original (``start``).
@@ -188,6 +205,13 @@ def _free_mask(chain: list[Constraint], start: Tensor) -> Tensor:
     for constraint in chain:
         free = constraint.saved_entries(free)
     return free
+
+
+def _free_checksum(free: Tensor, mask_free: Tensor | None) -> int:
+    """The free-entry checksum, covering the mask's own free entries where they are saved."""
+    if mask_free is None:
+        return checksum(free)
+    return _combine([checksum(free), checksum(mask_free)])
 
 
 def _selected_fixed(chain: list[Constraint], shape: torch.Size, device: torch.device) -> Tensor:
@@ -264,7 +288,7 @@ def _plan(model: nn.Module, caller: str) -> list[_Entry]:
             )
             with torch.no_grad():
                 entry.free = _free_mask(chain, start)
-            entry.free_checksum = checksum(entry.free)
+            entry.free_checksum = _free_checksum(entry.free, entry.mask_free())
             entry.extras = _extras(chain, ref.name)
         else:
             entry.saves_full = ref.storage.requires_grad or _is_running_statistic(ref)
@@ -335,6 +359,12 @@ def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
                     state[f"{entry.name}.free_positions"] = positions.to(
                         _position_dtype(entry.free.numel())
                     )
+                    mask_free = entry.mask_free()
+                    if mask_free is not None:
+                        own = free_positions(mask_free, mask_free.shape)
+                        state[f"{entry.name}.mask_positions"] = own.to(
+                            _position_dtype(mask_free.numel())
+                        )
             elif entry.saves_full:
                 state[entry.name] = entry.ref.storage.detach().clone()
             for key, value in entry.extras.items():
@@ -472,7 +502,10 @@ def _validate(entries: list[_Entry], state: Mapping[str, Tensor], *, strict: boo
         for key in entry.extras:
             expected.setdefault(key, (entry, "extra"))
     optional = {
-        f"{entry.name}.free_positions": entry for entry in entries if entry.free is not None
+        f"{entry.name}.{kind}_positions": entry
+        for entry in entries
+        if entry.free is not None
+        for kind in ("free", "mask")
     }
     unknown = sorted(k for k in state if k not in expected and k not in optional and k not in _META)
     missing = [k for k in expected if k not in state]
@@ -521,7 +554,9 @@ def _base_difference(entry: _Entry) -> str:
         )
     return (
         "what its trained entries rely on differs (base checksum: frozen values or slices, a "
-        "subspace's θ₀, seed, projection or dim): another base model or other rules"
+        "subspace's θ₀, seed, projection or dim): another base model, other rules, or an "
+        "update_masks whose Mask pruned entries a Freeze behind it holds (those frozen values "
+        "became 0: load the trained model's full state_dict instead)"
     )
 
 
@@ -536,15 +571,27 @@ def _check_free(
         return None
     values = state.get(f"{name}.free_values")
     positions = state.get(f"{name}.free_positions")
+    own_positions = state.get(f"{name}.mask_positions")
     free = entry.free
+    if own_positions is not None and positions is None:
+        return f"{name!r}: the state has mask_positions without free_positions: it is corrupt"
     if positions is not None:
         saved_free, problem = _positions_mask(name, positions, free)
         if problem:
             return problem
-        if checksum(saved_free) != saved_checksum:
+        saved_own = None
+        if own_positions is not None:
+            saved_own, problem = _positions_mask(name, own_positions, free, key="mask_positions")
+            if problem:
+                return problem
+        if _free_checksum(saved_free, saved_own) != saved_checksum:
             return f"{name!r}: its free_positions do not match their checksum: the state is corrupt"
-        if not torch.equal(saved_free, free):
-            update, problem = _take_mask(entry, saved_free)
+        model_own = entry.own_mask_free()
+        mask_differs = saved_own is not None and (
+            model_own is None or not torch.equal(saved_own, model_own)
+        )
+        if mask_differs or not torch.equal(saved_free, free):
+            update, problem = _take_mask(entry, saved_free, saved_own)
             if problem:
                 return problem
             assert update is not None
@@ -570,9 +617,11 @@ def _check_free(
     return None
 
 
-def _positions_mask(name: str, positions: Tensor, free: Tensor) -> tuple[Tensor, str | None]:
+def _positions_mask(
+    name: str, positions: Tensor, free: Tensor, *, key: str = "free_positions"
+) -> tuple[Tensor, str | None]:
     numel = free.numel()
-    bad = f"{name + '.free_positions'!r}:"
+    bad = f"{name + '.' + key!r}:"
     if positions.dtype not in (torch.int32, torch.int64) or positions.dim() != 1:
         return free, f"{bad} {positions.dtype} of shape {tuple(positions.shape)}, not 1-D integers"
     flat = positions.to(torch.int64)
@@ -587,8 +636,11 @@ def _positions_mask(name: str, positions: Tensor, free: Tensor) -> tuple[Tensor,
     return mask.reshape(free.shape), None
 
 
-def _take_mask(entry: _Entry, saved_free: Tensor) -> tuple[MaskUpdate | None, str | None]:
-    """Plan giving the tensor's one mask the state's free entries, or say why it cannot."""
+def _take_mask(
+    entry: _Entry, saved_free: Tensor, saved_own: Tensor | None
+) -> tuple[MaskUpdate | None, str | None]:
+    """Plan giving the tensor's one mask the state's free entries (``saved_own``: what that mask
+    leaves free by itself, where other constraints fix some of it), or say why it cannot."""
     name = entry.name
     masked = [(level, c) for level, c in enumerate(entry.chain) if c.mask_spec is not None]
     refusal = (
@@ -599,12 +651,14 @@ def _take_mask(entry: _Entry, saved_free: Tensor) -> tuple[MaskUpdate | None, st
     if len(masked) != 1:
         return None, refusal
     level, constraint = masked[0]
-    mask = constraint.mask_for_free(saved_free)
+    mask = constraint.mask_for_free(saved_free if saved_own is None else saved_own)
     if mask is None:
         return None, refusal
     others = [c for c in entry.chain if c is not constraint]
     start = torch.full_like(saved_free, entry.ref.storage.requires_grad)
-    if not torch.equal(_free_mask(others, start) & saved_free, saved_free):
+    others_free = _free_mask(others, start)
+    own = saved_free if saved_own is None else saved_own
+    if not torch.equal(others_free & own, saved_free):
         return None, (
             f"{name!r}: the state's free entries include entries the tensor's other "
             "constraints fix: it was made for other rules"

@@ -225,6 +225,13 @@ class FreezeEntriesConstraint(Constraint):
         return ~selected
 
     @override
+    def input_changed(self, changed: Tensor, value: Tensor) -> None:
+        # A frozen entry holds what it captured; where the stack before it now says otherwise
+        # (a Mask pruned it), it holds the new value, so that the earlier constraint's zero wins.
+        at = changed & (self.keep == 0)
+        self.frozen_values.copy_(torch.where(at, value, self.frozen_values))
+
+    @override
     def from_other_layout(
         self, state: Mapping[str, Tensor], original: Tensor, shape: torch.Size
     ) -> tuple[dict[str, Tensor], Tensor] | str | None:
@@ -284,6 +291,16 @@ class FreezeSlicesConstraint(Constraint):
         values = torch.zeros(value.shape, dtype=self.frozen_values.dtype, device=value.device)
         values.index_copy_(self.dim, index, self.frozen_values.to(value.device))
         return Pins(entries, values, captured=True)
+
+    @override
+    def input_changed(self, changed: Tensor, value: Tensor) -> None:
+        # As FreezeEntriesConstraint.input_changed: the frozen slices take the new input where
+        # it changed.
+        index = self.index.to(value.device)
+        at = changed.index_select(self.dim, index)
+        self.frozen_values.copy_(
+            torch.where(at, value.index_select(self.dim, index), self.frozen_values)
+        )
 
     @override
     def describe(self) -> str:

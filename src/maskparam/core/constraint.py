@@ -320,6 +320,16 @@ class Constraint(FixedTensors):
         del free
         return None
 
+    def input_changed(self, changed: Tensor, value: Tensor) -> None:
+        """A constraint before this one in the stack took a new mask, and this one's input
+        changed at the ``changed`` entries (bool, the tensor's shape) to ``value`` (this
+        constraint's whole new input). A constraint that *captured* its input there (a frozen
+        value) takes the new value, so that the stack keeps the earlier constraint's word: an
+        entry pruned by a ``Mask`` is 0 even where a ``Freeze`` behind it holds values. Called by
+        :func:`maskparam.update_masks` inside ``torch.no_grad()``; default: nothing to do (the
+        output follows the input)."""
+        del changed, value
+
     def stored_positions(self) -> Tensor | None:
         """Where the stored original's entries sit in the full tensor (flat positions, in
         order) when this constraint stores only some of them (the compact layout); None when the

@@ -322,6 +322,7 @@ def commit_update(update: MaskUpdate, optimizers: Sequence[torch.optim.Optimizer
     stored = ref.storage
     shape = update.current.shape
     was = constraint.stored_positions()
+    stack_before, _ = walk_stack(ref.module, ref.local_name)
     with torch.no_grad():
         change = _full(
             constraint.take_mask(
@@ -337,8 +338,24 @@ def commit_update(update: MaskUpdate, optimizers: Sequence[torch.optim.Optimizer
             if stored.grad is not None and stored.grad.shape == was.shape:
                 stored.grad = to_stored(to_full(stored.grad, was, shape), now)
             move_entries(optimizers, stored, was=was, now=now, full_shape=shape)
-            return
-        _write_arriving(update, change.arriving, change.start, optimizers)
+        else:
+            _write_arriving(update, change.arriving, change.start, optimizers)
+        _tell_later_levels(update, [value for _, value in stack_before])
+
+
+def _tell_later_levels(update: MaskUpdate, inputs_before: list[Tensor]) -> None:
+    """Each constraint behind the updated one learns where its input changed (in order, so that
+    what one recaptures reaches the next): a Freeze behind a Mask holds 0 where the Mask now
+    prunes."""
+    for level in range(update.level + 1, len(inputs_before)):
+        layers, _ = walk_stack(update.ref.module, update.ref.local_name, through=level)
+        later, now = layers[level]
+        before = inputs_before[level]
+        same = ((before == now) & (before.signbit() == now.signbit())) | (
+            before.isnan() & now.isnan()
+        )
+        if isinstance(later, Constraint) and not bool(same.all()):
+            later.input_changed(~same, now)
 
 
 def _full(change: MaskChange, shape: torch.Size, name: str) -> MaskChange:
