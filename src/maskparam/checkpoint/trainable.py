@@ -183,7 +183,9 @@ class _Entry:
         kept entries of frozen rows). The free entries alone do not say that mask then; None
         elsewhere."""
         own = self.own_mask_free()
-        if own is None or not self.positions_needed() or torch.equal(own & self.free, own):
+        if own is None or self.free is None or not self.positions_needed():
+            return None
+        if torch.equal(own & self.free, own):
             return None
         return own
 
