@@ -175,3 +175,21 @@ def test_rewind_onto_sparse_model_is_refused_clearly():
     with pytest.raises(mp.MaskparamError, match="0.weight"):
         mp.rewind(model, earlier)
     assert_same_bits(model, before)
+
+
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+def test_a_rewind_that_fails_on_one_tensor_rewinds_none(layout):
+    """Every value is checked and converted before the first is written: a value that cannot be
+    copied (here a meta tensor) fails the call by name, with every tensor unchanged."""
+    model = mlp(6, 8, 3, seed=0)
+    early = {k: v.clone() for k, v in model.state_dict().items()}
+    early["2.weight"] = torch.empty(3, 8, device="meta")
+    mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.magnitude(0.5), layout=layout)})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(mp.MaskparamError, match="'2.weight'"):
+        mp.rewind(model, early)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -876,3 +876,99 @@ def test_trainable_state_refuses_frozen_values_a_mask_update_pruned():
     with pytest.raises(mp.MaskparamError, match="pruned entries a Freeze behind it holds"):
         mp.load_trainable_state_dict(fresh, state, optimizer=None)
     assert same_snapshot_with_summary(snapshot_with_summary(fresh), before)
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and (
+        bitwise_equal(a, b) if a.is_floating_point() else torch.equal(a, b)
+    )
+
+
+def _optimizer_snapshot(optimizer: torch.optim.Optimizer) -> list[dict[str, Tensor]]:
+    return [
+        {k: v.clone() for k, v in optimizer.state[p].items() if isinstance(v, Tensor)}
+        for group in optimizer.param_groups
+        for p in group["params"]
+    ]
+
+
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+@pytest.mark.parametrize("make_opt", [torch.optim.Adam, torch.optim.Adagrad, torch.optim.LBFGS])
+def test_an_update_that_fails_halfway_leaves_model_and_optimizer_as_they_were(
+    layout, make_opt, monkeypatch
+):
+    """All or nothing: when the second tensor's commit fails (here its constraint raises), the
+    first tensor's new mask, stored entries and optimizer state are taken back, and training
+    goes on exactly as if the call had never been made."""
+
+    def build() -> tuple[nn.Sequential, torch.optim.Optimizer]:
+        model = mlp(8, 16, 4, seed=0)
+        rules = {"*.weight": [mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)]}
+        rules["0.weight"] = [*rules.pop("*.weight"), mp.Freeze(mp.masks.random(0.3, seed=2))]
+        rules["2.weight"] = mp.Mask(mp.masks.random(0.5, seed=1), layout=layout)
+        mp.apply_mask(model, rules)
+        optimizer = make_opt(model.parameters(), lr=1e-2)
+        pruning_steps(model, optimizer, 2)
+        return model, optimizer
+
+    model, optimizer = build()
+    twin, twin_optimizer = build()
+    params = [(p, p.shape) for p in model.parameters()]
+    before_model = {k: v.clone() for k, v in model.state_dict().items()}
+    before_optimizer = _optimizer_snapshot(optimizer)
+    second = model[2].parametrizations.weight[0]
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("a constraint that fails while it takes its mask")
+
+    monkeypatch.setattr(second, "take_mask", fail)
+    new = {"0.weight": mp.Mask(mp.masks.random(0.3, seed=7)), "2.weight": mp.masks.random(0.3, 8)}
+    with pytest.raises(RuntimeError, match="fails while it takes"):
+        mp.update_masks(model, new, optimizer=optimizer)
+    monkeypatch.undo()
+    assert [(p, p.shape) for p in model.parameters()] == params
+    after = model.state_dict()
+    assert before_model.keys() == after.keys()
+    assert all(_same(before_model[k], after[k]) for k in after)
+    restored = _optimizer_snapshot(optimizer)
+    assert all(
+        a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        for a, b in zip(before_optimizer, restored, strict=True)
+    )
+    assert mp.verify(model) == []
+    pruning_steps(model, optimizer, 2)
+    pruning_steps(twin, twin_optimizer, 2)
+    assert all(
+        bitwise_equal(a, b)
+        for a, b in zip(linear_weights(model), linear_weights(twin), strict=True)
+    )
+
+
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+def test_update_masks_regrows_into_a_channels_last_convolution(layout):
+    """A channels_last weight (and its optimizer state, laid out the same way) takes entries by
+    position without a view: regrowth works, the memory format stays, Adam's state is fresh."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2))
+    model = model.to(memory_format=torch.channels_last)
+    inputs = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+    mp.apply_mask(model, {"0.weight": mp.Mask(mp.masks.magnitude(0.5), layout=layout)})
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(inputs).sum().backward()
+        optimizer.step()
+    old = mp.kept_entries(model, "0.weight").expand(4, 3, 3, 3).bool()
+    mp.update_masks(model, {"0.weight": mp.masks.random(0.5, seed=3)}, optimizer=optimizer)
+    new = mp.kept_entries(model, "0.weight").expand(4, 3, 3, 3).bool()
+    regrown = new & ~old
+    assert regrown.any()
+    assert not model[0].weight.detach()[regrown].any()
+    stored = model[0].parametrizations.weight.original
+    if layout == "dense":
+        assert stored.is_contiguous(memory_format=torch.channels_last)
+        assert not optimizer.state[stored]["exp_avg"][regrown].any()
+    optimizer.zero_grad()
+    model(inputs).sum().backward()
+    optimizer.step()
+    assert mp.verify(model) == []

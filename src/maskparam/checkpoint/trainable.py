@@ -64,7 +64,7 @@ from maskparam.core.parametrize import parametrization_list, walk_stack
 from maskparam.core.positions import free_positions, stored_indices
 from maskparam.core.tensors import TensorRef, find_tensors, refuse_sparse
 from maskparam.errors import MaskparamError, check_bool, check_module, error
-from maskparam.prune.update import MaskUpdate, check_optimizers, commit_update
+from maskparam.prune.update import MaskUpdate, check_optimizers, commit_all
 
 __all__ = ["FORMAT_VERSION", "checksum", "load_trainable_state_dict", "trainable_state_dict"]
 
@@ -412,8 +412,7 @@ def load_trainable_state_dict(
         load.masks, optimizers, given=optimizer is not UNSET, caller="load_trainable_state_dict"
     )
     with torch.no_grad():
-        for update in load.masks:
-            commit_update(update, optimizers)
+        commit_all(load.masks, optimizers)
         for entry, values in load.values:
             _write_free(entry, values)
         for target, value in load.full:

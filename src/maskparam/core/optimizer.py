@@ -32,7 +32,9 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
+from maskparam.core.entries import fill_at
 from maskparam.core.positions import to_full, to_stored
+from maskparam.core.undo import Undo
 from maskparam.errors import error
 
 __all__ = [
@@ -153,19 +155,24 @@ def check_state_fits(
 
 
 def reset_entries(
-    optimizers: Sequence[torch.optim.Optimizer], parameter: Tensor, positions: Tensor
+    optimizers: Sequence[torch.optim.Optimizer],
+    parameter: Tensor,
+    positions: Tensor,
+    *,
+    undo: Undo | None = None,
 ) -> None:
     """Fresh state at the flat ``positions`` of ``parameter`` (entries that become free). The
-    caller checked beforehand that the state fits (:func:`check_state_fits`)."""
+    caller checked beforehand that the state fits (:func:`check_state_fits`); ``undo`` records
+    the old values first."""
     if not positions.numel():
         return
     for optimizer, group in holders(optimizers, parameter):
         state = optimizer.state.get(parameter, {})
         for key, value in _per_entry(state, parameter.shape).items():
+            if undo is not None:
+                undo.entries(value, positions)
             with torch.no_grad():
-                value.view(-1).index_fill_(
-                    0, positions.to(value.device), _fresh(optimizer, group, key)
-                )
+                fill_at(value, positions, _fresh(optimizer, group, key))
 
 
 def move_entries(
@@ -175,24 +182,29 @@ def move_entries(
     was: Tensor | None,
     now: Tensor | None,
     full_shape: torch.Size,
+    undo: Undo | None = None,
 ) -> None:
     """Lay ``parameter``'s state out again after its stored entries moved from the flat
     positions ``was`` to ``now`` (``None``: the full tensor): each entry keeps its state, an
     entry that was not stored starts fresh. Call it once the parameter holds the new entries;
     the state must be laid out for ``was`` (checked beforehand with :func:`check_state_fits`,
-    so that nothing fails once entries have moved)."""
+    so that nothing fails once entries have moved); ``undo`` records the old state first."""
     was_shape = full_shape if was is None else torch.Size([was.numel()])
     for optimizer, group in holders(optimizers, parameter):
         if isinstance(optimizer, torch.optim.LBFGS):
             if was_shape != parameter.shape:
                 # Its curvature pairs belong to the old variables: start afresh, as at step 1.
                 params = optimizer.param_groups[0]["params"]
+                if undo is not None:
+                    undo.optimizer_state(optimizer, params[0])
                 optimizer.state.pop(params[0], None)
                 optimizer._numel_cache = None  # its cached total size
             continue
         state = optimizer.state.get(parameter)
         if not state:
             continue
+        if undo is not None:
+            undo.optimizer_state(optimizer, parameter)
         with torch.no_grad():
             for key, value in _per_entry(state, was_shape).items():
                 base = torch.full(full_shape, _fresh(optimizer, group, key), dtype=value.dtype)

@@ -49,7 +49,7 @@ def rewind(model: ModuleT, to: nn.Module | Mapping[str, Tensor], *, strict: bool
     refuse_sparse(model, "rewind")
     values = _values(to)
     refs = find_tensors(model)
-    plan: list[tuple[TensorRef, Tensor]] = []
+    plan: list[tuple[Tensor, Tensor]] = []  # (stored tensor, the value it takes, as stored)
     found: set[str] = set()
     missing = []
     for ref in refs:
@@ -67,7 +67,7 @@ def rewind(model: ModuleT, to: nn.Module | Mapping[str, Tensor], *, strict: bool
                 fix="rewind to a copy of this model (or its state_dict) from earlier in training.",
             )
         _check_rewindable(ref)
-        plan.append((ref, value))
+        plan.append((ref.storage, _stored_form(ref, value)))
     unexpected = sorted(set(values) - found)
     if strict and (missing or unexpected):
         details = []
@@ -81,9 +81,11 @@ def rewind(model: ModuleT, to: nn.Module | Mapping[str, Tensor], *, strict: bool
             *details,
             fix="rewind to a copy of this model from earlier in training, or pass strict=False.",
         )
+    # Every value is converted to its stored form above, before anything is written: a value
+    # that cannot be converted fails the call with every tensor unchanged.
     with torch.no_grad():
-        for ref, value in plan:
-            _write(ref, value)
+        for stored, value in plan:
+            stored.copy_(value)
     return model
 
 
@@ -116,14 +118,29 @@ def _check_rewindable(ref: TensorRef) -> None:
         )
 
 
-def _write(ref: TensorRef, value: Tensor) -> None:
-    """The stored tensor takes ``value`` (full shape): where a selection fixes an entry, the
-    stored value is not used, so writing it there too changes nothing the model computes."""
+def _stored_form(ref: TensorRef, value: Tensor) -> Tensor:
+    """``value`` (full shape) as ``ref``'s stored tensor holds it: where a selection fixes an
+    entry the stored value is not used, so writing it there too changes nothing the model
+    computes. A new tensor of the stored tensor's shape, dtype and device."""
     stored = ref.storage
-    value = value.to(stored.device, stored.dtype)
-    if ref.is_parametrized:
-        first = parametrization_list(ref.module, ref.local_name)[0]
-        if isinstance(first, Constraint):  # the stored form: its free entries, where compact
-            stored.copy_(first.to_stored(value))
-            return
-    stored.copy_(value)
+    with torch.no_grad():
+        try:
+            value = value.to(stored.device, stored.dtype)
+        except (RuntimeError, NotImplementedError) as failure:  # a meta value holds no data
+            raise error(
+                repr(ref.name),
+                f"rewind's value ({value.dtype} on {value.device}) cannot be copied to the "
+                f"tensor ({stored.dtype} on {stored.device}): {failure}",
+                fix="rewind to a copy of this model (or its state_dict) holding real values.",
+            ) from failure
+        if ref.is_parametrized:
+            first = parametrization_list(ref.module, ref.local_name)[0]
+            if isinstance(first, Constraint):  # the stored form: its free entries, where compact
+                value = first.to_stored(value)
+        if value.shape != stored.shape:
+            raise error(
+                repr(ref.name),
+                f"rewind's value has {value.numel()} stored entries, the tensor {stored.numel()}.",
+                fix="rewind to a copy of this model (or its state_dict) from earlier in training.",
+            )
+        return value

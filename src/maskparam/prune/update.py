@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from maskparam.core.constraint import Constraint, MaskChange, Spec
+from maskparam.core.entries import write_at
 from maskparam.core.match import Selector, TensorIndex, describe, match_rule, no_match_error
 from maskparam.core.optimizer import (
     UNSET,
@@ -38,6 +39,7 @@ from maskparam.core.optimizer import (
 from maskparam.core.parametrize import parametrization_list, walk_stack
 from maskparam.core.positions import stored_indices, to_full, to_stored
 from maskparam.core.tensors import TensorRef
+from maskparam.core.undo import Undo
 from maskparam.errors import check_bool, check_module, error
 from maskparam.masks import generators as masks
 from maskparam.masks.generators import MaskSource
@@ -46,6 +48,7 @@ __all__ = [
     "MaskRules",
     "MaskUpdate",
     "check_optimizers",
+    "commit_all",
     "commit_update",
     "plan_updates",
     "run_update",
@@ -153,8 +156,19 @@ def run_update(
     optimizers = [] if optimizer is UNSET else as_optimizers(optimizer, caller)
     updates = plan_updates(model, rules, strict=strict)
     check_optimizers(updates, optimizers, given=optimizer is not UNSET, caller=caller)
-    for update in updates:
-        commit_update(update, optimizers)
+    commit_all(updates, optimizers)
+
+
+def commit_all(updates: Sequence[MaskUpdate], optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """Commit every planned update, or none: a failure halfway (a constraint of your own that
+    raises, memory) takes back what the earlier ones wrote, the optimizers' state included."""
+    undo = Undo()
+    try:
+        for update in updates:
+            commit_update(update, optimizers, undo)
+    except BaseException:
+        undo.run()
+        raise
 
 
 def check_optimizers(
@@ -314,15 +328,19 @@ def _subject(update: MaskUpdate) -> str:
     return f"update_masks for {update.ref.name!r}"
 
 
-def commit_update(update: MaskUpdate, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+def commit_update(
+    update: MaskUpdate, optimizers: Sequence[torch.optim.Optimizer], undo: Undo
+) -> None:
     """Give the constraint its new mask; the stored entries, their gradient and the
-    optimizers' state follow what changed side. Checked beforehand (:func:`plan_updates`)."""
+    optimizers' state follow what changed side. Checked beforehand (:func:`plan_updates`);
+    every write is recorded in ``undo`` before it is made (see :func:`commit_all`)."""
     constraint, ref = update.constraint, update.ref
     assert update.selected is not None  # set by _select
     stored = ref.storage
     shape = update.current.shape
     was = constraint.stored_positions()
     stack_before, _ = walk_stack(ref.module, ref.local_name)
+    undo.module(constraint)
     with torch.no_grad():
         change = _full(
             constraint.take_mask(
@@ -334,16 +352,17 @@ def commit_update(update: MaskUpdate, optimizers: Sequence[torch.optim.Optimizer
         constraint.mask_changed = True  # no longer what the rule computed at apply time
         now = constraint.stored_positions()
         if was is not None and now is not None:  # it stores positions: the stored entries move
+            undo.storage(stored)
             stored.set_(to_stored(change.start, now).to(stored.dtype))  # type: ignore[call-overload]
             if stored.grad is not None and stored.grad.shape == was.shape:
                 stored.grad = to_stored(to_full(stored.grad, was, shape), now)
-            move_entries(optimizers, stored, was=was, now=now, full_shape=shape)
+            move_entries(optimizers, stored, was=was, now=now, full_shape=shape, undo=undo)
         else:
-            _write_arriving(update, change.arriving, change.start, optimizers)
-        _tell_later_levels(update, [value for _, value in stack_before])
+            _write_arriving(update, change.arriving, change.start, optimizers, undo)
+        _tell_later_levels(update, [value for _, value in stack_before], undo)
 
 
-def _tell_later_levels(update: MaskUpdate, inputs_before: list[Tensor]) -> None:
+def _tell_later_levels(update: MaskUpdate, inputs_before: list[Tensor], undo: Undo) -> None:
     """Each constraint behind the updated one learns where its input changed (in order, so that
     what one recaptures reaches the next): a Freeze behind a Mask holds 0 where the Mask now
     prunes."""
@@ -355,6 +374,7 @@ def _tell_later_levels(update: MaskUpdate, inputs_before: list[Tensor]) -> None:
             before.isnan() & now.isnan()
         )
         if isinstance(later, Constraint) and not bool(same.all()):
+            undo.module(later)
             later.input_changed(~same, now)
 
 
@@ -381,6 +401,7 @@ def _write_arriving(
     arriving: Tensor,
     start: Tensor,
     optimizers: Sequence[torch.optim.Optimizer],
+    undo: Undo,
 ) -> None:
     """The entries that become free take their start values in the stored original (through a
     first constraint that stores positions), with fresh optimizer state."""
@@ -391,5 +412,6 @@ def _write_arriving(
     positions = first.stored_positions() if isinstance(first, Constraint) else None
     at = stored_indices(arriving, positions)
     values = start.reshape(-1) if positions is None else to_stored(start, positions)
-    stored.view(-1).index_copy_(0, at, values.index_select(0, at).to(stored.dtype))
-    reset_entries(optimizers, stored, at)
+    undo.entries(stored, at)
+    write_at(stored, at, values.index_select(0, at))
+    reset_entries(optimizers, stored, at, undo=undo)
