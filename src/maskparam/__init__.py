@@ -21,7 +21,7 @@ from maskparam import constraints, masks
 from maskparam.checkpoint.load import load_state_dict
 from maskparam.checkpoint.optimizer_state import load_optimizer_state_dict, optimizer_state_dict
 from maskparam.checkpoint.trainable import load_trainable_state_dict, trainable_state_dict
-from maskparam.constrain.accessors import frozen_entries, kept_entries
+from maskparam.constrain.accessors import frozen_entries, kept_entries, kept_masks, sparsity
 from maskparam.constrain.apply import Preview, Rules, apply_mask, preview
 from maskparam.constrain.distributed import exclude_constants_from_ddp
 from maskparam.constrain.remove import remove_parametrizations
@@ -68,6 +68,7 @@ __all__ = [
     "frozen_entries",
     "harden",
     "kept_entries",
+    "kept_masks",
     "learned_masks",
     "load_optimizer_state_dict",
     "load_state_dict",
@@ -78,6 +79,7 @@ __all__ = [
     "preview",
     "remove_parametrizations",
     "rewind",
+    "sparsity",
     "subspace_theta",
     "summary",
     "to_sparse",

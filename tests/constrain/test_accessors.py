@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TiedEmbeddingLM
 from torch import nn
 
 import maskparam as mp
@@ -58,3 +59,19 @@ def test_subspace_theta_by_group_or_tensor_and_errors_name_the_fix():
     plain = nn.Linear(2, 2)
     with pytest.raises(mp.MaskparamError, match="is constrained by maskparam"):
         mp.frozen_entries(plain, "weight")
+
+
+def test_sparsity_counts_every_masked_tensor_once_and_kept_masks_name_them():
+    """A tied weight counts once; unmasked (or otherwise constrained) tensors do not count;
+    kept_masks are full-shape bool masks by the names a user sees."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    mp.apply_mask(net, {"0.weight": mp.Mask(mp.masks.rows([0])), "1.weight": mp.Triangular()})
+    assert mp.sparsity(net) == 0.75
+    masks = mp.kept_masks(net)
+    assert list(masks) == ["0.weight"]
+    assert masks["0.weight"].dtype == torch.bool
+    assert masks["0.weight"].shape == (4, 4)
+    assert mp.sparsity(torch.nn.Linear(2, 2)) == 0.0
+    tied = mp.apply_mask(TiedEmbeddingLM(), {"emb.weight": mp.Mask(mp.masks.rows([0, 1]))})
+    assert list(mp.kept_masks(tied)) == ["emb.weight"]
+    assert mp.sparsity(tied) == 0.8

@@ -972,3 +972,57 @@ def test_update_masks_regrows_into_a_channels_last_convolution(layout):
     model(inputs).sum().backward()
     optimizer.step()
     assert mp.verify(model) == []
+
+
+def test_one_call_serves_every_round_of_iterative_pruning():
+    """apply_missing=True masks the tensors that have no mask yet and updates the rest, in one
+    call and one joint ranking: round after round it gives the masks torch's
+    global_unstructured gives at the same total amounts."""
+    model = mlp(8, 16, 4, seed=0)
+    reference = mlp(8, 16, 4, seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for total in (0.2, 0.36, 0.488):
+        mp.update_masks(
+            model,
+            {"*.weight": mp.masks.global_magnitude(total)},
+            optimizer=optimizer,
+            apply_missing=True,
+        )
+        plain = copy.deepcopy(reference)
+        targets = [(plain[0], "weight"), (plain[2], "weight")]
+        prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=total)
+        for index in (0, 2):
+            assert torch.equal(
+                mp.kept_entries(model, f"{index}.weight"), plain[index].weight_mask.bool()
+            )
+        assert mp.sparsity(model) == pytest.approx(round(total * 192) / 192)
+    assert mp.verify(model) == []
+    assert all("weight_mask" not in k for k in model.state_dict())
+
+
+def test_apply_missing_needs_the_optimizer_decision_and_changes_nothing_without_it():
+    model = mlp(8, 16, 4, seed=0)
+    before = snapshot_with_summary(model)
+    with pytest.raises(mp.MaskparamError, match="apply_missing masks this tensor now"):
+        mp.update_masks(model, {"*.weight": mp.masks.magnitude(0.5)}, apply_missing=True)
+    assert same_snapshot_with_summary(snapshot_with_summary(model), before)
+
+
+def test_a_tickets_masks_copy_onto_a_fresh_model_in_one_call():
+    """kept_masks + update_masks(apply_missing=True): a fresh init takes the ticket's masks, in
+    one call whether it is masked yet or not; an unmasked one keeps its init at kept entries."""
+    ticket = mp.apply_mask(mlp(8, 16, 4, seed=0), {"*.weight": mp.Mask(mp.masks.magnitude(0.7))})
+    init = mlp(8, 16, 4, seed=1)
+    unmasked = mlp(8, 16, 4, seed=1)
+    masked = mp.apply_mask(mlp(8, 16, 4, seed=1), {"*.weight": mp.Mask(mp.masks.random(0.5))})
+    for fresh in (unmasked, masked):
+        mp.update_masks(fresh, mp.kept_masks(ticket), optimizer=None, apply_missing=True)
+        for index in (0, 2):
+            kept = mp.kept_entries(ticket, f"{index}.weight")
+            assert torch.equal(mp.kept_entries(fresh, f"{index}.weight"), kept)
+            assert not fresh[index].weight.detach()[~kept].any()
+        assert mp.sparsity(fresh) == mp.sparsity(ticket) == pytest.approx(0.7, abs=0.01)
+        assert mp.verify(fresh) == []
+    for index in (0, 2):
+        kept = mp.kept_entries(ticket, f"{index}.weight")
+        assert torch.equal(unmasked[index].weight.detach()[kept], init[index].weight.detach()[kept])

@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from maskparam.constraints.mask import Mask
 from maskparam.core.constraint import Constraint
 from maskparam.core.parametrize import walk_stack
 from maskparam.core.tensors import TensorRef, find_tensors
 from maskparam.errors import check_module, error
 
-__all__ = ["frozen_entries", "kept_entries"]
+__all__ = ["frozen_entries", "kept_entries", "kept_masks", "sparsity"]
 
 
 def _ref(model: nn.Module, name: str, caller: str) -> TensorRef:
@@ -92,3 +93,55 @@ def frozen_entries(model: nn.Module, name: str) -> tuple[Tensor, Tensor]:
         if captured:
             frozen |= entries.expand(effective.shape).to(frozen.device)
     return frozen, torch.where(frozen, effective, torch.zeros((), dtype=effective.dtype))
+
+
+def _masked(model: nn.Module) -> list[TensorRef]:
+    """The tensors a ``Mask`` constrains (once each, a tied weight under its first name)."""
+    return [
+        ref
+        for ref in find_tensors(model)
+        if any(getattr(p, "mask_spec", None) is Mask for p in ref.parametrizations)
+    ]
+
+
+def kept_masks(model: nn.Module) -> dict[str, Tensor]:
+    """The kept entries (:func:`kept_entries`) of every tensor a ``Mask`` constrains, by name.
+
+    A lottery ticket's masks, ready to give another model: ``update_masks`` and ``apply_mask``
+    take a tensor as a mask source, so ``mp.update_masks(fresh, mp.kept_masks(ticket),
+    optimizer=None, apply_missing=True)`` gives a freshly initialised model the ticket's masks
+    (``apply_missing``: whether it is masked yet or not).
+
+    >>> import torch, maskparam as mp
+    >>> ticket = mp.apply_mask(torch.nn.Linear(4, 2), {"weight": mp.Mask(mp.masks.rows([0]))})
+    >>> fresh = mp.update_masks(
+    ...     torch.nn.Linear(4, 2), mp.kept_masks(ticket), optimizer=None, apply_missing=True
+    ... )
+    >>> torch.equal(mp.kept_entries(fresh, "weight"), mp.kept_entries(ticket, "weight"))
+    True
+    """
+    check_module(model, "kept_masks")
+    masks = {}
+    for ref in _masked(model):
+        shape = getattr(ref.module, ref.local_name).shape
+        masks[ref.name] = kept_entries(model, ref.name).expand(shape).clone()
+    return masks
+
+
+def sparsity(model: nn.Module) -> float:
+    """The fraction of entries pruned over every tensor a ``Mask`` constrains (a tied weight
+    counted once): 0.0 where nothing is masked. ``1 - sparsity(model)`` is the share of those
+    weights that remain.
+
+    >>> import torch, maskparam as mp
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    >>> _ = mp.apply_mask(model, {"0.weight": mp.Mask(mp.masks.magnitude(0.75))})
+    >>> mp.sparsity(model)
+    0.75
+    """
+    check_module(model, "sparsity")
+    pruned = total = 0
+    for kept in kept_masks(model).values():
+        total += kept.numel()
+        pruned += kept.numel() - int(kept.sum())
+    return pruned / total if total else 0.0

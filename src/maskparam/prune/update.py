@@ -16,7 +16,7 @@ Like :func:`~maskparam.apply_mask`, it works in two steps:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
 
@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from maskparam.constrain.apply import apply_mask
+from maskparam.constraints.mask import Mask
 from maskparam.core.constraint import Constraint, MaskChange, Spec
 from maskparam.core.entries import write_at
 from maskparam.core.match import Selector, TensorIndex, describe, match_rule, no_match_error
@@ -47,6 +49,7 @@ from maskparam.masks.generators import MaskSource
 __all__ = [
     "MaskRules",
     "MaskUpdate",
+    "NewMask",
     "check_optimizers",
     "commit_all",
     "commit_update",
@@ -87,8 +90,26 @@ class MaskUpdate:
         return bool((self.free_after & ~before).any())
 
 
+@dataclass
+class NewMask:
+    """A tensor without a mask yet that ``apply_missing=True`` masks: its planned mask."""
+
+    ref: TensorRef
+    source: MaskSource
+    current: Tensor  # the tensor's value
+    selected: Tensor | None = None
+
+    def select(self, selected: Tensor) -> None:
+        self.selected = selected
+
+
 def update_masks(
-    model: ModuleT, rules: MaskRules, *, optimizer: Optimizers | None = UNSET, strict: bool = True
+    model: ModuleT,
+    rules: MaskRules,
+    *,
+    optimizer: Optimizers | None = UNSET,
+    strict: bool = True,
+    apply_missing: bool = False,
 ) -> ModuleT:
     """Recompute the masks of tensors that ``Mask`` or ``Freeze(mask)`` already constrains; in
     place, returns ``model``.
@@ -119,7 +140,14 @@ def update_masks(
     state for these tensors (pruning before training, or a new optimizer afterwards).
 
     A tensor selected by a wildcard without a ``Mask`` or ``Freeze(mask)`` constraint is passed
-    over. Naming one exactly is an error. Everything is checked before anything changes.
+    over. Naming one exactly is an error. With ``apply_missing=True``, a selected tensor that
+    has no constraint at all gets a ``Mask`` (``apply_mask``, layout ``"auto"`` for its new
+    density) in the same call: one call serves every round of iterative pruning, the first
+    included, and a joint generator ranks the masked and the new tensors together.
+
+    Everything is checked before anything changes, and the call is all or nothing: if a
+    tensor fails while it takes its mask, the ones before it are taken back (their masks,
+    stored entries and optimizer state).
 
     >>> import torch, maskparam as mp
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
@@ -133,7 +161,15 @@ def update_masks(
     """
     check_module(model, "update_masks")
     check_bool(strict, "update_masks", "strict")
-    run_update(model, rules, optimizer=optimizer, strict=strict, caller="update_masks")
+    check_bool(apply_missing, "update_masks", "apply_missing")
+    run_update(
+        model,
+        rules,
+        optimizer=optimizer,
+        strict=strict,
+        caller="update_masks",
+        apply_missing=apply_missing,
+    )
     return model
 
 
@@ -144,6 +180,7 @@ def run_update(
     optimizer: Optimizers | None,
     strict: bool,
     caller: str,
+    apply_missing: bool = False,
 ) -> None:
     """:func:`update_masks` for ``caller`` (named in its refusals): plan, check, commit."""
     if parametrize._cache_enabled:
@@ -154,18 +191,55 @@ def run_update(
             fix="update the masks outside the cached() block.",
         )
     optimizers = [] if optimizer is UNSET else as_optimizers(optimizer, caller)
-    updates = plan_updates(model, rules, strict=strict)
-    check_optimizers(updates, optimizers, given=optimizer is not UNSET, caller=caller)
-    commit_all(updates, optimizers)
+    updates, new = plan_updates(model, rules, strict=strict, apply_missing=apply_missing)
+    given = optimizer is not UNSET
+    check_optimizers(updates, optimizers, given=given, caller=caller)
+    trained = [n for n in new if n.ref.storage.requires_grad]
+    if trained and not given:
+        raise error(
+            repr(trained[0].ref.name),
+            "apply_missing masks this tensor now, and the state of the optimizer that trains "
+            "it must follow (a compact layout stores fewer entries), but no optimizer was passed.",
+            fix=f"pass the optimizer: {caller}(..., optimizer=optimizer); optimizer=None where "
+            "no optimizer holds state for these tensors.",
+        )
+    commit_all(updates, optimizers, then=lambda: _apply_new(model, new, optimizers))
 
 
-def commit_all(updates: Sequence[MaskUpdate], optimizers: Sequence[torch.optim.Optimizer]) -> None:
-    """Commit every planned update, or none: a failure halfway (a constraint of your own that
-    raises, memory) takes back what the earlier ones wrote, the optimizers' state included."""
+def _apply_new(
+    model: nn.Module, new: Sequence[NewMask], optimizers: Sequence[torch.optim.Optimizer]
+) -> None:
+    """``apply_mask`` the planned masks of tensors that had none (atomic by itself)."""
+    if not new:
+        return
+    rules: dict[Selector, Spec] = {}
+    for planned in new:
+        assert planned.selected is not None  # set by _select
+        rules[planned.ref.name] = Mask(planned.selected.expand(planned.current.shape).clone())
+    apply_mask(model, rules, optimizer=list(optimizers))
+    for planned in new:
+        for p in parametrization_list(planned.ref.module, planned.ref.local_name):
+            if isinstance(p, Constraint):
+                # Applying the rules to the base model would not give this mask back.
+                p.mask_changed = True
+                p.__dict__["description"] = f"Mask(keeps {masks.describe_source(planned.source)})"
+
+
+def commit_all(
+    updates: Sequence[MaskUpdate],
+    optimizers: Sequence[torch.optim.Optimizer],
+    *,
+    then: Callable[[], None] | None = None,
+) -> None:
+    """Commit every planned update, then run ``then`` (itself all or nothing), or none of it:
+    a failure halfway (a constraint of your own that raises, memory) takes back what the
+    earlier ones wrote, the optimizers' state included."""
     undo = Undo()
     try:
         for update in updates:
             commit_update(update, optimizers, undo)
+        if then is not None:
+            then()
     except BaseException:
         undo.run()
         raise
@@ -213,8 +287,11 @@ def _rule_value(selector: Selector, value: object) -> tuple[Spec | None, MaskSou
     )
 
 
-def plan_updates(model: nn.Module, rules: MaskRules, *, strict: bool) -> list[MaskUpdate]:
-    """Match ``rules`` and compute every new mask; nothing changes."""
+def plan_updates(
+    model: nn.Module, rules: MaskRules, *, strict: bool, apply_missing: bool = False
+) -> tuple[list[MaskUpdate], list[NewMask]]:
+    """Match ``rules`` and compute every new mask (and, with ``apply_missing``, those of the
+    selected tensors without a constraint); nothing changes."""
     if not isinstance(rules, Mapping):
         raise error(
             "update_masks",
@@ -225,11 +302,24 @@ def plan_updates(model: nn.Module, rules: MaskRules, *, strict: bool) -> list[Ma
     index = TensorIndex(model)
     chosen: dict[int, Selector] = {}
     updates: list[MaskUpdate] = []
+    new: list[NewMask] = []
     for selector, value in rules.items():
         found = match_rule(selector, index)
         wanted, source = _rule_value(selector, value)
-        rule_updates = []
+        rule_updates: list[MaskUpdate] = []
+        rule_new: list[NewMask] = []
         for ref in found.targets:
+            if apply_missing and not ref.is_parametrized:
+                if id(ref) in chosen:
+                    raise error(
+                        repr(ref.name),
+                        f"selected by two rules, {describe(chosen[id(ref)])} and "
+                        f"{describe(selector)}.",
+                        fix="select each tensor with one rule.",
+                    )
+                chosen[id(ref)] = selector
+                rule_new.append(NewMask(ref, source, ref.value.detach()))
+                continue
             located = _locate(ref, selector, wanted, exact=found.exact)
             if located is None:
                 continue
@@ -243,7 +333,7 @@ def plan_updates(model: nn.Module, rules: MaskRules, *, strict: bool) -> list[Ma
             level, constraint = located
             _, current = walk_stack(ref.module, ref.local_name, through=level)
             rule_updates.append(MaskUpdate(ref, level, constraint, source, current))
-        if not rule_updates and strict:
+        if not rule_updates and not rule_new and strict:
             if found.exact and not found.targets:
                 raise no_match_error(index, selector, skipped=0)
             raise error(
@@ -251,9 +341,10 @@ def plan_updates(model: nn.Module, rules: MaskRules, *, strict: bool) -> list[Ma
                 "matched no tensor that Mask or Freeze(mask) constrains.",
                 fix="apply_mask the tensors first, correct the selector, or pass strict=False.",
             )
-        _select(rule_updates)
+        _select([*rule_updates, *rule_new])
         updates += rule_updates
-    return updates
+        new += rule_new
+    return updates, new
 
 
 def _locate(
@@ -310,7 +401,7 @@ def _described(parametrization: nn.Module) -> str:
     return type(parametrization).__name__
 
 
-def _select(updates: list[MaskUpdate]) -> None:
+def _select(updates: Sequence[MaskUpdate | NewMask]) -> None:
     """Compute the new masks of one rule's tensors (one joint call where the source is joint)."""
     if not updates:
         return
@@ -324,7 +415,7 @@ def _select(updates: list[MaskUpdate]) -> None:
             update.select(masks.resolve(source, update.current, _subject(update)))
 
 
-def _subject(update: MaskUpdate) -> str:
+def _subject(update: MaskUpdate | NewMask) -> str:
     return f"update_masks for {update.ref.name!r}"
 
 
