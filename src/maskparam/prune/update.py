@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from maskparam.constrain import distributed
 from maskparam.core.constraint import Constraint, MaskChange, Spec
 from maskparam.core.match import Selector, TensorIndex, describe, match_rule, no_match_error
 from maskparam.core.optimizer import (
@@ -85,7 +86,12 @@ class MaskUpdate:
 
 
 def update_masks(
-    model: ModuleT, rules: MaskRules, *, optimizer: Optimizers | None = UNSET, strict: bool = True
+    model: ModuleT,
+    rules: MaskRules,
+    *,
+    optimizer: Optimizers | None = UNSET,
+    strict: bool = True,
+    rewrap_ddp: bool = False,
 ) -> ModuleT:
     """Recompute the masks of tensors that ``Mask`` or ``Freeze(mask)`` already constrains; in
     place, returns ``model``.
@@ -118,6 +124,13 @@ def update_masks(
     A tensor selected by a wildcard without a ``Mask`` or ``Freeze(mask)`` constraint is passed
     over. Naming one exactly is an error. Everything is checked before anything changes.
 
+    Distributed training (``docs/integrations.md``): pass the model inside the
+    ``DistributedDataParallel`` wrapper. While a process group is initialized, this is a
+    collective: call it on every rank; every rank takes rank 0's new masks. A change that
+    re-stores a compact tensor is refused there (DDP would stop averaging its gradient) unless
+    ``rewrap_ddp=True`` says that a new ``DistributedDataParallel`` wraps the model afterwards;
+    the dense layout needs neither. A model that ``fully_shard`` sharded is refused.
+
     >>> import torch, maskparam as mp
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
     >>> _ = mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.global_magnitude(0.5))})
@@ -130,7 +143,15 @@ def update_masks(
     """
     check_module(model, "update_masks")
     check_bool(strict, "update_masks", "strict")
-    run_update(model, rules, optimizer=optimizer, strict=strict, caller="update_masks")
+    check_bool(rewrap_ddp, "update_masks", "rewrap_ddp")
+    run_update(
+        model,
+        rules,
+        optimizer=optimizer,
+        strict=strict,
+        caller="update_masks",
+        rewrap_ddp=rewrap_ddp,
+    )
     return model
 
 
@@ -141,8 +162,11 @@ def run_update(
     optimizer: Optimizers | None,
     strict: bool,
     caller: str,
+    rewrap_ddp: bool = False,
 ) -> None:
     """:func:`update_masks` for ``caller`` (named in its refusals): plan, check, commit."""
+    distributed.refuse_ddp_wrapper(model, caller)
+    distributed.refuse_sharded(model, caller)
     if parametrize._cache_enabled:
         raise error(
             "update_masks",
@@ -152,7 +176,18 @@ def run_update(
         )
     optimizers = [] if optimizer is UNSET else as_optimizers(optimizer, caller)
     updates = plan_updates(model, rules, strict=strict)
+    if distributed.process_group_initialized():  # one mask for all ranks: rank 0's
+        for update, mask in zip(
+            updates, distributed.rank0_masks([u.selected for u in updates], caller), strict=True
+        ):
+            update.select(mask)
     check_optimizers(updates, optimizers, given=optimizer is not UNSET, caller=caller)
+    restored = [
+        u.ref.name
+        for u in updates
+        if u.constraint.stored_positions() is not None and u.changes_storage()
+    ]
+    distributed.refuse_ddp_restore(restored, caller, rewrap_ddp=rewrap_ddp)
     for update in updates:
         commit_update(update, optimizers)
 
