@@ -321,6 +321,13 @@ def _ddp_mask_change_worker(rank: int, world: int, init_file: str, out_dir: str)
     )
     result["pruning_refused"] = _refusal(pruning.step)
     result["pruning_steps"] = pruning.steps
+    # As many free entries as before (prune and regrow as many): written in place, DDP goes on.
+    stored = model[0].parametrizations.weight.original
+    mp.update_masks(model, {"0.weight": mp.masks.random(0.5, seed=7 + rank)}, optimizer=optimizer)
+    result["same_parameter"] = model[0].parametrizations.weight.original is stored
+    result["regrown_free"] = model[0].parametrizations.weight[0].free.clone()
+    _train(ddp, optimizer, generator)
+    result["regrown_state"] = _state(model)
     # The recipe: change the masks (random ones, drawn per rank: rank 0's win), wrap again, train.
     mp.update_masks(
         model, {"0.weight": mp.masks.random(0.25, seed=rank)}, optimizer=optimizer, rewrap_ddp=True
@@ -359,20 +366,15 @@ def _ddp_mask_change_worker(rank: int, world: int, init_file: str, out_dir: str)
         _train(ddp, optimizer, generator)
         result[f"dense{exclude}_pruned"] = _state(model)
 
-    # Compact, compiled: rank 0's positions on every rank, and the new compiled graph uses them.
+    # Compact, compiled: rank 0's positions on every rank, and the compiled graph uses them.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
     mp.apply_mask(model, {"0.weight": mp.Mask(mp.masks.random(0.5, seed=0), layout="compact")})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    _train(torch.compile(ddp_type(model), backend="eager"), optimizer, generator)
-    mp.update_masks(
-        model,
-        {"0.weight": mp.masks.random(0.5, seed=rank + 1)},
-        optimizer=optimizer,
-        rewrap_ddp=True,
-    )
     compiled = torch.compile(ddp_type(model), backend="eager")
     _train(compiled, optimizer, generator)
+    mp.update_masks(model, {"0.weight": mp.masks.random(0.5, seed=rank + 1)}, optimizer=optimizer)
+    _train(compiled, optimizer, generator)  # the same wrapper and compiled model
     probe = torch.ones(1, 8)
     result["compiled_out"] = compiled(probe).detach()
     result["compiled_eager_out"] = model(probe).detach()
@@ -413,7 +415,7 @@ def test_ddp_mask_changes_keep_every_rank_on_rank0_masks_or_are_refused():
         )
         assert "mp.exclude_constants_from_ddp(model), then ddp" in result["exclude_wrapper"]
         assert result["wrapper_unchanged"]
-        assert "changes which entries this compact tensor stores" in result["compact_refused"]
+        assert "changes how many entries this compact tensor stores" in result["compact_refused"]
         assert "layout='dense'" in result["compact_refused"]
         assert "update_masks(..., rewrap_ddp=True)" in result["compact_refused"]
         assert "GradualPruning(..., rewrap_ddp=True)" in result["pruning_refused"]
@@ -426,6 +428,12 @@ def test_ddp_mask_changes_keep_every_rank_on_rank0_masks_or_are_refused():
     assert torch.equal(r0["compact_free"].bool(), expected)
     assert torch.equal(r1["compact_free"], r0["compact_free"])
     assert _same(r0["compact_state"], r1["compact_state"])
+    # As many free entries: the same Parameter, rank 0's mask, still averaged by the same DDP.
+    expected = mp.masks.random(0.5, seed=7).build(torch.empty(16, 8), "")
+    for result in ranks:
+        assert result["same_parameter"]
+        assert torch.equal(result["regrown_free"].bool(), expected)
+    assert _same(r0["regrown_state"], r1["regrown_state"])
     for exclude in (False, True):
         for i, (m0, m1) in enumerate(
             zip(r0[f"dense{exclude}_masks"], r1[f"dense{exclude}_masks"], strict=True)

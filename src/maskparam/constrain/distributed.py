@@ -8,7 +8,7 @@ values). :func:`exclude_constants_from_ddp` broadcasts them once, then tells DDP
 
 The rest is what the mask-changing functions call where a process group is initialized or the
 model is wrapped or sharded: :func:`rank0_masks` (every rank takes rank 0's new masks),
-:func:`refuse_ddp_restore` (a compact tensor re-stored under DDP), :func:`refuse_ddp_wrapper` and
+:func:`refuse_ddp_resize` (a compact tensor resized under DDP), :func:`refuse_ddp_wrapper` and
 :func:`refuse_sharded`.
 """
 
@@ -28,7 +28,7 @@ __all__ = [
     "exclude_constants_from_ddp",
     "process_group_initialized",
     "rank0_masks",
-    "refuse_ddp_restore",
+    "refuse_ddp_resize",
     "refuse_ddp_wrapper",
     "refuse_sharded",
 ]
@@ -125,25 +125,28 @@ def rank0_masks(masks: Sequence[Tensor | None], caller: str) -> list[Tensor]:
     return shared
 
 
-def refuse_ddp_restore(names: Sequence[str], caller: str, *, rewrap_ddp: bool) -> None:
-    """Refuse, while a process group is initialized, a mask change that re-stores the Parameter
-    of compact tensors ``names`` (the entries they store change), unless ``rewrap_ddp``.
+def refuse_ddp_resize(names: Sequence[str], caller: str, *, rewrap_ddp: bool) -> None:
+    """Refuse, while a process group is initialized, a mask change that resizes the stored
+    Parameter of compact tensors ``names`` (another number of free entries), unless
+    ``rewrap_ddp``.
 
-    The compact layout ``set_``\\ s the stored Parameter to the new free entries, which gives it a
-    new gradient accumulator: a ``DistributedDataParallel`` built before keeps hooks on the old
-    one, so the next backward is not averaged across ranks (the weights diverge without a word)
-    and DDP then fails with "Expected to have finished reduction". A new DDP wrapper after the
-    change works; maskparam cannot see whether one wraps the model, so the caller says so.
+    A resize calls ``set_`` on the Parameter, which gives it a new gradient accumulator: a
+    ``DistributedDataParallel`` built before keeps its hooks on the old one, so the next backward
+    is not averaged across ranks (the weights diverge without a word) and DDP then fails with
+    "Expected to have finished reduction"; its buckets have the old size too. (A change that keeps
+    the number writes the Parameter in place, and DDP goes on.) A new DDP wrapper after the change
+    works; maskparam cannot see whether one wraps the model, so the caller says so.
     """
     if rewrap_ddp or not names or not process_group_initialized():
         return
     raise error(
         repr(names[0]),
-        "the new mask changes which entries this compact tensor stores while a torch.distributed "
-        "process group is initialized: its Parameter is re-stored, and a DistributedDataParallel "
-        "built before would stop averaging its gradient across ranks (the weights diverge "
-        "silently, then DDP fails with 'Expected to have finished reduction').",
-        *([f"compact tensors re-stored: {', '.join(map(repr, names))}"] if len(names) > 1 else []),
+        "the new mask changes how many entries this compact tensor stores while a "
+        "torch.distributed process group is initialized: its Parameter is resized, and a "
+        "DistributedDataParallel built before would stop averaging its gradient across ranks "
+        "(the weights diverge silently, then DDP fails with 'Expected to have finished "
+        "reduction').",
+        *([f"compact tensors resized: {', '.join(map(repr, names))}"] if len(names) > 1 else []),
         fix="under DDP, apply the masks with layout='dense' (a mask change then keeps every "
         "Parameter as it is); or wrap the model in a new DistributedDataParallel after every mask "
         f"change (ddp = DistributedDataParallel(model)) and say so: {caller}(..., "

@@ -62,9 +62,9 @@ class GradualPruning:
 
     Under ``DistributedDataParallel``: pass the model inside the wrapper, and call :meth:`step`
     on every rank (a step that changes the masks is a collective; every rank takes rank 0's). A
-    compact layout re-stores its Parameters at each change, which a DDP wrapper built before would
-    no longer average: refused unless ``rewrap_ddp=True`` says that you wrap the model again after
-    each step that changed the masks (see :func:`~maskparam.update_masks`).
+    compact layout resizes its Parameters at each step that changes the sparsity, which a DDP
+    wrapper built before would no longer average: refused unless ``rewrap_ddp=True`` says that
+    you wrap the model again after each such step (see :func:`~maskparam.update_masks`).
 
     ``layout="auto"`` stores the masked tensors compact from the start where the *final*
     density allows it (see ``Mask``'s layouts). Most of the steps run near that density. Where

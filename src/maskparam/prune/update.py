@@ -127,9 +127,11 @@ def update_masks(
     Distributed training (``docs/integrations.md``): pass the model inside the
     ``DistributedDataParallel`` wrapper. While a process group is initialized, this is a
     collective: call it on every rank; every rank takes rank 0's new masks. A change that
-    re-stores a compact tensor is refused there (DDP would stop averaging its gradient) unless
-    ``rewrap_ddp=True`` says that a new ``DistributedDataParallel`` wraps the model afterwards;
-    the dense layout needs neither. A model that ``fully_shard`` sharded is refused.
+    resizes a compact tensor (another number of free entries) is refused there (DDP would stop
+    averaging its gradient) unless ``rewrap_ddp=True`` says that a new
+    ``DistributedDataParallel`` wraps the model afterwards; the dense layout, and a compact one
+    that keeps its number of free entries, need neither. A model that ``fully_shard`` sharded is
+    refused.
 
     >>> import torch, maskparam as mp
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
@@ -182,12 +184,14 @@ def run_update(
         ):
             update.select(mask)
     check_optimizers(updates, optimizers, given=optimizer is not UNSET, caller=caller)
-    restored = [
+    resized = [
         u.ref.name
         for u in updates
-        if u.constraint.stored_positions() is not None and u.changes_storage()
+        if u.constraint.stored_positions() is not None
+        and u.free_after is not None
+        and int(u.free_after.sum()) != u.ref.storage.numel()
     ]
-    distributed.refuse_ddp_restore(restored, caller, rewrap_ddp=rewrap_ddp)
+    distributed.refuse_ddp_resize(resized, caller, rewrap_ddp=rewrap_ddp)
     for update in updates:
         commit_update(update, optimizers)
 
@@ -368,9 +372,18 @@ def commit_update(update: MaskUpdate, optimizers: Sequence[torch.optim.Optimizer
         constraint.mask_changed = True  # no longer what the rule computed at apply time
         now = constraint.stored_positions()
         if was is not None and now is not None:  # it stores positions: the stored entries move
-            stored.set_(to_stored(change.start, now).to(stored.dtype))  # type: ignore[call-overload]
+            values = to_stored(change.start, now).to(stored.dtype)
+            same = values.shape == stored.shape  # then in place: DDP's gradient hooks stay on it
+            if same:
+                stored.copy_(values)
+            else:
+                stored.set_(values)  # type: ignore[call-overload]
             if stored.grad is not None and stored.grad.shape == was.shape:
-                stored.grad = to_stored(to_full(stored.grad, was, shape), now)
+                grad = to_stored(to_full(stored.grad, was, shape), now)
+                if same:
+                    stored.grad.copy_(grad)
+                else:
+                    stored.grad = grad
             move_entries(optimizers, stored, was=was, now=now, full_shape=shape)
             return
         _write_arriving(update, change.arriving, change.start, optimizers)
