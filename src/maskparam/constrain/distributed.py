@@ -7,7 +7,7 @@ much bandwidth as the masked weights themselves (1 byte per entry for a mask, 4-
 values). :func:`exclude_constants_from_ddp` broadcasts them once, then tells DDP to skip them.
 
 The rest is what the mask-changing functions call where a process group is initialized or the
-model is wrapped or sharded: :func:`rank0_masks` (every rank takes rank 0's new masks),
+model is wrapped or sharded: :func:`take_rank0_masks` (every rank takes rank 0's new masks),
 :func:`refuse_ddp_resize` (a compact tensor resized under DDP), :func:`refuse_ddp_wrapper` and
 :func:`refuse_sharded`.
 """
@@ -15,22 +15,25 @@ model is wrapped or sharded: :func:`rank0_masks` (every rank takes rank 0's new 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from maskparam.core.constraint import Constraint
+from maskparam.core.tensors import TensorRef
 from maskparam.errors import check_module, error
 
 __all__ = [
+    "PlannedMask",
     "constant_buffer_names",
     "exclude_constants_from_ddp",
     "process_group_initialized",
-    "rank0_masks",
     "refuse_ddp_resize",
     "refuse_ddp_wrapper",
     "refuse_sharded",
+    "take_rank0_masks",
 ]
 
 
@@ -78,30 +81,54 @@ def process_group_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def rank0_masks(masks: Sequence[Tensor | None], caller: str) -> list[Tensor]:
-    """Rank 0's version of each new mask (bool, the shape given), broadcast in one collective.
+class PlannedMask(Protocol):
+    """A planned mask change, as ``update_masks`` plans it (``prune/update.py``'s MaskUpdate)."""
+
+    ref: TensorRef
+    constraint: Constraint
+
+    @property
+    def selected(self) -> Tensor | None: ...  # the new mask
+
+    @property
+    def free_after(self) -> Tensor | None: ...  # the entries it leaves free, the tensor's shape
+
+    def select(self, selected: Tensor) -> None: ...  # plan another mask instead
+
+
+def take_rank0_masks(planned: Sequence[PlannedMask], caller: str) -> None:
+    """Where a process group is initialized, plan rank 0's version of every new mask on every
+    rank, in one broadcast (nothing changes yet).
 
     Masks computed on every rank from its own data or weights (Wanda, magnitude before DDP's
     first broadcast) differ by rank; DDP copies only rank 0's buffers (and, with
     :func:`exclude_constants_from_ddp`, none), never the entries that change side, and a compiled
     graph keeps the positions it traced. So every rank takes rank 0's masks before anything
-    changes. Every rank must call it with masks of the same shapes; that is checked first (one
-    small all_gather), and a difference is refused on every rank alike.
+    changes. Every rank must plan masks of the same shapes; that is checked first (one small
+    all_gather), and a difference is refused on every rank alike.
     """
-    if not masks:
-        return []
-    if any(mask is None for mask in masks):
-        raise AssertionError("rank0_masks: a mask was not planned")
-    planned = [mask for mask in masks if mask is not None]
-    device = planned[0].device
-    flat = torch.cat([mask.reshape(-1).to(torch.uint8) for mask in planned])
+    if not planned or not process_group_initialized():
+        return
+    masks = []
+    for change in planned:
+        if change.selected is None:
+            raise AssertionError(f"take_rank0_masks: no mask planned for {change.ref.name!r}")
+        masks.append(change.selected)
+    for change, mask in zip(planned, _rank0(masks, caller), strict=True):
+        change.select(mask)
+
+
+def _rank0(masks: list[Tensor], caller: str) -> list[Tensor]:
+    """Rank 0's ``masks`` (bool, the shapes given), checked to be planned alike on every rank."""
+    device = masks[0].device
+    flat = torch.cat([mask.reshape(-1).to(torch.uint8) for mask in masks])
     # What each rank planned: how many masks, their entries, and (position-weighted) their
     # sizes and dimensions, so that masks of other shapes cannot pass for the same plan.
     plan = [
-        len(planned),
+        len(masks),
         flat.numel(),
-        sum((i + 1) * mask.numel() for i, mask in enumerate(planned)),
-        sum((i + 1) * mask.dim() for i, mask in enumerate(planned)),
+        sum((i + 1) * mask.numel() for i, mask in enumerate(masks)),
+        sum((i + 1) * mask.dim() for i, mask in enumerate(masks)),
     ]
     mine = torch.tensor(plan, dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
@@ -119,16 +146,15 @@ def rank0_masks(masks: Sequence[Tensor | None], caller: str) -> list[Tensor]:
         )
     dist.broadcast(flat, src=0)
     shared, offset = [], 0
-    for mask in planned:
+    for mask in masks:
         shared.append(flat[offset : offset + mask.numel()].view(mask.shape).bool())
         offset += mask.numel()
     return shared
 
 
-def refuse_ddp_resize(names: Sequence[str], caller: str, *, rewrap_ddp: bool) -> None:
+def refuse_ddp_resize(planned: Sequence[PlannedMask], caller: str, *, rewrap_ddp: bool) -> None:
     """Refuse, while a process group is initialized, a mask change that resizes the stored
-    Parameter of compact tensors ``names`` (another number of free entries), unless
-    ``rewrap_ddp``.
+    Parameter of a compact tensor (another number of free entries), unless ``rewrap_ddp``.
 
     A resize calls ``set_`` on the Parameter, which gives it a new gradient accumulator: a
     ``DistributedDataParallel`` built before keeps its hooks on the old one, so the next backward
@@ -137,7 +163,16 @@ def refuse_ddp_resize(names: Sequence[str], caller: str, *, rewrap_ddp: bool) ->
     the number writes the Parameter in place, and DDP goes on.) A new DDP wrapper after the change
     works; maskparam cannot see whether one wraps the model, so the caller says so.
     """
-    if rewrap_ddp or not names or not process_group_initialized():
+    if rewrap_ddp or not process_group_initialized():
+        return
+    names = [
+        change.ref.name
+        for change in planned
+        if change.constraint.stored_positions() is not None  # compact: stores the free entries
+        and change.free_after is not None
+        and int(change.free_after.sum()) != change.ref.storage.numel()
+    ]
+    if not names:
         return
     raise error(
         repr(names[0]),

@@ -178,20 +178,9 @@ def run_update(
         )
     optimizers = [] if optimizer is UNSET else as_optimizers(optimizer, caller)
     updates = plan_updates(model, rules, strict=strict)
-    if distributed.process_group_initialized():  # one mask for all ranks: rank 0's
-        for update, mask in zip(
-            updates, distributed.rank0_masks([u.selected for u in updates], caller), strict=True
-        ):
-            update.select(mask)
+    distributed.take_rank0_masks(updates, caller)  # where a process group is initialized
     check_optimizers(updates, optimizers, given=optimizer is not UNSET, caller=caller)
-    resized = [
-        u.ref.name
-        for u in updates
-        if u.constraint.stored_positions() is not None
-        and u.free_after is not None
-        and int(u.free_after.sum()) != u.ref.storage.numel()
-    ]
-    distributed.refuse_ddp_resize(resized, caller, rewrap_ddp=rewrap_ddp)
+    distributed.refuse_ddp_resize(updates, caller, rewrap_ddp=rewrap_ddp)
     for update in updates:
         commit_update(update, optimizers)
 
