@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from maskparam.constrain.distributed import refuse_sharded
 from maskparam.core.constraint import Constraint
 from maskparam.core.optimizer import UNSET, Optimizers, as_optimizers
 from maskparam.core.parametrize import parametrization_list, walk_stack
@@ -341,6 +342,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
     torch.Size([4])
     """
     check_module(model, "trainable_state_dict")
+    refuse_sharded(model, "trainable_state_dict")
     refuse_sparse(model, "trainable_state_dict")
     entries = _plan(model, "trainable_state_dict")
     names = [entry.name for entry in entries]
@@ -401,6 +403,7 @@ def load_trainable_state_dict(
     :func:`~maskparam.update_masks` takes it, and so is ``optimizer`` (required there).
     """
     check_module(model, "load_trainable_state_dict")
+    refuse_sharded(model, "load_trainable_state_dict")
     refuse_sparse(model, "load_trainable_state_dict")
     check_bool(strict, "load_trainable_state_dict", "strict")
     _check_tensors(state)

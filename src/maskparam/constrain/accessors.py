@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from maskparam.constrain.distributed import refuse_sharded
 from maskparam.constraints.mask import Mask
 from maskparam.core.constraint import Constraint
 from maskparam.core.parametrize import walk_stack
@@ -20,6 +21,7 @@ __all__ = ["frozen_entries", "kept_entries", "kept_masks", "sparsity"]
 
 def _ref(model: nn.Module, name: str, caller: str) -> TensorRef:
     check_module(model, caller)
+    refuse_sharded(model, caller)
     _check_name(name, caller)
     refs = [ref for ref in find_tensors(model) if name in ref.all_names]
     if not refs or not refs[0].has_constraint:

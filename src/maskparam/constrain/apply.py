@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from maskparam.constrain.distributed import refuse_ddp_wrapper
 from maskparam.constrain.remove import remove_constraints
 from maskparam.core.constraint import Constraint, Spec
 from maskparam.core.load_guard import guard_loads
@@ -91,6 +92,7 @@ def apply_mask(
     ['0.bias', '0.parametrizations.weight.original', '2.bias', '2.parametrizations.weight.original']
     """
     check_module(model, "apply_mask")
+    refuse_ddp_wrapper(model, "apply_mask")
     check_bool(strict, "apply_mask", "strict")
     optimizers = as_optimizers(optimizer, "apply_mask")
     targets = _plan(model, rules, strict=strict)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from maskparam.constrain.distributed import refuse_sharded
 from maskparam.core.constraint import Constraint
 from maskparam.core.load_guard import unguard_loads
 from maskparam.core.optimizer import (
@@ -63,6 +64,7 @@ def remove_parametrizations(
     ('Linear', True)
     """
     check_module(model, "remove_parametrizations")
+    refuse_sharded(model, "remove_parametrizations")
     check_bool(leave_parametrized, "remove_parametrizations", "leave_parametrized")
     optimizers = as_optimizers(optimizer, "remove_parametrizations")
     owners: dict[int, tuple[nn.Module, list[str]]] = {}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from maskparam.constrain.distributed import refuse_sharded
 from maskparam.core.parametrize import maskparam_constraints
 from maskparam.core.tables import text_table
 from maskparam.core.tensors import find_tensors
@@ -79,6 +80,7 @@ def summary(model: nn.Module) -> Summary:
     trainable entries: 14 of 20 (70.0%)
     """
     check_module(model, "summary")
+    refuse_sharded(model, "summary")
     rows: list[TensorSummary] = []
     trainable = total = 0
     for ref in find_tensors(model):

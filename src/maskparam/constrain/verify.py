@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from maskparam.constrain.distributed import refuse_sharded
 from maskparam.core.constraint import Constraint, Pins
 from maskparam.core.parametrize import maskparam_constraints, walk_stack
 from maskparam.core.tensors import TensorRef, find_tensors
@@ -34,6 +35,7 @@ def verify(model: nn.Module) -> list[str]:
     []
     """
     check_module(model, "verify")
+    refuse_sharded(model, "verify")
     problems: list[str] = []
     with torch.no_grad():
         for ref in find_tensors(model):

@@ -81,6 +81,16 @@ class Undo:
 
         self._steps.append(undo)
 
+    def values(self, tensor: Tensor) -> None:
+        """Before every entry of ``tensor`` is overwritten in place (``copy_``)."""
+        old = tensor.detach().clone()
+
+        def undo() -> None:
+            with torch.no_grad():
+                tensor.copy_(old)
+
+        self._steps.append(undo)
+
     def optimizer_state(self, optimizer: torch.optim.Optimizer, parameter: Tensor) -> None:
         """Before ``optimizer``'s state for ``parameter`` is replaced or dropped (entries
         overwritten in place are recorded with :meth:`entries`)."""

@@ -9,13 +9,14 @@ from typing import Any, TypeAlias
 from torch import nn
 
 from maskparam.constrain.apply import apply_mask
+from maskparam.constrain.distributed import refuse_ddp_wrapper
 from maskparam.constraints.compact import AUTO_COMPACT_MAX_FREE
 from maskparam.constraints.mask import Mask
 from maskparam.core.constraint import Layout
 from maskparam.core.match import Selector, TensorIndex, check_selector, describe, match_rule
 from maskparam.core.optimizer import UNSET, Optimizers, as_optimizers
 from maskparam.core.tensors import TensorRef
-from maskparam.errors import MaskparamError, check_int, check_module, error
+from maskparam.errors import MaskparamError, check_bool, check_int, check_module, error
 from maskparam.masks.generators import MaskSource, check_fraction
 from maskparam.prune.update import run_update
 
@@ -59,6 +60,12 @@ class GradualPruning:
     train the model, whose state follows the masks (set :attr:`optimizer` later if it is created
     after the schedule; ``None`` where no optimizer holds state).
 
+    Under ``DistributedDataParallel``: pass the model inside the wrapper, and call :meth:`step`
+    on every rank (a step that changes the masks is a collective; every rank takes rank 0's). A
+    compact layout resizes its Parameters at each step that changes the sparsity, which a DDP
+    wrapper built before would no longer average: refused unless ``rewrap_ddp=True`` says that
+    you wrap the model again after each such step (see :func:`~maskparam.update_masks`).
+
     ``layout="auto"`` stores the masked tensors compact from the start where the *final*
     density allows it (see ``Mask``'s layouts). Most of the steps run near that density. Where
     compact is not possible, they are stored dense.
@@ -91,8 +98,11 @@ class GradualPruning:
         initial_sparsity: float = 0.0,
         layout: Layout = "auto",
         optimizer: Optimizers | None = UNSET,
+        rewrap_ddp: bool = False,
     ) -> None:
         check_module(model, "GradualPruning")
+        refuse_ddp_wrapper(model, "GradualPruning")
+        check_bool(rewrap_ddp, "GradualPruning", "rewrap_ddp")
         check_fraction(sparsity, "sparsity")
         check_fraction(initial_sparsity, "initial_sparsity")
         for value, what in ((begin, "begin"), (end, "end"), (every, "every")):
@@ -138,6 +148,8 @@ class GradualPruning:
         #: The optimizer(s) whose state follows the masks (see :func:`~maskparam.update_masks`);
         #: set it here once the optimizer exists, if it did not when the schedule was made.
         self.optimizer: Optimizers | None = optimizer
+        #: A new DistributedDataParallel wraps the model after each mask change (update_masks).
+        self.rewrap_ddp = rewrap_ddp
         self.rules = dict(rules)
         self.final = sparsity
         self.initial = initial_sparsity
@@ -183,7 +195,12 @@ class GradualPruning:
     def _update(self, sparsity: float) -> None:
         rules = {sel: rule(sparsity) for sel, rule in self.rules.items()}
         run_update(
-            self.model, rules, optimizer=self.optimizer, strict=True, caller="GradualPruning"
+            self.model,
+            rules,
+            optimizer=self.optimizer,
+            strict=True,
+            caller="GradualPruning",
+            rewrap_ddp=self.rewrap_ddp,
         )
         self.sparsity = sparsity
 

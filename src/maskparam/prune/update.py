@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from maskparam.constrain import distributed
 from maskparam.constrain.apply import apply_mask
 from maskparam.constraints.mask import Mask
 from maskparam.core.constraint import Constraint, MaskChange, Spec
@@ -110,6 +111,7 @@ def update_masks(
     optimizer: Optimizers | None = UNSET,
     strict: bool = True,
     apply_missing: bool = False,
+    rewrap_ddp: bool = False,
 ) -> ModuleT:
     """Recompute the masks of tensors that ``Mask`` or ``Freeze(mask)`` already constrains; in
     place, returns ``model``.
@@ -149,6 +151,15 @@ def update_masks(
     tensor fails while it takes its mask, the ones before it are taken back (their masks,
     stored entries and optimizer state).
 
+    Distributed training (``docs/integrations.md``): pass the model inside the
+    ``DistributedDataParallel`` wrapper. While a process group is initialized, this is a
+    collective: call it on every rank; every rank takes rank 0's new masks. A change that
+    resizes a compact tensor (another number of free entries) is refused there (DDP would stop
+    averaging its gradient) unless ``rewrap_ddp=True`` says that a new
+    ``DistributedDataParallel`` wraps the model afterwards; the dense layout, and a compact one
+    that keeps its number of free entries, need neither. A model that ``fully_shard`` sharded is
+    refused.
+
     >>> import torch, maskparam as mp
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
     >>> _ = mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.global_magnitude(0.5))})
@@ -162,6 +173,7 @@ def update_masks(
     check_module(model, "update_masks")
     check_bool(strict, "update_masks", "strict")
     check_bool(apply_missing, "update_masks", "apply_missing")
+    check_bool(rewrap_ddp, "update_masks", "rewrap_ddp")
     run_update(
         model,
         rules,
@@ -169,6 +181,7 @@ def update_masks(
         strict=strict,
         caller="update_masks",
         apply_missing=apply_missing,
+        rewrap_ddp=rewrap_ddp,
     )
     return model
 
@@ -181,8 +194,11 @@ def run_update(
     strict: bool,
     caller: str,
     apply_missing: bool = False,
+    rewrap_ddp: bool = False,
 ) -> None:
     """:func:`update_masks` for ``caller`` (named in its refusals): plan, check, commit."""
+    distributed.refuse_ddp_wrapper(model, caller)
+    distributed.refuse_sharded(model, caller)
     if parametrize._cache_enabled:
         raise error(
             "update_masks",
@@ -192,8 +208,11 @@ def run_update(
         )
     optimizers = [] if optimizer is UNSET else as_optimizers(optimizer, caller)
     updates, new = plan_updates(model, rules, strict=strict, apply_missing=apply_missing)
+    distributed.refuse_distributed_apply(new, caller, rewrap_ddp=rewrap_ddp)
+    distributed.take_rank0_masks([*updates, *new], caller)  # where a process group is initialized
     given = optimizer is not UNSET
     check_optimizers(updates, optimizers, given=given, caller=caller)
+    distributed.refuse_ddp_resize(updates, caller, rewrap_ddp=rewrap_ddp)
     trained = [n for n in new if n.ref.storage.requires_grad]
     if trained and not given:
         raise error(
@@ -443,10 +462,21 @@ def commit_update(
         constraint.mask_changed = True  # no longer what the rule computed at apply time
         now = constraint.stored_positions()
         if was is not None and now is not None:  # it stores positions: the stored entries move
+            values = to_stored(change.start, now).to(stored.dtype)
+            same = values.shape == stored.shape  # then in place: DDP's gradient hooks stay on it
             undo.storage(stored)
-            stored.set_(to_stored(change.start, now).to(stored.dtype))  # type: ignore[call-overload]
+            if same:
+                undo.values(stored)
+                stored.copy_(values)
+            else:
+                stored.set_(values)  # type: ignore[call-overload]
             if stored.grad is not None and stored.grad.shape == was.shape:
-                stored.grad = to_stored(to_full(stored.grad, was, shape), now)
+                grad = to_stored(to_full(stored.grad, was, shape), now)
+                if same:
+                    undo.values(stored.grad)
+                    stored.grad.copy_(grad)
+                else:
+                    stored.grad = grad
             move_entries(optimizers, stored, was=was, now=now, full_shape=shape, undo=undo)
         else:
             _write_arriving(update, change.arriving, change.start, optimizers, undo)
