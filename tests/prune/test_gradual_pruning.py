@@ -620,7 +620,8 @@ def test_gradual_pruning_names_the_rule_whose_function_fails():
         raise RuntimeError("no mask today")
 
     with pytest.raises(
-        mp.MaskparamError, match=r"rule '\*.weight': calling it with the sparsity 0.0 raised Runtime"
+        mp.MaskparamError,
+        match=r"rule '\*.weight': calling it with the sparsity 0.0 raised Runtime",
     ):
         mp.GradualPruning(model, {"*.weight": rule}, sparsity=0.9, end=10, optimizer=None)
     with pytest.raises(mp.MaskparamError, match=r"returned a float for the sparsity 0.0"):
