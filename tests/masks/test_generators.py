@@ -11,7 +11,7 @@ import torch
 from helpers import same_snapshot_with_summary, snapshot_with_summary
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
 import maskparam as mp
@@ -29,6 +29,60 @@ def test_random_is_reproducible_and_ignores_the_global_rng():
     mp.masks.random(0.3, seed=5)(shape)
     assert torch.equal(torch.get_rng_state(), state)  # drawing left the global RNG untouched
     assert not torch.equal(first, mp.masks.random(0.3, seed=6)(shape))
+
+
+def _masks(model: nn.Module) -> list[Tensor]:
+    return [mp.kept_entries(model, name).expand(4, 6).bool() for name in ("0.weight", "1.weight")]
+
+
+def _pair() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(6, 4), nn.Linear(6, 4))  # two weights of the same shape
+
+
+def test_random_gives_every_tensor_a_mask_of_its_own_from_the_seed_and_its_name():
+    seeded = mp.masks.random(0.5, seed=3)
+    model = mp.apply_mask(_pair(), {"*.weight": mp.Mask(seeded, layout="dense")})
+    first, second = _masks(model)
+    assert not torch.equal(first, second)
+    assert int(first.sum()) == int(second.sum()) == 12
+    # Derived from (seed, name): the same whatever the order tensors are visited in, one rule
+    # or one per tensor, and what build gives for that name.
+    apart = _pair()
+    mp.apply_mask(apart, {"1.weight": mp.Mask(seeded, layout="dense")})
+    mp.apply_mask(apart, {"0.weight": mp.Mask(seeded, layout="dense")})
+    assert all(torch.equal(a, b) for a, b in zip(_masks(apart), [first, second], strict=True))
+    assert torch.equal(seeded.build(torch.empty(4, 6), "0.weight"), first)
+    # Whatever the global generator, which it leaves untouched.
+    torch.manual_seed(123)
+    again = _pair()
+    state = torch.get_rng_state()
+    mp.apply_mask(again, {"*.weight": mp.Mask(seeded, layout="dense")})
+    assert all(torch.equal(a, b) for a, b in zip(_masks(again), [first, second], strict=True))
+    assert torch.equal(torch.get_rng_state(), state)
+    other = mp.apply_mask(_pair(), {"*.weight": mp.Mask(mp.masks.random(0.5, seed=4))})
+    assert not torch.equal(_masks(other)[0], first)
+
+
+def test_random_with_a_seed_keeps_what_a_lower_density_kept():
+    w = torch.empty(10, 10)
+    low = mp.masks.random(0.2, seed=7).build(w, "fc.weight")
+    high = mp.masks.random(0.6, seed=7).build(w, "fc.weight")
+    assert int(low.sum()) == 20
+    assert int(high.sum()) == 60
+    assert bool((high | ~low).all())
+
+
+def test_random_without_a_seed_draws_from_torchs_global_generator():
+    """torch.manual_seed governs it: five seeds give five baselines, one seed repeats one."""
+    runs = []
+    for seed in (0, 1, 0):
+        torch.manual_seed(seed)
+        model = mp.apply_mask(_pair(), {"*.weight": mp.Mask(mp.masks.random(0.5), layout="dense")})
+        runs.append(_masks(model))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[2], strict=True))
+    assert not torch.equal(runs[0][0], runs[1][0])
+    assert not torch.equal(runs[0][0], runs[0][1])  # and per tensor
+    assert "seed" not in mp.summary(model).tensors[0].constraint
 
 
 @given(st.floats(0.0, 1.0), st.integers(1, 40), st.integers(1, 40))
@@ -108,7 +162,7 @@ def test_structured_masks_are_broadcast_shaped(generator, expected):
     [
         (lambda: mp.masks.random(1.5), "density must be a number between 0 and 1"),
         (lambda: mp.masks.magnitude(-0.1), "sparsity must be a number between 0 and 1"),
-        (lambda: mp.masks.random(0.5, seed=1.5), "seed must be an int"),
+        (lambda: mp.masks.random(0.5, seed=1.5), "seed must be None .* or an int"),
     ],
 )
 def test_bad_arguments_fail_when_the_generator_is_made(make, message):

@@ -16,6 +16,7 @@ tensor([[False],
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -90,39 +91,6 @@ def check_fraction(value: object, what: str) -> None:
 
 
 @dataclass(frozen=True)
-class RandomMask(MaskGenerator):
-    """Selects exactly ``round(density * numel)`` entries at random; see :func:`random`."""
-
-    density: float
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_fraction(self.density, "density")
-        if type(self.seed) is not int or not 0 <= self.seed < 2**63:  # a bool is an int too
-            raise error(
-                f"masks.random(seed={self.seed!r})",
-                "the seed must be an int in [0, 2**63).",
-                fix="pass e.g. seed=0.",
-            )
-
-    @override
-    def describe(self) -> str:
-        return f"a random {100 * self.density:g}% (seed {self.seed})"
-
-    @override
-    def build(self, tensor: Tensor, subject: str) -> Tensor:
-        del subject  # every density in [0, 1] fits every tensor
-        numel = tensor.numel()
-        # A private generator: the mask depends on the seed alone, never on the global RNG,
-        # and drawing it leaves the global RNG untouched.
-        generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        chosen = torch.randperm(numel, generator=generator)[: round(self.density * numel)]
-        mask = torch.zeros(numel, dtype=torch.bool)
-        mask[chosen] = True
-        return mask.reshape(tensor.shape).to(tensor.device)
-
-
-@dataclass(frozen=True)
 class MagnitudeMask(MaskGenerator):
     """Keeps the largest-magnitude entries; see :func:`magnitude`."""
 
@@ -179,6 +147,50 @@ class JointMaskGenerator(MaskGenerator):
     @override
     def build(self, tensor: Tensor, subject: str) -> Tensor:
         return self.build_joint([(subject, tensor)])[0]
+
+
+def _stream(seed: int, name: str) -> torch.Generator:
+    """A CPU generator of its own for the tensor ``name`` under ``seed``: the same in every
+    process and Python version (a hash of both, not Python's salted ``hash``)."""
+    digest = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "big") >> 1)
+
+
+@dataclass(frozen=True)
+class RandomMask(JointMaskGenerator):
+    """Selects exactly ``round(density * numel)`` entries of each tensor at random; see
+    :func:`random`."""
+
+    density: float
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_fraction(self.density, "density")
+        seed = self.seed
+        if seed is not None and (type(seed) is not int or not 0 <= seed < 2**63):  # not a bool
+            raise error(
+                f"masks.random(seed={seed!r})",
+                "the seed must be None (torch's global generator) or an int in [0, 2**63).",
+                fix="pass e.g. seed=0, or leave it out and call torch.manual_seed(...) first.",
+            )
+
+    @override
+    def describe(self) -> str:
+        seeded = "" if self.seed is None else f" (seed {self.seed})"
+        return f"a random {100 * self.density:g}%{seeded}"
+
+    @override
+    def build_joint(self, members: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
+        return [self._one(name, tensor) for name, tensor in members]
+
+    def _one(self, name: str, tensor: Tensor) -> Tensor:
+        numel = tensor.numel()
+        # Drawn on the CPU, whatever the tensor's device: the same mask on every device.
+        generator = None if self.seed is None else _stream(self.seed, name)
+        chosen = torch.randperm(numel, generator=generator)[: round(self.density * numel)]
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[chosen] = True
+        return mask.reshape(tensor.shape).to(tensor.device)
 
 
 @dataclass(frozen=True)
@@ -341,15 +353,28 @@ class SliceMask(MaskGenerator):
         return mask.reshape(shape).to(tensor.device)
 
 
-def random(density: float, seed: int = 0) -> RandomMask:
-    """Select exactly ``round(density * numel)`` entries uniformly at random.
+def random(density: float, seed: int | None = None) -> RandomMask:
+    """Select exactly ``round(density * numel)`` entries of each tensor uniformly at random; every
+    tensor gets a mask of its own.
 
-    Reproducible from ``seed`` alone, whatever the global RNG (which it leaves untouched).
-    Tensors of the same shape get the same mask for the same seed.
+    * Without a seed, the masks are drawn from torch's global generator, as ``torch.rand`` is:
+      ``torch.manual_seed(s)`` before :func:`~maskparam.apply_mask` makes them reproducible, and
+      five values of ``s`` give five different baselines. The tensors draw in the rule's order
+      (the model's), each :func:`~maskparam.update_masks` draws anew.
+    * With ``seed``, each tensor's mask comes from a stream of its own, derived from the seed and
+      the tensor's qualified name (``"encoder.0.weight"``): reproducible in any process, whatever
+      the global generator (which it leaves untouched) and in whatever order tensors are visited;
+      the same seed gives the same mask each time a tensor is (re)computed, and a higher density
+      keeps every entry a lower one kept. Called on a tensor directly (``random(0.5, seed=0)(w)``),
+      the name is ``"tensor"``.
 
-    >>> import torch
+    >>> import torch, maskparam as mp
     >>> int(random(0.25, seed=1)(torch.empty(4, 4)).sum())
     4
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    >>> _ = mp.apply_mask(model, {"*.weight": mp.Mask(random(0.5, seed=0), layout="dense")})
+    >>> torch.equal(model[0].weight != 0, model[1].weight != 0)  # a mask of its own each
+    False
     """
     return RandomMask(density, seed)
 
