@@ -58,6 +58,17 @@ class MaskGenerator:
         """Return a bool mask for ``tensor`` (its shape, or one that broadcasts to it)."""
         raise NotImplementedError
 
+    def rebuild(self, tensor: Tensor, kept: Tensor, subject: str) -> Tensor:
+        """The new mask of a tensor whose :class:`~maskparam.Mask` keeps ``kept`` now (a bool
+        tensor that broadcasts to it), as :func:`~maskparam.update_masks` recomputes it.
+
+        By default :meth:`build`: most generators do not depend on the mask before. The magnitude
+        generators rank a pruned tensor as ``torch.nn.utils.prune`` prunes it again (see
+        :func:`keep_largest_after`).
+        """
+        del kept
+        return self.build(tensor, subject)
+
     def __call__(self, tensor: Tensor) -> Tensor:
         return self.build(tensor, subject="tensor")
 
@@ -110,6 +121,33 @@ class MagnitudeMask(MaskGenerator):
         n_pruned = round(self.sparsity * tensor.numel())
         return keep_largest(tensor.detach().abs().reshape(-1), n_pruned).reshape(tensor.shape)
 
+    @override
+    def rebuild(self, tensor: Tensor, kept: Tensor, subject: str) -> Tensor:
+        del subject
+        n_pruned = round(self.sparsity * tensor.numel())
+        flat_kept = kept.to(tensor.device, torch.bool).expand(tensor.shape).reshape(-1)
+        magnitudes = tensor.detach().abs().reshape(-1)
+        return keep_largest_after(magnitudes, n_pruned, flat_kept).reshape(tensor.shape)
+
+
+def keep_largest_after(magnitudes: Tensor, n_pruned: int, kept: Tensor) -> Tensor:
+    """:func:`keep_largest` of a tensor pruned before, where ``kept`` (flat, bool) is what its mask
+    keeps now: the set ``torch.nn.utils.prune`` keeps when it prunes a pruned tensor again.
+
+    Pruned entries rank below every kept one, whatever their values (a kept exact zero
+    included): while the sparsity grows, they stay pruned and the ``n_pruned - pruned now``
+    more are the smallest of the kept entries, ranked among those alone, as prune's
+    ``PruningContainer`` ranks ``t[mask == 1]`` (so its ``topk`` breaks ties the same way).
+    Where fewer are pruned than now, only pruned entries grow back: the largest of them.
+    """
+    pruned_now = int(kept.numel() - kept.sum())
+    mask = kept.clone()
+    if n_pruned >= pruned_now:
+        mask[kept] = keep_largest(magnitudes[kept], n_pruned - pruned_now)
+    else:
+        mask[~kept] = keep_largest(magnitudes[~kept], n_pruned)
+    return mask
+
 
 def keep_largest(magnitudes: Tensor, n_pruned: int) -> Tensor:
     """A flat bool mask of ``magnitudes`` (flat, non-negative) without its ``n_pruned`` smallest
@@ -143,6 +181,18 @@ class JointMaskGenerator(MaskGenerator):
     def build_joint(self, members: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
         """The bool masks of ``members``, (name, tensor) pairs, in their order."""
         raise NotImplementedError
+
+    def rebuild_joint(
+        self, members: Sequence[tuple[str, Tensor]], kept: Sequence[Tensor]
+    ) -> list[Tensor]:
+        """:meth:`build_joint` for tensors whose Masks keep ``kept`` now (one bool tensor per
+        member, broadcasting to it); by default the masks before do not matter."""
+        del kept
+        return self.build_joint(members)
+
+    @override
+    def rebuild(self, tensor: Tensor, kept: Tensor, subject: str) -> Tensor:
+        return self.rebuild_joint([(subject, tensor)], [kept])[0]
 
     @override
     def build(self, tensor: Tensor, subject: str) -> Tensor:
@@ -217,6 +267,25 @@ class GlobalMagnitudeMask(JointMaskGenerator):
         magnitudes = concatenated(tensors)
         kept = keep_largest(magnitudes, round(self.sparsity * magnitudes.numel()))
         return split_like(kept, tensors)
+
+    @override
+    def rebuild_joint(
+        self, members: Sequence[tuple[str, Tensor]], kept: Sequence[Tensor]
+    ) -> list[Tensor]:
+        if not members:
+            return []
+        tensors = [tensor.detach().abs() for _, tensor in members]
+        magnitudes = concatenated(tensors)
+        # What prune.global_unstructured does to pruned tensors: one PruningContainer over the
+        # concatenated importance scores and the concatenated masks.
+        flat_kept = torch.cat(
+            [
+                k.to(magnitudes.device, torch.bool).expand(t.shape).reshape(-1)
+                for k, t in zip(kept, tensors, strict=True)
+            ]
+        )
+        n_pruned = round(self.sparsity * magnitudes.numel())
+        return split_like(keep_largest_after(magnitudes, n_pruned, flat_kept), tensors)
 
 
 def concatenated(tensors: Sequence[Tensor]) -> Tensor:
@@ -640,12 +709,21 @@ class JointComplementMask(ComplementMask, JointMaskGenerator):
         ]
 
 
-def build_joint_checked(source: JointSource, members: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
+def build_joint_checked(
+    source: JointSource,
+    members: Sequence[tuple[str, Tensor]],
+    *,
+    kept: Sequence[Tensor] | None = None,
+) -> list[Tensor]:
     """``source.build_joint(members)``: one mask per member, or a MaskparamError that names the
-    generator (whatever else it raised, or a wrong number of masks)."""
+    generator (whatever else it raised, or a wrong number of masks). With ``kept`` (what each
+    member's Mask keeps now, for :func:`~maskparam.update_masks`), ``rebuild_joint``."""
     try:
         with torch.no_grad():
-            found = list(source.build_joint(members))
+            if kept is not None and isinstance(source, JointMaskGenerator):
+                found = list(source.rebuild_joint(members, kept))
+            else:
+                found = list(source.build_joint(members))
     except MaskparamError:
         raise
     except Exception as failure:
@@ -672,13 +750,19 @@ def describe_source(source: object) -> str:
     return f"what {getattr(source, '__name__', type(source).__name__)}(tensor) selected"
 
 
-def resolve(source: MaskSource, tensor: Tensor, subject: str) -> Tensor:
+def resolve(
+    source: MaskSource, tensor: Tensor, subject: str, *, kept: Tensor | None = None
+) -> Tensor:
     """Turn a mask source into a bool mask that broadcasts to ``tensor``, on its device.
 
     Rejects anything that is not a binary tensor of a broadcastable shape, naming ``subject``.
+    ``kept``: what the tensor's Mask keeps now, where :func:`~maskparam.update_masks` recomputes
+    it (a generator's :meth:`MaskGenerator.rebuild`).
     """
     if isinstance(source, MaskGenerator):
-        mask = source.build(tensor, subject)
+        mask = (
+            source.build(tensor, subject) if kept is None else source.rebuild(tensor, kept, subject)
+        )
     elif isinstance(source, Tensor):
         if source.is_meta:
             raise error(
