@@ -609,3 +609,33 @@ def test_wanda_refuses_calibration_input_with_non_finite_norms(snapshot, bad):
         mp.masks.wanda(model, [good, worse], 0.5)
     before.assert_same(model)
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_fish_fine_tune_of_a_model_with_dropout_reloads_from_its_trainable_state():
+    """The trainable state holds the trained entries only: reloading it recomputes the FISH
+    mask on the base model, in another process (another global RNG state). Scored in eval mode,
+    the mask is the same, so the state loads and the model computes the same."""
+
+    def base() -> nn.Sequential:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+        return model.train()
+
+    batches = _data(13, [(4, 6)] * 3)
+    model = base()
+    torch.manual_seed(10)
+    mp.apply_mask(model, {"*": mp.Freeze(~mp.masks.fisher(model, batches, _ce, 0.25))})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for batch in batches:
+        optimizer.zero_grad()
+        _ce(model, batch).backward()
+        optimizer.step()
+    state = mp.trainable_state_dict(model)
+    again = base()
+    torch.manual_seed(99)  # a new process: dropout would draw otherwise
+    mp.apply_mask(again, {"*": mp.Freeze(~mp.masks.fisher(again, batches, _ce, 0.25))})
+    mp.load_trainable_state_dict(again, state)
+    model.eval()
+    again.eval()
+    with torch.no_grad():
+        assert torch.equal(again(batches[0][0]), model(batches[0][0]))
