@@ -641,7 +641,6 @@ CASES: list[tuple[str, Setup]] = [
     ("random(seed=True)", spec(lambda: mp.Mask(mp.masks.random(0.5, seed=True)))),
     ("random(seed=1.5)", spec(lambda: mp.Mask(mp.masks.random(0.5, seed=1.5)))),
     ("random(seed='0')", spec(lambda: mp.Mask(mp.masks.random(0.5, seed="0")))),
-    ("random(seed=None)", spec(lambda: mp.Mask(mp.masks.random(0.5, seed=None)))),
     ("random(seed=-1)", spec(lambda: mp.Mask(mp.masks.random(0.5, seed=-1)))),
     ("random(seed=2**64)", spec(lambda: mp.Mask(mp.masks.random(0.5, seed=2**64)))),
     ("magnitude(-0.1)", spec(lambda: mp.Mask(mp.masks.magnitude(-0.1)))),

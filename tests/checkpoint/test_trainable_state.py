@@ -390,9 +390,12 @@ def test_another_base_in_the_last_bit_is_refused_untouched(case):
     sgd_wd_steps(trained)
     state = mp.trainable_state_dict(trained)
     other = mlp(7, 9, 5, activation=nn.ReLU, seed=0)
+    # An entry the training did not move: a frozen one (any entry, for a subspace).
+    unmoved = (trained[0].weight == other[0].weight).view(-1).nonzero()
+    first = int(unmoved[0]) if len(unmoved) else 0
     with torch.no_grad():
         w = other[0].weight
-        w.view(-1)[0] = torch.nextafter(w.view(-1)[0], torch.tensor(float("inf")))
+        w.view(-1)[first] = torch.nextafter(w.view(-1)[first], torch.tensor(float("inf")))
     other = mp.apply_mask(other, RULES[case]())
     before, summary = state_bits(other), mp.summary(other)
     with pytest.raises(mp.MaskparamError, match=r"'0\.weight'"):

@@ -154,3 +154,81 @@ def test_error_in_selector_predicate_names_the_tensor():
     layer = nn.Linear(4, 3)
     with pytest.raises(mp.MaskparamError, match="'weight'|'bias'"):
         mp.apply_mask(layer, {lambda name, module, tensor: 1 / 0: mp.Triangular()})
+
+
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 3)
+        self.attn = nn.MultiheadAttention(4, 2)
+        self.fc = nn.Linear(3, 2)
+        self.frozen = nn.Linear(3, 3)
+        self.frozen.requires_grad_(False)
+
+
+def test_preview_lists_the_weights_a_glob_misses_by_a_suffix_or_a_dot():
+    """'*.weight' matches whole names: an RNN's weight_ih_l0 and MultiheadAttention's
+    in_proj_weight are not selected; preview says so, and which selector would take them."""
+    found = mp.preview(_Mixed(), {"*.weight": mp.Mask(mp.masks.magnitude(0.5))})
+    assert [name for name, _, _ in found.selected] == ["attn.out_proj.weight", "fc.weight"]
+    rnn = (
+        "is not selected: '*.weight' matches whole names, and an RNN's weights are named "
+        "weight_ih_l<k> and weight_hh_l<k> ('{}'); select it with '*weight*' or "
+        "(torch.nn.RNNBase, 'weight_*')"
+    )
+    assert found.passed_over == (
+        ("'*.weight'", "frozen.weight", "is a frozen parameter (requires_grad=False)"),
+        ("'*.weight'", "lstm.weight_ih_l0", rnn.format("weight_ih_l0")),
+        ("'*.weight'", "lstm.weight_hh_l0", rnn.format("weight_hh_l0")),
+        (
+            "'*.weight'",
+            "attn.in_proj_weight",
+            (
+                "is not selected: '*.weight' matches whole names, and its name is "
+                "'attn.in_proj_weight'; select it with '*weight'"
+            ),
+        ),
+    )
+    assert "lstm.weight_ih_l0" in str(found)
+
+
+@pytest.mark.parametrize(
+    "selector", ["*weight*", (nn.RNNBase, "weight_*"), (torch.nn.LSTM, "weight_*")]
+)
+def test_the_documented_selectors_take_an_rnns_weights(selector):
+    model = _Mixed()
+    found = mp.preview(model, {selector: mp.Mask(mp.masks.magnitude(0.5))})
+    names = {name for name, _, _ in found.selected}
+    assert {"lstm.weight_ih_l0", "lstm.weight_hh_l0"} <= names
+    assert not any("is not selected" in why for _, _, why in found.passed_over)
+
+
+def test_a_glob_that_matches_nothing_names_the_weights_it_misses():
+    with pytest.raises(
+        MaskparamError,
+        match=r"(?s)matched no floating-point tensor in LSTM.*it misses 2 weight\(s\) by a suffix "
+        r"or a dot: 'weight_ih_l0', 'weight_hh_l0'.*select it with '\*weight\*'",
+    ):
+        mp.apply_mask(nn.LSTM(3, 3), {"*.weight": mp.Mask(mp.masks.magnitude(0.5))})
+    with pytest.raises(
+        MaskparamError, match=r"(?s)misses 1 weight\(s\).*'weight'.*select it with 'weight'"
+    ):
+        mp.apply_mask(nn.Linear(3, 3), {"*.weight": mp.Mask(mp.masks.magnitude(0.5))})
+
+
+def test_freeze_refuses_a_parameter_that_does_not_train(snapshot):
+    """Named exactly, a requires_grad=False Parameter is constrained (a Mask prunes it), but
+    Freeze on it would train nothing: refused, with the fix."""
+    model = _Mixed()
+    before = snapshot(model)
+    with pytest.raises(
+        MaskparamError,
+        match=r"(?s)Freeze for 'frozen.weight': the Parameter does not train \(requires_grad=False\)"
+        r".*fix: call tensor.requires_grad_\(True\)",
+    ):
+        mp.apply_mask(model, {"frozen.weight": mp.Freeze(mp.masks.rows([0]))})
+    with pytest.raises(MaskparamError, match=r"Freeze for 'frozen.weight': the Parameter does not"):
+        mp.apply_mask(model, {"frozen.weight": mp.Freeze(dim=0, index=[0])})
+    before.assert_same(model)
+    mp.apply_mask(model, {"frozen.weight": mp.Mask(mp.masks.rows([0]))})  # a Mask still prunes it
+    assert torch.equal(model.frozen.weight[1:], torch.zeros(2, 3))

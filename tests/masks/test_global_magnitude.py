@@ -206,3 +206,27 @@ def test_global_magnitude_with_freeze_freezes_the_largest():
     for b, a, k in zip(before, linear_weights(model), keep, strict=True):
         assert bitwise_equal(a[k], b[k])
         assert not torch.equal(a[~k], b[~k])
+
+
+@pytest.mark.parametrize("integer_valued", [False, True])
+@pytest.mark.parametrize(("first", "then"), [(0.3, 0.5), (0.5, 0.5), (0.2, 0.9)])
+def test_global_magnitude_of_pruned_tensors_equals_global_unstructured_applied_twice(
+    integer_valued, first, then
+):
+    """prune.global_unstructured on pruned tensors ranks their kept entries alone: so does the
+    generator given the masks before (as update_masks recomputes them)."""
+    reference = _model(integer_valued)
+    params = [(reference[i], "weight") for i in (0, 2, 3)]
+    total = sum(reference[i].weight.numel() for i in (0, 2, 3))
+    first_count = round(first * total)
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=first_count)
+    more = round(then * total) - first_count
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=more)
+    expected = [reference[i].weight_mask.bool() for i in (0, 2, 3)]
+
+    model = _model(integer_valued)
+    members = [(f"{i}.weight", model[i].weight.detach()) for i in (0, 2, 3)]
+    kept = mp.masks.global_magnitude(first).build_joint(members)
+    current = [(name, torch.where(k, w, 0.0)) for (name, w), k in zip(members, kept, strict=True)]
+    found = mp.masks.global_magnitude(then).rebuild_joint(current, kept)
+    assert all(torch.equal(f, e) for f, e in zip(found, expected, strict=True))

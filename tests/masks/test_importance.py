@@ -385,6 +385,12 @@ def _empty() -> Any:
     yield from ()
 
 
+def _ce_with_backward(model: nn.Module, batch: Any, *, retain_graph: bool = False) -> Tensor:
+    value = _ce(model, batch)
+    value.backward(retain_graph=retain_graph)
+    return value
+
+
 @pytest.mark.parametrize(
     ("batches", "loss", "density", "message"),
     [
@@ -403,6 +409,13 @@ def _empty() -> Any:
         ("batches", lambda m, b: 1.0, 0.5, "it returned a float"),
         ("batches", lambda m, b: _ce(m, b).detach(), 0.5, "does not depend on any trainable"),
         ("batches", lambda m, b: _ce(m, b) * float("nan"), 0.5, "not finite"),
+        ("batches", _ce_with_backward, 0.5, r"wrote .grad on batch 0: it called backward\(\)"),
+        (
+            "batches",
+            lambda m, b: _ce_with_backward(m, b, retain_graph=True),
+            0.5,
+            r"it called backward\(\) itself",
+        ),
     ],
 )
 def test_fisher_refusals_leave_the_model_unchanged(snapshot, batches, loss, density, message):
@@ -545,3 +558,84 @@ def test_fisher_on_a_model_with_frozen_params_is_clear():
     assert not hasattr(model[0], "parametrizations")
     frozen, _ = mp.frozen_entries(model, "2.weight")
     assert int(frozen.expand(4, 16).sum()) == 64 - int(0.5 * 64)
+
+
+def test_fisher_accumulating_into_an_existing_grad_is_refused_and_the_grad_restored():
+    model = mlp(6, 8, 8, 3, activation=nn.ReLU)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    saved = {name: p.grad for name, p in model.named_parameters()}
+    with pytest.raises(mp.MaskparamError, match=r"called backward\(\) itself"):
+        mp.masks.fisher(model, _data(10, [(2, 6)]), _ce_with_backward, 0.5)
+    assert all(p.grad is saved[name] for name, p in model.named_parameters())
+    assert all(not p.grad.any() for p in model.parameters())
+
+
+def test_fisher_scores_in_eval_mode_so_the_mask_does_not_depend_on_dropout():
+    """A model in training mode with dropout: the scores are those of the model in eval mode,
+    the same whatever the global RNG, and the model's modes come back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+    model.train()
+    batches = _data(12, [(4, 6)] * 3)
+    masks = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        fish = mp.masks.fisher(model, batches, _ce, 0.25)
+        masks.append(fish.build_joint(_members(model)))
+    evaluated = copy.deepcopy(model).eval()
+    expected = reference_fish(evaluated, batches, _ce, 0.25)
+    for first, second, name in zip(
+        masks[0], masks[1], [n for n, _ in _members(model)], strict=True
+    ):
+        assert torch.equal(first, second)
+        assert torch.equal(first, expected[name].bool())
+    assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_wanda_refuses_calibration_input_with_non_finite_norms(snapshot, bad):
+    """NaN (or inf, or a value whose square overflows) in the calibration input would rank its
+    feature largest and keep whatever weights meet it."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    before = snapshot(model)
+    good = torch.ones(2, 4)
+    worse = torch.tensor([[1.0, bad, 1.0, 1.0]])
+    with pytest.raises(
+        mp.MaskparamError,
+        match=r"masks.wanda for '0.weight': the input of this Linear on batch 1 makes 1 of its 4 "
+        r"feature norms inf or NaN",
+    ):
+        mp.masks.wanda(model, [good, worse], 0.5)
+    before.assert_same(model)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_fish_fine_tune_of_a_model_with_dropout_reloads_from_its_trainable_state():
+    """The trainable state holds the trained entries only: reloading it recomputes the FISH
+    mask on the base model, in another process (another global RNG state). Scored in eval mode,
+    the mask is the same, so the state loads and the model computes the same."""
+
+    def base() -> nn.Sequential:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+        return model.train()
+
+    batches = _data(13, [(4, 6)] * 3)
+    model = base()
+    torch.manual_seed(10)
+    mp.apply_mask(model, {"*": mp.Freeze(~mp.masks.fisher(model, batches, _ce, 0.25))})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for batch in batches:
+        optimizer.zero_grad()
+        _ce(model, batch).backward()
+        optimizer.step()
+    state = mp.trainable_state_dict(model)
+    again = base()
+    torch.manual_seed(99)  # a new process: dropout would draw otherwise
+    mp.apply_mask(again, {"*": mp.Freeze(~mp.masks.fisher(again, batches, _ce, 0.25))})
+    mp.load_trainable_state_dict(again, state)
+    model.eval()
+    again.eval()
+    with torch.no_grad():
+        assert torch.equal(again(batches[0][0]), model(batches[0][0]))

@@ -530,3 +530,100 @@ def test_a_refused_scheduled_update_counts_no_step_and_is_retried():
     pruning.optimizer = optimizer
     assert pruning.step() == pruning.sparsity_at(2)  # retried, on schedule
     assert pruning.steps == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"begin": 10, "end": 0, "every": 1}, r"begin=10, end=0, every=1"),
+        ({"begin": 0, "end": 10, "every": 0}, r"every=0"),
+        ({"begin": 3, "end": 3, "every": 1}, r"begin=3, end=3"),
+        ({"begin": 0, "end": 10, "every": 3}, r"divides end - begin"),
+        ({"begin": 0, "end": 10, "every": 1, "initial": 0.95}, r"initial=0.95 exceeds final=0.9"),
+        ({"begin": 0, "end": 10, "every": 1, "final": 1.5}, r"final must be a number"),
+        ({"begin": 0.5, "end": 10, "every": 1}, r"begin must be an int"),
+    ],
+)
+def test_cubic_sparsity_refuses_a_schedule_that_does_not_run_forward(kwargs, message):
+    schedule = {"initial": 0.0, "final": 0.9, **kwargs}
+    with pytest.raises(mp.MaskparamError, match=message):
+        mp.cubic_sparsity(5, **schedule)
+
+
+def test_cubic_sparsity_refuses_a_step_that_is_not_an_int():
+    with pytest.raises(mp.MaskparamError, match=r"step must be an int"):
+        mp.cubic_sparsity(2.5, initial=0.0, final=0.9, begin=0, end=10, every=1)  # type: ignore[arg-type]
+
+
+def _schedule() -> mp.GradualPruning:
+    model = nn.Sequential(nn.Linear(4, 4))
+    pruning = mp.GradualPruning(
+        model,
+        {"*.weight": mp.masks.magnitude},
+        sparsity=0.5,
+        initial_sparsity=0.1,
+        end=10,
+        optimizer=None,
+    )
+    pruning.load_state_dict({"steps": 3, "sparsity": 0.25})
+    return pruning
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"steps": 5, "sparsity": 1.7}, r"'sparsity' must be a number between .*got 1.7"),
+        ({"steps": 5, "sparsity": float("nan")}, r"'sparsity' must be a number .*got nan"),
+        ({"steps": 5, "sparsity": 0.05}, r"initial_sparsity=0.1 and sparsity=0.5; got 0.05"),
+        ({"steps": 5, "sparsity": True}, r"got True"),
+        ({"steps": 5, "sparsity": "0.3"}, r"got '0.3'"),
+        ({"steps": -1, "sparsity": 0.3}, r"'steps' must be an int >= 0; got -1"),
+        ({"steps": 2.0, "sparsity": 0.3}, r"'steps' must be an int >= 0; got 2.0"),
+        ({"steps": "a", "sparsity": 0.3}, r"'steps' must be an int >= 0; got 'a'"),
+        ({"steps": 5}, r"exactly 'steps' and 'sparsity'.\n  missing: \['sparsity'\]"),
+        ({}, r"missing: \['sparsity', 'steps'\]"),
+        ({"steps": 5, "sparsity": 0.3, "every": 2}, r"unexpected: \[\"'every'\"\]"),
+        (None, r"the state must be a dict; got a NoneType"),
+        ([("steps", 5)], r"the state must be a dict; got a list"),
+    ],
+)
+def test_gradual_pruning_load_state_dict_checks_the_whole_state_before_changing_anything(
+    state, message
+):
+    pruning = _schedule()
+    with pytest.raises(mp.MaskparamError, match=message):
+        pruning.load_state_dict(state)
+    assert pruning.state_dict() == {"steps": 3, "sparsity": 0.25}
+
+
+def test_gradual_pruning_refuses_a_generator_in_place_of_a_function_of_the_sparsity():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(
+        mp.MaskparamError,
+        match=r"(?s)maps to a mask .*not to a function of the sparsity"
+        r".*lambda s: mp.masks.global_magnitude\(s\)",
+    ):
+        mp.GradualPruning(
+            model,
+            {"*.weight": mp.masks.global_magnitude(0.9)},  # type: ignore[dict-item]
+            sparsity=0.9,
+            end=10,
+            optimizer=None,
+        )
+    assert type(model[0]) is nn.Linear
+
+
+def test_gradual_pruning_names_the_rule_whose_function_fails():
+    model = nn.Sequential(nn.Linear(4, 4))
+
+    def rule(sparsity: float) -> Tensor:
+        raise RuntimeError("no mask today")
+
+    with pytest.raises(
+        mp.MaskparamError,
+        match=r"rule '\*.weight': calling it with the sparsity 0.0 raised Runtime",
+    ):
+        mp.GradualPruning(model, {"*.weight": rule}, sparsity=0.9, end=10, optimizer=None)
+    with pytest.raises(mp.MaskparamError, match=r"returned a float for the sparsity 0.0"):
+        mp.GradualPruning(model, {"*.weight": lambda s: s}, sparsity=0.9, end=10, optimizer=None)
+    assert type(model[0]) is nn.Linear

@@ -193,3 +193,31 @@ def test_a_rewind_that_fails_on_one_tensor_rewinds_none(layout):
         mp.rewind(model, early)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (torch.ones(4, 4, dtype=torch.bool), r"a bool tensor \(torch.bool\); the tensor is float"),
+        (torch.ones(4, 4, dtype=torch.int64), r"an integer tensor \(torch.int64\)"),
+        (torch.ones(4, 4, dtype=torch.complex64), r"complex tensor"),
+    ],
+)
+def test_rewind_refuses_values_of_another_kind_than_the_weight_and_changes_nothing(value, message):
+    """A dict of masks (bool), integer or complex tensors is not a set of weights: rewinding to
+    it would set every weight to 1.0 (or drop an imaginary part)."""
+    model = mp.apply_mask(nn.Linear(4, 4), {"weight": mp.Mask(mp.masks.magnitude(0.5))})
+    before = state_bits(model)
+    with pytest.raises(mp.MaskparamError, match=r"'weight': rewind's value is"):
+        mp.rewind(model, {"weight": value, "bias": torch.zeros(4)})
+    with pytest.raises(mp.MaskparamError, match=message):
+        mp.rewind(model, {"weight": value, "bias": torch.zeros(4)})
+    assert_same_bits(model, before)
+
+
+def test_rewind_takes_a_value_of_another_width():
+    model = nn.Linear(2, 2)
+    early = {"weight": torch.ones(2, 2, dtype=torch.float64), "bias": torch.zeros(2).half()}
+    mp.rewind(model, early)
+    assert torch.equal(model.weight, torch.ones(2, 2))
+    assert model.weight.dtype == torch.float32

@@ -293,7 +293,7 @@ def test_a_stale_compact_gradient_follows_its_entries():
     stored = layer.parametrizations.weight.original
     full = layer.parametrizations.weight[0](stored.grad)  # the gradient at its positions
     mp.update_masks(layer, {"weight": mp.masks.random(0.3, seed=2)}, optimizer=None)
-    kept = mp.masks.random(0.3, seed=2)(torch.empty(8, 8))
+    kept = mp.masks.random(0.3, seed=2).build(torch.empty(8, 8), "weight")  # the mask of "weight"
     assert stored.grad.shape == stored.shape
     assert torch.equal(layer.parametrizations.weight[0](stored.grad), torch.where(kept, full, 0))
 
@@ -486,7 +486,7 @@ def test_update_freeze_behind_a_compact_mask_in_half_precision(dtype):
     held = model[0].weight.detach().clone()
     pruning_steps(model, optimizer, 3)
     assert mp.verify(model) == []
-    selected = new(torch.empty(16, 8))
+    selected = new.build(torch.empty(16, 8), "0.weight")  # the mask of "0.weight"
     kept = mp.kept_entries(model, "0.weight")
     still = selected & kept.expand(16, 8).bool()
     assert bitwise_equal(model[0].weight.detach()[still], held[still])

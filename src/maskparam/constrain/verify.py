@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from maskparam.constrain.distributed import refuse_sharded
 from maskparam.core.constraint import Constraint, Pins
-from maskparam.core.parametrize import maskparam_constraints, walk_stack
+from maskparam.core.parametrize import maskparam_constraints, parametrization_list, walk_stack
 from maskparam.core.tensors import TensorRef, find_tensors
 from maskparam.errors import check_module
 
@@ -53,6 +53,7 @@ def _levels(ref: TensorRef) -> tuple[list[Constraint | None], list[Tensor]]:
 
 def _check(ref: TensorRef) -> list[str]:
     problems = []
+    first = parametrization_list(ref.module, ref.local_name)[0]
     for constraint in maskparam_constraints(ref.module, ref.local_name):
         if constraint.awaits_state:
             problems.append(
@@ -61,10 +62,20 @@ def _check(ref: TensorRef) -> list[str]:
             )
         own = {**constraint._buffers, **{n: getattr(constraint, n) for n in constraint._fixed}}
         problems += [f"{ref.name!r}: {p}" for p in constraint.check_state(own)]
+        if constraint is first and not constraint.awaits_state:
+            # The stored original must fit the state (a compact mask changed in place no longer
+            # selects as many entries as are stored).
+            problem = constraint.check_original(ref.storage, own)
+            if problem:
+                problems.append(f"{ref.name!r}: {constraint.describe()}: {problem}")
     if problems:
         return problems
-    final: Tensor = getattr(ref.module, ref.local_name)
-    layers, inputs = _levels(ref)
+    try:
+        final: Tensor = getattr(ref.module, ref.local_name)
+        layers, inputs = _levels(ref)
+    except Exception as failure:  # noqa: BLE001 - reported: state changed in place, unforeseen
+        why = f"{type(failure).__name__}: {failure}"
+        return [f"{ref.name!r}: the constraints cannot compute the tensor ({why})"]
     pins: list[Pins | None] = [
         layer.pins(value) if layer is not None else None
         for layer, value in zip(layers, inputs, strict=True)

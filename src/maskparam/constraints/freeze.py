@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from maskparam.constraints.compact import (
@@ -35,6 +35,19 @@ from maskparam.masks import generators as masks
 from maskparam.masks.generators import IndexLike, MaskSource
 
 __all__ = ["Freeze", "FreezeEntriesConstraint", "FreezeSlicesConstraint"]
+
+
+def _refuse_untrained(subject: str, tensor: Tensor) -> None:
+    """Refuse a Parameter that does not train (``requires_grad=False``, named exactly): freezing
+    some of its entries would leave the others untrained too, and say nothing."""
+    if isinstance(tensor, nn.Parameter) and not tensor.requires_grad:
+        raise error(
+            subject,
+            "the Parameter does not train (requires_grad=False): Freeze would leave its free "
+            "entries frozen too, and nothing of it would train.",
+            fix="call tensor.requires_grad_(True) before apply_mask to train the entries Freeze "
+            "leaves free, or leave the tensor out of the rules (it is frozen whole already).",
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,6 +105,7 @@ class Freeze(Spec):
     @override
     def build(self, name: str, tensor: Tensor) -> Constraint:
         subject = f"Freeze for {name!r}"
+        _refuse_untrained(subject, tensor)
         value = tensor.detach()
         if self.dim is not None and self.index is not None and self.layout != "compact":
             # Frozen slices stay dense under "auto": they store only the frozen slices, and the
@@ -110,6 +124,7 @@ class Freeze(Spec):
     @override
     def build_selected(self, name: str, tensor: Tensor, selected: Tensor) -> Constraint:
         subject = f"Freeze for {name!r}"
+        _refuse_untrained(subject, tensor)
         value = tensor.detach()
         frozen = masks.as_binary(selected, value, subject)
         if chooses_compact(self.layout, ~frozen, value.shape):

@@ -2,8 +2,12 @@
 
 A selector is one of
 
-* a ``str``: a glob on the qualified tensor name (``fnmatch`` rules, case-sensitive; ``*``
-  also crosses dots, so ``"*.weight"`` is every weight); a name without wildcards matches itself;
+* a ``str``: a glob on the whole qualified tensor name (``fnmatch`` rules, case-sensitive;
+  ``*`` also crosses dots, so ``"*.weight"`` is every submodule's tensor named exactly
+  ``weight``, but not an RNN's ``lstm.weight_ih_l0`` nor ``attn.in_proj_weight``: ``"*weight*"``
+  is); a name without wildcards matches itself. A glob that misses tensors only by a suffix or a
+  dot (``"*.weight"`` and ``weight_ih_l0``) lists them among the tensors it passes over, with the
+  selector that would take them;
 * a compiled ``re.Pattern``: full-matched against the qualified name;
 * a ``(module_type, tensor_glob)`` tuple: tensors of modules that are instances of
   ``module_type`` (a type or a tuple of types) whose *local* name matches ``tensor_glob``;
@@ -24,7 +28,7 @@ import difflib
 import fnmatch
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from torch import Tensor, nn
@@ -160,11 +164,18 @@ class TensorIndex:
 @dataclass
 class Match:
     """What one rule matched: ``targets``, the tensors it constrains, and ``passed_over``, those
-    it selects but a wildcard passes over, with the reason."""
+    it selects but a wildcard passes over, with the reason, then the ``near_misses``: weights a
+    glob misses only by a suffix or a dot (``"*.weight"`` and an RNN's ``weight_ih_l0``), with
+    the selector that would take them."""
 
     selector: Selector
     targets: list[TensorRef]
-    passed_over: list[tuple[TensorRef, str]]
+    skipped: list[tuple[TensorRef, str]]
+    near_misses: list[tuple[TensorRef, str]] = field(default_factory=list)
+
+    @property
+    def passed_over(self) -> list[tuple[TensorRef, str]]:
+        return [*self.skipped, *self.near_misses]
 
     @property
     def exact(self) -> bool:
@@ -203,7 +214,44 @@ def match_rule(selector: Selector, index: TensorIndex) -> Match:
             f"the tensor {ref.name!r} {why}.",
             fix="remove this rule (wildcards pass over such tensors).",
         )
-    return Match(selector, targets, passed_over)
+    near = near_misses(selector, index, {id(ref) for ref in selected}) if not exact else []
+    return Match(selector, targets, passed_over, near)
+
+
+def _near_globs(glob: str) -> list[str]:
+    """Globs a user may have meant by ``glob``: the name going on (``weight_ih_l0``, past
+    ``"*.weight"``), and without the dot of ``"*."`` (``in_proj_weight``, a top-level ``weight``)."""
+    bases = [glob]
+    if glob.startswith("*."):
+        bases += [glob[2:], "*" + glob[2:]]
+    return [g for base in bases for g in (base, base + "*") if g != glob]
+
+
+def near_misses(
+    selector: Selector, index: TensorIndex, selected: set[int]
+) -> list[tuple[TensorRef, str]]:
+    """The weights a str glob does not select but would by going on past its end or without
+    its leading dot, each with the reason and the selector that would take it."""
+    if not isinstance(selector, str) or is_exact_name(selector):
+        return []
+    globs = _near_globs(selector)
+    found = []
+    for ref in index.refs:
+        if id(ref) in selected or ref.unconstrainable is not None or ref.not_a_weight is not None:
+            continue
+        glob = next((g for g in globs for n in ref.all_names if fnmatch.fnmatchcase(n, g)), None)
+        if glob is None:
+            continue
+        local = ref.local_name
+        if isinstance(ref.module, nn.RNNBase) and local.startswith("weight_"):
+            take = "'*weight*' or (torch.nn.RNNBase, 'weight_*')"
+            what = f"an RNN's weights are named weight_ih_l<k> and weight_hh_l<k> ({local!r})"
+        else:
+            take = repr(glob if not is_exact_name(glob) else ref.name)
+            what = f"its name is {ref.name!r}"
+        why = f"is not selected: {describe(selector)} matches whole names, and {what}; "
+        found.append((ref, why + f"select it with {take}"))
+    return found
 
 
 def _selects(selector: Selector, ref: TensorRef) -> bool:
@@ -234,6 +282,14 @@ def no_match_error(index: TensorIndex, selector: Selector, *, skipped: int) -> M
         details.append(
             f"tensor names: {', '.join(map(repr, names[:8]))}{', ...' if len(names) > 8 else ''}"
         )
+    near = near_misses(selector, index, set())
+    if near:
+        shown = ", ".join(repr(ref.name) for ref, _ in near[:4]) + (
+            ", ..." if len(near) > 4 else ""
+        )
+        details.append(f"it misses {len(near)} weight(s) by a suffix or a dot: {shown}")
+        details.append(f"{near[0][0].name!r} {near[0][1]}")
+        skipped = max(skipped - len(near), 0)  # the count apply gives holds them (passed_over)
     if skipped:
         details.append(
             f"it matched {skipped} tensor(s) that wildcards pass over (buffers, frozen parameters, "

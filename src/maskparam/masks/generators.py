@@ -16,6 +16,7 @@ tensor([[False],
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,17 @@ class MaskGenerator:
         """Return a bool mask for ``tensor`` (its shape, or one that broadcasts to it)."""
         raise NotImplementedError
 
+    def rebuild(self, tensor: Tensor, kept: Tensor, subject: str) -> Tensor:
+        """The new mask of a tensor whose :class:`~maskparam.Mask` keeps ``kept`` now (a bool
+        tensor that broadcasts to it), as :func:`~maskparam.update_masks` recomputes it.
+
+        By default :meth:`build`: most generators do not depend on the mask before. The magnitude
+        generators rank a pruned tensor as ``torch.nn.utils.prune`` prunes it again (see
+        :func:`keep_largest_after`).
+        """
+        del kept
+        return self.build(tensor, subject)
+
     def __call__(self, tensor: Tensor) -> Tensor:
         return self.build(tensor, subject="tensor")
 
@@ -90,39 +102,6 @@ def check_fraction(value: object, what: str) -> None:
 
 
 @dataclass(frozen=True)
-class RandomMask(MaskGenerator):
-    """Selects exactly ``round(density * numel)`` entries at random; see :func:`random`."""
-
-    density: float
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_fraction(self.density, "density")
-        if type(self.seed) is not int or not 0 <= self.seed < 2**63:  # a bool is an int too
-            raise error(
-                f"masks.random(seed={self.seed!r})",
-                "the seed must be an int in [0, 2**63).",
-                fix="pass e.g. seed=0.",
-            )
-
-    @override
-    def describe(self) -> str:
-        return f"a random {100 * self.density:g}% (seed {self.seed})"
-
-    @override
-    def build(self, tensor: Tensor, subject: str) -> Tensor:
-        del subject  # every density in [0, 1] fits every tensor
-        numel = tensor.numel()
-        # A private generator: the mask depends on the seed alone, never on the global RNG,
-        # and drawing it leaves the global RNG untouched.
-        generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        chosen = torch.randperm(numel, generator=generator)[: round(self.density * numel)]
-        mask = torch.zeros(numel, dtype=torch.bool)
-        mask[chosen] = True
-        return mask.reshape(tensor.shape).to(tensor.device)
-
-
-@dataclass(frozen=True)
 class MagnitudeMask(MaskGenerator):
     """Keeps the largest-magnitude entries; see :func:`magnitude`."""
 
@@ -141,6 +120,33 @@ class MagnitudeMask(MaskGenerator):
         # Same count as torch.nn.utils.prune.L1Unstructured, and the same set of entries.
         n_pruned = round(self.sparsity * tensor.numel())
         return keep_largest(tensor.detach().abs().reshape(-1), n_pruned).reshape(tensor.shape)
+
+    @override
+    def rebuild(self, tensor: Tensor, kept: Tensor, subject: str) -> Tensor:
+        del subject
+        n_pruned = round(self.sparsity * tensor.numel())
+        flat_kept = kept.to(tensor.device, torch.bool).expand(tensor.shape).reshape(-1)
+        magnitudes = tensor.detach().abs().reshape(-1)
+        return keep_largest_after(magnitudes, n_pruned, flat_kept).reshape(tensor.shape)
+
+
+def keep_largest_after(magnitudes: Tensor, n_pruned: int, kept: Tensor) -> Tensor:
+    """:func:`keep_largest` of a tensor pruned before, where ``kept`` (flat, bool) is what its mask
+    keeps now: the set ``torch.nn.utils.prune`` keeps when it prunes a pruned tensor again.
+
+    Pruned entries rank below every kept one, whatever their values (a kept exact zero
+    included): while the sparsity grows, they stay pruned and the ``n_pruned - pruned now``
+    more are the smallest of the kept entries, ranked among those alone, as prune's
+    ``PruningContainer`` ranks ``t[mask == 1]`` (so its ``topk`` breaks ties the same way).
+    Where fewer are pruned than now, only pruned entries grow back: the largest of them.
+    """
+    pruned_now = int(kept.numel() - kept.sum())
+    mask = kept.clone()
+    if n_pruned >= pruned_now:
+        mask[kept] = keep_largest(magnitudes[kept], n_pruned - pruned_now)
+    else:
+        mask[~kept] = keep_largest(magnitudes[~kept], n_pruned)
+    return mask
 
 
 def keep_largest(magnitudes: Tensor, n_pruned: int) -> Tensor:
@@ -176,9 +182,65 @@ class JointMaskGenerator(MaskGenerator):
         """The bool masks of ``members``, (name, tensor) pairs, in their order."""
         raise NotImplementedError
 
+    def rebuild_joint(
+        self, members: Sequence[tuple[str, Tensor]], kept: Sequence[Tensor]
+    ) -> list[Tensor]:
+        """:meth:`build_joint` for tensors whose Masks keep ``kept`` now (one bool tensor per
+        member, broadcasting to it); by default the masks before do not matter."""
+        del kept
+        return self.build_joint(members)
+
+    @override
+    def rebuild(self, tensor: Tensor, kept: Tensor, subject: str) -> Tensor:
+        return self.rebuild_joint([(subject, tensor)], [kept])[0]
+
     @override
     def build(self, tensor: Tensor, subject: str) -> Tensor:
         return self.build_joint([(subject, tensor)])[0]
+
+
+def _stream(seed: int, name: str) -> torch.Generator:
+    """A CPU generator of its own for the tensor ``name`` under ``seed``: the same in every
+    process and Python version (a hash of both, not Python's salted ``hash``)."""
+    digest = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "big") >> 1)
+
+
+@dataclass(frozen=True)
+class RandomMask(JointMaskGenerator):
+    """Selects exactly ``round(density * numel)`` entries of each tensor at random; see
+    :func:`random`."""
+
+    density: float
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_fraction(self.density, "density")
+        seed = self.seed
+        if seed is not None and (type(seed) is not int or not 0 <= seed < 2**63):  # not a bool
+            raise error(
+                f"masks.random(seed={seed!r})",
+                "the seed must be None (torch's global generator) or an int in [0, 2**63).",
+                fix="pass e.g. seed=0, or leave it out and call torch.manual_seed(...) first.",
+            )
+
+    @override
+    def describe(self) -> str:
+        seeded = "" if self.seed is None else f" (seed {self.seed})"
+        return f"a random {100 * self.density:g}%{seeded}"
+
+    @override
+    def build_joint(self, members: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
+        return [self._one(name, tensor) for name, tensor in members]
+
+    def _one(self, name: str, tensor: Tensor) -> Tensor:
+        numel = tensor.numel()
+        # Drawn on the CPU, whatever the tensor's device: the same mask on every device.
+        generator = None if self.seed is None else _stream(self.seed, name)
+        chosen = torch.randperm(numel, generator=generator)[: round(self.density * numel)]
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[chosen] = True
+        return mask.reshape(tensor.shape).to(tensor.device)
 
 
 @dataclass(frozen=True)
@@ -205,6 +267,25 @@ class GlobalMagnitudeMask(JointMaskGenerator):
         magnitudes = concatenated(tensors)
         kept = keep_largest(magnitudes, round(self.sparsity * magnitudes.numel()))
         return split_like(kept, tensors)
+
+    @override
+    def rebuild_joint(
+        self, members: Sequence[tuple[str, Tensor]], kept: Sequence[Tensor]
+    ) -> list[Tensor]:
+        if not members:
+            return []
+        tensors = [tensor.detach().abs() for _, tensor in members]
+        magnitudes = concatenated(tensors)
+        # What prune.global_unstructured does to pruned tensors: one PruningContainer over the
+        # concatenated importance scores and the concatenated masks.
+        flat_kept = torch.cat(
+            [
+                k.to(magnitudes.device, torch.bool).expand(t.shape).reshape(-1)
+                for k, t in zip(kept, tensors, strict=True)
+            ]
+        )
+        n_pruned = round(self.sparsity * magnitudes.numel())
+        return split_like(keep_largest_after(magnitudes, n_pruned, flat_kept), tensors)
 
 
 def concatenated(tensors: Sequence[Tensor]) -> Tensor:
@@ -341,15 +422,28 @@ class SliceMask(MaskGenerator):
         return mask.reshape(shape).to(tensor.device)
 
 
-def random(density: float, seed: int = 0) -> RandomMask:
-    """Select exactly ``round(density * numel)`` entries uniformly at random.
+def random(density: float, seed: int | None = None) -> RandomMask:
+    """Select exactly ``round(density * numel)`` entries of each tensor uniformly at random; every
+    tensor gets a mask of its own.
 
-    Reproducible from ``seed`` alone, whatever the global RNG (which it leaves untouched).
-    Tensors of the same shape get the same mask for the same seed.
+    * Without a seed, the masks are drawn from torch's global generator, as ``torch.rand`` is:
+      ``torch.manual_seed(s)`` before :func:`~maskparam.apply_mask` makes them reproducible, and
+      five values of ``s`` give five different baselines. The tensors draw in the rule's order
+      (the model's), each :func:`~maskparam.update_masks` draws anew.
+    * With ``seed``, each tensor's mask comes from a stream of its own, derived from the seed and
+      the tensor's qualified name (``"encoder.0.weight"``): reproducible in any process, whatever
+      the global generator (which it leaves untouched) and in whatever order tensors are visited;
+      the same seed gives the same mask each time a tensor is (re)computed, and a higher density
+      keeps every entry a lower one kept. Called on a tensor directly (``random(0.5, seed=0)(w)``),
+      the name is ``"tensor"``.
 
-    >>> import torch
+    >>> import torch, maskparam as mp
     >>> int(random(0.25, seed=1)(torch.empty(4, 4)).sum())
     4
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    >>> _ = mp.apply_mask(model, {"*.weight": mp.Mask(random(0.5, seed=0), layout="dense")})
+    >>> torch.equal(model[0].weight != 0, model[1].weight != 0)  # a mask of its own each
+    False
     """
     return RandomMask(density, seed)
 
@@ -615,12 +709,21 @@ class JointComplementMask(ComplementMask, JointMaskGenerator):
         ]
 
 
-def build_joint_checked(source: JointSource, members: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
+def build_joint_checked(
+    source: JointSource,
+    members: Sequence[tuple[str, Tensor]],
+    *,
+    kept: Sequence[Tensor] | None = None,
+) -> list[Tensor]:
     """``source.build_joint(members)``: one mask per member, or a MaskparamError that names the
-    generator (whatever else it raised, or a wrong number of masks)."""
+    generator (whatever else it raised, or a wrong number of masks). With ``kept`` (what each
+    member's Mask keeps now, for :func:`~maskparam.update_masks`), ``rebuild_joint``."""
     try:
         with torch.no_grad():
-            found = list(source.build_joint(members))
+            if kept is not None and isinstance(source, JointMaskGenerator):
+                found = list(source.rebuild_joint(members, kept))
+            else:
+                found = list(source.build_joint(members))
     except MaskparamError:
         raise
     except Exception as failure:
@@ -647,13 +750,19 @@ def describe_source(source: object) -> str:
     return f"what {getattr(source, '__name__', type(source).__name__)}(tensor) selected"
 
 
-def resolve(source: MaskSource, tensor: Tensor, subject: str) -> Tensor:
+def resolve(
+    source: MaskSource, tensor: Tensor, subject: str, *, kept: Tensor | None = None
+) -> Tensor:
     """Turn a mask source into a bool mask that broadcasts to ``tensor``, on its device.
 
     Rejects anything that is not a binary tensor of a broadcastable shape, naming ``subject``.
+    ``kept``: what the tensor's Mask keeps now, where :func:`~maskparam.update_masks` recomputes
+    it (a generator's :meth:`MaskGenerator.rebuild`).
     """
     if isinstance(source, MaskGenerator):
-        mask = source.build(tensor, subject)
+        mask = (
+            source.build(tensor, subject) if kept is None else source.rebuild(tensor, kept, subject)
+        )
     elif isinstance(source, Tensor):
         if source.is_meta:
             raise error(

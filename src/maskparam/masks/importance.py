@@ -14,8 +14,12 @@ Both run the model when the generator is created and keep only the scores (per t
 summed squared gradients; per Linear: one float32 vector). The model comes back as it was: its
 parameters' values and ``.grad`` (never written: the gradients come from
 ``torch.autograd.grad``), ``requires_grad``, every module's train/eval flag, its own buffers
-(BatchNorm's running statistics in training mode) and the global RNG state (dropout). The model
-runs in the mode it is in: call ``model.eval()`` first for calibration without dropout.
+(BatchNorm's running statistics in training mode) and the global RNG state (dropout).
+:func:`fisher` runs the model in eval mode (no dropout, BatchNorm on its running statistics), so
+that the same model and batches give the same mask in every process: a FISH fine-tune is reloaded
+by computing the mask again (its checkpoint holds the trained entries, not dropout's draws). Its
+mode comes back afterwards. :func:`wanda` runs the model in the mode it is in: call
+``model.eval()`` first for calibration without dropout.
 
 The scores are keyed by the names :func:`maskparam.apply_mask` gives the tensors (``"0.weight"``);
 a generator called on a scored Parameter itself (``fish(model[0].weight)``) finds it too. FISH at
@@ -282,6 +286,9 @@ def fisher_mask(model: nn.Module, batches: Iterable[Any], loss: Loss, density: f
     n_batches = 0
     untouched = _Untouched(model)
     try:
+        model.eval()  # no dropout: the mask is a function of the weights and batches alone
+        for param, _ in untouched.grads:  # put back by restore(); a backward() shows here
+            param.grad = None
         with torch.enable_grad():
             for index, batch in enumerate(iterator):
                 try:
@@ -291,7 +298,11 @@ def fisher_mask(model: nn.Module, batches: Iterable[Any], loss: Loss, density: f
                 except Exception as failure:
                     raise _raised(caller, "loss(model, batch)", index, failure) from failure
                 _check_loss(value, index)
-                grads = torch.autograd.grad(value, params, allow_unused=True)
+                _check_no_backward(untouched, index)
+                try:
+                    grads = torch.autograd.grad(value, params, allow_unused=True)
+                except RuntimeError as failure:
+                    raise _raised(caller, "the gradient of the loss", index, failure) from failure
                 for total, grad in zip(totals, grads, strict=True):
                     if grad is not None:
                         # FISH: gradients_dict[name] += torch.square(param.grad)
@@ -309,6 +320,19 @@ def fisher_mask(model: nn.Module, batches: Iterable[Any], loss: Loss, density: f
                 fix="check the loss on these batches (a NaN loss, or gradients too large).",
             )
     return FisherMask(density, sums, n_batches, uncovered, by_tensor)
+
+
+def _check_no_backward(untouched: _Untouched, index: int) -> None:
+    """Refuse a loss that ran ``backward()`` itself: fisher takes the gradients of the loss it
+    returns (a second backward through a freed graph fails, and ``.grad`` is not fisher's)."""
+    for param, _ in untouched.grads:
+        if param.grad is not None:
+            raise error(
+                "masks.fisher",
+                f"loss(model, batch) wrote .grad on batch {index}: it called backward() itself.",
+                fix="return the loss without calling backward(); fisher takes its gradients "
+                "(the model's .grad is left as it was).",
+            )
 
 
 def _check_loss(value: object, index: int) -> None:
@@ -496,6 +520,7 @@ def wanda_mask(
                 except Exception as failure:
                     what = "forward(model, batch)" if forward is not None else "model(batch)"
                     raise _raised(caller, what, index, failure) from failure
+                _check_finite_norms(norms, index)
                 n_batches += 1
     finally:
         for handle in handles:
@@ -506,6 +531,25 @@ def wanda_mask(
     return WandaMask(sparsity, norms, n_batches, why_not, by_tensor)
 
 
+def _check_finite_norms(norms: dict[str, _RowNorms], index: int) -> None:
+    """Refuse calibration inputs whose norms are not finite: NaN or inf would rank largest and
+    keep whatever weights meet them."""
+    seen: set[int] = set()
+    for name, rows in norms.items():
+        if id(rows) in seen:
+            continue
+        seen.add(id(rows))
+        if not bool(torch.isfinite(rows.scaler_row).all()):
+            bad = int((~torch.isfinite(rows.scaler_row)).sum())
+            raise error(
+                f"masks.wanda for {name!r}",
+                f"the input of this Linear on batch {index} makes {bad} of its "
+                f"{rows.scaler_row.numel()} feature norms inf or NaN (a NaN or inf in the "
+                "calibration data, or values whose squares overflow float32).",
+                fix="calibrate on finite inputs (check the batches and the layers before this one).",
+            )
+
+
 def fisher(model: nn.Module, batches: Iterable[Any], loss: Loss, density: float) -> FisherMask:
     """Select the ``int(density * n)`` entries with the largest Fisher score among the ``n``
     entries of *all* the tensors one rule selects (one ranking, like :func:`global_magnitude`):
@@ -513,8 +557,10 @@ def fisher(model: nn.Module, batches: Iterable[Any], loss: Loss, density: float)
 
     The score of an entry is the mean over ``batches`` of the squared gradient of
     ``loss(model, batch)`` (a scalar tensor), computed now, when ``fisher`` is called, for every
-    parameter that requires grad; the model is left as it was (values, ``.grad``, modes,
-    buffers, RNG). Like FISH's reference (``create_mask_gradient``): ``int()``, not ``round()``
+    parameter that requires grad, with the model in eval mode (no dropout: the same model and
+    batches give the same mask in any process); the model is left as it was (values, ``.grad``,
+    its train/eval modes, buffers, RNG). ``loss`` returns the loss without calling
+    ``backward()``: fisher takes its gradients itself. Like FISH's reference (``create_mask_gradient``): ``int()``, not ``round()``
     as :func:`random` and :func:`magnitude` do, and ``torch.topk`` over the rule's tensors
     concatenated in the model's order, so ties break as there. Batches of one example give
     the paper's per-example empirical Fisher. Call it before :func:`maskparam.apply_mask`

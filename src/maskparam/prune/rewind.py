@@ -19,6 +19,29 @@ __all__ = ["rewind"]
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating-point" if dtype.is_floating_point else "integer"
+
+
+def check_rewind_value(ref: TensorRef, value: Tensor) -> None:
+    """Refuse a value of another kind than the tensor's (a bool mask given as a weight would
+    rewind it to 1.0, a complex one would lose its imaginary part): same kind, any width."""
+    want, got = _kind(ref.storage.dtype), _kind(value.dtype)
+    if want != got:
+        raise error(
+            repr(ref.name),
+            f"rewind's value is {'an' if got == 'integer' else 'a'} {got} tensor ({value.dtype}); "
+            f"the tensor is {want} "
+            f"({ref.storage.dtype}).",
+            fix="rewind to the weights themselves (a copy of the model or its state_dict from "
+            "earlier in training), not to masks or other tensors.",
+        )
+
+
 def rewind(model: ModuleT, to: nn.Module | Mapping[str, Tensor], *, strict: bool = True) -> ModuleT:
     """Reset ``model``'s weights to ``to``'s, keeping its constraints; in place, returns ``model``.
 
@@ -66,6 +89,7 @@ def rewind(model: ModuleT, to: nn.Module | Mapping[str, Tensor], *, strict: bool
                 f"{tuple(ref.value.shape)}.",
                 fix="rewind to a copy of this model (or its state_dict) from earlier in training.",
             )
+        check_rewind_value(ref, value)
         _check_rewindable(ref)
         plan.append((ref.storage, _stored_form(ref, value)))
     unexpected = sorted(set(values) - found)

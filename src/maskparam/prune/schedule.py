@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
-from torch import nn
+from torch import Tensor, nn
 
 from maskparam.constrain.apply import apply_mask
 from maskparam.constrain.distributed import refuse_ddp_wrapper
@@ -17,7 +17,7 @@ from maskparam.core.match import Selector, TensorIndex, check_selector, describe
 from maskparam.core.optimizer import UNSET, Optimizers, as_optimizers
 from maskparam.core.tensors import TensorRef
 from maskparam.errors import MaskparamError, check_bool, check_int, check_module, error
-from maskparam.masks.generators import MaskSource, check_fraction
+from maskparam.masks.generators import MaskGenerator, MaskSource, check_fraction, describe_source
 from maskparam.prune.update import run_update
 
 __all__ = ["GradualPruning", "PruningRules", "cubic_sparsity"]
@@ -29,6 +29,34 @@ def _has_mask(ref: TensorRef) -> bool:
     return any(getattr(p, "mask_spec", None) is Mask for p in ref.parametrizations)
 
 
+def check_schedule(
+    subject: str, *, initial: float, final: float, begin: int, end: int, every: int
+) -> None:
+    """Refuse a schedule that does not run from ``initial`` at ``begin`` up to ``final`` at
+    ``end`` in steps of ``every`` (what :func:`cubic_sparsity` and :class:`GradualPruning`
+    take)."""
+    named = (
+        ("initial_sparsity", "sparsity") if subject == "GradualPruning" else ("initial", "final")
+    )
+    check_fraction(final, named[1])
+    check_fraction(initial, named[0])
+    for value, what in ((begin, "begin"), (end, "end"), (every, "every")):
+        check_int(value, subject, what)
+    if initial > final:
+        raise error(
+            subject,
+            f"{named[0]}={initial} exceeds {named[1]}={final}.",
+            fix=f"the schedule only tightens: pass an {named[0]} <= {named[1]}.",
+        )
+    if not 0 <= begin < end or every < 1 or (end - begin) % every:
+        raise error(
+            subject,
+            f"begin={begin}, end={end}, every={every}: the masks are updated at begin, "
+            "begin + every, ..., end.",
+            fix="pass 0 <= begin < end and every >= 1 that divides end - begin.",
+        )
+
+
 def cubic_sparsity(
     step: int, *, initial: float, final: float, begin: int, end: int, every: int
 ) -> float:
@@ -37,9 +65,22 @@ def cubic_sparsity(
     ``end``). The formula of Zhu & Gupta (2017), and of ``torch.ao.pruning.CubicSL``'s
     ``sparsity_compute_fn`` with ``t_0=begin, dt=every, n=(end - begin) // every``.
 
+    The schedule must make sense: sparsities in [0, 1] with ``initial <= final``, and
+    ``0 <= begin < end`` with ``every >= 1`` dividing ``end - begin``; anything else (an end
+    before the beginning, ``every=0``) is refused with a :class:`~maskparam.MaskparamError`.
+
     >>> cubic_sparsity(50, initial=0.0, final=0.9, begin=0, end=100, every=10)
     0.7875
+    >>> cubic_sparsity(5, initial=0.0, final=0.9, begin=10, end=0, every=1)
+    Traceback (most recent call last):
+    ...
+    maskparam.errors.MaskparamError: cubic_sparsity: begin=10, end=0, every=1: the masks are updated at begin, begin + every, ..., end.
+      fix: pass 0 <= begin < end and every >= 1 that divides end - begin.
     """
+    check_int(step, "cubic_sparsity", "step")
+    check_schedule(
+        "cubic_sparsity", initial=initial, final=final, begin=begin, end=end, every=every
+    )
     n = (end - begin) // every
     s_t = final + (initial - final) * (1.0 - (step - begin) / (every * n)) ** 3
     return max(initial, min(final, s_t))
@@ -103,23 +144,14 @@ class GradualPruning:
         check_module(model, "GradualPruning")
         refuse_ddp_wrapper(model, "GradualPruning")
         check_bool(rewrap_ddp, "GradualPruning", "rewrap_ddp")
-        check_fraction(sparsity, "sparsity")
-        check_fraction(initial_sparsity, "initial_sparsity")
-        for value, what in ((begin, "begin"), (end, "end"), (every, "every")):
-            check_int(value, "GradualPruning", what)
-        if initial_sparsity > sparsity:
-            raise error(
-                "GradualPruning",
-                f"initial_sparsity={initial_sparsity} exceeds sparsity={sparsity}.",
-                fix="the schedule only tightens: pass an initial_sparsity <= sparsity.",
-            )
-        if not 0 <= begin < end or every < 1 or (end - begin) % every:
-            raise error(
-                "GradualPruning",
-                f"begin={begin}, end={end}, every={every}: the masks are updated at begin, "
-                "begin + every, ..., end.",
-                fix="pass 0 <= begin < end and every >= 1 that divides end - begin.",
-            )
+        check_schedule(
+            "GradualPruning",
+            initial=initial_sparsity,
+            final=sparsity,
+            begin=begin,
+            end=end,
+            every=every,
+        )
         if layout not in ("auto", "dense", "compact"):
             raise error(
                 "GradualPruning",
@@ -135,6 +167,14 @@ class GradualPruning:
             )
         for selector, rule in rules.items():
             check_selector(selector)
+            if isinstance(rule, (MaskGenerator, Tensor)):
+                raise error(
+                    f"rule {describe(selector)}",
+                    f"maps to a mask ({describe_source(rule)}), not to a function of the "
+                    "sparsity: the schedule calls it with each sparsity it prunes to.",
+                    fix="pass the function itself, e.g. mp.masks.global_magnitude (not "
+                    "mp.masks.global_magnitude(0.9)), or lambda s: mp.masks.global_magnitude(s).",
+                )
             if not callable(rule):
                 raise error(
                     f"rule {describe(selector)}",
@@ -190,10 +230,34 @@ class GradualPruning:
         apply_mask(self.model, self._masks(self.initial, layout), optimizer=given)
 
     def _masks(self, sparsity: float, layout: Layout) -> dict[Selector, Mask]:
-        return {sel: Mask(rule(sparsity), layout=layout) for sel, rule in self.rules.items()}
+        return {sel: Mask(self._source(sel, sparsity), layout=layout) for sel in self.rules}
+
+    def _source(self, selector: Selector, sparsity: float) -> MaskSource:
+        """The mask source the rule of ``selector`` gives for ``sparsity`` (its failures, and
+        anything but a mask source, refused naming the rule)."""
+        try:
+            source = self.rules[selector](sparsity)
+        except MaskparamError:
+            raise
+        except Exception as failure:
+            raise error(
+                f"rule {describe(selector)}",
+                f"calling it with the sparsity {sparsity} raised {type(failure).__name__}: "
+                f"{failure}",
+                fix="map the selector to a function of the sparsity that returns a mask source, "
+                "e.g. mp.masks.global_magnitude or lambda s: mp.masks.structured(s, dim=0).",
+            ) from failure
+        if not (isinstance(source, (Tensor, MaskGenerator)) or callable(source)):
+            raise error(
+                f"rule {describe(selector)}",
+                f"returned a {type(source).__name__} for the sparsity {sparsity}, not a mask "
+                "source.",
+                fix="return a generator such as mp.masks.magnitude(s), a callable or a mask tensor.",
+            )
+        return source
 
     def _update(self, sparsity: float) -> None:
-        rules = {sel: rule(sparsity) for sel, rule in self.rules.items()}
+        rules = {sel: self._source(sel, sparsity) for sel in self.rules}
         run_update(
             self.model,
             rules,
@@ -232,6 +296,42 @@ class GradualPruning:
         return {"steps": self.steps, "sparsity": self.sparsity}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from :meth:`state_dict`; load the model's checkpoint too."""
-        self.steps = int(state["steps"])
-        self.sparsity = float(state["sparsity"])
+        """Resume from :meth:`state_dict`; load the model's checkpoint too.
+
+        The whole dict is checked before anything changes: exactly the keys ``"steps"`` (an
+        int >= 0) and ``"sparsity"`` (a number between this schedule's initial and final
+        sparsity); anything else is refused with a :class:`~maskparam.MaskparamError`.
+        """
+        subject = "GradualPruning.load_state_dict"
+        fix = (
+            "pass what GradualPruning.state_dict() returned (e.g. {'steps': 10, 'sparsity': 0.5})."
+        )
+        if not isinstance(state, Mapping):
+            raise error(
+                subject, f"the state must be a dict; got a {type(state).__name__}.", fix=fix
+            )
+        keys = set(state)
+        if keys != {"steps", "sparsity"}:
+            details = []
+            if {"steps", "sparsity"} - keys:
+                details.append(f"missing: {sorted({'steps', 'sparsity'} - keys)}")
+            if keys - {"steps", "sparsity"}:
+                details.append(f"unexpected: {sorted(map(repr, keys - {'steps', 'sparsity'}))}")
+            raise error(
+                subject, "the state must hold exactly 'steps' and 'sparsity'.", *details, fix=fix
+            )
+        steps, sparsity = state["steps"], state["sparsity"]
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise error(subject, f"'steps' must be an int >= 0; got {steps!r}.", fix=fix)
+        number = isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool)
+        if not (number and self.initial <= sparsity <= self.final):
+            raise error(
+                subject,
+                f"'sparsity' must be a number between the schedule's initial_sparsity="
+                f"{self.initial} and sparsity={self.final}; got {sparsity!r}.",
+                fix="load the state of a schedule with the same sparsities, "
+                + fix[0].lower()
+                + fix[1:],
+            )
+        self.steps = steps
+        self.sparsity = float(sparsity)
