@@ -566,11 +566,6 @@ def test_magnitude_of_a_large_pruned_tensor_equals_prune_applied_twice(integer_v
     assert torch.equal(_pruned_twice_by_maskparam(weight, 30000, 25000), expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: update_masks does not pass the Mask's kept entries to the generator yet "
-    "(prune/update.py's _select: masks.resolve(..., kept=) / build_joint_checked(..., kept=))",
-)
 def test_update_masks_to_a_higher_sparsity_keeps_what_prune_keeps_when_it_prunes_again():
     layer = nn.Linear(4, 1, bias=False)
     with torch.no_grad():

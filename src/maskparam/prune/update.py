@@ -425,13 +425,29 @@ def _select(updates: Sequence[MaskUpdate | NewMask]) -> None:
     if not updates:
         return
     source = updates[0].source
+    # What each Mask keeps now: a generator re-ranks as torch's prune does when it prunes again
+    # (pruned entries stay pruned; ties among the kept ones broken among those alone).
+    kept = [_kept_now(u) for u in updates]
     if isinstance(source, masks.JointMaskGenerator):
-        found = masks.build_joint_checked(source, [(u.ref.name, u.current) for u in updates])
+        members = [(u.ref.name, u.current) for u in updates]
+        known = None if any(k is None for k in kept) else [k for k in kept if k is not None]
+        found = masks.build_joint_checked(source, members, kept=known)
         for update, mask in zip(updates, found, strict=True):
             update.select(masks.as_binary(mask, update.current, _subject(update)))
     else:
-        for update in updates:
-            update.select(masks.resolve(source, update.current, _subject(update)))
+        for update, now in zip(updates, kept, strict=True):
+            update.select(masks.resolve(source, update.current, _subject(update), kept=now))
+
+
+def _kept_now(update: MaskUpdate | NewMask) -> Tensor | None:
+    """The entries the tensor's Mask keeps now (all, for a tensor masked now); None for
+    another constraint (a Freeze's mask says what is frozen)."""
+    ones = torch.ones(update.current.shape, dtype=torch.bool, device=update.current.device)
+    if isinstance(update, NewMask):
+        return ones
+    if update.constraint.mask_spec is not Mask:
+        return None
+    return update.constraint.free_entries(ones).expand(ones.shape)
 
 
 def _subject(update: MaskUpdate | NewMask) -> str:
