@@ -1026,3 +1026,34 @@ def test_a_tickets_masks_copy_onto_a_fresh_model_in_one_call():
     for index in (0, 2):
         kept = mp.kept_entries(ticket, f"{index}.weight")
         assert torch.equal(unmasked[index].weight.detach()[kept], init[index].weight.detach()[kept])
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_pruning_a_fraction_of_what_remains_equals_torch_prune_called_again(joint):
+    """of="remaining": each round prunes 20% of what the mask keeps (the lottery-ticket
+    rounds), entry for entry what repeated l1_unstructured / global_unstructured keep."""
+    model = mlp(8, 16, 4, seed=0)
+    plain = mlp(8, 16, 4, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    generator = mp.masks.global_magnitude if joint else mp.masks.magnitude
+    for _ in range(4):
+        mp.update_masks(
+            model,
+            {"*.weight": generator(0.2, of="remaining")},
+            optimizer=optimizer,
+            apply_missing=True,
+        )
+        targets = [(plain[0], "weight"), (plain[2], "weight")]
+        if joint:
+            prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=0.2)
+        else:
+            for module, name in targets:
+                prune.l1_unstructured(module, name, amount=0.2)
+        for index in (0, 2):
+            expected = plain[index].weight_mask.bool()
+            assert torch.equal(mp.kept_entries(model, f"{index}.weight"), expected)
+
+
+def test_of_must_be_all_or_remaining():
+    with pytest.raises(mp.MaskparamError, match="of='remaining'"):
+        mp.masks.magnitude(0.2, of="rest")

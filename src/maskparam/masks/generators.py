@@ -106,13 +106,15 @@ class MagnitudeMask(MaskGenerator):
     """Keeps the largest-magnitude entries; see :func:`magnitude`."""
 
     sparsity: float
+    of: str = "all"
 
     def __post_init__(self) -> None:
         check_fraction(self.sparsity, "sparsity")
+        check_of(self.of, "magnitude")
 
     @override
     def describe(self) -> str:
-        return f"the {100 * (1 - self.sparsity):g}% largest |w|"
+        return f"the {100 * (1 - self.sparsity):g}% largest |w|{_OF_WORDS[self.of]}"
 
     @override
     def build(self, tensor: Tensor, subject: str) -> Tensor:
@@ -124,10 +126,35 @@ class MagnitudeMask(MaskGenerator):
     @override
     def rebuild(self, tensor: Tensor, kept: Tensor, subject: str) -> Tensor:
         del subject
-        n_pruned = round(self.sparsity * tensor.numel())
         flat_kept = kept.to(tensor.device, torch.bool).expand(tensor.shape).reshape(-1)
+        n_pruned = pruned_count(self.sparsity, self.of, flat_kept)
         magnitudes = tensor.detach().abs().reshape(-1)
         return keep_largest_after(magnitudes, n_pruned, flat_kept).reshape(tensor.shape)
+
+
+_OF_WORDS = {"all": "", "remaining": " of what remains"}
+
+
+def check_of(of: object, generator: str) -> None:
+    """``of`` is "all" (the sparsity is the tensor's total) or "remaining" (of the kept)."""
+    if of not in _OF_WORDS:
+        raise error(
+            f"masks.{generator}",
+            f"of={of!r}: the sparsity is of 'all' the entries (the tensor's total) or of the "
+            "'remaining' ones (what the mask keeps now).",
+            fix=f"pass of='all' (the default) or of='remaining', e.g. {generator}(0.2, "
+            "of='remaining') prunes 20% of what remains, as torch's prune does when called again.",
+        )
+
+
+def pruned_count(sparsity: float, of: str, kept: Tensor) -> int:
+    """How many entries a re-ranking prunes in all: ``sparsity`` of every entry, or, ``of=
+    "remaining"``, the entries pruned now and ``sparsity`` of those ``kept`` (flat, bool): the
+    counts of torch's ``PruningContainer`` (``round(amount * n)``)."""
+    if of == "remaining":
+        n_kept = int(kept.sum())
+        return kept.numel() - n_kept + round(sparsity * n_kept)
+    return round(sparsity * kept.numel())
 
 
 def keep_largest_after(magnitudes: Tensor, n_pruned: int, kept: Tensor) -> Tensor:
@@ -249,13 +276,16 @@ class GlobalMagnitudeMask(JointMaskGenerator):
     :func:`global_magnitude`."""
 
     sparsity: float
+    of: str = "all"
 
     def __post_init__(self) -> None:
         check_fraction(self.sparsity, "sparsity")
+        check_of(self.of, "global_magnitude")
 
     @override
     def describe(self) -> str:
-        return f"the {100 * (1 - self.sparsity):g}% largest |w| of the rule's tensors"
+        words = _OF_WORDS[self.of]
+        return f"the {100 * (1 - self.sparsity):g}% largest |w| of the rule's tensors{words}"
 
     @override
     def build_joint(self, members: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
@@ -284,7 +314,7 @@ class GlobalMagnitudeMask(JointMaskGenerator):
                 for k, t in zip(kept, tensors, strict=True)
             ]
         )
-        n_pruned = round(self.sparsity * magnitudes.numel())
+        n_pruned = pruned_count(self.sparsity, self.of, flat_kept)
         return split_like(keep_largest_after(magnitudes, n_pruned, flat_kept), tensors)
 
 
@@ -448,25 +478,31 @@ def random(density: float, seed: int | None = None) -> RandomMask:
     return RandomMask(density, seed)
 
 
-def magnitude(sparsity: float) -> MagnitudeMask:
+def magnitude(sparsity: float, *, of: str = "all") -> MagnitudeMask:
     """Select all but the ``round(sparsity * numel)`` smallest-magnitude entries.
 
     The mask equals the one of ``torch.nn.utils.prune.l1_unstructured(amount=sparsity)``.
+    ``sparsity`` is the tensor's total (``of="all"``): given to ``update_masks`` of a tensor
+    already 36% pruned, ``magnitude(0.2)`` regrows entries, ``magnitude(0.36)`` changes nothing.
+    ``of="remaining"`` prunes ``sparsity`` of what the mask keeps now, as a second call of
+    ``l1_unstructured`` does (the lottery-ticket rounds: 20% of what remains each time); on a
+    tensor masked for the first time both mean the same.
 
     >>> import torch
     >>> magnitude(0.25)(torch.tensor([1.0, -4.0, 0.5, 2.0]))
     tensor([ True,  True, False,  True])
     """
-    return MagnitudeMask(sparsity)
+    return MagnitudeMask(sparsity, of)
 
 
-def global_magnitude(sparsity: float) -> GlobalMagnitudeMask:
+def global_magnitude(sparsity: float, *, of: str = "all") -> GlobalMagnitudeMask:
     """Select all but the ``round(sparsity * n)`` smallest |w| among the ``n`` entries of *all*
     the tensors one rule selects: one ranking across them, so layers end up with different
     sparsities.
 
     The masks equal those of ``torch.nn.utils.prune.global_unstructured(parameters,
     pruning_method=prune.L1Unstructured, amount=sparsity)`` with the tensors in the model's order.
+    ``of``: as for :func:`magnitude`; ``of="remaining"`` is ``global_unstructured`` called again.
 
     >>> import torch, maskparam as mp
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
@@ -474,7 +510,7 @@ def global_magnitude(sparsity: float) -> GlobalMagnitudeMask:
     >>> int((model[0].weight != 0).sum() + (model[1].weight != 0).sum())
     8
     """
-    return GlobalMagnitudeMask(sparsity)
+    return GlobalMagnitudeMask(sparsity, of)
 
 
 _NAMED_NORMS = {"fro": "Frobenius", "nuc": "nuclear"}
