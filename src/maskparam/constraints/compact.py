@@ -10,8 +10,8 @@ its tensor, and it needs real values (not meta tensors) to know the positions.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeAlias
 
 import torch
 from torch import Tensor
@@ -33,6 +33,7 @@ from maskparam.errors import error
 __all__ = [
     "AUTO_COMPACT_MAX_FREE",
     "CompactConstraint",
+    "DenseLayout",
     "check_compact_possible",
     "chooses_compact",
     "compact_checkpoint_in_full",
@@ -48,6 +49,10 @@ __all__ = [
 #: Memory: compact keeps an 8-byte index per free entry and saves the parameter, gradient and
 #: optimizer state of every fixed entry (peak RSS in benchmarks/results/memory.md).
 AUTO_COMPACT_MAX_FREE = 0.6
+
+#: Builds the dense layout of a compact constraint from a dense checkpoint's entries (its own
+#: names), the tensor's shape and the description: how a checkpoint's layout wins on load.
+DenseLayout: TypeAlias = Callable[[Mapping[str, Tensor], torch.Size, str], Constraint]
 
 
 def check_compact_possible(subject: str, tensor: Tensor) -> None:
@@ -108,8 +113,11 @@ class CompactConstraint(Constraint):
         *,
         mask_spec: type[Spec] | None = None,
         template: str = "",
+        dense: DenseLayout | None = None,
     ) -> None:
         super().__init__()
+        # The dense layout of the same constraint, for a dense checkpoint to load into.
+        self.dense = dense
         # The spec whose masks update_masks gives this layout (Mask: the kept entries, Freeze:
         # the frozen ones, held in ``fill``); None for a triangle, which has no mask to update.
         self.mask_spec = mask_spec
@@ -281,6 +289,12 @@ class CompactConstraint(Constraint):
         if problem:  # its positions would be wrong: refused before anything loads
             return problem
         return translated, to_stored(original, free_positions(free, self.shape))
+
+    @override
+    def in_other_layout(self, state: Mapping[str, Tensor], shape: torch.Size) -> Constraint | None:
+        if self.dense is None:
+            return None
+        return self.dense(state, shape, self.description.removesuffix(", compact)") + ")")
 
     @override
     def refresh(self) -> None:
