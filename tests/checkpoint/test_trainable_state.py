@@ -523,3 +523,38 @@ def test_spectral_norm_fine_tune_round_trips():
     restored.eval()
     with torch.no_grad():
         assert torch.equal(restored(X_6x7), trained(X_6x7))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        mp.Freeze(dim=0, index=[1, 2]),  # the README's frozen filters
+        mp.Freeze(mp.masks.random(0.5, seed=0), layout="dense"),
+        mp.Mask(mp.masks.random(0.3, seed=0), layout="compact"),
+    ],
+    ids=["freeze-slices", "freeze-dense", "mask-compact"],
+)
+def test_a_channels_last_fine_tune_round_trips_and_stays_channels_last(spec):
+    def fine_tune_model():
+        torch.manual_seed(0)
+        convs = nn.Sequential(nn.Conv2d(3, 10, 3), nn.ReLU(), nn.Conv2d(10, 4, 3))
+        convs = convs.to(memory_format=torch.channels_last)
+        return mp.apply_mask(convs, {"0.weight": spec, "2.weight": spec})
+
+    tuned = fine_tune_model()
+    optimizer = torch.optim.AdamW(tuned.parameters(), lr=0.1)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        optimizer.zero_grad()
+        tuned(x).square().mean().backward()
+        optimizer.step()
+    restored = fine_tune_model()
+    stored = [restored[i].parametrizations.weight.original for i in (0, 2)]
+    formats = [s.is_contiguous(memory_format=torch.channels_last) for s in stored]
+    mp.load_trainable_state_dict(restored, mp.trainable_state_dict(tuned))
+    assert [s.is_contiguous(memory_format=torch.channels_last) for s in stored] == formats
+    with torch.no_grad():
+        assert torch.equal(restored(x), tuned(x))
+    for i in (0, 2):
+        assert torch.equal(restored[i].weight, tuned[i].weight)
+        assert torch.equal(restored[i].bias, tuned[i].bias)

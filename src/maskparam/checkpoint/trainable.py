@@ -61,7 +61,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from maskparam.core.constraint import Constraint
 from maskparam.core.optimizer import UNSET, Optimizers, as_optimizers
 from maskparam.core.parametrize import parametrization_list, walk_stack
-from maskparam.core.positions import free_positions, stored_indices
+from maskparam.core.positions import free_positions, stored_indices, write_at
 from maskparam.core.tensors import TensorRef, find_tensors, refuse_sparse
 from maskparam.errors import MaskparamError, check_bool, check_module, error
 from maskparam.prune.update import MaskUpdate, check_optimizers, commit_update
@@ -622,4 +622,4 @@ def _write_free(entry: _Entry, values: Tensor) -> None:
     start = torch.full(entry.shape, storage.requires_grad, dtype=torch.bool, device=storage.device)
     flat_free = _free_mask(constraints, start).reshape(-1)  # after any new mask
     at = stored_indices(flat_free.reshape(entry.shape), entry.positions)
-    storage.view(-1).index_copy_(0, at, values.to(storage.dtype))
+    write_at(storage, at, values)  # in place, whatever its strides (channels_last)

@@ -27,7 +27,7 @@ from maskparam.core.constraint import (
     broadcasts_to,
 )
 from maskparam.core.optimizer import elementwise
-from maskparam.core.positions import free_positions, to_full, to_stored
+from maskparam.core.positions import free_positions, memory_format, to_full, to_stored
 from maskparam.errors import error
 
 __all__ = [
@@ -198,10 +198,17 @@ class CompactConstraint(Constraint):
 
     @override
     def right_inverse(self, value: Tensor) -> Tensor:
+        # The full tensor's memory format (channels_last), which the stored vector cannot keep.
+        self._full_format = memory_format(value)
         if self.fill.numel():  # frozen values: the new values to hold, as Freeze does
             with torch.no_grad():
                 self.fill.copy_(torch.where(self.free.bool(), 0, value))
         return to_stored(value, self.positions())
+
+    @override
+    def full_memory_format(self) -> torch.memory_format:
+        fmt: torch.memory_format = self.__dict__.get("_full_format", torch.contiguous_format)
+        return fmt
 
     @override
     def mask_shape(self) -> torch.Size:

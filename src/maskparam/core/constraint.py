@@ -359,6 +359,11 @@ class Constraint(FixedTensors):
         del state, original, shape
         return None
 
+    def full_memory_format(self) -> torch.memory_format | None:
+        """The memory format of the full tensor where the stored original cannot show it (a
+        compact vector): a bake lays the tensor out in it again. None: the stored original's."""
+        return None
+
     def in_other_layout(self, state: Mapping[str, Tensor], shape: torch.Size) -> Constraint | None:
         """This constraint rebuilt in the layout a checkpoint saved it in, so that the checkpoint's
         layout wins on load (an optimizer state saved with it then fits): ``state`` holds the

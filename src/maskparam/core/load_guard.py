@@ -67,13 +67,8 @@ def check_checkpoint(
     switches: list[LayoutSwitch] = []
     if isinstance(state_dict, dict):  # torch's own copy of the checkpoint, which it loads from
         switches = translate_layouts(model, state_dict, prefix)  # checked as this layout
-    switched = {key for s in switches if s.twin is not None for key in s.translated}
-    resizes = {
-        k: v for k, v in _compact_resizes(model, state_dict, prefix).items() if k not in switched
-    }
-    reshaped = {
-        k: v for k, v in _reshaped_masks(model, state_dict, prefix).items() if k not in switched
-    }
+    resizes = _compact_resizes(model, state_dict, prefix)
+    reshaped = _reshaped_masks(model, state_dict, prefix)
     _check_shapes(model, state_dict, prefix, resized={*resizes, *reshaped})
     for name, module in model.named_modules(prefix=prefix.rstrip(".")):
         here = f"{name}." if name else ""
@@ -104,6 +99,9 @@ def check_checkpoint(
     # copies the values in.
     if isinstance(state_dict, dict):
         switch_layouts(state_dict, switches)
+    switched = {key for s in switches if s.twin is not None for key in s.translated}
+    resizes = {k: v for k, v in resizes.items() if k not in switched}
+    reshaped = {k: v for k, v in reshaped.items() if k not in switched}
     for key, (constraint, buffer_name) in reshaped.items():
         current: Tensor = getattr(constraint, buffer_name)
         loaded = state_dict[key]

@@ -32,7 +32,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
-from maskparam.core.positions import to_full, to_stored
+from maskparam.core.positions import fill_at, to_full, to_stored
 from maskparam.errors import error
 
 __all__ = [
@@ -162,10 +162,7 @@ def reset_entries(
     for optimizer, group in holders(optimizers, parameter):
         state = optimizer.state.get(parameter, {})
         for key, value in _per_entry(state, parameter.shape).items():
-            with torch.no_grad():
-                value.view(-1).index_fill_(
-                    0, positions.to(value.device), _fresh(optimizer, group, key)
-                )
+            fill_at(value, positions, _fresh(optimizer, group, key))  # any strides
 
 
 def move_entries(
