@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from maskparam.core.inference import refuse_inference_mode
 from maskparam.core.layouts import translate_layouts
 from maskparam.core.load_guard import check_checkpoint
 from maskparam.core.optimizer import (
@@ -62,6 +63,7 @@ def load_state_dict(
     True
     """
     check_module(model, "load_state_dict")
+    refuse_inference_mode("mp.load_state_dict")
     check_bool(strict, "load_state_dict", "strict")
     optimizers = as_optimizers(optimizer, "load_state_dict")
     if not isinstance(state_dict, Mapping):

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from maskparam.core.constraint import Constraint
+from maskparam.core.inference import refuse_inference_mode
 from maskparam.core.optimizer import UNSET, Optimizers, as_optimizers
 from maskparam.core.parametrize import parametrization_list, walk_stack
 from maskparam.core.positions import free_positions, stored_indices, write_at
@@ -369,6 +370,7 @@ def load_trainable_state_dict(
     :func:`~maskparam.update_masks` takes it, and so is ``optimizer`` (required there).
     """
     check_module(model, "load_trainable_state_dict")
+    refuse_inference_mode("load_trainable_state_dict")
     refuse_sparse(model, "load_trainable_state_dict")
     check_bool(strict, "load_trainable_state_dict", "strict")
     _check_tensors(state)

@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 
 from maskparam.constrain.remove import remove_constraints
 from maskparam.core.constraint import Constraint, Spec
+from maskparam.core.inference import refuse_inference_mode
 from maskparam.core.load_guard import guard_loads
 from maskparam.core.match import (
     Selector,
@@ -91,6 +92,7 @@ def apply_mask(
     ['0.bias', '0.parametrizations.weight.original', '2.bias', '2.parametrizations.weight.original']
     """
     check_module(model, "apply_mask")
+    refuse_inference_mode("apply_mask")
     check_bool(strict, "apply_mask", "strict")
     optimizers = as_optimizers(optimizer, "apply_mask")
     targets = _plan(model, rules, strict=strict)
@@ -492,6 +494,7 @@ def preview(model: nn.Module, rules: Rules, *, strict: bool = True) -> Preview:
     ('1.num_batches_tracked', 'has dtype torch.int64; only floating-point and complex tensors can be constrained')
     """
     check_module(model, "preview")
+    refuse_inference_mode("preview")
     check_bool(strict, "preview", "strict")
     skipped: list[tuple[Selector, str, str]] = []
     targets = _plan(model, rules, strict=strict, passed_over=skipped)

@@ -133,7 +133,10 @@ class CompactConstraint(Constraint):
         )
 
     def _index(self) -> Tensor:
-        return free_positions(self.free, self.shape)
+        # A normal tensor even where a load or forward under torch.inference_mode() derives it:
+        # an inference tensor could not be saved for the next backward.
+        with torch.inference_mode(False):
+            return free_positions(self.free, self.shape)
 
     def _free_key(self) -> tuple[int, int]:
         return id(self.free), self.free._version

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from maskparam.core.constraint import Constraint, FixedTensors, broadcasts_to, load_error
+from maskparam.core.inference import refuse_inference_mode
 from maskparam.core.layouts import LayoutSwitch, switch_layouts, translate_layouts
 from maskparam.core.parametrize import (
     maskparam_constraints,
@@ -70,6 +71,10 @@ def check_checkpoint(
     resizes = _compact_resizes(model, state_dict, prefix)
     reshaped = _reshaped_masks(model, state_dict, prefix)
     _check_shapes(model, state_dict, prefix, resized={*resizes, *reshaped})
+    if resizes or reshaped or any(s.twin is not None for s in switches):
+        # New tensors (a resized original, a mask of another shape, another layout's constraint)
+        # created under inference mode would fail the next backward. Copies in place are fine.
+        refuse_inference_mode(f"load_state_dict into {type(model).__name__}")
     for name, module in model.named_modules(prefix=prefix.rstrip(".")):
         here = f"{name}." if name else ""
         if isinstance(module, FixedTensors):

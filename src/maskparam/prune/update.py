@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from maskparam.core.constraint import Constraint, MaskChange, Spec
+from maskparam.core.inference import refuse_inference_mode
 from maskparam.core.match import Selector, TensorIndex, describe, match_rule, no_match_error
 from maskparam.core.optimizer import (
     UNSET,
@@ -128,6 +129,7 @@ def update_masks(
     >>> sum(int((layer.weight == 0).sum()) for layer in model)
     96
     """
+    refuse_inference_mode("update_masks")
     check_module(model, "update_masks")
     check_bool(strict, "update_masks", "strict")
     run_update(model, rules, optimizer=optimizer, strict=strict, caller="update_masks")
