@@ -238,6 +238,12 @@ class FreezeEntriesConstraint(Constraint):
         return None if full is None else ({"keep": free, "frozen_values": fill}, full)
 
     @override
+    def base_state(self) -> dict[str, Tensor]:
+        # Under the compact layout's name (both hold the frozen values in full, +0.0 at free
+        # entries): a trainable state checksums the same base in either layout.
+        return {"fill": self.frozen_values}
+
+    @override
     def in_other_layout(self, state: Mapping[str, Tensor], shape: torch.Size) -> Constraint:
         return CompactConstraint(
             state["free"],

@@ -375,6 +375,19 @@ class Constraint(FixedTensors):
         del state, shape
         return None
 
+    def base_state(self) -> dict[str, Tensor]:
+        """The state a :func:`maskparam.trainable_state_dict` checksum covers as the base its
+        trained entries rely on, by role: its saved state, less trainable Parameters and the
+        mask buffer (the free-entry mask has its own checksum). A layout that stores the same
+        values under other names returns them under the other layout's, so that a state saved
+        in one layout loads into the other."""
+        skip = self.mask_buffer
+        return {
+            key: value
+            for key, value in self.state_dict(keep_vars=True).items()
+            if key != skip and not (isinstance(value, nn.Parameter) and value.requires_grad)
+        }
+
     def saved_entries(self, free: Tensor) -> Tensor:
         """Of the entries whose stored values train before this constraint (``free``), those whose
         values :func:`maskparam.trainable_state_dict` must save. Default: :meth:`free_entries`.
