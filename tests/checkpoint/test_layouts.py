@@ -154,3 +154,18 @@ def test_an_optimizer_passed_to_a_load_of_the_other_layout_keeps_each_entrys_sta
         assert not after[~free].any()
     _run(target, optimizer, x, 1)
     assert mp.verify(target) == []
+
+
+def test_a_tensor_that_cannot_be_compact_keeps_its_layout_and_loads_a_compact_checkpoint():
+    # Compact only where apply_mask would store it so: here a frozen Parameter (no optimizer
+    # state to fit), so the checkpoint is translated into the dense layout instead.
+    source = mp.apply_mask(_net(0), {"0.weight": LAYOUT_SPECS["mask"]("compact")})
+    target = _net(1)
+    target[0].weight.requires_grad_(False)
+    mp.apply_mask(target, {"0.weight": LAYOUT_SPECS["mask"]("auto")})
+    assert not is_compact(target)
+    target.load_state_dict(source.state_dict())
+    assert not is_compact(target)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))

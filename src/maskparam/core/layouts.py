@@ -86,7 +86,7 @@ def translate_layouts(
             saved = {level + key: value for key, value in local.items()}
             saved[original_key] = original
             twin = None
-            if not stored.is_meta:  # compact needs real values to know positions
+            if not stored.is_meta:  # a compact layout needs real values to know positions
                 on_device = {
                     key: value.to(
                         device=stored.device,
@@ -95,6 +95,14 @@ def translate_layouts(
                     for key, value in local.items()
                 }
                 twin = first.in_other_layout(on_device, shape)
+            if twin is not None and twin.stored_positions() is not None:
+                # Compact only where apply_mask would store it so: a trainable Parameter that
+                # nothing else holds (a tied tensor's other holder would see the vector).
+                tied = (
+                    sum(p is stored for _, p in model.named_parameters(remove_duplicate=False)) > 1
+                )
+                if tied or not (isinstance(stored, nn.Parameter) and stored.requires_grad):
+                    twin = None
             entries, state_dict[original_key] = translated
             for key in local:
                 del state_dict[level + key]
