@@ -130,55 +130,33 @@ def test_optimizer_state_without_names_or_of_another_mask_is_refused(train):
     assert fresh.state_dict()["state"] == {}  # nothing was loaded
 
 
-# from the attack on layout='auto' (CRYPTIC: a size mismatch at the next step)
-@pytest.mark.parametrize("via_mp", [False, True])
-def test_optimizer_checkpoint_right_after_bake_holds_full_shape_state(via_mp: bool) -> None:
-    """Train, bake with the optimizer, save model + optimizer (no step after the bake): the
-    optimizer state is full-shape at once (not the 31-vector of the compact layout), so it loads
-    into the plain model it belongs to, through torch or mp.load_optimizer_state_dict."""
-    torch.manual_seed(0)
-    model = nn.Linear(8, 8, bias=False)
-    mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64())})
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    steps_on_x_16x8(model, opt, 3)
-    mp.remove_parametrizations(model, optimizer=opt)  # its state is laid out in full at once
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opt = copy.deepcopy(mp.optimizer_state_dict(opt, model) if via_mp else opt.state_dict())
-    plain = nn.Linear(8, 8, bias=False)
-    plain.load_state_dict(saved_model)
-    opt2 = torch.optim.Adam(plain.parameters(), lr=0.01)
-    if via_mp:
-        mp.load_optimizer_state_dict(opt2, plain, saved_opt)
-    else:
-        opt2.load_state_dict(saved_opt)
-    steps_on_x_16x8(plain, opt2, 1)
-
-
-# from the attack on layout='auto' (CRYPTIC, documented: use mp.load_optimizer_state_dict)
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="documented (README, Checkpoints): torch's optimizer.load_state_dict maps state by "
-    "position and takes it as it is; mp.load_optimizer_state_dict lays it out (next test)",
-)
-def test_meta_model_with_torch_optimizer_load_state_dict() -> None:
-    """CRYPTIC (documented: use mp.load_optimizer_state_dict). Resume on a model built on the
-    meta device (auto -> dense) from a checkpoint of a real-weight model (auto -> compact): the
-    model loads, torch's optimizer.load_state_dict silently accepts the 31-vectors, and the first
-    step fails with a torch size mismatch. Expected: an error naming the layout mismatch."""
+def test_meta_model_takes_the_compact_layout_of_the_checkpoint_so_torch_optimizer_state_fits() -> (
+    None
+):
+    """Resume on a model built on the meta device (auto -> dense) from a checkpoint of a
+    real-weight model (auto -> compact): the model takes the checkpoint's compact layout, so
+    torch's own optimizer.load_state_dict (positional) fits, and the run goes on bit for bit."""
     torch.manual_seed(0)
     model = nn.Linear(8, 8, bias=False)
     mp.apply_mask(model, {"weight": mp.Mask(keep_31_of_64())})
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     steps_on_x_16x8(model, opt, 1)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
     with torch.device("meta"):
         resumed = nn.Linear(8, 8, bias=False)
     mp.apply_mask(resumed, {"weight": mp.Mask(keep_31_of_64())})
     resumed.to_empty(device="cpu")
-    resumed.load_state_dict(model.state_dict())
+    stored = resumed.parametrizations.weight.original
+    assert stored.shape == (8, 8)  # dense
+    resumed.load_state_dict(saved_model)
+    assert resumed.parametrizations.weight.original is stored  # the same Parameter, now compact
+    assert stored.shape == (31,)
     opt2 = torch.optim.Adam(resumed.parameters(), lr=0.1)
-    opt2.load_state_dict(opt.state_dict())
-    steps_on_x_16x8(resumed, opt2, 1)
+    opt2.load_state_dict(saved_opt)
+    steps_on_x_16x8(model, opt, 2)
+    steps_on_x_16x8(resumed, opt2, 2)
+    assert torch.equal(resumed.weight, model.weight)
 
 
 # from the attack on layout='auto' (its fix)
@@ -193,16 +171,136 @@ def test_meta_model_resumes_optimizer_state_of_a_compact_run_by_name() -> None:
         resumed = nn.Linear(8, 8, bias=False)
     mp.apply_mask(resumed, {"weight": mp.Mask(keep_31_of_64())})  # meta: dense
     resumed.to_empty(device="cpu")
-    resumed.load_state_dict(model.state_dict())
+    resumed.load_state_dict(model.state_dict())  # compact now, as the checkpoint
     opt2 = torch.optim.Adam(resumed.parameters(), lr=0.1)
     mp.load_optimizer_state_dict(opt2, resumed, saved)
-    kept = mp.kept_entries(resumed, "weight")
     state = opt2.state[resumed.parametrizations.weight.original]["exp_avg"]
     compact = opt.state[model.parametrizations.weight.original]["exp_avg"]
-    assert torch.equal(state[kept], compact)
-    assert torch.equal(state[~kept], torch.zeros(int((~kept).sum())))
+    assert torch.equal(state, compact)  # the model took the checkpoint's compact layout
     torch.manual_seed(5)
     steps_on_x_16x8(model, opt, 1)
     torch.manual_seed(5)
     steps_on_x_16x8(resumed, opt2, 1)
     assert torch.equal(resumed.weight, model.weight)  # the same next step as the compact run
+
+
+def _closure_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor) -> None:
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+
+
+NOT_ELEMENTWISE = {
+    "adafactor": lambda params: torch.optim.Adafactor(params, lr=0.01),
+    "lbfgs": lambda params: torch.optim.LBFGS(params, lr=0.1, max_iter=3),
+}
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+@pytest.mark.parametrize("kind", list(NOT_ELEMENTWISE))
+def test_states_of_optimizers_that_are_not_elementwise_load_by_name_and_resume_exactly(
+    kind, constrained
+):
+    # Adafactor factors a matrix's second moment (row and column vectors), LBFGS keeps flat
+    # vectors over all its parameters: loaded as torch loads them, where they fit.
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+        if constrained:
+            mp.apply_mask(
+                model, {"0.weight": mp.Mask(mp.masks.random(0.5, seed=0), layout="dense")}
+            )
+        return model
+
+    x = torch.randn(4, 6)
+    model = make()
+    optimizer = NOT_ELEMENTWISE[kind](model.parameters())
+    _closure_step(model, optimizer, x)
+    saved = copy.deepcopy(mp.optimizer_state_dict(optimizer, model))
+    resumed = make()
+    resumed.load_state_dict(model.state_dict())
+    resumed_optimizer = NOT_ELEMENTWISE[kind](resumed.parameters())
+    mp.load_optimizer_state_dict(resumed_optimizer, resumed, saved)
+    _closure_step(model, optimizer, x)
+    _closure_step(resumed, resumed_optimizer, x)
+    for (key, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+
+
+def test_an_lbfgs_history_of_another_layout_is_refused_and_nothing_loads() -> None:
+    def make(layout: str) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+        return mp.apply_mask(
+            model, {"0.weight": mp.Mask(mp.masks.random(0.5, seed=0), layout=layout)}
+        )
+
+    x = torch.randn(4, 6)
+    model = make("compact")
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+    _closure_step(model, optimizer, x)
+    saved = copy.deepcopy(mp.optimizer_state_dict(optimizer, model))
+    dense = make("dense")
+    fresh = torch.optim.LBFGS(dense.parameters(), lr=0.1, max_iter=3)
+    with pytest.raises(mp.MaskparamError, match=r"LBFGS's saved history holds flat vectors"):
+        mp.load_optimizer_state_dict(fresh, dense, saved)
+    assert fresh.state_dict()["state"] == {}
+
+
+def _doubled_groups(state: dict) -> None:
+    state["param_groups"].append(copy.deepcopy(state["param_groups"][0]))
+
+
+def _doubled_groups_and_names(state: dict) -> None:
+    _doubled_groups(state)
+    state["maskparam_param_names"].append(list(state["maskparam_param_names"][0]))
+
+
+DAMAGED = {
+    "doubled groups": (_doubled_groups, "it has 2 parameter groups but 1 lists of names"),
+    "doubled groups and names": (_doubled_groups_and_names, "a parameter is listed twice"),
+    "no state": (lambda s: s.pop("state"), "it has no 'state' mapping"),
+    "state a list": (lambda s: s.__setitem__("state", [1]), "it has no 'state' mapping"),
+    "no param_groups": (lambda s: s.pop("param_groups"), "its 'param_groups' is not a list"),
+    "a group without params": (
+        lambda s: s["param_groups"][0].pop("params"),
+        "its 'param_groups' is not a list",
+    ),
+    "names not lists": (
+        lambda s: s.__setitem__("maskparam_param_names", "0.weight"),
+        "its 'maskparam_param_names' is not a list of lists of names",
+    ),
+    "a parameter missing": (
+        lambda s: s["param_groups"][0]["params"].pop(),
+        "group 0 holds 3 parameters but 4 names",
+    ),
+    "an entry not a mapping": (
+        lambda s: s["state"].__setitem__(0, 5),
+        r"the state of \[0\] is not a mapping",
+    ),
+    "state for no parameter": (
+        lambda s: s["state"].__setitem__(99, {}),
+        r"it holds state for \[99\], which no group lists",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_a_damaged_state_is_refused_naming_the_damage_and_nothing_loads(case) -> None:
+    damage, message = DAMAGED[case]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    state = copy.deepcopy(mp.optimizer_state_dict(optimizer, model))
+    damage(state)
+    target = torch.optim.Adam(model.parameters(), lr=0.5)
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(mp.MaskparamError, match=f"the state is damaged: {message}"):
+        mp.load_optimizer_state_dict(target, model, state)
+    assert target.state_dict() == before

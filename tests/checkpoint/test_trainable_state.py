@@ -13,6 +13,7 @@ from helpers import (
     X_8x16,
     adamw_steps_to_one,
     assert_same_bits,
+    is_compact,
     mlp,
     sgd_wd_steps,
     state_bits,
@@ -526,3 +527,107 @@ def test_spectral_norm_fine_tune_round_trips():
     restored.eval()
     with torch.no_grad():
         assert torch.equal(restored(X_6x7), trained(X_6x7))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        mp.Freeze(dim=0, index=[1, 2]),  # the README's frozen filters
+        mp.Freeze(mp.masks.random(0.5, seed=0), layout="dense"),
+        mp.Mask(mp.masks.random(0.3, seed=0), layout="compact"),
+    ],
+    ids=["freeze-slices", "freeze-dense", "mask-compact"],
+)
+def test_a_channels_last_fine_tune_round_trips_and_stays_channels_last(spec):
+    def fine_tune_model():
+        torch.manual_seed(0)
+        convs = nn.Sequential(nn.Conv2d(3, 10, 3), nn.ReLU(), nn.Conv2d(10, 4, 3))
+        convs = convs.to(memory_format=torch.channels_last)
+        return mp.apply_mask(convs, {"0.weight": spec, "2.weight": spec})
+
+    tuned = fine_tune_model()
+    optimizer = torch.optim.AdamW(tuned.parameters(), lr=0.1)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        optimizer.zero_grad()
+        tuned(x).square().mean().backward()
+        optimizer.step()
+    restored = fine_tune_model()
+    stored = [restored[i].parametrizations.weight.original for i in (0, 2)]
+    formats = [s.is_contiguous(memory_format=torch.channels_last) for s in stored]
+    mp.load_trainable_state_dict(restored, mp.trainable_state_dict(tuned))
+    assert [s.is_contiguous(memory_format=torch.channels_last) for s in stored] == formats
+    with torch.no_grad():
+        assert torch.equal(restored(x), tuned(x))
+    for i in (0, 2):
+        assert torch.equal(restored[i].weight, tuned[i].weight)
+        assert torch.equal(restored[i].bias, tuned[i].bias)
+
+
+@pytest.mark.parametrize(("saved", "loaded"), [("compact", "dense"), ("dense", "compact")])
+def test_a_freeze_fine_tune_loads_into_the_other_layout(saved, loaded):
+    # The base checksum covers what both layouts hold (the frozen values in full), not the names
+    # each stores them under.
+    def fine_tune_model(layout: str) -> nn.Module:
+        base = mlp(8, 8, 2, activation=nn.ReLU, seed=0)
+        return mp.apply_mask(
+            base, {"*.weight": mp.Freeze(mp.masks.random(0.7, seed=0), layout=layout)}
+        )
+
+    tuned = fine_tune_model(saved)
+    x = torch.randn(4, 8)
+    optimizer = torch.optim.AdamW(tuned.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        tuned(x).square().mean().backward()
+        optimizer.step()
+    restored = fine_tune_model(loaded)
+    assert is_compact(restored) == (loaded == "compact")
+    mp.load_trainable_state_dict(restored, mp.trainable_state_dict(tuned))
+    with torch.no_grad():
+        assert torch.equal(restored(x), tuned(x))
+    for i in (0, 2):
+        assert torch.equal(restored[i].weight, tuned[i].weight)
+    frozen, values = mp.frozen_entries(restored, "0.weight")
+    assert torch.equal(frozen, mp.frozen_entries(tuned, "0.weight")[0])
+    assert torch.equal(values, mp.frozen_entries(tuned, "0.weight")[1])
+
+
+def _drawn_mask_model(seed: int) -> nn.Module:
+    # A mask that comes out otherwise at each computation, as fisher or wanda computed from
+    # batches in train mode (dropout draws other masks).
+    base = mlp(8, 8, 2, activation=nn.ReLU, seed=0)
+    torch.manual_seed(seed)
+    return mp.apply_mask(base, {"0.weight": mp.Mask(lambda w: torch.rand(w.shape) < 0.4)})
+
+
+def test_a_state_whose_masks_came_out_otherwise_is_refused_naming_the_cause_and_the_fix():
+    tuned = _drawn_mask_model(1)
+    state = mp.trainable_state_dict(tuned)
+    other = _drawn_mask_model(2)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(mp.MaskparamError) as refused:
+        mp.load_trainable_state_dict(other, state)
+    message = str(refused.value)
+    assert "'0.weight': its free entries are not the state's" in message
+    assert "fisher or wanda computed in train mode, whose dropout draws other masks" in message
+    assert "mp.trainable_state_dict(model, positions=True)" in message.split("fix:")[1]
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_a_state_saved_with_positions_brings_its_masks():
+    tuned = _drawn_mask_model(1)
+    x = torch.randn(4, 8)
+    optimizer = torch.optim.SGD(tuned.parameters(), lr=0.1)
+    tuned(x).square().mean().backward()
+    optimizer.step()
+    state = mp.trainable_state_dict(tuned, positions=True)
+    assert torch.equal(
+        state["0.weight.free_positions"].long(),
+        mp.kept_entries(tuned, "0.weight").reshape(-1).nonzero().reshape(-1),
+    )
+    other = _drawn_mask_model(2)
+    mp.load_trainable_state_dict(other, state, optimizer=None)  # the mask changes
+    assert torch.equal(mp.kept_entries(other, "0.weight"), mp.kept_entries(tuned, "0.weight"))
+    with torch.no_grad():
+        assert torch.equal(other(x), tuned(x))

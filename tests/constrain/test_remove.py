@@ -136,3 +136,33 @@ def test_compact_bake_then_old_optimizer_steps_or_refuses():
     layer(torch.randn(2, 4)).square().sum().backward()
     refusal = refusal_of(optimizer.step)
     assert refusal is None or "'weight'" in str(refusal)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        mp.Freeze(dim=0, index=[5, 6, 7, 8, 9]),
+        mp.Mask(mp.masks.random(0.5, seed=0), layout="dense"),
+        mp.Mask(mp.masks.random(0.3, seed=0), layout="compact"),
+        mp.Freeze(mp.masks.random(0.7, seed=0), layout="compact"),
+    ],
+    ids=["freeze-slices", "mask-dense", "mask-compact", "freeze-compact"],
+)
+@pytest.mark.parametrize("with_optimizer", [False, True])
+def test_bake_keeps_a_channels_last_weight_channels_last(spec, with_optimizer):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 10, 3).to(memory_format=torch.channels_last)
+    weight = conv.weight
+    mp.apply_mask(conv, {"weight": spec})
+    optimizer = torch.optim.Adam(conv.parameters(), lr=0.01)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    conv(x).square().mean().backward()
+    optimizer.step()
+    effective = conv.weight.detach().clone()
+    mp.remove_parametrizations(conv, optimizer=optimizer if with_optimizer else None)
+    assert conv.weight is weight
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(conv.weight, effective)
+    if with_optimizer:
+        conv(x).square().mean().backward()
+        optimizer.step()  # its state fits the baked tensor

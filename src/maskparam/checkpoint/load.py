@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from maskparam.core.inference import refuse_inference_mode
 from maskparam.core.layouts import translate_layouts
 from maskparam.core.load_guard import check_checkpoint
 from maskparam.core.optimizer import (
@@ -62,6 +63,7 @@ def load_state_dict(
     True
     """
     check_module(model, "load_state_dict")
+    refuse_inference_mode("mp.load_state_dict")
     check_bool(strict, "load_state_dict", "strict")
     optimizers = as_optimizers(optimizer, "load_state_dict")
     if not isinstance(state_dict, Mapping):
@@ -94,10 +96,14 @@ def load_state_dict(
             fix="load into a model converted the same way (mp.to_sparse with the same choices), "
             "or load the dense checkpoint before converting.",
         )
-    state_dict = dict(state_dict)  # a copy to translate: the caller's stays as it was
-    translate_layouts(model, state_dict, "")
+    state_dict = dict(state_dict)  # a copy: the caller's stays as it was
+    # Keys are checked as this model's layout; the load guard then gives each tensor saved in
+    # the other layout the checkpoint's layout.
+    translated = dict(state_dict)
+    switches = translate_layouts(model, translated, "")
+    switched = {key for s in switches if s.twin is not None for key in s.saved}
     own_keys = set(model.state_dict().keys())
-    foreign = sorted(k for k in state_dict if _MARK in f".{k}" and k not in own_keys)
+    foreign = sorted(k for k in translated if _MARK in f".{k}" and k not in own_keys)
     if foreign:
         raise error(
             f"load_state_dict into {type(model).__name__}",
@@ -135,8 +141,8 @@ def load_state_dict(
     # Everything is checked before anything changes: missing and unexpected keys, then what each
     # constraint says of its entries (the load guard, run here before the plain assignments).
     assigned_prefixes = tuple(_parametrization_prefix(name) for name in assigned)
-    missing = [k for k in own_keys if k not in rest and not k.startswith(assigned_prefixes)]
-    unexpected = [k for k in rest if k not in own_keys]
+    missing = [k for k in own_keys if k not in translated and not k.startswith(assigned_prefixes)]
+    unexpected = [k for k in rest if k not in own_keys and k not in switched]
     if strict and (missing or unexpected):
         raise error(
             f"load_state_dict into {type(model).__name__}",
@@ -199,11 +205,12 @@ def _follow(
         for ref, free_before, was in before:
             _, free_after, now = _layout(ref)
             stored, shape = ref.storage, free_before.shape
-            if was is not None and now is not None:  # the stored entries are the free ones
+            if was is not None or now is not None:  # compact on one side at least
+                # Each stored entry keeps its state by position, in the layout the checkpoint
+                # brought (dense and compact alike); entries stored only now start fresh.
                 move_entries(optimizers, stored, was=was, now=now, full_shape=shape)
-            else:
-                arriving = free_after & ~free_before
-                reset_entries(optimizers, stored, stored_indices(arriving, None))
+            arriving = free_after & ~free_before
+            reset_entries(optimizers, stored, stored_indices(arriving, now))
 
 
 def _parametrization_prefix(name: str) -> str:

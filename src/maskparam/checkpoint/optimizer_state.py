@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from maskparam.core.constraint import Constraint
+from maskparam.core.optimizer import elementwise
 from maskparam.core.parametrize import maskparam_constraints
 from maskparam.core.positions import free_positions, to_full, to_stored
 from maskparam.core.tensors import find_tensors
@@ -97,6 +98,7 @@ def load_optimizer_state_dict(
             "maps by position, and positions change when a tensor is constrained or baked.",
             fix="save it with mp.optimizer_state_dict(optimizer, model).",
         )
+    _check_structure(state, optimizer)
     saved_names: list[list[str]] = state[_NAMES]
     current_names = _group_names(optimizer, _names(model))
     if [sorted(g) for g in saved_names] != [sorted(g) for g in current_names]:
@@ -124,11 +126,115 @@ def load_optimizer_state_dict(
         for parameter, name in zip(group["params"], names, strict=True):
             old = by_name[name]
             if old in state["state"]:
-                new_state[position] = _laid_out(name, state["state"][old], parameter, model)
+                entry = state["state"][old]
+                if elementwise(optimizer):
+                    new_state[position] = _laid_out(name, entry, parameter, model)
+                else:  # its state is not one value per entry: it must fit as it is
+                    _check_not_elementwise(name, entry, parameter, group["params"], optimizer)
+                    new_state[position] = dict(entry)
             ids.append(position)
             position += 1
         groups.append({**saved_group, "params": ids})
     optimizer.load_state_dict({"state": new_state, "param_groups": groups})
+
+
+def _check_structure(state: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """Refuse a damaged state (a part missing, groups and names that do not pair up) before
+    anything is loaded, with what is wrong."""
+    problem = _structure_problem(state)
+    if problem:
+        raise error(
+            f"load_optimizer_state_dict into {type(optimizer).__name__}",
+            f"the state is damaged: {problem}; nothing was loaded.",
+            fix="pass what mp.optimizer_state_dict(optimizer, model) returned, saved and loaded "
+            "whole (torch.save / torch.load).",
+        )
+
+
+def _structure_problem(state: Mapping[str, Any]) -> str | None:
+    names, groups, per_parameter = state.get(_NAMES), state.get("param_groups"), state.get("state")
+    if not isinstance(per_parameter, Mapping):
+        return "it has no 'state' mapping"
+    if not isinstance(groups, list) or not all(
+        isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups
+    ):
+        return "its 'param_groups' is not a list of groups with 'params'"
+    if not isinstance(names, list) or not all(
+        isinstance(g, list) and all(isinstance(n, str) for n in g) for g in names
+    ):
+        return f"its {_NAMES!r} is not a list of lists of names"
+    if len(names) != len(groups):
+        return f"it has {len(groups)} parameter groups but {len(names)} lists of names"
+    for index, (group, group_names) in enumerate(zip(groups, names, strict=True)):
+        if len(group["params"]) != len(group_names):
+            return (
+                f"group {index} holds {len(group['params'])} parameters but "
+                f"{len(group_names)} names"
+            )
+    ids = [pid for g in groups for pid in g["params"]]
+    if len(set(ids)) != len(ids):
+        return "a parameter is listed twice in its groups"
+    flat = [n for g in names for n in g]
+    if len(set(flat)) != len(flat):
+        return "a name is listed twice"
+    stray = [key for key in per_parameter if key not in set(ids)]
+    if stray:
+        return f"it holds state for {stray[:3]}, which no group lists"
+    odd = [key for key, value in per_parameter.items() if not isinstance(value, Mapping)]
+    if odd:
+        return f"the state of {odd[:3]} is not a mapping"
+    return None
+
+
+def _check_not_elementwise(
+    name: str,
+    entry: Mapping[str, Any],
+    parameter: Tensor,
+    group: list[Tensor],
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """The state of an optimizer that is not elementwise loads as torch loads it, where it fits
+    the parameter: LBFGS's flat vectors span all its parameters; Adafactor's factors take the
+    parameter's size or 1 in each dimension. Another layout's state cannot be laid out."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        numel = sum(p.numel() for p in group)
+        tensors: list[object] = [v for v in entry.values() if isinstance(v, Tensor)]
+        tensors += [t for v in entry.values() if isinstance(v, list) for t in v]
+        odd = sorted(
+            {
+                t.numel()
+                for t in tensors
+                if isinstance(t, Tensor) and t.dim() == 1 and t.numel() != numel
+            }
+        )
+        if odd:
+            raise error(
+                repr(name),
+                f"LBFGS's saved history holds flat vectors of {odd} entries, but its parameters "
+                f"hold {numel} now (another layout or other masks): it cannot be laid out again.",
+                fix="create the LBFGS afresh (it rebuilds its history in a few steps), or apply "
+                "the same rules with the same layout as when the state was saved.",
+            )
+        return
+    shapes = sorted(
+        {
+            tuple(v.shape)
+            for v in entry.values()
+            if isinstance(v, Tensor)
+            and v.dim()
+            and (
+                v.dim() != parameter.dim()
+                or any(s not in (1, p) for s, p in zip(v.shape, parameter.shape, strict=True))
+            )
+        }
+    )
+    if shapes:
+        raise error(
+            repr(name),
+            f"its saved {type(optimizer).__name__} state has shapes {shapes}, which do not fit the "
+            f"parameter's {tuple(parameter.shape)} (saved in another layout, or for other masks).",
+            fix="apply the same rules with the same layout as when the state was saved.",
+        )
 
 
 def _check_arguments(optimizer: object, model: object, caller: str) -> None:

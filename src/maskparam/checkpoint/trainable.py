@@ -60,9 +60,10 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from maskparam.constrain.distributed import refuse_sharded
 from maskparam.core.constraint import Constraint
+from maskparam.core.inference import refuse_inference_mode
 from maskparam.core.optimizer import UNSET, Optimizers, as_optimizers
 from maskparam.core.parametrize import parametrization_list, walk_stack
-from maskparam.core.positions import free_positions, stored_indices
+from maskparam.core.positions import free_positions, stored_indices, write_at
 from maskparam.core.tensors import TensorRef, find_tensors, refuse_sparse
 from maskparam.errors import MaskparamError, check_bool, check_module, error
 from maskparam.prune.update import MaskUpdate, check_optimizers, commit_all
@@ -236,10 +237,17 @@ def _full_original(entry: _Entry) -> Tensor:
 
 def _state_parts(module: nn.Module, skip: str | None) -> list[int]:
     """Checksums of a module's saved state, except trainable Parameters and the ``skip`` mask."""
+    state = {
+        key: value
+        for key, value in module.state_dict(keep_vars=True).items()
+        if key != skip and not (isinstance(value, nn.Parameter) and value.requires_grad)
+    }
+    return _parts(state)
+
+
+def _parts(state: Mapping[str, Tensor]) -> list[int]:
     parts = []
-    for key, value in module.state_dict(keep_vars=True).items():
-        if key == skip or (isinstance(value, nn.Parameter) and value.requires_grad):
-            continue
+    for key, value in state.items():
         parts += [zlib.crc32(key.encode()), checksum(value)]
     return parts
 
@@ -250,7 +258,7 @@ def _base_checksum(entry: _Entry) -> int:
         return 0 if entry.saves_full else checksum(ref.storage)
     parts: list[int] = []
     for level, constraint in enumerate(entry.chain):
-        parts += [level, *_state_parts(constraint, constraint.mask_buffer)]
+        parts += [level, *_parts(constraint.base_state())]  # the same in either layout
         for shared in constraint.shared_modules():
             parts += _state_parts(shared, None)
     assert entry.free is not None
@@ -325,7 +333,7 @@ def _position_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
-def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
+def trainable_state_dict(model: nn.Module, *, positions: bool = False) -> dict[str, Tensor]:
     """Only what training can change: free entries, θ, learnable scores, unconstrained trainable
     tensors (and normalisation running statistics), with checksums of what they rely on.
 
@@ -340,9 +348,15 @@ def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
     >>> state = mp.trainable_state_dict(layer)
     >>> state["weight.free_values"].shape  # the one row that trains
     torch.Size([4])
+
+    ``positions=True``: save the free entries' positions with every mask (``update_masks``,
+    ``harden`` and a checkpoint that brought another mask save them anyway), so that the masks
+    travel with the state: where a mask computed from data (``fisher``, ``wanda``) may come out
+    otherwise on the model it loads into, a tensor with one ``Mask`` takes the saved one.
     """
     check_module(model, "trainable_state_dict")
     refuse_sharded(model, "trainable_state_dict")
+    check_bool(positions, "trainable_state_dict", "positions")
     refuse_sparse(model, "trainable_state_dict")
     entries = _plan(model, "trainable_state_dict")
     names = [entry.name for entry in entries]
@@ -356,11 +370,12 @@ def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
         for entry in entries:
             # A mask pruned to nothing still travels when it changed: its empty values and
             # positions say so (a load then empties the model's mask too).
-            if entry.free is not None and (bool(entry.free.any()) or entry.positions_needed()):
+            needed = entry.positions_needed() or (positions and entry.free is not None)
+            if entry.free is not None and (bool(entry.free.any()) or needed):
                 state[f"{entry.name}.free_values"] = _free_values(entry).clone()
-                if entry.positions_needed():
-                    positions = free_positions(entry.free, entry.free.shape)
-                    state[f"{entry.name}.free_positions"] = positions.to(
+                if needed:
+                    where = free_positions(entry.free, entry.free.shape)
+                    state[f"{entry.name}.free_positions"] = where.to(
                         _position_dtype(entry.free.numel())
                     )
                     mask_free = entry.mask_free()
@@ -404,6 +419,7 @@ def load_trainable_state_dict(
     """
     check_module(model, "load_trainable_state_dict")
     refuse_sharded(model, "load_trainable_state_dict")
+    refuse_inference_mode("load_trainable_state_dict")
     refuse_sparse(model, "load_trainable_state_dict")
     check_bool(strict, "load_trainable_state_dict", "strict")
     _check_tensors(state)
@@ -467,6 +483,7 @@ def _saved_names(state: Mapping[str, Tensor]) -> list[str]:
 
 
 _RESAVE = "save the state again with mp.trainable_state_dict from the trained model."
+_MASKS_DIFFER = "its free entries are not the state's"
 _SAME = (
     "build the model from the same base weights, apply the same rules (same masks, seeds and "
     "settings), then load"
@@ -544,9 +561,15 @@ def _validate(entries: list[_Entry], state: Mapping[str, Tensor], *, strict: boo
         else:
             load.full.append((target.detach(), value.to(target.device)))
     if problems:
-        raise _refuse(
-            "the state does not fit this model; nothing was loaded.", problems, fix=_SAME + "."
-        )
+        fix = _SAME + "."
+        if any(_MASKS_DIFFER in p for p in problems):
+            fix = (
+                f"{_SAME}: compute the masks as when the state was saved (a generator that reads "
+                "batches, such as fisher or wanda, in eval mode with the same batches); or save "
+                "the state with mp.trainable_state_dict(model, positions=True), whose masks "
+                "then travel with it."
+            )
+        raise _refuse("the state does not fit this model; nothing was loaded.", problems, fix=fix)
     return load
 
 
@@ -603,9 +626,10 @@ def _check_free(
             free = saved_free
     elif saved_checksum != entry.free_checksum:
         return (
-            f"{name!r}: its free entries are not the state's (free-entry mask checksum): the "
-            "state was made for other rules or another mask (another mask seed, masks computed "
-            "from other weights, or masks changed after apply)"
+            f"{name!r}: {_MASKS_DIFFER} (free-entry mask checksum): the state was made for "
+            "other rules or another mask (another mask seed, masks computed from other weights "
+            "or from data that came out otherwise, such as fisher or wanda computed in train "
+            "mode, whose dropout draws other masks; or masks changed after apply)"
         )
     if values is None:
         return None  # missing: refused above under strict
@@ -680,4 +704,4 @@ def _write_free(entry: _Entry, values: Tensor) -> None:
     start = torch.full(entry.shape, storage.requires_grad, dtype=torch.bool, device=storage.device)
     flat_free = _free_mask(constraints, start).reshape(-1)  # after any new mask
     at = stored_indices(flat_free.reshape(entry.shape), entry.positions)
-    storage.view(-1).index_copy_(0, at, values.to(storage.dtype))
+    write_at(storage, at, values)  # in place, whatever its strides (channels_last)

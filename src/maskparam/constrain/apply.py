@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 from maskparam.constrain.distributed import refuse_ddp_wrapper
 from maskparam.constrain.remove import remove_constraints
 from maskparam.core.constraint import Constraint, Spec
+from maskparam.core.inference import refuse_inference_mode
 from maskparam.core.load_guard import guard_loads
 from maskparam.core.match import (
     Selector,
@@ -93,6 +94,7 @@ def apply_mask(
     """
     check_module(model, "apply_mask")
     refuse_ddp_wrapper(model, "apply_mask")
+    refuse_inference_mode("apply_mask")
     check_bool(strict, "apply_mask", "strict")
     optimizers = as_optimizers(optimizer, "apply_mask")
     targets = _plan(model, rules, strict=strict)
@@ -494,6 +496,7 @@ def preview(model: nn.Module, rules: Rules, *, strict: bool = True) -> Preview:
     ('1.num_batches_tracked', 'has dtype torch.int64; only floating-point and complex tensors can be constrained')
     """
     check_module(model, "preview")
+    refuse_inference_mode("preview")
     check_bool(strict, "preview", "strict")
     skipped: list[tuple[Selector, str, str]] = []
     targets = _plan(model, rules, strict=strict, passed_over=skipped)

@@ -32,7 +32,7 @@ from maskparam.core.parametrize import (
     parametrized_names,
     restore_key_order,
 )
-from maskparam.core.positions import stored_indices
+from maskparam.core.positions import memory_format, stored_indices, with_memory_format
 from maskparam.core.rnn import reset_flat_weights
 from maskparam.errors import check_bool, check_module, error
 
@@ -161,6 +161,9 @@ def _remove(
         for constraint in ours:
             free = constraint.free_entries(free)
         fixed = ~free
+    # The baked tensor keeps the memory format (channels_last) of the tensor it replaces.
+    first_format = ours[0].full_memory_format() if positions is not None else None
+    fmt = first_format or (memory_format(original) if original is not None else None)
     # A compact original holds only the free entries: the full tensor is the effective one (the
     # rollback of a failed apply restores the full values itself).
     leave_parametrized = leave_parametrized or any(p.reshapes_original for p in ours)
@@ -180,6 +183,8 @@ def _remove(
             if leave_parametrized:
                 plist.right_inverse(effective)
     if original is not None:
+        if fmt is not None and len(ours) == len(plist):
+            with_memory_format(original, fmt)
         for constraint in ours:
             constraint.on_removed(original)
         if original.grad is not None and original.grad.shape != original.shape:

@@ -10,8 +10,8 @@ its tensor, and it needs real values (not meta tensors) to know the positions.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeAlias
 
 import torch
 from torch import Tensor
@@ -27,12 +27,13 @@ from maskparam.core.constraint import (
     broadcasts_to,
 )
 from maskparam.core.optimizer import elementwise
-from maskparam.core.positions import free_positions, to_full, to_stored
+from maskparam.core.positions import free_positions, memory_format, to_full, to_stored
 from maskparam.errors import error
 
 __all__ = [
     "AUTO_COMPACT_MAX_FREE",
     "CompactConstraint",
+    "DenseLayout",
     "check_compact_possible",
     "chooses_compact",
     "compact_checkpoint_in_full",
@@ -48,6 +49,10 @@ __all__ = [
 #: Memory: compact keeps an 8-byte index per free entry and saves the parameter, gradient and
 #: optimizer state of every fixed entry (peak RSS in benchmarks/results/memory.md).
 AUTO_COMPACT_MAX_FREE = 0.6
+
+#: Builds the dense layout of a compact constraint from a dense checkpoint's entries (its own
+#: names), the tensor's shape and the description: how a checkpoint's layout wins on load.
+DenseLayout: TypeAlias = Callable[[Mapping[str, Tensor], torch.Size, str], Constraint]
 
 
 def check_compact_possible(subject: str, tensor: Tensor) -> None:
@@ -108,8 +113,11 @@ class CompactConstraint(Constraint):
         *,
         mask_spec: type[Spec] | None = None,
         template: str = "",
+        dense: DenseLayout | None = None,
     ) -> None:
         super().__init__()
+        # The dense layout of the same constraint, for a dense checkpoint to load into.
+        self.dense = dense
         # The spec whose masks update_masks gives this layout (Mask: the kept entries, Freeze:
         # the frozen ones, held in ``fill``); None for a triangle, which has no mask to update.
         self.mask_spec = mask_spec
@@ -125,7 +133,10 @@ class CompactConstraint(Constraint):
         )
 
     def _index(self) -> Tensor:
-        return free_positions(self.free, self.shape)
+        # A normal tensor even where a load or forward under torch.inference_mode() derives it:
+        # an inference tensor could not be saved for the next backward.
+        with torch.inference_mode(False):
+            return free_positions(self.free, self.shape)
 
     def _free_key(self) -> tuple[int, int]:
         return id(self.free), self.free._version
@@ -190,10 +201,17 @@ class CompactConstraint(Constraint):
 
     @override
     def right_inverse(self, value: Tensor) -> Tensor:
+        # The full tensor's memory format (channels_last), which the stored vector cannot keep.
+        self._full_format = memory_format(value)
         if self.fill.numel():  # frozen values: the new values to hold, as Freeze does
             with torch.no_grad():
                 self.fill.copy_(torch.where(self.free.bool(), 0, value))
         return to_stored(value, self.positions())
+
+    @override
+    def full_memory_format(self) -> torch.memory_format:
+        fmt: torch.memory_format = self.__dict__.get("_full_format", torch.contiguous_format)
+        return fmt
 
     @override
     def mask_shape(self) -> torch.Size:
@@ -281,6 +299,12 @@ class CompactConstraint(Constraint):
         if problem:  # its positions would be wrong: refused before anything loads
             return problem
         return translated, to_stored(original, free_positions(free, self.shape))
+
+    @override
+    def in_other_layout(self, state: Mapping[str, Tensor], shape: torch.Size) -> Constraint | None:
+        if self.dense is None:
+            return None
+        return self.dense(state, shape, self.description.removesuffix(", compact)") + ")")
 
     @override
     def refresh(self) -> None:

@@ -137,6 +137,7 @@ class Freeze(Spec):
                 f"Freeze(freezes {self._what()}, compact)",
                 mask_spec=Freeze,
                 template="Freeze(freezes {}, compact)",
+                dense=_dense_freeze,
             )
         # where(), not a multiply: a non-finite value at a free entry must not leak into the rest.
         frozen_values = torch.where(frozen, value, torch.zeros((), dtype=value.dtype))
@@ -259,8 +260,32 @@ class FreezeEntriesConstraint(Constraint):
         return None if full is None else ({"keep": free, "frozen_values": fill}, full)
 
     @override
+    def base_state(self) -> dict[str, Tensor]:
+        # Under the compact layout's name (both hold the frozen values in full, +0.0 at free
+        # entries): a trainable state checksums the same base in either layout.
+        return {"fill": self.frozen_values}
+
+    @override
+    def in_other_layout(self, state: Mapping[str, Tensor], shape: torch.Size) -> Constraint:
+        return CompactConstraint(
+            state["free"],
+            shape,
+            state["fill"],
+            self.description[:-1] + ", compact)",
+            mask_spec=Freeze,
+            template="Freeze(freezes {}, compact)",
+            dense=_dense_freeze,
+        )
+
+    @override
     def describe(self) -> str:
         return self.description
+
+
+def _dense_freeze(state: Mapping[str, Tensor], shape: torch.Size, description: str) -> Constraint:
+    """A compact Freeze's dense layout, for a dense checkpoint (its ``keep``, ``frozen_values``)."""
+    del shape  # the frozen values have it
+    return FreezeEntriesConstraint(state["keep"], state["frozen_values"], description=description)
 
 
 class FreezeSlicesConstraint(Constraint):

@@ -91,6 +91,7 @@ class Mask(Spec):
                 f"Mask(keeps {keeps}, compact)",
                 mask_spec=Mask,
                 template="Mask(keeps {}, compact)",
+                dense=_dense_mask,
             )
         return MaskConstraint(kept, description=f"Mask(keeps {keeps})", shape=tensor.shape)
 
@@ -166,5 +167,22 @@ class MaskConstraint(Constraint):
         return None if full is None else ({"mask": free}, full)
 
     @override
+    def in_other_layout(self, state: Mapping[str, Tensor], shape: torch.Size) -> Constraint:
+        return CompactConstraint(
+            state["free"],
+            shape,
+            None,
+            self.description[:-1] + ", compact)",
+            mask_spec=Mask,
+            template="Mask(keeps {}, compact)",
+            dense=_dense_mask,
+        )
+
+    @override
     def describe(self) -> str:
         return self.description
+
+
+def _dense_mask(state: Mapping[str, Tensor], shape: torch.Size, description: str) -> Constraint:
+    """A compact Mask's dense layout, for a dense checkpoint (its ``mask``)."""
+    return MaskConstraint(state["mask"], description=description, shape=shape)

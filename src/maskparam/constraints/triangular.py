@@ -5,6 +5,7 @@ Invariant: every entry of the other triangle is exactly zero.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -87,9 +88,7 @@ class Triangular(Spec):
         triangle = part(torch.ones(tensor.shape[-2:], dtype=torch.bool, device=tensor.device))
         if chooses_compact(self.layout, triangle, tensor.shape):
             check_compact_possible(f"Triangular for {name!r}", tensor)
-            return CompactConstraint(
-                triangle, tensor.shape, None, part.describe()[:-1] + ", compact)"
-            )
+            return part.in_other_layout({"free": triangle}, tensor.shape)
         return part
 
 
@@ -128,5 +127,20 @@ class TriangularConstraint(Constraint):
         return None if full is None else ({}, full)
 
     @override
+    def in_other_layout(self, state: Mapping[str, Tensor], shape: torch.Size) -> Constraint:
+        dense = functools.partial(_dense_triangle, lower=self.lower, diagonal=self.diagonal)
+        return CompactConstraint(
+            state["free"], shape, None, self.describe()[:-1] + ", compact)", dense=dense
+        )
+
+    @override
     def describe(self) -> str:
         return f"Triangular({'lower' if self.lower else 'upper'}, diagonal={self.diagonal})"
+
+
+def _dense_triangle(
+    state: Mapping[str, Tensor], shape: torch.Size, description: str, *, lower: bool, diagonal: int
+) -> Constraint:
+    """A compact triangle's dense layout (which stores nothing)."""
+    del state, shape, description
+    return TriangularConstraint(lower=lower, diagonal=diagonal)

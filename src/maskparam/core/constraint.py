@@ -369,6 +369,35 @@ class Constraint(FixedTensors):
         del state, original, shape
         return None
 
+    def full_memory_format(self) -> torch.memory_format | None:
+        """The memory format of the full tensor where the stored original cannot show it (a
+        compact vector): a bake lays the tensor out in it again. None: the stored original's."""
+        return None
+
+    def in_other_layout(self, state: Mapping[str, Tensor], shape: torch.Size) -> Constraint | None:
+        """This constraint rebuilt in the layout a checkpoint saved it in, so that the checkpoint's
+        layout wins on load (an optimizer state saved with it then fits): ``state`` holds the
+        saved constraint's entries (by local name, on the stored original's device, floats in
+        its dtype), which :meth:`from_other_layout` recognised; ``shape`` is the tensor's. The
+        load then copies the checkpoint's values into the new constraint. None (the default):
+        keep this layout, and load the translated checkpoint. Called for a first constraint
+        only, after the checkpoint was checked, so it must not fail."""
+        del state, shape
+        return None
+
+    def base_state(self) -> dict[str, Tensor]:
+        """The state a :func:`maskparam.trainable_state_dict` checksum covers as the base its
+        trained entries rely on, by role: its saved state, less trainable Parameters and the
+        mask buffer (the free-entry mask has its own checksum). A layout that stores the same
+        values under other names returns them under the other layout's, so that a state saved
+        in one layout loads into the other."""
+        skip = self.mask_buffer
+        return {
+            key: value
+            for key, value in self.state_dict(keep_vars=True).items()
+            if key != skip and not (isinstance(value, nn.Parameter) and value.requires_grad)
+        }
+
     def saved_entries(self, free: Tensor) -> Tensor:
         """Of the entries whose stored values train before this constraint (``free``), those whose
         values :func:`maskparam.trainable_state_dict` must save. Default: :meth:`free_entries`.
@@ -415,11 +444,16 @@ class Constraint(FixedTensors):
         if name and before is not None:
             after: Tensor = getattr(self, name)
             if after.shape != before.shape or not torch.equal(after, before):
-                self.mask_changed = True
-                described = self.__dict__.get("description")
-                if isinstance(described, str):
-                    # The generator's words no longer describe the mask: it is the checkpoint's.
-                    self.__dict__["description"] = _relabelled(described)
+                self.took_checkpoint_mask()
+
+    def took_checkpoint_mask(self) -> None:
+        """Record that a checkpoint brought a mask that is not the one the rule computed: its
+        positions are then saved by :func:`maskparam.trainable_state_dict`, and the generator's
+        words no longer describe it."""
+        self.mask_changed = True
+        described = self.__dict__.get("description")
+        if isinstance(described, str):
+            self.__dict__["description"] = _relabelled(described)
 
     def level_input(self, value: Tensor) -> Tensor:
         """What this constraint sees when the tensor is assigned ``value`` (``module.weight = w``,

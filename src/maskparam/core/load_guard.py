@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from maskparam.core.constraint import Constraint, FixedTensors, broadcasts_to, load_error
-from maskparam.core.layouts import translate_layouts
+from maskparam.core.inference import refuse_inference_mode
+from maskparam.core.layouts import LayoutSwitch, switch_layouts, translate_layouts
 from maskparam.core.parametrize import (
     maskparam_constraints,
     parametrization_list,
@@ -58,16 +59,22 @@ def check_checkpoint(
     """Raise, naming the constraint and what is wrong, if any of its entries cannot load, or if
     torch would refuse a tensor of another shape after copying the others.
 
-    A checkpoint saved in the other layout (dense or compact) is translated first (see
+    A checkpoint saved in the other layout (dense or compact) is translated first and checked as
+    this model's layout; once everything passed, the tensor takes the checkpoint's layout (see
     ``core/layouts.py``). Missing and unexpected keys are not checked here: torch passes ``strict=True`` to every
     module's pre-hook whatever the caller asked, so a hook cannot tell an error from a partial
     load; :func:`maskparam.load_state_dict` checks keys before anything is loaded.
     """
+    switches: list[LayoutSwitch] = []
     if isinstance(state_dict, dict):  # torch's own copy of the checkpoint, which it loads from
-        translate_layouts(model, state_dict, prefix)
+        switches = translate_layouts(model, state_dict, prefix)  # checked as this layout
     resizes = _compact_resizes(model, state_dict, prefix)
     reshaped = _reshaped_masks(model, state_dict, prefix)
     _check_shapes(model, state_dict, prefix, resized={*resizes, *reshaped})
+    if resizes or reshaped or any(s.twin is not None for s in switches):
+        # New tensors (a resized original, a mask of another shape, another layout's constraint)
+        # created under inference mode would fail the next backward. Copies in place are fine.
+        refuse_inference_mode(f"load_state_dict into {type(model).__name__}")
     for name, module in model.named_modules(prefix=prefix.rstrip(".")):
         here = f"{name}." if name else ""
         if isinstance(module, FixedTensors):
@@ -92,8 +99,14 @@ def check_checkpoint(
             problem = first.check_original(original, state)
             if problem:
                 raise load_error(first_prefix, type(first).__name__, [problem])
-    # Everything checked: a mask buffer may take the checkpoint's shape, and a compact original
-    # its number of entries; torch's load then copies the values in.
+    # Everything checked: a tensor saved in the other layout takes it, a mask buffer may take
+    # the checkpoint's shape, and a compact original its number of entries; torch's load then
+    # copies the values in.
+    if isinstance(state_dict, dict):
+        switch_layouts(state_dict, switches)
+    switched = {key for s in switches if s.twin is not None for key in s.translated}
+    resizes = {k: v for k, v in resizes.items() if k not in switched}
+    reshaped = {k: v for k, v in reshaped.items() if k not in switched}
     for key, (constraint, buffer_name) in reshaped.items():
         current: Tensor = getattr(constraint, buffer_name)
         loaded = state_dict[key]

@@ -32,8 +32,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
-from maskparam.core.entries import fill_at
-from maskparam.core.positions import to_full, to_stored
+from maskparam.core.positions import fill_at, to_full, to_stored
 from maskparam.core.undo import Undo
 from maskparam.errors import error
 
@@ -171,8 +170,7 @@ def reset_entries(
         for key, value in _per_entry(state, parameter.shape).items():
             if undo is not None:
                 undo.entries(value, positions)
-            with torch.no_grad():
-                fill_at(value, positions, _fresh(optimizer, group, key))
+            fill_at(value, positions, _fresh(optimizer, group, key))  # any strides
 
 
 def move_entries(

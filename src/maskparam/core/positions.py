@@ -2,8 +2,10 @@
 
 The compact layout stores the free entries of a tensor as one flat vector, in row-major order;
 everything that reads or writes such a vector (the constraint's forward, optimizer state,
-checkpoints, ``trainable_state_dict``, ``rewind``, ``update_masks``) goes through these three
-functions, so there is one definition of the order.
+checkpoints, ``trainable_state_dict``, ``rewind``, ``update_masks``) goes through these
+functions, so there is one definition of the order. The order is the logical (row-major) one
+whatever the tensor's strides: a ``channels_last`` conv weight is addressed as any other, and
+written in place without a ``view`` (which its strides do not allow).
 
 >>> free = torch.tensor([[True, False], [False, True]])
 >>> positions = free_positions(free, free.shape)
@@ -21,7 +23,16 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["free_positions", "stored_indices", "to_full", "to_stored"]
+__all__ = [
+    "fill_at",
+    "free_positions",
+    "memory_format",
+    "stored_indices",
+    "to_full",
+    "to_stored",
+    "with_memory_format",
+    "write_at",
+]
 
 
 def free_positions(free: Tensor, shape: torch.Size) -> Tensor:
@@ -65,3 +76,67 @@ def stored_indices(entries: Tensor, positions: Tensor | None) -> Tensor:
     if positions is not None:
         flat = flat.index_select(0, positions.to(flat.device))
     return flat.nonzero().reshape(-1)
+
+
+def write_at(target: Tensor, positions: Tensor, values: Tensor) -> None:
+    """Write ``values`` (one per position) in place into ``target`` at its flat row-major
+    ``positions``, whatever its strides (a ``channels_last`` weight, or its optimizer state):
+    ``target`` stays the same tensor, in its memory format. No autograd.
+
+    >>> weight = torch.zeros(1, 2, 1, 2).to(memory_format=torch.channels_last)
+    >>> write_at(weight, torch.tensor([1, 2]), torch.tensor([5.0, 7.0]))
+    >>> weight.reshape(-1).tolist(), weight.is_contiguous(memory_format=torch.channels_last)
+    ([0.0, 5.0, 7.0, 0.0], True)
+    """
+    at = positions.to(target.device)
+    with torch.no_grad():
+        if target.is_contiguous():
+            target.view(-1).index_copy_(0, at, values.detach().reshape(-1).to(target.dtype))
+            return
+        # By multi-dimensional index: no view, no full copy; the strides stay.
+        index = torch.unravel_index(at.to(torch.int64), target.shape)
+        target.index_put_(index, values.detach().reshape(-1).to(target.device, target.dtype))
+
+
+def fill_at(target: Tensor, positions: Tensor, value: float) -> None:
+    """Set ``target`` to ``value`` in place at its flat row-major ``positions``, whatever its
+    strides (as :func:`write_at`).
+
+    >>> state = torch.ones(1, 2, 1, 2).to(memory_format=torch.channels_last)
+    >>> fill_at(state, torch.tensor([0, 3]), 0.0)
+    >>> state.reshape(-1).tolist()
+    [0.0, 1.0, 1.0, 0.0]
+    """
+    at = positions.to(target.device)
+    with torch.no_grad():
+        if target.is_contiguous():
+            target.view(-1).index_fill_(0, at, value)
+            return
+        index = torch.unravel_index(at.to(torch.int64), target.shape)
+        filler = torch.full((at.numel(),), value, dtype=target.dtype, device=target.device)
+        target.index_put_(index, filler)
+
+
+def memory_format(tensor: Tensor) -> torch.memory_format:
+    """The memory format ``tensor`` is laid out in: ``channels_last`` (4-D) or
+    ``channels_last_3d`` (5-D) where it is that and not plainly contiguous, else
+    ``contiguous_format``.
+
+    >>> memory_format(torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last))
+    torch.channels_last
+    """
+    if not tensor.is_contiguous():
+        if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if tensor.dim() == 5 and tensor.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def with_memory_format(target: Tensor, fmt: torch.memory_format) -> None:
+    """Lay ``target`` (a Parameter or buffer) out in ``fmt`` in place, keeping the object and
+    its values (``set_``): a bake gives a ``channels_last`` weight back in ``channels_last``."""
+    if fmt == torch.contiguous_format or target.is_contiguous(memory_format=fmt):
+        return
+    with torch.no_grad():
+        target.set_(target.contiguous(memory_format=fmt))  # type: ignore[call-overload]

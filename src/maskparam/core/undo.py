@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from maskparam.core.entries import write_at
+from maskparam.core.positions import write_at
 
 __all__ = ["Undo"]
 

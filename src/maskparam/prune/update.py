@@ -28,7 +28,7 @@ from maskparam.constrain import distributed
 from maskparam.constrain.apply import apply_mask
 from maskparam.constraints.mask import Mask
 from maskparam.core.constraint import Constraint, MaskChange, Spec
-from maskparam.core.entries import write_at
+from maskparam.core.inference import refuse_inference_mode
 from maskparam.core.match import Selector, TensorIndex, describe, match_rule, no_match_error
 from maskparam.core.optimizer import (
     UNSET,
@@ -40,7 +40,7 @@ from maskparam.core.optimizer import (
     reset_entries,
 )
 from maskparam.core.parametrize import parametrization_list, walk_stack
-from maskparam.core.positions import stored_indices, to_full, to_stored
+from maskparam.core.positions import stored_indices, to_full, to_stored, write_at
 from maskparam.core.tensors import TensorRef
 from maskparam.core.undo import Undo
 from maskparam.errors import check_bool, check_module, error
@@ -170,6 +170,7 @@ def update_masks(
     >>> sum(int((layer.weight == 0).sum()) for layer in model)
     96
     """
+    refuse_inference_mode("update_masks")
     check_module(model, "update_masks")
     check_bool(strict, "update_masks", "strict")
     check_bool(apply_missing, "update_masks", "apply_missing")
