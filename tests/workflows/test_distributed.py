@@ -424,12 +424,12 @@ def test_ddp_mask_changes_keep_every_rank_on_rank0_masks_or_are_refused():
         assert "the ranks of the process group planned different mask changes" in result["mismatch"]
         assert result["mismatch_unchanged"]
     # The compact recipe: rank 0's mask (seed 0) on both ranks, and the ranks train on identically.
-    expected = mp.masks.random(0.25, seed=0).build(torch.empty(16, 8), "")
+    expected = mp.masks.random(0.25, seed=0).build(torch.empty(16, 8), "0.weight")
     assert torch.equal(r0["compact_free"].bool(), expected)
     assert torch.equal(r1["compact_free"], r0["compact_free"])
     assert _same(r0["compact_state"], r1["compact_state"])
     # As many free entries: the same Parameter, rank 0's mask, still averaged by the same DDP.
-    expected = mp.masks.random(0.5, seed=7).build(torch.empty(16, 8), "")
+    expected = mp.masks.random(0.5, seed=7).build(torch.empty(16, 8), "0.weight")
     for result in ranks:
         assert result["same_parameter"]
         assert torch.equal(result["regrown_free"].bool(), expected)
@@ -438,14 +438,14 @@ def test_ddp_mask_changes_keep_every_rank_on_rank0_masks_or_are_refused():
         for i, (m0, m1) in enumerate(
             zip(r0[f"dense{exclude}_masks"], r1[f"dense{exclude}_masks"], strict=True)
         ):
-            shape = (16, 8) if i == 0 else (4, 16)
-            assert torch.equal(m0, mp.masks.random(0.5, seed=0).build(torch.empty(shape), ""))
+            shape, name = ((16, 8), "0.weight") if i == 0 else ((4, 16), "2.weight")
+            assert torch.equal(m0, mp.masks.random(0.5, seed=0).build(torch.empty(shape), name))
             assert torch.equal(m1, m0)
             w = r1[f"dense{exclude}_weights"][i]
             assert torch.equal(w[~m1], torch.zeros(int((~m1).sum())))
         assert _same(r0[f"dense{exclude}_state"], r1[f"dense{exclude}_state"])
         assert _same(r0[f"dense{exclude}_pruned"], r1[f"dense{exclude}_pruned"])
-    expected = mp.masks.random(0.5, seed=1).build(torch.empty(16, 8), "")
+    expected = mp.masks.random(0.5, seed=1).build(torch.empty(16, 8), "0.weight")
     for result in ranks:
         assert torch.equal(result["compiled_mask"], expected)
         assert torch.equal(
