@@ -91,7 +91,9 @@ def test_every_constraint_stays_exact_through_update_masks(case, optimizer):
         train_steps(model, x, steps=2, optimizer=opt)
         assert mp.verify(model) == []
         before = {n: t.detach().clone() for n, t in _weights(model).items()}
-        mp.update_masks(model, {"*.weight": update_rule(k)}, optimizer=opt)
+        # A pair (Muon with AdamW) is passed as the list of its optimizers, as a user would.
+        given = list(getattr(opt, "optimizers", [opt]))
+        mp.update_masks(model, {"*.weight": update_rule(k)}, optimizer=given)
         assert mp.verify(model) == []  # exact from the next forward
         assert all(p is q for p, q in zip(model.parameters(), params, strict=True))
         for name, now in _weights(model).items():
@@ -1057,3 +1059,50 @@ def test_pruning_a_fraction_of_what_remains_equals_torch_prune_called_again(join
 def test_of_must_be_all_or_remaining():
     with pytest.raises(mp.MaskparamError, match="of='remaining'"):
         mp.masks.magnitude(0.2, of="rest")
+
+
+@pytest.mark.parametrize("make_opt", [torch.optim.Adam, torch.optim.Adagrad])
+def test_auto_layout_is_chosen_again_as_the_density_changes(make_opt):
+    """layout="auto" (the default): a tensor applied at 80% kept is dense; pruned to 5% it goes
+    compact, regrown to 80% dense again, the same Parameter throughout, and it trains bit for
+    bit as a tensor kept dense; an explicit layout stays."""
+    runs = {}
+    for layout in ("auto", "dense"):
+        model = mlp(8, 16, 4, seed=0)
+        mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.magnitude(0.2), layout=layout)})
+        optimizer = make_opt(model.parameters(), lr=1e-2)
+        params = list(model.parameters())
+        pruning_steps(model, optimizer, 2)
+        stored = []
+        for sparsity in (0.95, 0.2):
+            mp.update_masks(
+                model, {"*.weight": mp.masks.random(1 - sparsity, seed=3)}, optimizer=optimizer
+            )
+            stored.append(model[0].parametrizations.weight.original.shape)
+            pruning_steps(model, optimizer, 2)
+        assert list(model.parameters()) == params
+        assert mp.verify(model) == []
+        runs[layout] = (linear_weights(model), stored, model)
+    assert runs["auto"][1] == [torch.Size([6]), torch.Size([16, 8])]  # compact, then dense
+    assert runs["dense"][1] == [torch.Size([16, 8]), torch.Size([16, 8])]
+    for a, b in zip(runs["auto"][0], runs["dense"][0], strict=True):
+        assert bitwise_equal(a, b)
+    assert "compact" not in str(mp.summary(runs["auto"][2]))
+
+
+def test_a_checkpoint_taken_after_auto_chose_compact_resumes_into_the_initial_rules():
+    model = mlp(8, 16, 4, seed=0)
+    rules = lambda: {"*.weight": mp.Mask(mp.masks.magnitude(0.2))}
+    mp.apply_mask(model, rules())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruning_steps(model, optimizer, 1)
+    mp.update_masks(model, {"*.weight": mp.masks.magnitude(0.9)}, optimizer=optimizer)
+    assert model[0].parametrizations.weight.original.dim() == 1  # compact now
+    fresh = mp.apply_mask(mlp(8, 16, 4, seed=1), rules())
+    fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+    fresh.load_state_dict(copy.deepcopy(model.state_dict()))
+    fresh_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as torch.load gives
+    pruning_steps(model, optimizer, 2)
+    pruning_steps(fresh, fresh_optimizer, 2)
+    for a, b in zip(linear_weights(model), linear_weights(fresh), strict=True):
+        assert bitwise_equal(a, b)

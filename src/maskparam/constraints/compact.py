@@ -301,6 +301,18 @@ class CompactConstraint(Constraint):
         return translated, to_stored(original, free_positions(free, self.shape))
 
     @override
+    def relayout(self, free: Tensor) -> Constraint | None:
+        # Only a Mask's zeros: a compact Freeze's frozen values would need a state to carry.
+        if not self.auto_layout or self.fill.numel() or self.dense is None:
+            return None
+        if chooses_compact("auto", free, self.shape):
+            return None
+        dense = self.in_other_layout({"free": free}, self.shape)
+        if dense is not None:
+            dense.auto_layout = True
+        return dense
+
+    @override
     def in_other_layout(self, state: Mapping[str, Tensor], shape: torch.Size) -> Constraint | None:
         if self.dense is None:
             return None
@@ -312,9 +324,14 @@ class CompactConstraint(Constraint):
 
     @override
     def optimizer_problem(self, optimizer: torch.optim.Optimizer) -> tuple[str, str] | None:
-        # Adafactor factors a matrix's second moment: on the vector it would run unfactored.
-        # (LBFGS is flat over all parameters anyway; Muon refuses a vector itself.)
-        if not elementwise(optimizer) and not isinstance(optimizer, torch.optim.LBFGS):
+        # Adafactor factors a matrix's second moment: on the vector it would run unfactored;
+        # Muon orthogonalizes a matrix's update and refuses a vector at its step. (LBFGS is flat
+        # over all parameters anyway.)
+        muon = getattr(torch.optim, "Muon", None)
+        matrix_wise = not elementwise(optimizer) or (
+            isinstance(muon, type) and isinstance(optimizer, muon)
+        )
+        if matrix_wise and not isinstance(optimizer, torch.optim.LBFGS):
             problem = (
                 f"{type(optimizer).__name__} treats a matrix as a matrix, but the compact layout "
                 "stores this tensor as the vector of its free entries: it would run another "

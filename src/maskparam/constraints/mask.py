@@ -82,9 +82,10 @@ class Mask(Spec):
     def build_selected(self, name: str, tensor: Tensor, selected: Tensor) -> Constraint:
         kept = masks.as_binary(selected, tensor, self._for(name))
         keeps = masks.describe_source(self.mask)
+        constraint: Constraint
         if chooses_compact(self.layout, kept, tensor.shape):
             check_compact_possible(self._for(name), tensor)
-            return CompactConstraint(
+            constraint = CompactConstraint(
                 kept,
                 tensor.shape,
                 None,
@@ -93,7 +94,13 @@ class Mask(Spec):
                 template="Mask(keeps {}, compact)",
                 dense=_dense_mask,
             )
-        return MaskConstraint(kept, description=f"Mask(keeps {keeps})", shape=tensor.shape)
+        else:
+            constraint = MaskConstraint(
+                kept, description=f"Mask(keeps {keeps})", shape=tensor.shape
+            )
+        # "auto" reaches here only where compact is possible: update_masks may choose again.
+        constraint.auto_layout = self.layout == "auto"
+        return constraint
 
 
 class MaskConstraint(Constraint):
@@ -167,6 +174,15 @@ class MaskConstraint(Constraint):
         return None if full is None else ({"mask": free}, full)
 
     @override
+    def relayout(self, free: Tensor) -> Constraint | None:
+        # "auto" stores a mask compact at this density: switch as apply_mask would have chosen.
+        if not self.auto_layout or not chooses_compact("auto", free, self.shape):
+            return None
+        compact = self.in_other_layout({"free": free}, self.shape)
+        compact.auto_layout = True
+        return compact
+
+    @override
     def in_other_layout(self, state: Mapping[str, Tensor], shape: torch.Size) -> Constraint:
         return CompactConstraint(
             state["free"],
@@ -184,5 +200,7 @@ class MaskConstraint(Constraint):
 
 
 def _dense_mask(state: Mapping[str, Tensor], shape: torch.Size, description: str) -> Constraint:
-    """A compact Mask's dense layout, for a dense checkpoint (its ``mask``)."""
-    return MaskConstraint(state["mask"], description=description, shape=shape)
+    """A compact Mask's dense layout, for a dense checkpoint (its ``mask``), or where
+    ``update_masks`` regrew it past what "auto" stores compact (its ``free`` entries)."""
+    mask = state["mask"] if "mask" in state else state["free"]
+    return MaskConstraint(mask, description=description, shape=shape)

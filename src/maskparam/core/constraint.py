@@ -374,6 +374,21 @@ class Constraint(FixedTensors):
         compact vector): a bake lays the tensor out in it again. None: the stored original's."""
         return None
 
+    #: True where the spec's ``layout="auto"`` chose this constraint's layout (and compact was
+    #: possible): :func:`maskparam.update_masks` may then choose again as the density changes
+    #: (:meth:`relayout`).
+    auto_layout: bool = False
+
+    def relayout(self, free: Tensor) -> Constraint | None:
+        """This constraint rebuilt in the layout ``"auto"`` would choose for a tensor whose
+        free entries are now ``free`` (bool, the tensor's shape), where that is the other one
+        and :attr:`auto_layout` is set; None (the default) to keep the layout. Called by
+        :func:`maskparam.update_masks` for a first constraint, after it took its new mask; the
+        lifecycle then swaps it in and lays the stored Parameter (the same object) and the
+        optimizers' state out again."""
+        del free
+        return None
+
     def in_other_layout(self, state: Mapping[str, Tensor], shape: torch.Size) -> Constraint | None:
         """This constraint rebuilt in the layout a checkpoint saved it in, so that the checkpoint's
         layout wins on load (an optimizer state saved with it then fits): ``state`` holds the

@@ -108,6 +108,10 @@ class Undo:
 
         self._steps.append(undo)
 
+    def call(self, undo: Callable[[], None]) -> None:
+        """Before a write that ``undo`` takes back (swapping a module in a stack)."""
+        self._steps.append(undo)
+
     def run(self) -> None:
         """Take every recorded write back, the last first."""
         for step in reversed(self._steps):

@@ -39,7 +39,7 @@ from maskparam.core.optimizer import (
     move_entries,
     reset_entries,
 )
-from maskparam.core.parametrize import parametrization_list, walk_stack
+from maskparam.core.parametrize import link_stack, parametrization_list, walk_stack
 from maskparam.core.positions import stored_indices, to_full, to_stored, write_at
 from maskparam.core.tensors import TensorRef
 from maskparam.core.undo import Undo
@@ -74,6 +74,7 @@ class MaskUpdate:
     current: Tensor  # the tensor as the constraint outputs it now
     selected: Tensor | None = None  # the new mask, bool, broadcastable to ``current``
     free_after: Tensor | None = None  # the entries it leaves free, the tensor's shape
+    relayout: Constraint | None = None  # the constraint in the layout "auto" chooses now
 
     def select(self, selected: Tensor) -> None:
         """Plan ``selected`` as the new mask; the constraint refuses one it cannot take."""
@@ -130,10 +131,14 @@ def update_masks(
       optimizer starts from (Rprop's step size, Adagrad's initial accumulator).
     * ``Freeze``: a newly frozen entry holds its current value, bit for bit. An unfrozen entry
       trains on from its frozen value, with fresh optimizer state.
-    * A compact layout stays compact. It shrinks or grows to the new number of free entries,
-      and the optimizer state follows each entry by position. A dense layout stays dense.
-      LBFGS, whose history is one flat vector over all its parameters, restarts it when a
-      compact tensor changes size.
+    * A compact layout shrinks or grows to the new number of free entries, and the optimizer
+      state follows each entry by position. A ``Mask`` whose layout ``"auto"`` chose (the
+      default) is chosen again for the new density, as ``apply_mask`` would have stored it:
+      pruned far enough it goes compact, regrown past it dense again (the same Parameter; the
+      state follows each entry); an explicit ``layout=`` stays, and so does a layout an
+      optimizer passed could not train (Adafactor, Muon on a compact vector). LBFGS, whose
+      history is one flat vector over all its parameters, restarts it when a tensor changes
+      size.
 
     ``optimizer``: the optimizer (or list of them) that trains these tensors; its state is laid
     out at once for the entries that change side. Where an update changes what is stored
@@ -214,6 +219,10 @@ def run_update(
     given = optimizer is not UNSET
     check_optimizers(updates, optimizers, given=given, caller=caller)
     distributed.refuse_ddp_resize(updates, caller, rewrap_ddp=rewrap_ddp)
+    if rewrap_ddp or not distributed.process_group_initialized():
+        # (Under a process group a layout switch would resize the Parameter behind DDP's back:
+        # the layout then stays, unless rewrap_ddp says DDP is wrapped again.)
+        _plan_layouts(updates, optimizers)
     trained = [n for n in new if n.ref.storage.requires_grad]
     if trained and not given:
         raise error(
@@ -498,6 +507,54 @@ def commit_update(
         else:
             _write_arriving(update, change.arriving, change.start, optimizers, undo)
         _tell_later_levels(update, [value for _, value in stack_before], undo)
+        if update.relayout is not None:
+            _switch_layout(update, optimizers, undo)
+
+
+def _plan_layouts(
+    updates: Sequence[MaskUpdate], optimizers: Sequence[torch.optim.Optimizer]
+) -> None:
+    """Where "auto" chose a first constraint's layout, choose again for the new density (a run
+    pruned from 80% kept down to 5% goes compact, as apply_mask would have stored it), unless
+    an optimizer that trains the tensor could not train the other layout (Adafactor)."""
+    for update in updates:
+        if update.level != 0 or update.free_after is None:
+            continue
+        twin = update.constraint.relayout(update.free_after)
+        held = holders(optimizers, update.ref.storage)
+        if twin is not None and not any(twin.optimizer_problem(o) for o, _ in held):
+            update.relayout = twin
+
+
+def _switch_layout(
+    update: MaskUpdate, optimizers: Sequence[torch.optim.Optimizer], undo: Undo
+) -> None:
+    """Swap the first constraint for its twin in the other layout: the stored Parameter (the
+    same object) holds the entries as the twin stores them, its gradient and the optimizers'
+    state follow each entry, and an entry the twin stores that was not stored starts fresh."""
+    twin, old, ref = update.relayout, update.constraint, update.ref
+    assert twin is not None
+    stack = parametrization_list(ref.module, ref.local_name)
+    stored = stack.original
+    shape = update.current.shape
+    was, now = old.stored_positions(), twin.stored_positions()
+    full = old.to_full(stored.detach())
+    twin.mask_changed = True
+    twin.train(old.training)
+
+    def put_back() -> None:
+        stack[0] = old
+        link_stack(ref.module, ref.local_name)
+
+    undo.storage(stored)
+    undo.call(put_back)
+    stack[0] = twin
+    link_stack(ref.module, ref.local_name)
+    with torch.no_grad():
+        stored.set_(twin.to_stored(full).to(stored.dtype))  # type: ignore[call-overload]
+        if stored.grad is not None:
+            stored.grad = twin.to_stored(old.to_full(stored.grad))
+    move_entries(optimizers, stored, was=was, now=now, full_shape=shape, undo=undo)
 
 
 def _tell_later_levels(update: MaskUpdate, inputs_before: list[Tensor], undo: Undo) -> None:
