@@ -34,7 +34,7 @@ from maskparam.constraints.subspace import Subspace, subspace_theta
 from maskparam.constraints.triangular import Triangular
 from maskparam.core.constraint import Constraint, MaskChange, Pins, Spec
 from maskparam.core.match import Selector
-from maskparam.errors import MaskparamError
+from maskparam.errors import MaskparamError, MaskparamWarning
 from maskparam.export.sparse import CSRLinear, SparseChoice, to_sparse
 from maskparam.prune.rewind import rewind
 from maskparam.prune.schedule import GradualPruning, PruningRules, cubic_sparsity
@@ -50,6 +50,7 @@ __all__ = [
     "MaskChange",
     "MaskRules",
     "MaskparamError",
+    "MaskparamWarning",
     "Pins",
     "Preview",
     "PruningRules",

@@ -1,10 +1,18 @@
-"""The one error class maskparam raises for bad input."""
+"""The one error class maskparam raises for bad input, and the one warning it gives."""
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["MaskparamError", "check_bool", "check_finite", "check_int", "check_module", "error"]
+__all__ = [
+    "MaskparamError",
+    "MaskparamWarning",
+    "check_bool",
+    "check_finite",
+    "check_int",
+    "check_module",
+    "error",
+]
 
 
 class MaskparamError(ValueError):
@@ -12,6 +20,11 @@ class MaskparamError(ValueError):
 
     It subclasses :class:`ValueError`, so ``except ValueError`` keeps working.
     """
+
+
+class MaskparamWarning(UserWarning):
+    """A call did what it was asked, but likely not what was meant (an absolute sparsity that
+    regrows pruned entries by magnitude, where every pruned entry is 0)."""
 
 
 def error(subject: str, problem: str, *details: str, fix: str) -> MaskparamError:

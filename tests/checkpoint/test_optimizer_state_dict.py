@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from helpers import keep_31_of_64, square_sum_steps, steps_on_x_16x8
+from helpers import keep_31_of_64, mlp, square_sum_steps, steps_on_x_16x8
 from torch import Tensor, nn
 
 import maskparam as mp
@@ -304,3 +304,24 @@ def test_a_damaged_state_is_refused_naming_the_damage_and_nothing_loads(case) ->
     with pytest.raises(mp.MaskparamError, match=f"the state is damaged: {message}"):
         mp.load_optimizer_state_dict(target, model, state)
     assert target.state_dict() == before
+
+
+def test_a_state_of_another_optimizer_class_is_refused_before_loading():
+    model = mp.apply_mask(mlp(4, 4, 2, seed=0), {"0.weight": mp.Mask(mp.masks.magnitude(0.3))})
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    adam = torch.optim.Adam(model.parameters())
+    for optimizer in (sgd, adam):
+        optimizer.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+    saved = mp.optimizer_state_dict(sgd, model)
+    before = copy.deepcopy(adam.state_dict())
+    with pytest.raises(mp.MaskparamError, match="saved by another kind of optimizer"):
+        mp.load_optimizer_state_dict(adam, model, saved)
+    after = adam.state_dict()
+    assert before["param_groups"] == after["param_groups"]
+    assert all(
+        torch.equal(before["state"][i][k], after["state"][i][k])
+        for i in before["state"]
+        for k in before["state"][i]
+    )

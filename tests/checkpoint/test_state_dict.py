@@ -387,3 +387,39 @@ def test_plain_checkpoint_into_a_meta_built_model_refuses_or_gets_the_masks() ->
     mp.apply_mask(reference, rules)
     x = torch.randn(4, 16)
     assert torch.equal(model(x), reference(x))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        lambda: mp.Mask(mp.masks.magnitude(0.5), layout="dense"),
+        lambda: mp.Freeze(mp.masks.random(0.5, seed=1), layout="dense"),
+        lambda: mp.Mask(mp.masks.magnitude(0.5)),
+    ],
+    ids=["mask", "freeze", "auto-from-compact"],
+)
+def test_a_model_built_on_meta_materialises_with_load_state_dict_assign(spec):
+    """torch's way to materialise a meta model, load_state_dict(assign=True), loads a
+    constrained checkpoint: the same outputs, nothing left on meta."""
+    torch.manual_seed(0)
+    trained = mp.apply_mask(mlp(4, 4, 2), {"*.weight": spec()})
+    state = copy.deepcopy(trained.state_dict())
+    with torch.device("meta"):
+        model = mlp(4, 4, 2)
+    mp.apply_mask(model, {"*.weight": spec()})
+    model.load_state_dict(state, assign=True)
+    inputs = torch.randn(3, 4)
+    assert torch.equal(model(inputs), trained(inputs))
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert mp.verify(model) == []
+
+
+def test_mp_load_state_dict_refuses_a_meta_value_before_copying_anything():
+    model = mp.apply_mask(mlp(4, 4, 2, seed=0), {"*.weight": mp.Mask(mp.masks.magnitude(0.5))})
+    checkpoint = copy.deepcopy(model.state_dict())
+    checkpoint = {k: v.mul(2) if v.is_floating_point() else v for k, v in checkpoint.items()}
+    checkpoint["2.bias"] = checkpoint["2.bias"].to("meta")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(mp.MaskparamError, match=r"\['2.bias'\] are on the meta device"):
+        mp.load_state_dict(model, checkpoint)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import assert_state_unchanged, state_of
+from helpers import assert_state_unchanged, mlp, state_of
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -211,12 +211,12 @@ def test_preview_reports_selected_and_passed_over_and_changes_nothing(snapshot):
             super().__init__()
             self.fc = nn.Linear(3, 3)
             self.frozen = nn.Linear(3, 3).requires_grad_(False)
-            self.register_buffer("inv_freq", torch.ones(2), persistent=False)
+            self.register_buffer("scale", torch.ones(2))
 
     model = WithBuffers()
     before = snapshot(model)
-    found = mp.preview(model, {"*.weight": mp.Triangular(), "inv_freq": mp.Mask(torch.ones(2))})
-    assert [name for name, _, _ in found.selected] == ["fc.weight", "inv_freq"]
+    found = mp.preview(model, {"*.weight": mp.Triangular(), "scale": mp.Mask(torch.ones(2))})
+    assert [name for name, _, _ in found.selected] == ["fc.weight", "scale"]
     assert ("'*.weight'", "frozen.weight", "is a frozen parameter (requires_grad=False)") in (
         found.passed_over
     )
@@ -309,3 +309,37 @@ def test_a_failed_apply_gives_a_compact_target_back_its_gradient():
         mp.apply_mask(model, rules)
     assert type(model[0]) is nn.Linear
     assert torch.equal(model[0].weight.grad, grad)
+
+
+def test_a_non_persistent_buffer_is_refused_by_name_and_passed_over_by_wildcards():
+    """torch's parametrize would save a non-persistent (derived) buffer, and baking would leave
+    it in the state_dict: named, it is refused; a wildcard passes over it."""
+
+    class Rotary(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("inv_freq", torch.rand(4, 4), persistent=False)
+
+    model = Rotary()
+    keys = list(model.state_dict())
+    with pytest.raises(mp.MaskparamError, match="'inv_freq' is a non-persistent buffer"):
+        mp.apply_mask(model, {"inv_freq": mp.Mask(mp.masks.magnitude(0.5))})
+    mp.apply_mask(model, {"*": mp.Mask(mp.masks.magnitude(0.5))})
+    assert not any("inv_freq" in k for k in model.state_dict())
+    mp.remove_parametrizations(model)
+    assert list(model.state_dict()) == keys
+
+
+def test_preview_leaves_torchs_random_stream_as_it_was():
+    """A dry run changes nothing, the global RNG included: preview then apply draws the masks
+    that apply alone draws after the same manual_seed."""
+    rules = {"*.weight": mp.Mask(mp.masks.random(0.5))}
+    alone, previewed = mlp(6, 8, 3, seed=0), mlp(6, 8, 3, seed=0)
+    torch.manual_seed(1)
+    mp.apply_mask(alone, rules)
+    torch.manual_seed(1)
+    mp.preview(previewed, rules)
+    mp.apply_mask(previewed, rules)
+    for name in ("0.weight", "2.weight"):
+        assert torch.equal(mp.kept_entries(alone, name), mp.kept_entries(previewed, name))

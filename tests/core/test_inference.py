@@ -77,7 +77,19 @@ CALLS: dict[str, tuple[str, Callable[[], Callable[[nn.Module], object]]]] = {
     "load_trainable_state_dict": ("load_trainable_state_dict", _loads_trainable),
     "apply_mask": ("apply_mask", lambda: lambda m: mp.apply_mask(m, APPLY)),
     "preview": ("preview", lambda: lambda m: mp.preview(m, APPLY)),
+    "remove_parametrizations": (
+        "remove_parametrizations",
+        lambda: lambda m: mp.remove_parametrizations(m),
+    ),
+    "GradualPruning.step": ("GradualPruning", lambda: _pruning_step),
 }
+
+
+def _pruning_step(model: nn.Module) -> None:
+    pruning = mp.GradualPruning(
+        model, {"0.weight": mp.masks.magnitude}, sparsity=0.9, end=1, optimizer=None
+    )
+    pruning.step()  # its first step updates the masks
 
 
 @pytest.mark.parametrize("case", list(CALLS))

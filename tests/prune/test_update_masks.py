@@ -6,6 +6,7 @@ unchanged. Checkpoints across an update: test_update_masks_checkpoints.py."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from typing import Any
@@ -202,7 +203,9 @@ def test_half_precision_masks_update_exactly(dtype, layout):
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for sparsity in (0.6, 0.2, 0.8):
         train_steps(model, pruning_inputs(dtype), steps=2, optimizer=optimizer)
-        mp.update_masks(model, {"*.weight": mp.masks.magnitude(sparsity)}, optimizer=optimizer)
+        lower = sparsity < 0.5  # regrows pruned entries by magnitude: warned, then done
+        with pytest.warns(mp.MaskparamWarning) if lower else contextlib.nullcontext():
+            mp.update_masks(model, {"*.weight": mp.masks.magnitude(sparsity)}, optimizer=optimizer)
         assert mp.verify(model) == []
         assert int((model[0].weight == 0).sum()) >= round(sparsity * 64)
 
@@ -1105,4 +1108,50 @@ def test_a_checkpoint_taken_after_auto_chose_compact_resumes_into_the_initial_ru
     pruning_steps(model, optimizer, 2)
     pruning_steps(fresh, fresh_optimizer, 2)
     for a, b in zip(linear_weights(model), linear_weights(fresh), strict=True):
+        assert bitwise_equal(a, b)
+
+
+def test_an_absolute_sparsity_that_regrows_by_magnitude_says_so():
+    """magnitude(0.2) after 36% pruned asks for 20% of the whole tensor: the pruned entries are
+    all 0, so which regrow is a matter of position. It happens (the sparsity is absolute), and
+    a MaskparamWarning names the tensor and the relative spelling; of="remaining" and a random
+    regrowth say nothing."""
+    model = mp.apply_mask(mlp(8, 16, 4, seed=0), {"0.weight": mp.Mask(mp.masks.magnitude(0.36))})
+    with pytest.warns(mp.MaskparamWarning, match=r"'0.weight' is 35.9% pruned.*of='remaining'"):
+        mp.update_masks(model, {"0.weight": mp.masks.magnitude(0.2)}, optimizer=None)
+    assert mp.sparsity(model) == pytest.approx(0.2, abs=0.01)
+    mp.update_masks(model, {"0.weight": mp.masks.magnitude(0.2, of="remaining")}, optimizer=None)
+    mp.update_masks(model, {"0.weight": mp.masks.random(0.9, seed=1)}, optimizer=None)
+
+
+def test_an_optimizer_that_does_not_train_the_tensor_is_refused_unchanged():
+    """optimizer= names the optimizer whose state must follow: one that trains none of the
+    tensors whose stored entries change would leave the real one's state on the old entries."""
+    model = mp.apply_mask(mlp(8, 16, 4, seed=0), {"*.weight": mp.Mask(mp.masks.random(0.3, 1))})
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruning_steps(model, optimizer, 2)
+    unrelated = torch.optim.Adam([nn.Parameter(torch.zeros(3))])
+    before = snapshot_with_summary(model)
+    with pytest.raises(mp.MaskparamError, match="none of the 1 optimizer"):
+        mp.update_masks(model, {"*.weight": mp.masks.random(0.3, 2)}, optimizer=unrelated)
+    assert same_snapshot_with_summary(snapshot_with_summary(model), before)
+
+
+def test_lbfgs_restarts_when_a_compact_tensor_moves_to_other_positions_of_the_same_size():
+    """Drop-and-grow as many: LBFGS's flat history belongs to the old entries, so it restarts,
+    as it does when the size changes (the next step equals a fresh LBFGS's)."""
+    runs = []
+    for fresh in (False, True):
+        model = mp.apply_mask(
+            mlp(8, 16, 4, seed=0),
+            {"*.weight": mp.Mask(mp.masks.random(0.3, seed=1), layout="compact")},
+        )
+        optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, history_size=3)
+        pruning_steps(model, optimizer, 2)
+        mp.update_masks(model, {"*.weight": mp.masks.random(0.3, seed=2)}, optimizer=optimizer)
+        if fresh:
+            optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, history_size=3)
+        pruning_steps(model, optimizer, 2)
+        runs.append(linear_weights(model))
+    for a, b in zip(*runs, strict=True):
         assert bitwise_equal(a, b)

@@ -263,7 +263,7 @@ def test_positions_taken_by_a_mask_that_was_empty():
         return {"2.weight": mp.Mask(torch.zeros(5, 9, dtype=torch.bool), layout="dense")}
 
     trained = mp.apply_mask(mlp(7, 9, 5, activation=nn.ReLU, seed=0), rules())
-    mp.update_masks(trained, {"2.weight": mp.Mask(mp.masks.magnitude(0.5))}, optimizer=None)
+    mp.update_masks(trained, {"2.weight": mp.Mask(mp.masks.random(0.5, seed=1))}, optimizer=None)
     sgd_wd_steps(trained)
     state = mp.trainable_state_dict(trained)
     restored = mp.load_trainable_state_dict(

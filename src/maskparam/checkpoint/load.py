@@ -80,6 +80,15 @@ def load_state_dict(
             f"the checkpoint's values must be tensors; {not_tensors[:3]} are not.",
             fix="pass a state_dict (names to tensors).",
         )
+    on_meta = [k for k, v in state_dict.items() if v.is_meta]
+    if on_meta:
+        raise error(
+            "load_state_dict",
+            f"the checkpoint's values {on_meta[:3]} are on the meta device: they hold no values "
+            "to copy; nothing was loaded.",
+            fix="load a checkpoint of real tensors (torch.load(path, weights_only=True)), or "
+            "use model.load_state_dict(checkpoint, assign=True) to keep meta tensors.",
+        )
     own = model.state_dict()
     layouts = [
         (key, value.layout, own[key].layout)

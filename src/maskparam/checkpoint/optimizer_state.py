@@ -109,6 +109,17 @@ def load_optimizer_state_dict(
             f"here:  {current_names}",
             fix="create the optimizer with the same parameter groups as the one that was saved.",
         )
+    # Another optimizer's state (SGD's into Adam) would load, then fail inside torch with the
+    # state half replaced: the options of its groups say which optimizer saved it.
+    saved_options = {k for g in state["param_groups"] for k in g if k != "params"}
+    own_options = {k for g in optimizer.param_groups for k in g if k != "params"}
+    if not saved_options <= own_options | {"initial_lr"}:
+        raise error(
+            f"load_optimizer_state_dict ({type(optimizer).__name__})",
+            "the state was saved by another kind of optimizer: its groups have options this "
+            f"one does not ({sorted(saved_options - own_options)[:6]}); nothing was loaded.",
+            fix="load it into an optimizer of the class that saved it (the same options).",
+        )
     # Renumber the saved state so that position i holds the state of current_names[i].
     saved_ids = [list(g["params"]) for g in state["param_groups"]]
     by_name = {

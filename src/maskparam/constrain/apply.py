@@ -501,8 +501,11 @@ def preview(model: nn.Module, rules: Rules, *, strict: bool = True) -> Preview:
     skipped: list[tuple[Selector, str, str]] = []
     targets = _plan(model, rules, strict=strict, passed_over=skipped)
     # The specs' own checks (shapes, dtypes, memory), and each constraint run once, as the
-    # registration would run it; nothing is registered.
-    _build(targets, evaluate_last=True)
+    # registration would run it; nothing is registered. In a forked RNG: a mask drawn from
+    # torch's generator (mp.masks.random without a seed) must not shift the apply_mask after.
+    devices = sorted({t.ref.storage.device.index or 0 for t in targets if t.ref.storage.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        _build(targets, evaluate_last=True)
     selected = tuple(
         (t.ref.name, describe(t.selector), " + ".join(repr(spec) for spec in t.specs))
         for t in targets

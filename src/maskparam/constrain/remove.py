@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 
 from maskparam.constrain.distributed import refuse_sharded
 from maskparam.core.constraint import Constraint
+from maskparam.core.inference import refuse_inference_mode
 from maskparam.core.load_guard import unguard_loads
 from maskparam.core.optimizer import (
     Optimizers,
@@ -64,6 +65,7 @@ def remove_parametrizations(
     ('Linear', True)
     """
     check_module(model, "remove_parametrizations")
+    refuse_inference_mode("remove_parametrizations")
     refuse_sharded(model, "remove_parametrizations")
     check_bool(leave_parametrized, "remove_parametrizations", "leave_parametrized")
     optimizers = as_optimizers(optimizer, "remove_parametrizations")

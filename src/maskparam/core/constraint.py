@@ -458,7 +458,12 @@ class Constraint(FixedTensors):
         super()._load_from_state_dict(state_dict, prefix, *args)
         if name and before is not None:
             after: Tensor = getattr(self, name)
-            if after.shape != before.shape or not torch.equal(after, before):
+            if after.is_meta or before.is_meta:
+                # load_state_dict(assign=True) into a model built on meta: no values to compare
+                # (the mask before held none), so the checkpoint's mask counts as its own.
+                if after.shape != before.shape or not after.is_meta:
+                    self.took_checkpoint_mask()
+            elif after.shape != before.shape or not torch.equal(after, before):
                 self.took_checkpoint_mask()
 
     def took_checkpoint_mask(self) -> None:

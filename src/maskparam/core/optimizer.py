@@ -11,7 +11,7 @@ step, a ``state_dict()`` save, a deep copy):
   Adagrad's initial accumulator);
 * a compact tensor that shrinks or grows keeps each entry's state by position;
 * LBFGS, whose history is one flat vector over all its parameters, restarts it when a tensor
-  changes size.
+  stores other entries (changes size, or a compact one moves to other positions).
 
 State of a shape that belongs to neither the old nor the new layout is refused, not guessed.
 
@@ -190,7 +190,10 @@ def move_entries(
     was_shape = full_shape if was is None else torch.Size([was.numel()])
     for optimizer, group in holders(optimizers, parameter):
         if isinstance(optimizer, torch.optim.LBFGS):
-            if was_shape != parameter.shape:
+            stores_others = (was is None) != (now is None) or (
+                was is not None and now is not None and not torch.equal(was, now)
+            )
+            if was_shape != parameter.shape or stores_others:
                 # Its curvature pairs belong to the old variables: start afresh, as at step 1.
                 params = optimizer.param_groups[0]["params"]
                 if undo is not None:

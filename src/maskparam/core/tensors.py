@@ -124,6 +124,15 @@ class TensorRef:
                 f"is a running statistic that {type(self.module).__name__} updates in place: a "
                 "parametrized buffer would silently stop updating"
             )
+        if (
+            not self.is_parameter
+            and not self.is_parametrized
+            and self.local_name in self.module._non_persistent_buffers_set
+        ):
+            return (
+                "is a non-persistent buffer (derived, not saved): torch's parametrize would save "
+                "it, and baking would leave it in the state_dict"
+            )
         return None
 
 

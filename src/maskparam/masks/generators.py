@@ -20,7 +20,7 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import ClassVar, TypeAlias
 
 import torch
 from torch import Tensor
@@ -53,6 +53,11 @@ class MaskGenerator:
 
     Subclasses implement :meth:`build`; ``subject`` names the tensor in error messages.
     """
+
+    #: True for a generator that ranks entries by their current values (magnitudes, norms):
+    #: where it regrows pruned entries, which are all 0, it picks among them by position, not
+    #: by anything they hold, so :func:`~maskparam.update_masks` warns.
+    ranks_by_value: ClassVar[bool] = False
 
     def build(self, tensor: Tensor, subject: str) -> Tensor:
         """Return a bool mask for ``tensor`` (its shape, or one that broadcasts to it)."""
@@ -104,6 +109,8 @@ def check_fraction(value: object, what: str) -> None:
 @dataclass(frozen=True)
 class MagnitudeMask(MaskGenerator):
     """Keeps the largest-magnitude entries; see :func:`magnitude`."""
+
+    ranks_by_value = True
 
     sparsity: float
     of: str = "all"
@@ -274,6 +281,8 @@ class RandomMask(JointMaskGenerator):
 class GlobalMagnitudeMask(JointMaskGenerator):
     """Keeps the largest |w| of all the tensors a rule selects together; see
     :func:`global_magnitude`."""
+
+    ranks_by_value = True
 
     sparsity: float
     of: str = "all"

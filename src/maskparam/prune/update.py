@@ -16,6 +16,7 @@ Like :func:`~maskparam.apply_mask`, it works in two steps:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
@@ -43,7 +44,7 @@ from maskparam.core.parametrize import link_stack, parametrization_list, walk_st
 from maskparam.core.positions import stored_indices, to_full, to_stored, write_at
 from maskparam.core.tensors import TensorRef
 from maskparam.core.undo import Undo
-from maskparam.errors import check_bool, check_module, error
+from maskparam.errors import MaskparamWarning, check_bool, check_module, error
 from maskparam.masks import generators as masks
 from maskparam.masks.generators import MaskSource
 
@@ -137,8 +138,8 @@ def update_masks(
       pruned far enough it goes compact, regrown past it dense again (the same Parameter; the
       state follows each entry); an explicit ``layout=`` stays, and so does a layout an
       optimizer passed could not train (Adafactor, Muon on a compact vector). LBFGS, whose
-      history is one flat vector over all its parameters, restarts it when a tensor changes
-      size.
+      history is one flat vector over all its parameters, restarts it when a tensor stores
+      other entries (another size, or a compact one at other positions).
 
     ``optimizer``: the optimizer (or list of them) that trains these tensors; its state is laid
     out at once for the entries that change side. Where an update changes what is stored
@@ -203,6 +204,7 @@ def run_update(
     rewrap_ddp: bool = False,
 ) -> None:
     """:func:`update_masks` for ``caller`` (named in its refusals): plan, check, commit."""
+    refuse_inference_mode(caller)
     distributed.refuse_ddp_wrapper(model, caller)
     distributed.refuse_sharded(model, caller)
     if parametrize._cache_enabled:
@@ -214,6 +216,8 @@ def run_update(
         )
     optimizers = [] if optimizer is UNSET else as_optimizers(optimizer, caller)
     updates, new = plan_updates(model, rules, strict=strict, apply_missing=apply_missing)
+    if caller == "update_masks":  # (GradualPruning only ever raises the sparsity)
+        _warn_regrowth_by_value(updates)
     distributed.refuse_distributed_apply(new, caller, rewrap_ddp=rewrap_ddp)
     distributed.take_rank0_masks([*updates, *new], caller)  # where a process group is initialized
     given = optimizer is not UNSET
@@ -294,6 +298,16 @@ def check_optimizers(
                 + (" or set its .optimizer" if caller == "GradualPruning" else "")
                 + "; optimizer=None where no optimizer holds state for these tensors.",
             )
+        if optimizers and stored.requires_grad and update.changes_storage():
+            if not holders(optimizers, stored):
+                raise error(
+                    repr(update.ref.name),
+                    "the new mask changes what is stored, and its optimizer state must follow, "
+                    f"but none of the {len(optimizers)} optimizer(s) passed trains this tensor: "
+                    "the one that does would keep state for the old entries.",
+                    fix=f"pass every optimizer that trains it: {caller}(..., optimizer=[...]); "
+                    "optimizer=None where no optimizer holds state for it.",
+                )
         check_state_fits(optimizers, stored, update.ref.name)
         for holder, _ in holders(optimizers, stored):
             problem = update.constraint.optimizer_problem(holder)
@@ -509,6 +523,31 @@ def commit_update(
         _tell_later_levels(update, [value for _, value in stack_before], undo)
         if update.relayout is not None:
             _switch_layout(update, optimizers, undo)
+
+
+def _warn_regrowth_by_value(updates: Sequence[MaskUpdate]) -> None:
+    """Warn where a generator that ranks by value regrows pruned entries of a Mask: they are all
+    0, so which come back is a matter of position. Mostly an absolute sparsity below the
+    tensor's, meant as a fraction of what remains."""
+    for update in updates:
+        if not getattr(update.source, "ranks_by_value", False) or update.selected is None:
+            continue
+        kept = _kept_now(update)
+        if kept is None:
+            continue
+        regrown = int((update.selected.expand(kept.shape) & ~kept).sum())
+        if regrown:
+            pruned = 1 - float(kept.float().mean())
+            warnings.warn(
+                f"update_masks: {update.ref.name!r} is {100 * pruned:.3g}% pruned; "
+                f"{masks.describe_source(update.source)} asks for fewer pruned entries of the "
+                f"whole tensor, so {regrown} pruned entries regrow from 0, chosen among equal "
+                "zeros by position. For a fraction of what remains, pass of='remaining' "
+                "(mp.masks.magnitude(0.2, of='remaining')); to regrow on purpose, use a "
+                "generator that does not rank by value (mp.masks.random, a mask of your own).",
+                MaskparamWarning,
+                stacklevel=4,
+            )
 
 
 def _plan_layouts(
