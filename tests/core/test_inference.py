@@ -79,7 +79,7 @@ CALLS: dict[str, tuple[str, Callable[[], Callable[[nn.Module], object]]]] = {
     "preview": ("preview", lambda: lambda m: mp.preview(m, APPLY)),
     "remove_parametrizations": (
         "remove_parametrizations",
-        lambda: lambda m: mp.remove_parametrizations(m),
+        lambda: mp.remove_parametrizations,
     ),
     "GradualPruning.step": ("GradualPruning", lambda: _pruning_step),
 }

@@ -298,16 +298,16 @@ def check_optimizers(
                 + (" or set its .optimizer" if caller == "GradualPruning" else "")
                 + "; optimizer=None where no optimizer holds state for these tensors.",
             )
-        if optimizers and stored.requires_grad and update.changes_storage():
-            if not holders(optimizers, stored):
-                raise error(
-                    repr(update.ref.name),
-                    "the new mask changes what is stored, and its optimizer state must follow, "
-                    f"but none of the {len(optimizers)} optimizer(s) passed trains this tensor: "
-                    "the one that does would keep state for the old entries.",
-                    fix=f"pass every optimizer that trains it: {caller}(..., optimizer=[...]); "
-                    "optimizer=None where no optimizer holds state for it.",
-                )
+        trained_elsewhere = optimizers and not holders(optimizers, stored)
+        if trained_elsewhere and stored.requires_grad and update.changes_storage():
+            raise error(
+                repr(update.ref.name),
+                "the new mask changes what is stored, and its optimizer state must follow, "
+                f"but none of the {len(optimizers)} optimizer(s) passed trains this tensor: "
+                "the one that does would keep state for the old entries.",
+                fix=f"pass every optimizer that trains it: {caller}(..., optimizer=[...]); "
+                "optimizer=None where no optimizer holds state for it.",
+            )
         check_state_fits(optimizers, stored, update.ref.name)
         for holder, _ in holders(optimizers, stored):
             problem = update.constraint.optimizer_problem(holder)
