@@ -423,3 +423,15 @@ def test_mp_load_state_dict_refuses_a_meta_value_before_copying_anything():
     with pytest.raises(mp.MaskparamError, match=r"\['2.bias'\] are on the meta device"):
         mp.load_state_dict(model, checkpoint)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_mp_load_state_dict_into_a_model_still_on_meta_is_refused_with_the_way_out():
+    trained = mp.apply_mask(mlp(4, 6, 3, seed=0), {"*.weight": mp.Mask(mp.masks.magnitude(0.5))})
+    with torch.device("meta"):
+        model = mlp(4, 6, 3)
+    mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.magnitude(0.5))})
+    with pytest.raises(mp.MaskparamError, match=r"(?s)on the meta device.*to_empty"):
+        mp.load_state_dict(model, trained.state_dict())
+    model.load_state_dict(copy.deepcopy(trained.state_dict()), assign=True)  # the way out
+    inputs = torch.randn(2, 4)
+    assert torch.equal(model(inputs), trained(inputs))

@@ -80,6 +80,15 @@ def load_state_dict(
             f"the checkpoint's values must be tensors; {not_tensors[:3]} are not.",
             fix="pass a state_dict (names to tensors).",
         )
+    meta_model = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta_model:
+        raise error(
+            "load_state_dict",
+            f"the model's tensors {meta_model[:3]} are on the meta device: torch copies no "
+            "values into them; nothing was loaded.",
+            fix="materialise the model first (model.to_empty(device='cpu'), then load), or "
+            "load with torch: model.load_state_dict(checkpoint, assign=True).",
+        )
     on_meta = [k for k, v in state_dict.items() if v.is_meta]
     if on_meta:
         raise error(
