@@ -489,7 +489,9 @@ def commit_update(
     stored = ref.storage
     shape = update.current.shape
     was = constraint.stored_positions()
-    stack_before, _ = walk_stack(ref.module, ref.local_name)
+    # What each constraint behind this one sees now (only a stack has any).
+    behind = len(parametrization_list(ref.module, ref.local_name)) > update.level + 1
+    stack_before = walk_stack(ref.module, ref.local_name)[0] if behind else []
     undo.module(constraint)
     with torch.no_grad():
         change = _full(
@@ -520,7 +522,8 @@ def commit_update(
             move_entries(optimizers, stored, was=was, now=now, full_shape=shape, undo=undo)
         else:
             _write_arriving(update, change.arriving, change.start, optimizers, undo)
-        _tell_later_levels(update, [value for _, value in stack_before], undo)
+        if stack_before:
+            _tell_later_levels(update, [value for _, value in stack_before], undo)
         if update.relayout is not None:
             _switch_layout(update, optimizers, undo)
 
