@@ -1155,3 +1155,55 @@ def test_lbfgs_restarts_when_a_compact_tensor_moves_to_other_positions_of_the_sa
         runs.append(linear_weights(model))
     for a, b in zip(*runs, strict=True):
         assert bitwise_equal(a, b)
+
+
+def test_the_auto_layout_is_chosen_again_only_where_the_optimizer_decision_is_given():
+    """Without optimizer= the layout stays (a dense prune needs no optimizer and moves none);
+    with it (None included) it switches; summary describes the new mask either way."""
+    for given, compact in ((False, False), (True, True)):
+        model = mp.apply_mask(mlp(8, 16, 4, seed=0), {"*.weight": mp.Mask(mp.masks.magnitude(0.2))})
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        pruning_steps(model, optimizer, 1)
+        kwargs = {"optimizer": optimizer} if given else {}
+        mp.update_masks(model, {"*.weight": mp.masks.magnitude(0.9)}, **kwargs)
+        assert (model[0].parametrizations.weight.original.dim() == 1) == compact
+        assert "the 10% largest |w|" in str(mp.summary(model))
+        pruning_steps(model, optimizer, 1)  # the optimizer's state fits either way
+        assert mp.verify(model) == []
+
+
+def test_a_resume_from_a_compact_checkpoint_keeps_choosing_the_auto_layout():
+    """The layout a compact checkpoint brings is still "auto"'s: regrown past 60% it goes dense
+    again, as in the uninterrupted run, and trains bit for bit alike."""
+    rules = lambda: {"*.weight": mp.Mask(mp.masks.magnitude(0.2))}
+    runs = []
+    for resume in (False, True):
+        model = mp.apply_mask(mlp(8, 16, 4, seed=0), rules())
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        pruning_steps(model, optimizer, 1)
+        mp.update_masks(model, {"*.weight": mp.masks.magnitude(0.9)}, optimizer=optimizer)
+        if resume:
+            saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+            model = mp.apply_mask(mlp(8, 16, 4, seed=1), rules())
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+            model.load_state_dict(saved[0])
+            optimizer.load_state_dict(saved[1])
+        mp.update_masks(model, {"*.weight": mp.masks.random(0.8, seed=4)}, optimizer=optimizer)
+        assert model[0].parametrizations.weight.original.shape == (16, 8)  # dense again
+        pruning_steps(model, optimizer, 2)
+        runs.append(linear_weights(model))
+    for a, b in zip(*runs, strict=True):
+        assert bitwise_equal(a, b)
+
+
+def test_a_per_entry_checkpoint_of_the_other_layout_loads_into_a_per_row_mask():
+    """A structured mask applied per row (dense, (16, 1)), updated so that auto stored it
+    compact per entry: its checkpoint loads into a fresh model built with the same rules."""
+    rules = lambda: {"0.weight": mp.Mask(mp.masks.structured(0.25, dim=0))}
+    model = mp.apply_mask(mlp(8, 16, 4, seed=0), rules())
+    mp.update_masks(model, {"0.weight": mp.masks.structured(0.75, dim=0)}, optimizer=None)
+    assert model[0].parametrizations.weight.original.dim() == 1
+    fresh = mp.apply_mask(mlp(8, 16, 4, seed=1), rules())
+    fresh.load_state_dict(model.state_dict())
+    inputs = pruning_inputs()
+    assert torch.equal(fresh(inputs), model(inputs))

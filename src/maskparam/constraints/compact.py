@@ -293,9 +293,11 @@ class CompactConstraint(Constraint):
             translated = {"free": free}
         else:
             return None
-        if free.shape != self.free.shape:
+        if not broadcasts_to(free.shape, self.shape):
             return None  # a mask of another shape: refused by the shape check
-        problem = binary_mask_problem("keep" if self._frozen else "mask", free, self.free)
+        problem = binary_mask_problem(
+            "keep" if self._frozen else "mask", free, self.free, full_shape=self.shape
+        )
         if problem:  # its positions would be wrong: refused before anything loads
             return problem
         return translated, to_stored(original, free_positions(free, self.shape))

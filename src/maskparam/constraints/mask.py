@@ -28,6 +28,7 @@ from maskparam.core.constraint import (
     Pins,
     Spec,
     binary_mask_problem,
+    broadcasts_to,
     check_layout,
     zeros_pinned,
 )
@@ -168,7 +169,8 @@ class MaskConstraint(Constraint):
     ) -> tuple[dict[str, Tensor], Tensor] | str | None:
         # The compact layout saves the kept entries and the mask as ``free``, without ``fill``.
         free = state.get("free")
-        if free is None or "fill" in state or free.shape != self.mask.shape:
+        # (A mask of another shape that broadcasts, too: a per-row mask made per entry.)
+        if free is None or "fill" in state or not broadcasts_to(free.shape, shape):
             return None
         full = compact_checkpoint_in_full(free, original, shape)
         return None if full is None else ({"mask": free}, full)

@@ -95,6 +95,8 @@ def translate_layouts(
                     for key, value in local.items()
                 }
                 twin = first.in_other_layout(on_device, shape)
+                if twin is not None:  # a layout "auto" chose stays "auto"'s to choose again
+                    twin.auto_layout = first.auto_layout
             if twin is not None and twin.stored_positions() is not None:
                 # Compact only where apply_mask would store it so: a trainable Parameter that
                 # nothing else holds (a tied tensor's other holder would see the vector).

@@ -86,6 +86,8 @@ class MaskUpdate:
         """Whether the stored entries or their optimizer state must change: entries become
         free, or a layout that stores positions stores others."""
         assert self.free_after is not None  # planned
+        if self.relayout is not None:  # the other layout stores other entries
+            return True
         ones = torch.ones(self.current.shape, dtype=torch.bool, device=self.current.device)
         before = self.constraint.free_entries(ones)
         if self.constraint.stored_positions() is not None:
@@ -221,12 +223,13 @@ def run_update(
     distributed.refuse_distributed_apply(new, caller, rewrap_ddp=rewrap_ddp)
     distributed.take_rank0_masks([*updates, *new], caller)  # where a process group is initialized
     given = optimizer is not UNSET
+    if given and (rewrap_ddp or not distributed.process_group_initialized()):
+        # The layout "auto" chose is chosen again only where the caller said which optimizers
+        # hold state (their state moves with it), and not behind DDP's back (a switch resizes
+        # the Parameter) unless rewrap_ddp says DDP is wrapped again.
+        _plan_layouts(updates, optimizers)
     check_optimizers(updates, optimizers, given=given, caller=caller)
     distributed.refuse_ddp_resize(updates, caller, rewrap_ddp=rewrap_ddp)
-    if rewrap_ddp or not distributed.process_group_initialized():
-        # (Under a process group a layout switch would resize the Parameter behind DDP's back:
-        # the layout then stays, unless rewrap_ddp says DDP is wrapped again.)
-        _plan_layouts(updates, optimizers)
     trained = [n for n in new if n.ref.storage.requires_grad]
     if trained and not given:
         raise error(
@@ -574,8 +577,12 @@ def _switch_layout(
     """Swap the first constraint for its twin in the other layout: the stored Parameter (the
     same object) holds the entries as the twin stores them, its gradient and the optimizers'
     state follow each entry, and an entry the twin stores that was not stored starts fresh."""
-    twin, old, ref = update.relayout, update.constraint, update.ref
-    assert twin is not None
+    old, ref = update.constraint, update.ref
+    assert update.free_after is not None
+    # Built again now that the constraint took its mask (its description says the new one).
+    twin = old.relayout(update.free_after)
+    if twin is None:
+        return
     stack = parametrization_list(ref.module, ref.local_name)
     stored = stack.original
     shape = update.current.shape
