@@ -794,3 +794,16 @@ def test_a_state_dict_of_the_csr_weight_under_weight_still_loads():
     assert torch.equal(first[0].weight.to_dense(), second[0].weight.to_dense())
     with pytest.raises(mp.MaskparamError, match="stores this weight dense"):
         first[0].load_state_dict({"weight": torch.zeros(8, 16), "bias": torch.zeros(8)})
+
+
+def test_a_csr_linear_given_the_wrong_number_of_features_says_what_nn_linear_says():
+    dense = nn.Linear(32, 64)
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand(64, 32) < 0.1)
+    sparse = mp.to_sparse(nn.Sequential(copy.deepcopy(dense)), layout="csr")[0]
+    inputs = torch.randn(5, 31)
+    with pytest.raises(RuntimeError) as expected:
+        dense(inputs)
+    with pytest.raises(RuntimeError) as got:
+        sparse(inputs)
+    assert str(got.value) == str(expected.value)

@@ -460,6 +460,15 @@ class CSRLinear(nn.Linear):
                 fix="train the dense model (maskparam's Mask keeps the zeros), and call "
                 "mp.to_sparse after baking; or weight.requires_grad_(False).",
             )
+        if input.dim() == 0 or input.shape[-1] != self.in_features:
+            # nn.Linear's words (its weight.T is in_features x out_features), not the transposed
+            # product this layer computes.
+            rows = input.numel() // input.shape[-1] if input.dim() and input.shape[-1] else 0
+            got = f"{rows}x{input.shape[-1]}" if input.dim() else "a 0-d tensor"
+            raise RuntimeError(
+                f"mat1 and mat2 shapes cannot be multiplied ({got} and "
+                f"{self.in_features}x{self.out_features})"
+            )
         device = weight.device.type
         if torch.is_autocast_enabled(device):
             # autocast would cast the CSR weight to its lower precision, which the CPU kernels do
