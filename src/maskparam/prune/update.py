@@ -218,8 +218,6 @@ def run_update(
         )
     optimizers = [] if optimizer is UNSET else as_optimizers(optimizer, caller)
     updates, new = plan_updates(model, rules, strict=strict, apply_missing=apply_missing)
-    if caller == "update_masks":  # (GradualPruning only ever raises the sparsity)
-        _warn_regrowth_by_value(updates)
     distributed.refuse_distributed_apply(new, caller, rewrap_ddp=rewrap_ddp)
     distributed.take_rank0_masks([*updates, *new], caller)  # where a process group is initialized
     given = optimizer is not UNSET
@@ -239,6 +237,8 @@ def run_update(
             fix=f"pass the optimizer: {caller}(..., optimizer=optimizer); optimizer=None where "
             "no optimizer holds state for these tensors.",
         )
+    if caller == "update_masks":  # (GradualPruning only ever raises the sparsity)
+        _warn_regrowth_by_value(updates)  # once everything is checked: it will happen
     commit_all(updates, optimizers, then=lambda: _apply_new(model, new, optimizers))
 
 
