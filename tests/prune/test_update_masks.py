@@ -1207,3 +1207,65 @@ def test_a_per_entry_checkpoint_of_the_other_layout_loads_into_a_per_row_mask():
     fresh.load_state_dict(model.state_dict())
     inputs = pruning_inputs()
     assert torch.equal(fresh(inputs), model(inputs))
+
+
+class _RowNormSGD(torch.optim.Optimizer):
+    """An optimizer of one's own that treats a matrix as a matrix (each row's step normalised)."""
+
+    def __init__(self, params: Any, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    norm = p.grad.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+                    p.add_(p.grad / norm, alpha=-group["lr"])
+
+
+def test_the_auto_layout_switches_only_under_optimizers_known_to_step_each_entry_alone():
+    model = mp.apply_mask(mlp(8, 16, 4, seed=0), {"*.weight": mp.Mask(mp.masks.magnitude(0.2))})
+    optimizer = _RowNormSGD(model.parameters())
+    mp.update_masks(model, {"*.weight": mp.masks.magnitude(0.9)}, optimizer=optimizer)
+    assert model[0].parametrizations.weight.original.shape == (16, 8)  # stays dense
+
+
+def test_a_layout_named_in_an_update_rule_is_kept_or_refused():
+    model = mp.apply_mask(mlp(8, 16, 4, seed=0), {"*.weight": mp.Mask(mp.masks.magnitude(0.2))})
+    mp.update_masks(
+        model, {"*.weight": mp.Mask(mp.masks.magnitude(0.9), layout="dense")}, optimizer=None
+    )
+    assert model[0].parametrizations.weight.original.shape == (16, 8)  # named dense: stays
+    before = snapshot_with_summary(model)
+    with pytest.raises(mp.MaskparamError, match="update_masks does not switch an explicit layout"):
+        mp.update_masks(
+            model, {"*.weight": mp.Mask(mp.masks.magnitude(0.9), layout="compact")}, optimizer=None
+        )
+    assert same_snapshot_with_summary(snapshot_with_summary(model), before)
+
+
+def test_gradual_pruning_stored_compact_by_auto_goes_dense_again_when_regrown():
+    model = mlp(8, 16, 4, seed=0)
+    pruning = mp.GradualPruning(
+        model, {"*.weight": mp.masks.magnitude}, sparsity=0.9, end=2, optimizer=None
+    )
+    pruning.step()
+    pruning.step()
+    assert model[0].parametrizations.weight.original.dim() == 1  # compact from the start
+    with pytest.warns(mp.MaskparamWarning):  # regrowth by magnitude: said, then done
+        mp.update_masks(model, {"*.weight": mp.masks.magnitude(0.1)}, optimizer=None)
+    assert model[0].parametrizations.weight.original.shape == (16, 8)
+
+
+def test_a_channels_last_weight_keeps_its_memory_format_through_layout_switches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2))
+    model = model.to(memory_format=torch.channels_last)
+    mp.apply_mask(model, {"0.weight": mp.Mask(mp.masks.magnitude(0.2))})
+    for sparsity, dims in ((0.9, 1), (0.2, 4)):
+        source = mp.masks.random(1 - sparsity, seed=1)
+        mp.update_masks(model, {"0.weight": source}, optimizer=None)
+        assert model[0].parametrizations.weight.original.dim() == dims
+    stored = model[0].parametrizations.weight.original
+    assert stored.is_contiguous(memory_format=torch.channels_last)

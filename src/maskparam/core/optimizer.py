@@ -43,6 +43,7 @@ __all__ = [
     "check_state_fits",
     "elementwise",
     "holders",
+    "known_elementwise",
     "move_entries",
     "reset_entries",
 ]
@@ -66,6 +67,34 @@ _NOT_ELEMENTWISE: tuple[type, ...] = tuple(
     for cls in (torch.optim.LBFGS, getattr(torch.optim, "Adafactor", None))
     if isinstance(cls, type)
 )
+
+
+# torch's optimizers that step each entry of a parameter on its own (their state, where they
+# keep one, is one value per entry).
+_KNOWN_ELEMENTWISE: tuple[type, ...] = tuple(
+    cls
+    for name in (
+        "SGD",
+        "Adam",
+        "AdamW",
+        "Adagrad",
+        "Adadelta",
+        "Adamax",
+        "ASGD",
+        "NAdam",
+        "RAdam",
+        "RMSprop",
+        "Rprop",
+        "SparseAdam",
+    )
+    if isinstance(cls := getattr(torch.optim, name, None), type)
+)
+
+
+def known_elementwise(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is (a subclass of) one of torch's optimizers known to step each
+    entry on its own: where maskparam may change a tensor's layout on its own account."""
+    return isinstance(optimizer, _KNOWN_ELEMENTWISE)
 
 
 def elementwise(optimizer: torch.optim.Optimizer) -> bool:

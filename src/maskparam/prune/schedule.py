@@ -12,7 +12,7 @@ from maskparam.constrain.apply import apply_mask
 from maskparam.constrain.distributed import refuse_ddp_wrapper
 from maskparam.constraints.compact import AUTO_COMPACT_MAX_FREE
 from maskparam.constraints.mask import Mask
-from maskparam.core.constraint import Layout
+from maskparam.core.constraint import Constraint, Layout
 from maskparam.core.match import Selector, TensorIndex, check_selector, describe, match_rule
 from maskparam.core.optimizer import UNSET, Optimizers, as_optimizers
 from maskparam.core.tensors import TensorRef
@@ -224,10 +224,20 @@ class GradualPruning:
         if layout == "auto" and 1 - self.final <= AUTO_COMPACT_MAX_FREE:
             try:
                 apply_mask(self.model, self._masks(self.initial, "compact"), optimizer=given)
+                # Compact from the start because the final density will be low, but still
+                # "auto"'s: a later update_masks that regrows it may choose dense again.
+                for ref in self._selected():
+                    for p in ref.parametrizations[:1]:
+                        if isinstance(p, Constraint):
+                            p.auto_layout = True
                 return
             except MaskparamError:
                 pass  # e.g. a tied or frozen tensor: let "auto" decide per tensor
         apply_mask(self.model, self._masks(self.initial, layout), optimizer=given)
+
+    def _selected(self) -> list[TensorRef]:
+        index = TensorIndex(self.model)
+        return [ref for sel in self.rules for ref in match_rule(sel, index).targets]
 
     def _masks(self, sparsity: float, layout: Layout) -> dict[Selector, Mask]:
         return {sel: Mask(self._source(sel, sparsity), layout=layout) for sel in self.rules}

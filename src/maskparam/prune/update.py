@@ -37,11 +37,12 @@ from maskparam.core.optimizer import (
     as_optimizers,
     check_state_fits,
     holders,
+    known_elementwise,
     move_entries,
     reset_entries,
 )
 from maskparam.core.parametrize import link_stack, parametrization_list, walk_stack
-from maskparam.core.positions import stored_indices, to_full, to_stored, write_at
+from maskparam.core.positions import memory_format, stored_indices, to_full, to_stored, write_at
 from maskparam.core.tensors import TensorRef
 from maskparam.core.undo import Undo
 from maskparam.errors import MaskparamWarning, check_bool, check_module, error
@@ -76,6 +77,7 @@ class MaskUpdate:
     selected: Tensor | None = None  # the new mask, bool, broadcastable to ``current``
     free_after: Tensor | None = None  # the entries it leaves free, the tensor's shape
     relayout: Constraint | None = None  # the constraint in the layout "auto" chooses now
+    layout_given: bool = False  # the rule's spec names a layout ("dense" or "compact")
 
     def select(self, selected: Tensor) -> None:
         """Plan ``selected`` as the new mask; the constraint refuses one it cannot take."""
@@ -138,8 +140,9 @@ def update_masks(
       state follows each entry by position. A ``Mask`` whose layout ``"auto"`` chose (the
       default) is chosen again for the new density, as ``apply_mask`` would have stored it:
       pruned far enough it goes compact, regrown past it dense again (the same Parameter; the
-      state follows each entry); an explicit ``layout=`` stays, and so does a layout an
-      optimizer passed could not train (Adafactor, Muon on a compact vector). LBFGS, whose
+      state follows each entry), where ``optimizer`` is given and every optimizer passed is one
+      of torch's that step each entry alone (not Adafactor, Muon or one of your own); an
+      explicit ``layout=`` stays (a rule's spec naming another is refused). LBFGS, whose
       history is one flat vector over all its parameters, restarts it when a tensor stores
       other entries (another size, or a compact one at other positions).
 
@@ -378,7 +381,21 @@ def plan_updates(
             chosen[id(ref)] = selector
             level, constraint = located
             _, current = walk_stack(ref.module, ref.local_name, through=level)
-            rule_updates.append(MaskUpdate(ref, level, constraint, source, current))
+            update = MaskUpdate(ref, level, constraint, source, current)
+            layout = getattr(wanted, "layout", "auto")
+            if wanted is not None and layout != "auto" and level == 0:
+                update.layout_given = True
+                now = "dense" if constraint.stored_positions() is None else "compact"
+                if layout != now:
+                    raise error(
+                        repr(ref.name),
+                        f"the rule's spec says layout={layout!r}, but the tensor is stored "
+                        f"{now}, and update_masks does not switch an explicit layout.",
+                        fix=f"leave layout out of the rule (layout='auto', the default, lets "
+                        f"update_masks choose where apply_mask chose), or give layout={now!r}; "
+                        "to store it otherwise, remove_parametrizations and apply_mask again.",
+                    )
+            rule_updates.append(update)
         if not rule_updates and not rule_new and strict:
             if found.exact and not found.targets:
                 raise no_match_error(index, selector, skipped=0)
@@ -565,9 +582,15 @@ def _plan_layouts(
     for update in updates:
         if update.level != 0 or update.free_after is None:
             continue
+        if update.layout_given:
+            continue  # the rule's spec names its layout: it stays
         twin = update.constraint.relayout(update.free_after)
-        held = holders(optimizers, update.ref.storage)
-        if twin is not None and not any(twin.optimizer_problem(o) for o, _ in held):
+        held = [o for o, _ in holders(optimizers, update.ref.storage)]
+        # Only optimizers known to step each entry alone: one of your own (or Muon, Adafactor)
+        # may treat a matrix as a matrix, which the other layout's vector is not.
+        if twin is None:
+            continue
+        if all(known_elementwise(o) and not twin.optimizer_problem(o) for o in held):
             update.relayout = twin
 
 
@@ -588,6 +611,10 @@ def _switch_layout(
     shape = update.current.shape
     was, now = old.stored_positions(), twin.stored_positions()
     full = old.to_full(stored.detach())
+    if was is None:  # going compact: remember the dense tensor's memory format for the way back
+        twin.__dict__["_full_format"] = memory_format(stored)
+    else:
+        full = full.contiguous(memory_format=old.full_memory_format() or torch.contiguous_format)
     twin.mask_changed = True
     twin.train(old.training)
 
