@@ -201,8 +201,7 @@ class GradualPruning:
         self._start(layout)
 
     def _start(self, layout: Layout) -> None:
-        index = TensorIndex(self.model)
-        selected = [ref for sel in self.rules for ref in match_rule(sel, index).targets]
+        selected = self._selected()
         masked = [ref for ref in selected if _has_mask(ref)]
         plain = [ref for ref in selected if not ref.has_constraint]
         others = [ref for ref in selected if ref.has_constraint and not _has_mask(ref)]

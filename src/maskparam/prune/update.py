@@ -42,7 +42,7 @@ from maskparam.core.optimizer import (
     reset_entries,
 )
 from maskparam.core.parametrize import link_stack, parametrization_list, walk_stack
-from maskparam.core.positions import memory_format, stored_indices, to_full, to_stored, write_at
+from maskparam.core.positions import stored_indices, to_full, to_stored, write_at
 from maskparam.core.tensors import TensorRef
 from maskparam.core.undo import Undo
 from maskparam.errors import MaskparamWarning, check_bool, check_module, error
@@ -77,6 +77,7 @@ class MaskUpdate:
     selected: Tensor | None = None  # the new mask, bool, broadcastable to ``current``
     free_after: Tensor | None = None  # the entries it leaves free, the tensor's shape
     relayout: Constraint | None = None  # the constraint in the layout "auto" chooses now
+    kept: Tensor | None = None  # what its Mask keeps now (set when the new mask is computed)
     layout_given: bool = False  # the rule's spec names a layout ("dense" or "compact")
 
     def select(self, selected: Tensor) -> None:
@@ -261,7 +262,6 @@ def _apply_new(
             if isinstance(p, Constraint):
                 # Applying the rules to the base model would not give this mask back.
                 p.mask_changed = True
-                p.__dict__["description"] = f"Mask(keeps {masks.describe_source(planned.source)})"
 
 
 def commit_all(
@@ -359,26 +359,13 @@ def plan_updates(
         rule_new: list[NewMask] = []
         for ref in found.targets:
             if apply_missing and not ref.is_parametrized:
-                if id(ref) in chosen:
-                    raise error(
-                        repr(ref.name),
-                        f"selected by two rules, {describe(chosen[id(ref)])} and "
-                        f"{describe(selector)}.",
-                        fix="select each tensor with one rule.",
-                    )
-                chosen[id(ref)] = selector
+                _claim(chosen, ref, selector)
                 rule_new.append(NewMask(ref, source, ref.value.detach()))
                 continue
             located = _locate(ref, selector, wanted, exact=found.exact)
             if located is None:
                 continue
-            if id(ref) in chosen:
-                raise error(
-                    repr(ref.name),
-                    f"selected by two rules, {describe(chosen[id(ref)])} and {describe(selector)}.",
-                    fix="select each tensor with one rule.",
-                )
-            chosen[id(ref)] = selector
+            _claim(chosen, ref, selector)
             level, constraint = located
             _, current = walk_stack(ref.module, ref.local_name, through=level)
             update = MaskUpdate(ref, level, constraint, source, current)
@@ -408,6 +395,17 @@ def plan_updates(
         updates += rule_updates
         new += rule_new
     return updates, new
+
+
+def _claim(chosen: dict[int, Selector], ref: TensorRef, selector: Selector) -> None:
+    """Record that ``selector`` selects ``ref``; a tensor two rules select is refused."""
+    if id(ref) in chosen:
+        raise error(
+            repr(ref.name),
+            f"selected by two rules, {describe(chosen[id(ref)])} and {describe(selector)}.",
+            fix="select each tensor with one rule.",
+        )
+    chosen[id(ref)] = selector
 
 
 def _locate(
@@ -472,6 +470,9 @@ def _select(updates: Sequence[MaskUpdate | NewMask]) -> None:
     # What each Mask keeps now: a generator re-ranks as torch's prune does when it prunes again
     # (pruned entries stay pruned; ties among the kept ones broken among those alone).
     kept = [_kept_now(u) for u in updates]
+    for update, now in zip(updates, kept, strict=True):
+        if isinstance(update, MaskUpdate):
+            update.kept = now
     if isinstance(source, masks.JointMaskGenerator):
         members = [(u.ref.name, u.current) for u in updates]
         known = None if any(k is None for k in kept) else [k for k in kept if k is not None]
@@ -555,7 +556,7 @@ def _warn_regrowth_by_value(updates: Sequence[MaskUpdate]) -> None:
     for update in updates:
         if not getattr(update.source, "ranks_by_value", False) or update.selected is None:
             continue
-        kept = _kept_now(update)
+        kept = update.kept
         if kept is None:
             continue
         regrown = int((update.selected.expand(kept.shape) & ~kept).sum())
@@ -611,9 +612,7 @@ def _switch_layout(
     shape = update.current.shape
     was, now = old.stored_positions(), twin.stored_positions()
     full = old.to_full(stored.detach())
-    if was is None:  # going compact: remember the dense tensor's memory format for the way back
-        twin.__dict__["_full_format"] = memory_format(stored)
-    else:
+    if was is not None:  # going dense: in the memory format the tensor had (channels_last)
         full = full.contiguous(memory_format=old.full_memory_format() or torch.contiguous_format)
     twin.mask_changed = True
     twin.train(old.training)
@@ -627,7 +626,9 @@ def _switch_layout(
     stack[0] = twin
     link_stack(ref.module, ref.local_name)
     with torch.no_grad():
-        stored.set_(twin.to_stored(full).to(stored.dtype))  # type: ignore[call-overload]
+        # right_inverse, as registration stores a value: a compact twin also records the full
+        # tensor's memory format for the way back.
+        stored.set_(twin.right_inverse(full).to(stored.dtype))  # type: ignore[call-overload]
         if stored.grad is not None:
             stored.grad = twin.to_stored(old.to_full(stored.grad))
     move_entries(optimizers, stored, was=was, now=now, full_shape=shape, undo=undo)
