@@ -16,7 +16,10 @@ import maskparam as mp
 PACKAGE = Path(mp.__file__).resolve().parent
 
 # The stages, bottom up: a module may import from its own stage and the ones before it.
-STAGES = ["errors", "core", "masks", "constraints", "constrain", "prune", "checkpoint", "export"]
+STAGES = [
+    "errors", "core", "masks", "constraints", "constrain", "prune", "checkpoint", "export",
+    "integrations",
+]  # fmt: skip
 # The package's front (its __init__, the demo, a compatibility shim) stands above every stage.
 FRONT = {
     "maskparam",

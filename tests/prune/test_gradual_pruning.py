@@ -565,7 +565,7 @@ def _schedule() -> mp.GradualPruning:
         end=10,
         optimizer=None,
     )
-    pruning.load_state_dict({"steps": 3, "sparsity": 0.25})
+    pruning.load_state_dict({"steps": 3, "sparsity": pruning.sparsity_at(3)})
     return pruning
 
 
@@ -583,6 +583,7 @@ def _schedule() -> mp.GradualPruning:
         ({"steps": 5}, r"exactly 'steps' and 'sparsity'.\n  missing: \['sparsity'\]"),
         ({}, r"missing: \['sparsity', 'steps'\]"),
         ({"steps": 5, "sparsity": 0.3, "every": 2}, r"unexpected: \[\"'every'\"\]"),
+        ({"steps": 5, "sparsity": 0.3}, r"'sparsity'=0.3 is not this schedule's sparsity after 5"),
         (None, r"the state must be a dict; got a NoneType"),
         ([("steps", 5)], r"the state must be a dict; got a list"),
     ],
@@ -593,7 +594,7 @@ def test_gradual_pruning_load_state_dict_checks_the_whole_state_before_changing_
     pruning = _schedule()
     with pytest.raises(mp.MaskparamError, match=message):
         pruning.load_state_dict(state)
-    assert pruning.state_dict() == {"steps": 3, "sparsity": 0.25}
+    assert pruning.state_dict() == {"steps": 3, "sparsity": pruning.sparsity_at(3)}
 
 
 def test_gradual_pruning_refuses_a_generator_in_place_of_a_function_of_the_sparsity():

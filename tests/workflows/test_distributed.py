@@ -194,6 +194,7 @@ def _fsdp_after_worker(rank: int, world: int, init_file: str, out_dir: str) -> N
     torch.manual_seed(1)  # other weights, and another random mask the load replaces
     unsharded = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
     mp.apply_mask(unsharded, _fsdp_rules())
+    mp.GradualPruning(unsharded, {"0.weight": mp.masks.magnitude}, sparsity=0.75, end=1)
     mp.load_state_dict(unsharded, full)
     result["recipe_state"] = {k: v.clone() for k, v in unsharded.state_dict().items()}
     result["expected_state"] = expected

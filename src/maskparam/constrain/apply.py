@@ -41,6 +41,7 @@ from maskparam.core.optimizer import (
 from maskparam.core.parametrize import (
     give_own_class,
     link_stack,
+    mark_tied_alias,
     maskparam_constraints,
     refuse_pickling,
     remember_key_order,
@@ -396,6 +397,8 @@ def _register(
                 constraint.on_registered(ref.storage)
                 constraint.awaits_state = ref.storage.is_meta and bool(constraint._buffers)
             link_stack(ref.module, ref.local_name)
+            for module, local in ref.holders[1:]:
+                mark_tied_alias(module, local)  # the state_dict holds the tie once
             _check_optimizers(ref, constraints, optimizers)
         # Once per module, now that torch has injected its class: ours adds the __setattr__
         # that lets `module.weight = nn.Parameter(w)` go through the constraint, and makes an

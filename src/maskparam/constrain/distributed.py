@@ -273,7 +273,8 @@ def refuse_sharded(model: nn.Module, caller: str) -> None:
                 f"{name!r} is sharded (a DTensor: fully_shard ran after apply_mask), and "
                 f"{caller} needs the whole tensors, which no rank holds.",
                 fix=f"on every rank, {FULL_STATE_DICT}; then build the model again unsharded, "
-                "apply_mask the same rules, mp.load_state_dict(unsharded, full) and call "
+                "apply_mask the same rules (and the same GradualPruning, if any), "
+                "mp.load_state_dict(unsharded, full) and call "
                 f"{caller} on it"
                 + (
                     " (then fully_shard it and create the optimizer again); or change the "

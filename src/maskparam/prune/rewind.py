@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from maskparam.core.constraint import Constraint
 from maskparam.core.parametrize import parametrization_list
+from maskparam.core.progress import PROGRESS_BUFFER
 from maskparam.core.tensors import TensorRef, find_tensors, refuse_sparse
 from maskparam.errors import check_bool, check_module, error
 
@@ -71,7 +72,8 @@ def rewind(model: ModuleT, to: nn.Module | Mapping[str, Tensor], *, strict: bool
     check_bool(strict, "rewind", "strict")
     refuse_sparse(model, "rewind")
     values = _values(to)
-    refs = find_tensors(model)
+    # The tensors that hold values (not a schedule's step count, which a rewind leaves).
+    refs = [ref for ref in find_tensors(model) if ref.local_name != PROGRESS_BUFFER]
     plan: list[tuple[Tensor, Tensor]] = []  # (stored tensor, the value it takes, as stored)
     found: set[str] = set()
     missing = []
@@ -116,11 +118,16 @@ def rewind(model: ModuleT, to: nn.Module | Mapping[str, Tensor], *, strict: bool
 def _values(to: object) -> dict[str, Tensor]:
     if isinstance(to, nn.Module):
         with torch.no_grad():
-            return {name: ref.value for ref in find_tensors(to) for name in ref.all_names}
+            return {
+                name: ref.value
+                for ref in find_tensors(to)
+                if ref.local_name != PROGRESS_BUFFER
+                for name in ref.all_names
+            }
     if isinstance(to, Mapping) and all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in to.items()
     ):
-        return dict(to)
+        return {k: v for k, v in to.items() if k.rpartition(".")[2] != PROGRESS_BUFFER}
     raise error(
         "rewind",
         f"`to` must be a model or a mapping from tensor names to tensors; got a "

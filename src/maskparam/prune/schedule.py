@@ -13,8 +13,10 @@ from maskparam.constrain.distributed import refuse_ddp_wrapper
 from maskparam.constraints.compact import AUTO_COMPACT_MAX_FREE
 from maskparam.constraints.mask import Mask
 from maskparam.core.constraint import Constraint, Layout
+from maskparam.core.inference import refuse_inference_mode
 from maskparam.core.match import Selector, TensorIndex, check_selector, describe, match_rule
 from maskparam.core.optimizer import UNSET, Optimizers, as_optimizers
+from maskparam.core.progress import PROGRESS_BUFFER, PruningProgress
 from maskparam.core.tensors import TensorRef
 from maskparam.errors import MaskparamError, check_bool, check_int, check_module, error
 from maskparam.masks.generators import MaskGenerator, MaskSource, check_fraction, describe_source
@@ -194,17 +196,27 @@ class GradualPruning:
         self.final = sparsity
         self.initial = initial_sparsity
         self.begin, self.end, self.every = begin, end, every
-        #: Optimizer steps counted so far (by :meth:`step`).
-        self.steps = 0
-        #: The sparsity the masks were last computed for.
-        self.sparsity = initial_sparsity
-        self._start(layout)
+        resuming = PruningProgress.held_by(model)
+        self._start(layout, resuming=resuming)
+        device = next((ref.storage.device for ref in self._selected()), None)
+        #: Reads and writes the step count the model keeps in its ``maskparam_pruning_steps``
+        #: buffer (beside the masks), so that every checkpoint of the model carries it.
+        self.progress = PruningProgress(model, device=device)
 
-    def _start(self, layout: Layout) -> None:
+    def _start(self, layout: Layout, *, resuming: bool) -> None:
         selected = self._selected()
         masked = [ref for ref in selected if _has_mask(ref)]
         plain = [ref for ref in selected if not ref.has_constraint]
         others = [ref for ref in selected if ref.has_constraint and not _has_mask(ref)]
+        if resuming and plain:
+            raise error(
+                repr(plain[0].name),
+                f"the model holds a schedule's step count ({PROGRESS_BUFFER!r}), but this "
+                "tensor, which the rules select, has no Mask: it is not the schedule that "
+                "counted them.",
+                fix="select the tensors that schedule masks (one GradualPruning per model), or "
+                f"start from a model without the count (del model.{PROGRESS_BUFFER}).",
+            )
         if others or (masked and plain):
             odd = (others or plain)[0]
             raise error(
@@ -274,8 +286,8 @@ class GradualPruning:
             strict=True,
             caller="GradualPruning",
             rewrap_ddp=self.rewrap_ddp,
+            only_tighten=True,
         )
-        self.sparsity = sparsity
 
     def sparsity_at(self, step: int) -> float:
         """The scheduled sparsity after ``step`` optimizer steps (see :func:`cubic_sparsity`)."""
@@ -288,20 +300,61 @@ class GradualPruning:
             every=self.every,
         )
 
-    def step(self) -> float:
-        """Count one optimizer step; at ``begin``, ``begin + every``, ..., ``end``, compute the
-        masks for the scheduled sparsity. Returns the sparsity the masks now have. A refused
-        update counts no step: calling again (say, once :attr:`optimizer` is set) retries it."""
-        t = self.steps + 1
-        if self.begin <= t <= self.end and (t - self.begin) % self.every == 0:
-            target = self.sparsity_at(t)
-            if target != self.sparsity:
-                self._update(target)
-        self.steps = t
+    @property
+    def steps(self) -> int:
+        """Optimizer steps counted so far: kept in the model's state_dict (see :attr:`progress`),
+        so a loaded checkpoint of the model resumes the count."""
+        return self.progress.steps
+
+    @property
+    def sparsity(self) -> float:
+        """The sparsity the masks were last computed for: the schedule's at the last scheduled
+        step up to :attr:`steps` (``initial_sparsity`` before ``begin``)."""
+        return self._sparsity_after(self.steps)
+
+    def _sparsity_after(self, steps: int) -> float:
+        if steps < self.begin:
+            return self.initial
+        last = self.begin + (min(steps, self.end) - self.begin) // self.every * self.every
+        return self.sparsity_at(last)
+
+    def step(self, global_step: int | None = None) -> float:
+        """Count one optimizer step, or, with ``global_step``, follow a trainer's counter (the
+        optimizer steps taken so far: HF's ``state.global_step``, Lightning's
+        ``trainer.global_step``). Where a scheduled step (``begin``, ``begin + every``, ...,
+        ``end``) was reached, compute the masks for the sparsity it schedules. Returns the
+        sparsity the masks now have. A refused update counts no step: calling again (say, once
+        :attr:`optimizer` is set) retries it.
+
+        ``global_step`` may jump ahead (the masks take the sparsity of the last scheduled step
+        passed) and may repeat (nothing happens); one behind :attr:`steps` is refused, since the
+        masks of a later step are in the model (a model checkpoint newer than the trainer's).
+        """
+        refuse_inference_mode("GradualPruning")
+        if global_step is None:
+            target_step = self.steps + 1
+        else:
+            check_int(global_step, "GradualPruning.step", "global_step")
+            if global_step < self.steps:
+                raise error(
+                    "GradualPruning.step",
+                    f"global_step={global_step} is behind the {self.steps} steps the schedule "
+                    "counted (the model's state_dict holds them): the trainer's counter and "
+                    "the model's checkpoint come from different steps.",
+                    fix="resume the trainer and the model from the same checkpoint, or call "
+                    "step() without global_step to count on from the model's steps.",
+                )
+            target_step = global_step
+        target = self._sparsity_after(target_step)
+        if target != self.sparsity:
+            self._update(target)
+        self.progress.advance(target_step)
         return self.sparsity
 
     def state_dict(self) -> dict[str, Any]:
-        """The schedule's progress, to resume it (the masks are in the model's state_dict)."""
+        """The schedule's progress. The model's state_dict holds it too (``maskparam_pruning.*``,
+        beside the masks), so a checkpoint of the model alone resumes the schedule; this dict is
+        for a checkpoint that keeps it apart."""
         return {"steps": self.steps, "sparsity": self.sparsity}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -342,5 +395,13 @@ class GradualPruning:
                 + fix[0].lower()
                 + fix[1:],
             )
-        self.steps = steps
-        self.sparsity = float(sparsity)
+        if float(sparsity) != self._sparsity_after(steps):
+            raise error(
+                subject,
+                f"'sparsity'={sparsity!r} is not this schedule's sparsity after {steps} steps "
+                f"({self._sparsity_after(steps)}): the state comes from another schedule.",
+                fix="load the state of a schedule with the same settings, "
+                + fix[0].lower()
+                + fix[1:],
+            )
+        self.progress.advance(steps)

@@ -208,8 +208,11 @@ def run_update(
     caller: str,
     apply_missing: bool = False,
     rewrap_ddp: bool = False,
+    only_tighten: bool = False,
 ) -> None:
-    """:func:`update_masks` for ``caller`` (named in its refusals): plan, check, commit."""
+    """:func:`update_masks` for ``caller`` (named in its refusals): plan, check, commit.
+    ``only_tighten``: refuse new masks that keep more entries, over all the updated tensors,
+    than the masks keep now (a schedule that only raises the sparsity)."""
     refuse_inference_mode(caller)
     distributed.refuse_ddp_wrapper(model, caller)
     distributed.refuse_sharded(model, caller)
@@ -224,6 +227,8 @@ def run_update(
     updates, new = plan_updates(model, rules, strict=strict, apply_missing=apply_missing)
     distributed.refuse_distributed_apply(new, caller, rewrap_ddp=rewrap_ddp)
     distributed.take_rank0_masks([*updates, *new], caller)  # where a process group is initialized
+    if only_tighten:
+        _refuse_loosening(updates, caller)
     given = optimizer is not UNSET
     if given and (rewrap_ddp or not distributed.process_group_initialized()):
         # The layout "auto" chose is chosen again only where the caller said which optimizers
@@ -244,6 +249,29 @@ def run_update(
     if caller == "update_masks":  # (GradualPruning only ever raises the sparsity)
         _warn_regrowth_by_value(updates)  # once everything is checked: it will happen
     commit_all(updates, optimizers, then=lambda: _apply_new(model, new, optimizers))
+
+
+def _refuse_loosening(updates: Sequence[MaskUpdate], caller: str) -> None:
+    """Refuse masks that keep more entries in all than now: a schedule that only tightens asked
+    for a lower sparsity than its masks have, which happens when its progress was lost (a run
+    resumed from a checkpoint that does not carry it) and would regrow pruned entries."""
+    kept = [(u.kept, u.free_after) for u in updates if u.kept is not None]
+    before = sum(int(now.sum()) for now, _ in kept)
+    after = sum(int(new.sum()) for _, new in kept if new is not None)
+    if after > before:
+        total = sum(now.numel() for now, _ in kept)
+        raise error(
+            caller,
+            f"the masks keep {before:,} of {total:,} entries ({1 - before / total:.2%} pruned), "
+            f"and this step's sparsity would keep {after:,} ({1 - after / total:.2%} pruned): "
+            "the schedule is behind its masks, and pruned entries would grow back. Its step "
+            "count lives in the model's state_dict (the maskparam_pruning_steps buffer); a "
+            "checkpoint without it, or a load that skipped it, restarts the schedule. Nothing "
+            "was changed.",
+            fix="resume from a checkpoint of the model saved with this schedule (a strict load "
+            "reports the count missing), or give the schedule its count: "
+            "pruning.load_state_dict({'steps': ..., 'sparsity': ...}).",
+        )
 
 
 def _apply_new(
