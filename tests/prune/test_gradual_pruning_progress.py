@@ -19,7 +19,9 @@ import maskparam as mp
 RULES = {"*.weight": mp.masks.global_magnitude}
 
 
-def _build(seed: int, layout: str = "auto") -> tuple[nn.Module, mp.GradualPruning, torch.optim.Optimizer]:
+def _build(
+    seed: int, layout: str = "auto"
+) -> tuple[nn.Module, mp.GradualPruning, torch.optim.Optimizer]:
     model = mlp(8, 16, 4, seed=seed)
     pruning = mp.GradualPruning(model, RULES, sparsity=0.9, end=20, every=2, layout=layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -50,10 +52,12 @@ def test_a_model_checkpoint_alone_resumes_the_schedule_bit_identically(layout, f
     fresh, resumed, fresh_optimizer = _build(1, layout)  # another init, the same rules
     fresh.load_state_dict(saved[0])  # torch's own loads, nothing of the schedule's
     fresh_optimizer.load_state_dict(saved[1])
-    assert resumed.steps == 9 and resumed.sparsity == pruning.sparsity_at(8)
+    assert resumed.steps == 9
+    assert resumed.sparsity == pruning.sparsity_at(8)
     _train(fresh, resumed, fresh_optimizer, 21, follow=follow)
 
-    assert resumed.steps == pruning.steps == 30 and resumed.sparsity == 0.9
+    assert resumed.steps == pruning.steps == 30
+    assert resumed.sparsity == 0.9
     assert mp.sparsity(fresh) == mp.sparsity(model) == round(0.9 * 192) / 192
     for name, kept in mp.kept_masks(model).items():
         assert torch.equal(mp.kept_entries(fresh, name), kept)
@@ -65,13 +69,15 @@ def test_a_model_checkpoint_alone_resumes_the_schedule_bit_identically(layout, f
 def test_step_with_the_trainers_counter_jumps_repeats_and_refuses_going_back():
     model, pruning, _ = _build(0, "dense")
     assert pruning.step(5) == pruning.sparsity_at(4)  # the last scheduled step passed: 4
-    assert pruning.step(5) == pruning.sparsity_at(4) and pruning.steps == 5  # nothing again
+    assert pruning.step(5) == pruning.sparsity_at(4)
+    assert pruning.steps == 5
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(mp.MaskparamError, match=r"global_step=3 is behind the 5 steps"):
         pruning.step(3)
     assert pruning.steps == 5
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    assert pruning.step(40) == 0.9 and mp.sparsity(model) == round(0.9 * 192) / 192
+    assert pruning.step(40) == 0.9
+    assert mp.sparsity(model) == round(0.9 * 192) / 192
     with pytest.raises(mp.MaskparamError, match=r"global_step must be an int"):
         pruning.step(2.0)  # type: ignore[arg-type]
 
@@ -93,7 +99,7 @@ def test_a_schedule_that_lost_its_progress_is_refused_instead_of_regrowing_weigh
         _train(fresh, resumed, fresh_optimizer, 2)
     kept_now = {k: v for k, v in fresh.state_dict().items() if k.endswith(".mask")}
     assert all(torch.equal(v, before[k]) for k, v in kept_now.items())  # no mask changed
-    assert resumed.steps == 0
+    assert resumed.steps == 1  # step 1 schedules nothing; step 2 was refused and not counted
 
 
 def test_the_count_is_a_buffer_of_the_model_and_baking_removes_it():
@@ -115,7 +121,8 @@ def test_a_schedule_built_again_on_its_model_goes_on_from_the_models_count():
     model, pruning, optimizer = _build(0, "dense")
     _train(model, pruning, optimizer, 7)
     again = mp.GradualPruning(model, RULES, sparsity=0.9, end=20, every=2, optimizer=optimizer)
-    assert again.steps == 7 and again.sparsity == pruning.sparsity
+    assert again.steps == 7
+    assert again.sparsity == pruning.sparsity
     _train(model, again, optimizer, 1)
     assert pruning.steps == again.steps == 8  # one count, the model's
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,8 @@ from maskparam.constrain.accessors import kept_entries
 from maskparam.constrain.apply import apply_mask
 from maskparam.constrain.remove import remove_parametrizations
 from maskparam.constraints.mask import Mask
-from maskparam.core.constraint import Layout
+from maskparam.core.constraint import Layout, Spec
+from maskparam.core.match import Selector
 from maskparam.core.parametrize import maskparam_constraints
 from maskparam.errors import error
 from maskparam.integrations._follow import (
@@ -41,6 +42,7 @@ from maskparam.integrations._follow import (
     counter_offset,
     inner_optimizers,
 )
+from maskparam.masks.generators import MaskSource
 from maskparam.prune.rewind import rewind
 from maskparam.prune.schedule import GradualPruning
 from maskparam.prune.update import update_masks
@@ -153,10 +155,11 @@ class ModelPruning(Callback):  # type: ignore[misc]  # Lightning is untyped here
         self._method_kwargs = _method_kwargs(
             self._method, pruning_fn, dim=pruning_dim, norm=pruning_norm
         )
-        if use_global_unstructured and self._method.PRUNING_TYPE != "unstructured":
+        pruning_type = str(getattr(self._method, "PRUNING_TYPE", "unstructured"))
+        if use_global_unstructured and pruning_type != "unstructured":
             raise error(
                 "ModelPruning",
-                f"pruning_fn={_name(pruning_fn)} prunes {self._method.PRUNING_TYPE}, and a "
+                f"pruning_fn={_name(pruning_fn)} prunes {pruning_type}, and a "
                 "global ranking (use_global_unstructured=True) ranks single entries.",
                 fix="pass use_global_unstructured=False, or an unstructured pruning_fn.",
             )
@@ -171,12 +174,7 @@ class ModelPruning(Callback):  # type: ignore[misc]  # Lightning is untyped here
             )
         if verbose not in (0, 1, 2):
             raise error("ModelPruning", f"verbose={verbose!r}.", fix="pass 0, 1 or 2.")
-        if not (callable(amount) or isinstance(amount, (int, float))) or isinstance(amount, bool):
-            raise error(
-                "ModelPruning",
-                f"amount={amount!r}: a fraction, a number of entries, or a function of the epoch.",
-                fix="pass e.g. amount=0.5, amount=100 or amount=lambda epoch: 0.2.",
-            )
+        _check_amount(amount)
         self._given = list(parameters_to_prune)
         self._parameter_names = names
         self._global = use_global_unstructured
@@ -202,7 +200,7 @@ class ModelPruning(Callback):  # type: ignore[misc]  # Lightning is untyped here
             return
         targets = self._targets(pl_module)
         self.names = [name for name, _, _ in targets]
-        plain = {
+        plain: dict[Selector, Spec] = {
             name: Mask(torch.ones(getattr(m, local).shape, dtype=torch.bool), layout=self._layout)
             for name, m, local in targets
             if not maskparam_constraints(m, local)
@@ -287,31 +285,35 @@ class ModelPruning(Callback):  # type: ignore[misc]  # Lightning is untyped here
             mask = torch.cat([k.reshape(-1) for k in kept]).to(flat.dtype)
             new_flat = self._compute(flat, mask, amount, "the global ranking")
             sizes = [t.numel() for t in tensors]
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
             new = [
-                part.reshape(t.shape)
-                for part, t in zip(new_flat.split(sizes), tensors, strict=True)
+                new_flat[start : start + t.numel()].reshape(t.shape)
+                for start, t in zip(starts, tensors, strict=True)
             ]
         else:
             new = [
                 self._compute(t.detach(), k.to(t.dtype), amount, repr(n))
                 for t, k, n in zip(tensors, kept, self.names, strict=True)
             ]
-        rules = {n: m.to(torch.bool) for n, m in zip(self.names, new, strict=True)}
+        rules: dict[Selector, MaskSource] = {
+            n: m.to(torch.bool) for n, m in zip(self.names, new, strict=True)
+        }
         update_masks(pl_module, rules, optimizer=list(optimizers))
         if self._verbose:
             sizes = [t.numel() for t in tensors]
-            self._log(sizes, before, [int(m.sum()) for m in rules.values()], amount)
+            self._log(sizes, before, [int(m.sum()) for m in new], amount)
 
     def _compute(self, t: Tensor, mask: Tensor, amount: Amount, subject: str) -> Tensor:
         # torch.nn.utils.prune's own code: a container ranks what the mask keeps (t[mask == 1],
         # or the channels not pruned yet), as when prune is called again on a pruned tensor.
-        container = torch_prune.PruningContainer()
+        container: Any = torch_prune.PruningContainer()  # torch's prune is untyped
         container._tensor_name = "t"
-        method = self._method(amount, **self._method_kwargs)
+        method: Any = cast(Any, self._method)(amount, **self._method_kwargs)
         method._tensor_name = "t"
         container.add_pruning_method(method)
         try:
-            return container.compute_mask(t, default_mask=mask)
+            computed: Tensor = container.compute_mask(t, default_mask=mask)
+            return computed
         except (ValueError, TypeError, RuntimeError) as failure:
             raise error(
                 subject,
@@ -362,9 +364,9 @@ class ModelPruning(Callback):  # type: ignore[misc]  # Lightning is untyped here
         """The lottery ticket's initial values (the masks are in the model's state_dict)."""
         return {"initial": dict(self.initial)}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the lottery ticket's initial values from a checkpoint."""
-        initial = state_dict.get("initial") if isinstance(state_dict, Mapping) else None
+        initial = state_dict.get("initial")
         if not isinstance(initial, Mapping) or not all(
             isinstance(v, Tensor) for v in initial.values()
         ):
@@ -375,6 +377,15 @@ class ModelPruning(Callback):  # type: ignore[misc]  # Lightning is untyped here
                 fix="resume from a checkpoint this callback saved.",
             )
         self.initial = dict(initial)
+
+
+def _check_amount(amount: object) -> None:
+    if isinstance(amount, bool) or not (callable(amount) or isinstance(amount, (int, float))):
+        raise error(
+            "ModelPruning",
+            f"amount={amount!r}: a fraction, a number of entries, or a function of the epoch.",
+            fix="pass e.g. amount=0.5, amount=100 or amount=lambda epoch: 0.2.",
+        )
 
 
 def _pruning_method(pruning_fn: object) -> type[torch_prune.BasePruningMethod]:

@@ -144,6 +144,8 @@ class GradualPruning:
         rewrap_ddp: bool = False,
     ) -> None:
         check_module(model, "GradualPruning")
+        # Its step count is a new buffer of the model, and its steps create masks.
+        refuse_inference_mode("GradualPruning")
         refuse_ddp_wrapper(model, "GradualPruning")
         check_bool(rewrap_ddp, "GradualPruning", "rewrap_ddp")
         check_schedule(
