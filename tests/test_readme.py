@@ -34,7 +34,10 @@ def _snippets(page: Path) -> list[str]:
 def _run_snippets(page: Path) -> None:
     namespace: dict[str, object] = {"__name__": page.stem.replace("-", "_")}
     for snippet in _snippets(page):
-        if "import transformers" in snippet and importlib.util.find_spec("transformers") is None:
+        if any(
+            f"import {extra}" in snippet and importlib.util.find_spec(extra) is None
+            for extra in ("transformers", "lightning")
+        ):
             continue  # the integration extra is not installed here
         # dont_inherit: a snippet runs as a reader's script would, without this module's
         # `from __future__ import annotations` (a dataclass in a snippet needs real annotations).

@@ -17,15 +17,10 @@ from maskparam.integrations.lightning import GradualPruningCallback, ModelPrunin
 
 pytestmark = [
     pytest.mark.slow,
-    # Lightning's advice for real runs (more dataloader workers, a logger): not these tests'.
+    # Lightning's advice for real runs (a logger, and so on): not these tests'.
     pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
     # The resumed runs write their checkpoints apart from the first run's, on purpose.
     pytest.mark.filterwarnings("ignore:The dirpath has changed:UserWarning"),
-    # Lightning 2.6 under torch 2.13 (torch.utils._pytree's deprecation, inside Lightning).
-    pytest.mark.filterwarnings(
-        "ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning"
-    ),
 ]
 
 

@@ -1,0 +1,104 @@
+"""Constrained state_dicts in the format the frameworks write: ``safetensors.torch`` saves every
+constraint's state (no shared or non-contiguous tensors), a tied tensor's parametrizations are
+saved once (under its first holder's names, as Hugging Face saves one key of a tie), and both
+load back into a model built with another init."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from helpers import TiedEmbeddingLM
+from torch import nn
+
+import maskparam as mp
+
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+SPECS = {
+    "Mask dense": lambda: mp.Mask(mp.masks.magnitude(0.5), layout="dense"),
+    "Mask compact": lambda: mp.Mask(mp.masks.magnitude(0.8)),
+    "Freeze": lambda: mp.Freeze(mp.masks.random(0.5, seed=0)),
+    "Freeze compact": lambda: mp.Freeze(mp.masks.random(0.8, seed=0), layout="compact"),
+    "Triangular": lambda: mp.Triangular(),
+    "Subspace": lambda: mp.Subspace(5, seed=3),
+    "Subspace fastfood": lambda: mp.Subspace(5, projection="fastfood", seed=3),
+    "LearnableMask": lambda: mp.LearnableMask(),
+    "Mask over Freeze": lambda: [mp.Freeze(mp.masks.rows([0])), mp.Mask(mp.masks.magnitude(0.5))],
+}
+
+
+def _built(seed: int, spec: str) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    return mp.apply_mask(model, {"0.weight": SPECS[spec]()})
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_every_constraint_saves_and_loads_with_safetensors(spec, tmp_path):
+    model = _built(0, spec)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    safetensors_torch.save_file(model.state_dict(), tmp_path / "model.safetensors")
+    fresh = _built(0, spec) if spec.startswith(("Mask", "LearnableMask")) else _built(1, spec)
+    loaded = safetensors_torch.load_file(tmp_path / "model.safetensors")
+    assert str(fresh.load_state_dict(loaded)) == "<All keys matched successfully>"
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    assert mp.verify(fresh) == []
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        lambda: mp.Mask(mp.masks.magnitude(0.5)),
+        lambda: mp.Freeze(mp.masks.rows([0, 1])),
+        lambda: mp.Triangular(),
+    ],
+    ids=["Mask", "Freeze", "Triangular"],
+)
+def test_a_tied_constrained_tensor_is_saved_once_and_loads_back_tied(spec, tmp_path):
+    torch.manual_seed(0)
+    model = mp.apply_mask(TiedEmbeddingLM(), {"head.weight": spec()})  # either side may be named
+    state = model.state_dict()
+    assert [k for k in state if k.startswith("head.")] == []  # emb is the first holder
+    assert "emb.parametrizations.weight.original" in state
+    safetensors_torch.save_file(state, tmp_path / "tied.safetensors")
+
+    torch.manual_seed(1)
+    fresh = mp.apply_mask(TiedEmbeddingLM(), {"head.weight": spec()})
+    loaded = safetensors_torch.load_file(tmp_path / "tied.safetensors")
+    assert str(fresh.load_state_dict(loaded)) == "<All keys matched successfully>"
+    ids = torch.arange(10)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model(ids))
+    originals = [m.parametrizations.weight.original for m in (fresh.emb, fresh.head)]
+    assert originals[0] is originals[1]  # still one Parameter
+
+    # A checkpoint saved with both holders' keys (maskparam 0.2) loads too.
+    both = dict(state)
+    for key, value in list(state.items()):
+        if key.startswith("emb.parametrizations."):
+            both["head." + key.removeprefix("emb.")] = value
+    assert str(fresh.load_state_dict(both)) == "<All keys matched successfully>"
+
+    mp.remove_parametrizations(fresh)  # baked: plain torch, both plain keys, no hook left
+    assert {"emb.weight", "head.weight"} <= set(fresh.state_dict())
+    assert fresh.head.weight is fresh.emb.weight
+    assert "maskparam" not in str(pickle.dumps(fresh))
+
+
+def test_a_tied_tensor_missing_from_a_checkpoint_is_still_reported_missing():
+    torch.manual_seed(0)
+    model = mp.apply_mask(TiedEmbeddingLM(), {"emb.weight": mp.Mask(mp.masks.magnitude(0.5))})
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("emb.")}
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    assert sorted(missing) == [
+        "emb.parametrizations.weight.0.mask",
+        "emb.parametrizations.weight.original",
+    ]
