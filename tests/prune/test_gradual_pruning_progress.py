@@ -153,3 +153,29 @@ def test_a_tied_model_pruned_on_a_schedule_saves_the_tie_once_and_resumes():
     ids = torch.arange(10)
     assert torch.equal(fresh(ids), model(ids))
     assert torch.equal(fresh.head.weight, fresh.emb.weight)
+
+
+def test_a_trainable_state_dict_carries_the_count_too():
+    model, pruning, optimizer = _build(0, "dense")
+    _train(model, pruning, optimizer, 5)
+    state = mp.trainable_state_dict(model)
+    assert state["maskparam_pruning_steps"].item() == 5
+    base = mlp(8, 16, 4, seed=0)  # the same base weights, as the trainable state needs
+    resumed = mp.GradualPruning(base, RULES, sparsity=0.9, end=20, every=2, optimizer=None)
+    mp.load_trainable_state_dict(base, state, optimizer=None)
+    assert resumed.steps == 5
+    assert resumed.sparsity == pruning.sparsity
+    for name, kept in mp.kept_masks(model).items():
+        assert torch.equal(mp.kept_entries(base, name), kept)
+
+
+def test_pretrained_plain_weights_load_into_a_pruned_model_and_keep_its_count():
+    model, pruning, optimizer = _build(0, "dense")
+    _train(model, pruning, optimizer, 4)
+    pretrained = mlp(8, 16, 4, seed=5).state_dict()  # plain: no masks, no count
+    mp.load_state_dict(model, pretrained)  # through the masks, which stay
+    assert pruning.steps == 4
+    with torch.no_grad():
+        assert torch.equal(
+            model[0].weight, pretrained["0.weight"] * mp.kept_entries(model, "0.weight")
+        )

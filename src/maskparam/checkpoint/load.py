@@ -29,6 +29,7 @@ from maskparam.core.optimizer import (
 )
 from maskparam.core.parametrize import maskparam_constraints
 from maskparam.core.positions import stored_indices
+from maskparam.core.progress import PROGRESS_BUFFER
 from maskparam.core.tensors import TensorRef, find_tensors
 from maskparam.errors import check_bool, check_module, error
 
@@ -160,6 +161,10 @@ def load_state_dict(
     # constraint says of its entries (the load guard, run here before the plain assignments).
     assigned_prefixes = tuple(_parametrization_prefix(name) for name in assigned)
     missing = [k for k in own_keys if k not in translated and not k.startswith(assigned_prefixes)]
+    if assigned:
+        # A plain checkpoint (pretrained weights) knows nothing of a pruning schedule: the
+        # model's step count stays, as its masks do.
+        missing = [k for k in missing if k.rpartition(".")[2] != PROGRESS_BUFFER]
     unexpected = [k for k in rest if k not in own_keys and k not in switched]
     if strict and (missing or unexpected):
         raise error(

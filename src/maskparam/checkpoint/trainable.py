@@ -17,8 +17,9 @@ reads it. Keys use the names a user sees (``"0.weight"``):
   its checksum proves it: 4 bytes per trained float32 entry instead of 8.
 * ``"group:<group>.theta"`` (a grouped subspace) or ``"<name>.theta"`` (a per-tensor one).
 * ``"<name>.scores"``: a learnable mask's scores (``"<name>.scores.<level>"`` for a second one).
-* ``"<name>"``: an unconstrained tensor that trains (``requires_grad``) in full, and the running
-  statistics of normalisation layers (their forward changes them while training).
+* ``"<name>"``: an unconstrained tensor that trains (``requires_grad``) in full, the running
+  statistics of normalisation layers (their forward changes them while training), and a
+  ``GradualPruning``'s step count (``maskparam_pruning_steps``: its steps change it).
 * ``"meta:format"`` (int64), ``"meta:names"`` (the tensor names, UTF-8 bytes joined by
   newlines, as uint8), ``"meta:free_checksums"`` and ``"meta:base_checksums"`` (int64, one per
   name, in that order).
@@ -64,6 +65,7 @@ from maskparam.core.inference import refuse_inference_mode
 from maskparam.core.optimizer import UNSET, Optimizers, as_optimizers
 from maskparam.core.parametrize import parametrization_list, walk_stack
 from maskparam.core.positions import free_positions, stored_indices, write_at
+from maskparam.core.progress import PROGRESS_BUFFER
 from maskparam.core.tensors import TensorRef, find_tensors, refuse_sparse
 from maskparam.errors import MaskparamError, check_bool, check_module, error
 from maskparam.prune.update import MaskUpdate, check_optimizers, commit_all
@@ -269,7 +271,11 @@ def _base_checksum(entry: _Entry) -> int:
     return _combine(parts)
 
 
-def _is_running_statistic(ref: TensorRef) -> bool:
+def _changes_in_training(ref: TensorRef) -> bool:
+    """A buffer that training changes: a normalisation layer's running statistics, a pruning
+    schedule's step count."""
+    if ref.local_name == PROGRESS_BUFFER:
+        return True
     return isinstance(ref.module, _NormBase) and ref.local_name in (
         "running_mean",
         "running_var",
@@ -302,7 +308,7 @@ def _plan(model: nn.Module, caller: str) -> list[_Entry]:
             entry.free_checksum = _free_checksum(entry.free, entry.mask_free())
             entry.extras = _extras(chain, ref.name)
         else:
-            entry.saves_full = ref.storage.requires_grad or _is_running_statistic(ref)
+            entry.saves_full = ref.storage.requires_grad or _changes_in_training(ref)
             entry.free_checksum = int(entry.saves_full)
         with torch.no_grad():
             entry.base_checksum = _base_checksum(entry)
