@@ -21,10 +21,10 @@ SPECS = {
     "Mask compact": lambda: mp.Mask(mp.masks.magnitude(0.8)),
     "Freeze": lambda: mp.Freeze(mp.masks.random(0.5, seed=0)),
     "Freeze compact": lambda: mp.Freeze(mp.masks.random(0.8, seed=0), layout="compact"),
-    "Triangular": lambda: mp.Triangular(),
+    "Triangular": mp.Triangular,
     "Subspace": lambda: mp.Subspace(5, seed=3),
     "Subspace fastfood": lambda: mp.Subspace(5, projection="fastfood", seed=3),
-    "LearnableMask": lambda: mp.LearnableMask(),
+    "LearnableMask": mp.LearnableMask,
     "Mask over Freeze": lambda: [mp.Freeze(mp.masks.rows([0])), mp.Mask(mp.masks.magnitude(0.5))],
 }
 
@@ -58,7 +58,7 @@ def test_every_constraint_saves_and_loads_with_safetensors(spec, tmp_path):
     [
         lambda: mp.Mask(mp.masks.magnitude(0.5)),
         lambda: mp.Freeze(mp.masks.rows([0, 1])),
-        lambda: mp.Triangular(),
+        mp.Triangular,
     ],
     ids=["Mask", "Freeze", "Triangular"],
 )
