@@ -103,6 +103,13 @@ class GradualPruning:
     train the model, whose state follows the masks (set :attr:`optimizer` later if it is created
     after the schedule; ``None`` where no optimizer holds state).
 
+    The step count is kept in the model, as its buffer ``maskparam_pruning_steps`` (beside the
+    masks), so any checkpoint of the model resumes the schedule: build the model, the same
+    ``GradualPruning`` (any init), then ``load_state_dict``. ``step(global_step)`` follows a
+    trainer's counter instead of counting; ``maskparam.integrations`` has the callbacks for HF
+    Trainer and Lightning. A scheduled update that would keep more entries than the masks keep
+    now (a schedule restarted by a checkpoint without the count) is refused.
+
     Under ``DistributedDataParallel``: pass the model inside the wrapper, and call :meth:`step`
     on every rank (a step that changes the masks is a collective; every rank takes rank 0's). A
     compact layout resizes its Parameters at each step that changes the sparsity, which a DDP
@@ -363,8 +370,9 @@ class GradualPruning:
         """Resume from :meth:`state_dict`; load the model's checkpoint too.
 
         The whole dict is checked before anything changes: exactly the keys ``"steps"`` (an
-        int >= 0) and ``"sparsity"`` (a number between this schedule's initial and final
-        sparsity); anything else is refused with a :class:`~maskparam.MaskparamError`.
+        int >= 0) and ``"sparsity"`` (this schedule's sparsity after those steps); anything
+        else is refused with a :class:`~maskparam.MaskparamError`. The count is written into
+        the model's ``maskparam_pruning_steps`` buffer, where a model checkpoint also brings it.
         """
         subject = "GradualPruning.load_state_dict"
         fix = (
@@ -389,21 +397,19 @@ class GradualPruning:
             raise error(subject, f"'steps' must be an int >= 0; got {steps!r}.", fix=fix)
         number = isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool)
         if not (number and self.initial <= sparsity <= self.final):
-            raise error(
-                subject,
+            problem = (
                 f"'sparsity' must be a number between the schedule's initial_sparsity="
-                f"{self.initial} and sparsity={self.final}; got {sparsity!r}.",
-                fix="load the state of a schedule with the same sparsities, "
-                + fix[0].lower()
-                + fix[1:],
+                f"{self.initial} and sparsity={self.final}; got {sparsity!r}."
             )
-        if float(sparsity) != self._sparsity_after(steps):
-            raise error(
-                subject,
+        elif float(sparsity) != self._sparsity_after(steps):
+            problem = (
                 f"'sparsity'={sparsity!r} is not this schedule's sparsity after {steps} steps "
-                f"({self._sparsity_after(steps)}): the state comes from another schedule.",
-                fix="load the state of a schedule with the same settings, "
-                + fix[0].lower()
-                + fix[1:],
+                f"({self._sparsity_after(steps)}): the state comes from another schedule."
+            )
+        else:
+            problem = ""
+        if problem:
+            raise error(
+                subject, problem, fix="load the state of a schedule with the same settings: " + fix
             )
         self.progress.advance(steps)
