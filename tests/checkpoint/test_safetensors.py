@@ -5,6 +5,7 @@ load back into a model built with another init."""
 
 from __future__ import annotations
 
+import io
 import pickle
 
 import pytest
@@ -102,3 +103,71 @@ def test_a_tied_tensor_missing_from_a_checkpoint_is_still_reported_missing():
         "emb.parametrizations.weight.0.mask",
         "emb.parametrizations.weight.original",
     ]
+
+
+def _tied(seed: int, *, device: str = "cpu") -> TiedEmbeddingLM:
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = TiedEmbeddingLM()
+    return mp.apply_mask(model, {"emb.weight": mp.Mask(mp.masks.magnitude(0.5))})
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_tied_tensor_loaded_with_assign_stays_one_tensor(device):
+    saved = io.BytesIO()
+    model = _tied(0)
+    torch.save(model.state_dict(), saved)
+    fresh = _tied(1, device=device)
+    state = torch.load(io.BytesIO(saved.getvalue()), weights_only=True)
+    assert str(fresh.load_state_dict(state, assign=True)) == "<All keys matched successfully>"
+    originals = [m.parametrizations.weight.original for m in (fresh.emb, fresh.head)]
+    assert originals[0] is originals[1]
+    assert not originals[0].is_meta
+    ids = torch.arange(10)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model(ids))
+
+
+class _Half(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.proj = nn.Linear(6, 6)
+
+
+class _EncoderDecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.decoder = _Half(), _Half()
+        self.decoder.embed.weight = self.encoder.embed.weight  # shared, as in T5 or BART
+
+
+def test_a_submodule_that_holds_only_an_alias_of_a_tie_saves_it():
+    def built(seed: int) -> _EncoderDecoder:
+        torch.manual_seed(seed)
+        model = _EncoderDecoder()
+        return mp.apply_mask(model, {"encoder.embed.weight": mp.Mask(mp.masks.magnitude(0.5))})
+
+    model, other = built(0), built(1)
+    assert "embed.parametrizations.weight.original" in model.decoder.state_dict()
+    assert not any(k.startswith("decoder.embed.") for k in model.state_dict())  # saved once
+    assert str(other.decoder.load_state_dict(model.decoder.state_dict())) == (
+        "<All keys matched successfully>"
+    )
+    assert torch.equal(other.decoder.embed.weight, model.decoder.embed.weight)
+
+
+def test_baking_one_side_of_a_tie_is_refused():
+    model = _tied(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for side, other in (("emb", "head"), ("head", "emb")):
+        with pytest.raises(
+            mp.MaskparamError,
+            match=rf"'{side}.weight' is tied to '{other}.weight', outside the module given",
+        ):
+            mp.remove_parametrizations(getattr(model, side))
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    mp.remove_parametrizations(model)
+    assert model.head.weight is model.emb.weight

@@ -97,19 +97,23 @@ def test_gradual_pruning_resumed_halfway_through_fit_ends_like_the_full_run(tmp_
     _same_state(fresh, module)
 
 
-def test_a_fit_resumed_ahead_of_the_models_count_is_refused(tmp_path):
+@pytest.mark.parametrize("count", [None, 4], ids=["without the count", "a count behind"])
+def test_a_fit_resumed_ahead_of_the_models_count_is_refused(tmp_path, count):
     module, pruning = _scheduled(0)
     _trainer([GradualPruningCallback(pruning)], max_steps=10, default_root_dir=tmp_path).fit(
         module, _data()
     )
     path = tmp_path / "ten.ckpt"
     checkpoint = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
-    del checkpoint["state_dict"]["model.maskparam_pruning_steps"]
+    if count is None:
+        del checkpoint["state_dict"]["model.maskparam_pruning_steps"]
+    else:
+        checkpoint["state_dict"]["model.maskparam_pruning_steps"] = torch.tensor(count)
     torch.save(checkpoint, path)
     fresh, resumed = _scheduled(1)
-    # Lightning's strict load reports the missing count; a non-strict one gets to the callback.
-    fresh.strict_loading = False
-    with pytest.raises(mp.MaskparamError, match=r"resumes at step 10, but the model's state_dict"):
+    fresh.strict_loading = False  # a strict load would report the missing count too
+    message = "but not the step count" if count is None else "resumes at step 10, but the model"
+    with pytest.raises(mp.MaskparamError, match=message):
         _trainer(
             [GradualPruningCallback(resumed)], max_steps=20, default_root_dir=tmp_path / "again"
         ).fit(fresh, _data(), ckpt_path=path)
@@ -152,17 +156,18 @@ CASES = {
 
 @pytest.mark.parametrize(
     "lottery",
-    [False, True],
-    ids=["no rewind", "one rewind"],
+    ["no rewind", "one rewind", "one resampled rewind"],
 )
 @pytest.mark.parametrize("case", list(CASES))
 def test_model_pruning_gives_lightnings_masks_and_weights_bit_for_bit(case, lottery):
     kwargs = dict(CASES[case])
-    if lottery:
+    if lottery != "no rewind":
         # One pruning and rewind: after its first rewind Lightning's snapshot shares storage
         # with the weights, so its later rewinds reset to the current values (maskparam's go
         # back to the values fit began with, every time).
         kwargs["apply_pruning"] = lambda epoch: epoch == 1
+        # Resampled: each module's reset_parameters draws, in the model's order, as Lightning's.
+        kwargs["resample_parameters"] = lottery == "one resampled rewind"
     else:
         kwargs["use_lottery_ticket_hypothesis"] = False
     theirs = _pruned_by(pl.callbacks.ModelPruning, **kwargs)
@@ -194,6 +199,70 @@ def test_model_pruning_keeps_its_masks_in_checkpoints_and_rewinds_after_a_resume
         assert torch.equal(mp.kept_entries(resumed, name), kept)
     # 0.7**4 of the entries remain: "auto" stores them compact, and the resume did too.
     assert all("compact" in t.constraint for t in mp.summary(resumed).tensors)
+
+
+class _TiedModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.dec = nn.Linear(8, 16, bias=False)
+        self.dec.weight = self.emb.weight
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        return nn.functional.cross_entropy(self.dec(self.emb(ids)), ids)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def test_model_pruning_prunes_a_tied_weight_once_and_keeps_the_tie():
+    torch.manual_seed(0)
+    module = _TiedModule()
+    ids = torch.utils.data.TensorDataset(torch.randint(0, 16, (40,)))
+    pruning = ModelPruning("l1_unstructured", amount=0.3, parameter_names=["weight"])
+    _trainer([pruning], max_epochs=2, enable_checkpointing=False).fit(
+        module, torch.utils.data.DataLoader(ids, batch_size=8)
+    )
+    assert pruning.names == ["emb.weight"]  # once, under its first holder
+    assert module.dec.weight is module.emb.weight  # baked, still one tensor
+    assert int((module.emb.weight == 0).sum()) == 128 - round(0.7 * round(0.7 * 128))
+
+
+def test_model_pruning_refuses_tensors_it_cannot_prune_before_anything_changes(tmp_path):
+    def fit(module, callbacks):
+        _trainer(callbacks, max_epochs=1, enable_checkpointing=False).fit(module, _data())
+
+    torch.manual_seed(0)
+    module = Regression()
+    structured = ModelPruning(
+        "ln_structured", use_global_unstructured=False, pruning_dim=0, pruning_norm=2
+    )  # the default parameter_names include the biases
+    with pytest.raises(mp.MaskparamError, match=r"'model.0.bias': LnStructured prunes slices"):
+        fit(module, [structured])
+    assert not mp.summary(module).tensors
+    twice = ModelPruning("l1_unstructured", parameters_to_prune=[(module.model[0], "weight")] * 2)
+    with pytest.raises(mp.MaskparamError, match=r"names 'model.0.weight' twice"):
+        fit(module, [twice])
+    schedule = mp.GradualPruning(
+        module.model, {"0.weight": mp.masks.magnitude}, sparsity=0.5, end=4
+    )
+    with pytest.raises(mp.MaskparamError, match=r"'model.0.weight': is masked already"):
+        fit(module, [GradualPruningCallback(schedule), ModelPruning("l1_unstructured")])
+
+
+def test_a_baked_checkpoint_is_refused_before_it_loads_into_the_masked_model(tmp_path):
+    torch.manual_seed(0)
+    module = Regression()
+    lightnings = pl.callbacks.ModelPruning("l1_unstructured", amount=0.3)  # saves baked weights
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="baked")
+    _trainer([lightnings, saver], max_epochs=1).fit(module, _data())
+    torch.manual_seed(1)
+    fresh = Regression()
+    with pytest.raises(mp.MaskparamError, match=r"holds 'model.0.weight' as a plain tensor"):
+        _trainer([ModelPruning("l1_unstructured", amount=0.3)], max_epochs=2).fit(
+            fresh, _data(), ckpt_path=tmp_path / "baked.ckpt"
+        )
 
 
 def test_model_pruning_refuses_what_it_cannot_do():

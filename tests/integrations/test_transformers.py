@@ -41,11 +41,11 @@ def _gpt2(seed: int) -> transformers.GPT2LMHeadModel:
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG))
 
 
-def _trainer(model, out, *, callbacks=(), max_steps: int = 30, dataset=None):
+def _trainer(model, out, *, callbacks=(), max_steps: int = 30, dataset=None, **kwargs):
     args = transformers.TrainingArguments(
         str(out), max_steps=max_steps, per_device_train_batch_size=8, save_steps=10,
         logging_steps=1000, report_to=[], use_cpu=True, disable_tqdm=True, learning_rate=1e-3,
-        weight_decay=0.1, seed=0, dataloader_num_workers=0,
+        weight_decay=0.1, seed=0, dataloader_num_workers=0, **kwargs,
     )  # fmt: skip
     return transformers.Trainer(
         model=model, args=args, train_dataset=dataset or Tokens(), callbacks=list(callbacks)
@@ -89,6 +89,17 @@ def test_a_trainer_resumed_from_a_checkpoint_without_the_schedule_is_refused(tmp
     del saved["maskparam_pruning_steps"]  # as a checkpoint written without the schedule
     safetensors_torch.save_file(saved, path, metadata={"format": "pt"})
     fresh, resumed = _pruned(1)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    trainer = _trainer(fresh, tmp_path / "again", callbacks=[GradualPruningCallback(resumed)])
+    # The Trainer loads non-strictly; the refusal comes before anything is copied.
+    with pytest.raises(mp.MaskparamError, match=r"but not the step count of this model's"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())
+
+    # A count behind the Trainer's: refused before the first step.
+    saved["maskparam_pruning_steps"] = torch.tensor(4)
+    safetensors_torch.save_file(saved, path, metadata={"format": "pt"})
+    fresh, resumed = _pruned(1)
     trainer = _trainer(fresh, tmp_path / "again", callbacks=[GradualPruningCallback(resumed)])
     with pytest.raises(mp.MaskparamError, match=r"resumes at step 10, but the model's state_dict"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))
@@ -104,6 +115,18 @@ def test_a_new_trainer_on_a_pruned_model_counts_on_from_the_models_steps(tmp_pat
     ).train()
     assert pruning.steps == 20
     assert pruning.sparsity == 0.9
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "sgd", "adafactor"])
+def test_the_trainers_optimizers_follow_the_schedule(tmp_path, optim):
+    # Hugging Face's Adafactor factors a matrix's second moment: not an elementwise optimizer,
+    # so the masks stay dense under it.
+    model, pruning = _pruned(0)
+    callbacks = [GradualPruningCallback(pruning)]
+    _trainer(model, tmp_path, callbacks=callbacks, max_steps=20, optim=optim).train()
+    total = sum(m.numel() for m in mp.kept_masks(model).values())
+    assert mp.sparsity(model) == round(0.9 * total) / total
+    assert mp.verify(model) == []
 
 
 def _new_token_model(seed: int) -> transformers.GPT2LMHeadModel:

@@ -82,24 +82,41 @@ def test_step_with_the_trainers_counter_jumps_repeats_and_refuses_going_back():
         pruning.step(2.0)  # type: ignore[arg-type]
 
 
-def test_a_schedule_that_lost_its_progress_is_refused_instead_of_regrowing_weights():
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict (HF's Trainer)"])
+def test_a_checkpoint_of_the_masks_without_the_count_is_refused_before_loading(strict):
     model, pruning, optimizer = _build(0, "dense")
-    _train(model, pruning, optimizer, 12)  # 0.9 * (1 - 0.4**3) = 84.2% pruned
+    _train(model, pruning, optimizer, 12)
     saved = model.state_dict()
-    del saved["maskparam_pruning_steps"]  # a checkpoint written without it
-    fresh, resumed, fresh_optimizer = _build(1, "dense")
-    missing = fresh.load_state_dict(saved, strict=False).missing_keys  # as HF's Trainer loads
-    assert missing == ["maskparam_pruning_steps"]
+    del saved["maskparam_pruning_steps"]  # a checkpoint written without the schedule
+    fresh, resumed, _ = _build(1, "dense")
     before = copy.deepcopy(fresh.state_dict())
     with pytest.raises(
         mp.MaskparamError,
-        match=r"(?s)the masks keep 30 of 192 entries \(84.38% pruned\), and this step's sparsity "
-        r"would keep 145 \(24.48% pruned\).*pruned entries would grow back",
+        match=r"(?s)holds constraints .* but not the step count of this model's GradualPruning"
+        r".*nothing was loaded.*checkpoint\['maskparam_pruning_steps'\] = torch.tensor\(steps\)",
     ):
-        _train(fresh, resumed, fresh_optimizer, 2)
-    kept_now = {k: v for k, v in fresh.state_dict().items() if k.endswith(".mask")}
-    assert all(torch.equal(v, before[k]) for k, v in kept_now.items())  # no mask changed
-    assert resumed.steps == 1  # step 1 schedules nothing; step 2 was refused and not counted
+        fresh.load_state_dict(saved, strict=strict)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())
+    saved["maskparam_pruning_steps"] = torch.tensor(12)  # the fix: the count it was saved at
+    fresh.load_state_dict(saved, strict=strict)
+    assert resumed.steps == 12
+
+
+def test_masks_tightened_outside_the_schedule_are_not_loosened_by_its_next_step():
+    model, pruning, optimizer = _build(0, "dense")
+    _train(model, pruning, optimizer, 4)  # 0.9 * (1 - 0.8**3) = 44% pruned
+    mp.update_masks(model, {"*.weight": mp.masks.global_magnitude(0.8)}, optimizer=optimizer)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(
+        mp.MaskparamError,
+        match=r"(?s)the masks keep 38 of 192 entries \(80.21% pruned\), and this step's sparsity "
+        r"would keep 78 \(59.38% pruned\).*tightened outside the schedule",
+    ):
+        _train(model, pruning, optimizer, 2)
+    assert pruning.steps == 5  # step 5 schedules nothing; step 6 was refused and not counted
+    masks = {k: v for k, v in model.state_dict().items() if k.endswith(".mask")}
+    assert all(torch.equal(v, before[k]) for k, v in masks.items())
+    assert pruning.step(14) == pruning.sparsity_at(14)  # the fix: the step of those masks
 
 
 def test_the_count_is_a_buffer_of_the_model_and_baking_removes_it():
@@ -127,11 +144,20 @@ def test_a_schedule_built_again_on_its_model_goes_on_from_the_models_count():
     assert pruning.steps == again.steps == 8  # one count, the model's
 
 
-def test_the_count_of_a_schedule_cannot_be_taken_by_a_schedule_of_other_tensors():
+def test_a_second_schedule_on_a_model_is_refused_before_anything_changes():
     model = mlp(8, 16, 4, seed=0)
-    mp.GradualPruning(model, {"0.weight": mp.masks.magnitude}, sparsity=0.5, end=4)
-    with pytest.raises(mp.MaskparamError, match=r"(?s)'2.weight'.*holds a schedule's step count"):
+    first = mp.GradualPruning(
+        model, {"0.weight": mp.masks.magnitude}, sparsity=0.5, end=4, optimizer=None
+    )
+    message = r"is a GradualPruning's that prunes '0.weight'; this one selects '2.weight'"
+    with pytest.raises(mp.MaskparamError, match=message):  # an unmasked tensor
         mp.GradualPruning(model, {"2.weight": mp.masks.magnitude}, sparsity=0.5, end=4)
+    assert not mp.summary(model).tensors[1:]  # 2.weight was not masked
+    mp.apply_mask(model, {"2.weight": mp.Mask(mp.masks.magnitude(0.1))})
+    with pytest.raises(mp.MaskparamError, match=message):  # a tensor masked by hand
+        mp.GradualPruning(model, {"2.weight": mp.masks.magnitude}, sparsity=0.5, end=4)
+    first.step()
+    assert first.steps == 1
 
 
 def test_a_tied_model_pruned_on_a_schedule_saves_the_tie_once_and_resumes():
@@ -179,3 +205,35 @@ def test_pretrained_plain_weights_load_into_a_pruned_model_and_keep_its_count():
         assert torch.equal(
             model[0].weight, pretrained["0.weight"] * mp.kept_entries(model, "0.weight")
         )
+
+
+def test_the_count_is_read_again_whenever_the_buffer_is_replaced_or_written():
+    model, pruning, _ = _build(0, "dense")
+    for steps in (10, 20, 30):  # each load replaces the buffer (assign) or writes it in place
+        state = {**model.state_dict(), "maskparam_pruning_steps": torch.tensor(steps)}
+        model.load_state_dict(state, assign=steps == 20)
+        assert pruning.steps == steps
+    model.maskparam_pruning_steps.data = torch.tensor(11)  # no version bump: another storage
+    assert pruning.steps == 11
+
+
+def test_a_count_cast_by_module_type_is_refused_and_can_be_given_back():
+    model, pruning, _ = _build(0, "dense")
+    pruning.step(299)
+    model.type(torch.bfloat16)  # casts integer buffers too: 299 becomes 300
+    with pytest.raises(mp.MaskparamError, match=r"was cast to torch.bfloat16"):
+        pruning.step()
+    pruning.load_state_dict({"steps": 299, "sparsity": 0.9})
+    assert model.maskparam_pruning_steps.dtype == torch.int64
+    assert pruning.steps == 299
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning")  # inside dynamo
+def test_odd_models_and_counters_are_refused_before_anything_changes():
+    with pytest.raises(mp.MaskparamError, match=r"torch.compile's wrapper"):
+        mp.GradualPruning(torch.compile(mlp(8, 16, 4, seed=0)), RULES, sparsity=0.9, end=20)
+    model, pruning, _ = _build(0, "dense")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(mp.MaskparamError, match=r"global_step=9223372036854775808: a count"):
+        pruning.step(2**63)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

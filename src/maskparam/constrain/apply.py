@@ -41,7 +41,6 @@ from maskparam.core.optimizer import (
 from maskparam.core.parametrize import (
     give_own_class,
     link_stack,
-    mark_tied_alias,
     maskparam_constraints,
     refuse_pickling,
     remember_key_order,
@@ -49,6 +48,7 @@ from maskparam.core.parametrize import (
 from maskparam.core.rnn import reset_flat_weights
 from maskparam.core.tables import text_table
 from maskparam.core.tensors import TensorRef
+from maskparam.core.ties import tie_holders
 from maskparam.errors import MaskparamError, check_bool, check_module, error
 from maskparam.masks import generators as masks
 
@@ -397,8 +397,8 @@ def _register(
                 constraint.on_registered(ref.storage)
                 constraint.awaits_state = ref.storage.is_meta and bool(constraint._buffers)
             link_stack(ref.module, ref.local_name)
-            for module, local in ref.holders[1:]:
-                mark_tied_alias(module, local)  # the state_dict holds the tie once
+            if ref.tied:  # the state_dict holds the tie once
+                tie_holders(ref.holders, [ref.name, *ref.tied_names])
             _check_optimizers(ref, constraints, optimizers)
         # Once per module, now that torch has injected its class: ours adds the __setattr__
         # that lets `module.weight = nn.Parameter(w)` go through the constraint, and makes an

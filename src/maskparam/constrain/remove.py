@@ -27,7 +27,6 @@ from maskparam.core.optimizer import (
     reset_entries,
 )
 from maskparam.core.parametrize import (
-    forget_tied_alias,
     give_own_class,
     maskparam_constraints,
     parametrization_list,
@@ -37,6 +36,7 @@ from maskparam.core.parametrize import (
 from maskparam.core.positions import memory_format, stored_indices, with_memory_format
 from maskparam.core.progress import drop_progress
 from maskparam.core.rnn import reset_flat_weights
+from maskparam.core.ties import forget_ties, refuse_split_tie_bake
 from maskparam.errors import check_bool, check_module, error
 
 __all__ = ["remove_constraints", "remove_parametrizations"]
@@ -49,29 +49,32 @@ def remove_parametrizations(
 ) -> ModuleT:
     """Bake maskparam's constraints into plain tensors, for export; in place, returns ``model``.
 
-        Removes only maskparam's own parametrizations: a user's ``weight_norm`` stays. Where
-        maskparam was the only one on a module, the module gets back its class and its state_dict
-        keys in their order; the baked Parameter is the same object the optimizer held, and its
-        values equal the effective tensor bit for bit. With ``leave_parametrized=False`` the stored
-        originals come back unconstrained instead (masked entries reappear). A ``GradualPruning``'s
-    progress (``model.maskparam_pruning``) goes too: the model is plain torch again.
+    Removes only maskparam's own parametrizations: a user's ``weight_norm`` stays. Where
+    maskparam was the only one on a module, the module gets back its class and its state_dict
+    keys in their order; the baked Parameter is the same object the optimizer held, and its
+    values equal the effective tensor bit for bit. With ``leave_parametrized=False`` the stored
+    originals come back unconstrained instead (masked entries reappear). A ``GradualPruning``'s
+    step count (the ``maskparam_pruning_steps`` buffer) goes too: the model is plain torch again.
+    A tied tensor is baked with every module that holds it: a ``model`` that holds only one side
+    of a tie is refused, since the sides would come apart.
 
-        ``optimizer`` (one or a list): optimizers that go on training the baked model; the state
-        they hold for a compact tensor is laid out for the full tensor (the entries that were fixed
-        start fresh). An optimizer not passed is never looked at.
+    ``optimizer`` (one or a list): optimizers that go on training the baked model; the state
+    they hold for a compact tensor is laid out for the full tensor (the entries that were fixed
+    start fresh). An optimizer not passed is never looked at.
 
-        >>> import torch, maskparam as mp
-        >>> layer = mp.apply_mask(torch.nn.Linear(3, 3), {"weight": mp.Triangular()})
-        >>> effective = layer.weight.detach().clone()
-        >>> layer = mp.remove_parametrizations(layer)
-        >>> type(layer).__name__, torch.equal(layer.weight, effective)
-        ('Linear', True)
+    >>> import torch, maskparam as mp
+    >>> layer = mp.apply_mask(torch.nn.Linear(3, 3), {"weight": mp.Triangular()})
+    >>> effective = layer.weight.detach().clone()
+    >>> layer = mp.remove_parametrizations(layer)
+    >>> type(layer).__name__, torch.equal(layer.weight, effective)
+    ('Linear', True)
     """
     check_module(model, "remove_parametrizations")
     refuse_inference_mode("remove_parametrizations")
     refuse_sharded(model, "remove_parametrizations")
     check_bool(leave_parametrized, "remove_parametrizations", "leave_parametrized")
     optimizers = as_optimizers(optimizer, "remove_parametrizations")
+    refuse_split_tie_bake(model, "remove_parametrizations")
     owners: dict[int, tuple[nn.Module, list[str]]] = {}
     paths: dict[int, str] = {}
     for path, module in model.named_modules(remove_duplicate=False):
@@ -129,7 +132,7 @@ def _settle(module: nn.Module) -> None:
     """After removing constraints from ``module``: its keys back in order, and an RNN computing
     with its own tensors again (``_flat_weights`` held the computed ones)."""
     restore_key_order(module)
-    forget_tied_alias(module)
+    forget_ties(module)
     if isinstance(module, nn.RNNBase):
         # A user's parametrization keeps the class; without maskparam's constraints the RNN
         # methods go (give_own_class adds them only while a flat weight is constrained).

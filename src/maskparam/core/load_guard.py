@@ -23,11 +23,13 @@ from maskparam.core.parametrize import (
     parametrization_list,
     parametrized_names,
 )
+from maskparam.core.progress import PROGRESS_BUFFER
 from maskparam.errors import error
 
 __all__ = ["check_checkpoint", "guard_loads", "unguard_loads"]
 
 _GUARDED = "_maskparam_load_guard"
+_MARK = ".parametrizations."
 
 
 def guard_loads(model: nn.Module) -> None:
@@ -68,6 +70,7 @@ def check_checkpoint(
     switches: list[LayoutSwitch] = []
     if isinstance(state_dict, dict):  # torch's own copy of the checkpoint, which it loads from
         switches = translate_layouts(model, state_dict, prefix)  # checked as this layout
+    _check_step_count(model, state_dict, prefix)
     resizes = _compact_resizes(model, state_dict, prefix)
     reshaped = _reshaped_masks(model, state_dict, prefix)
     _check_shapes(model, state_dict, prefix, resized={*resizes, *reshaped})
@@ -86,6 +89,8 @@ def check_checkpoint(
         for tensor_name in parametrized_names(module):
             constraints = maskparam_constraints(module, tensor_name)
             key = f"{here}parametrizations.{tensor_name}.original"
+            if constraints and key not in state_dict and here + tensor_name in state_dict:
+                raise _plain_into_constrained(model, here + tensor_name)
             if not constraints or key not in state_dict:
                 continue
             first = constraints[0]
@@ -115,6 +120,43 @@ def check_checkpoint(
         with torch.no_grad():  # torch's load then copies the values in
             stored.set_(stored.new_empty(numel))  # type: ignore[call-overload]  # set_(Tensor)
         stored.grad = None  # laid out for the old entries
+
+
+def _plain_into_constrained(model: nn.Module, name: str) -> Exception:
+    return error(
+        f"load_state_dict into {type(model).__name__}",
+        f"the checkpoint holds {name!r} as a plain tensor, where this model constrains it (its "
+        "state is under parametrizations.*): a baked checkpoint, or a plain one. torch would "
+        "skip it as an unexpected key (silently, in a non-strict load) and keep this model's "
+        "values; nothing was loaded.",
+        fix="load it with mp.load_state_dict(model, checkpoint), which loads plain values "
+        "through the constraints (masks and frozen entries stay this model's), or load it into "
+        "the model before applying the rules.",
+    )
+
+
+def _check_step_count(model: nn.Module, state_dict: Mapping[str, Any], prefix: str) -> None:
+    """Refuse a checkpoint that holds a pruned model's masks but not the step count of the
+    schedule this model carries: loaded, the schedule would start again (and prune late, or
+    regrow pruned entries); a strict load would only say so after copying the rest."""
+    for name, module in model.named_modules(prefix=prefix.rstrip(".")):
+        if PROGRESS_BUFFER not in module._buffers:
+            continue
+        here = f"{name}." if name else ""
+        if here + PROGRESS_BUFFER in state_dict:
+            continue
+        masks = [k for k in state_dict if k.startswith(here) and _MARK in f".{k}"]
+        if masks:
+            raise error(
+                f"load_state_dict into {type(model).__name__}",
+                f"the checkpoint holds constraints (e.g. {masks[0]!r}) but not the step count "
+                f"of this model's GradualPruning ({here + PROGRESS_BUFFER!r}): it was saved "
+                "without the schedule, which would start again and prune late or regrow pruned "
+                "weights; nothing was loaded.",
+                fix=f"give the checkpoint the count it was saved at: checkpoint["
+                f"{here + PROGRESS_BUFFER!r}] = torch.tensor(steps) (GradualPruning.state_dict()"
+                "['steps'] of that run, 0 to start the schedule on its masks), then load.",
+            )
 
 
 def _reshaped_masks(

@@ -61,7 +61,8 @@ class _Unset:
 UNSET: Any = _Unset()
 
 # Optimizers whose state is not one value per entry of a parameter: LBFGS keeps flat vectors over
-# all its parameters, Adafactor factors a matrix's second moment into a row and a column.
+# all its parameters, Adafactor (torch's and Hugging Face's) factors a matrix's second moment
+# into a row and a column.
 _NOT_ELEMENTWISE: tuple[type, ...] = tuple(
     cls
     for cls in (torch.optim.LBFGS, getattr(torch.optim, "Adafactor", None))
@@ -97,9 +98,16 @@ def known_elementwise(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, _KNOWN_ELEMENTWISE)
 
 
+# The same, outside torch, by (module, class name): recognised without importing them.
+_NOT_ELEMENTWISE_ELSEWHERE = {("transformers.optimization", "Adafactor")}
+
+
 def elementwise(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer``'s per-parameter state holds one value per entry (SGD, Adam, ...)."""
-    return not isinstance(optimizer, _NOT_ELEMENTWISE)
+    if isinstance(optimizer, _NOT_ELEMENTWISE):
+        return False
+    classes = {(cls.__module__, cls.__name__) for cls in type(optimizer).__mro__}
+    return not classes & _NOT_ELEMENTWISE_ELSEWHERE
 
 
 # State an optimizer starts an entry from, where it is not zero.

@@ -7,10 +7,6 @@
 * removal re-registers a baked tensor last, reordering ``parameters()`` and the state_dict
   (optimizer state_dicts map by position): :func:`remember_key_order` and
   :func:`restore_key_order` put each tensor back in its place;
-* a tied tensor's parametrizations would appear once per holder in the state_dict (the same
-  original and buffers under two names), which safetensors, and so ``save_pretrained`` and every
-  Trainer checkpoint, refuses: :func:`mark_tied_alias` keeps them under the first holder's names
-  only, as Hugging Face keeps one key of a tied weight;
 * lookups of the ``ParametrizationList`` and of maskparam's constraints in it.
 """
 
@@ -27,10 +23,8 @@ from maskparam.core.rnn import rnn_methods
 from maskparam.errors import error
 
 __all__ = [
-    "forget_tied_alias",
     "give_own_class",
     "link_stack",
-    "mark_tied_alias",
     "maskparam_constraints",
     "parametrization_list",
     "parametrized_names",
@@ -39,11 +33,6 @@ __all__ = [
     "restore_key_order",
     "walk_stack",
 ]
-
-# The module attribute that maps each tensor it holds as a tie's alias (not its first holder)
-# to the ids of the two state_dict hooks that keep the alias's keys out (a plain attribute: a
-# deep copy carries it along with the hooks).
-_TIED_ALIASES = "_maskparam_tied_aliases"
 
 # The module attribute that holds its parameter and buffer names in their order before
 # maskparam first constrained one of them. A plain attribute: deepcopy carries it along.
@@ -153,56 +142,6 @@ def restore_key_order(module: nn.Module) -> None:
         tensors.update(reordered)
     if not any(maskparam_constraints(module, name) for name in parametrized_names(module)):
         del module.__dict__[_KEY_ORDER]
-
-
-def mark_tied_alias(module: nn.Module, tensor_name: str) -> None:
-    """Keep ``module.<tensor_name>``'s parametrization keys out of the state_dict: the tensor is
-    tied, and its first holder saves the original and the constraints' buffers (the same
-    objects). A load without these keys (every checkpoint saved since) takes them from the first
-    holder; one that has them (saved before) loads them as before."""
-    aliases: dict[str, tuple[int, int]] = module.__dict__.setdefault(_TIED_ALIASES, {})
-    if tensor_name in aliases:
-        return
-    saving = module.register_state_dict_post_hook(_drop_alias_keys)  # type: ignore[no-untyped-call]
-    loading = module.register_load_state_dict_pre_hook(_fill_alias_keys)  # type: ignore[no-untyped-call]
-    aliases[tensor_name] = (saving.id, loading.id)
-
-
-def forget_tied_alias(module: nn.Module) -> None:
-    """Drop the alias hooks of tensors no longer constrained (baked: plain keys again, and a
-    baked model's pickle names nothing of maskparam)."""
-    aliases: dict[str, tuple[int, int]] | None = module.__dict__.get(_TIED_ALIASES)
-    if aliases is None:
-        return
-    for tensor_name in [n for n in aliases if not maskparam_constraints(module, n)]:
-        saving, loading = aliases.pop(tensor_name)
-        module._state_dict_hooks.pop(saving, None)
-        module._load_state_dict_pre_hooks.pop(loading, None)
-    if not aliases:
-        del module.__dict__[_TIED_ALIASES]
-
-
-def _alias_states(module: nn.Module, prefix: str) -> dict[str, Any]:
-    """The alias tensors' parametrization entries, by their keys under ``prefix``."""
-    entries: dict[str, Any] = {}
-    for tensor_name in module.__dict__.get(_TIED_ALIASES, {}):
-        if maskparam_constraints(module, tensor_name):
-            plist = parametrization_list(module, tensor_name)
-            here = f"{prefix}parametrizations.{tensor_name}."
-            entries.update(plist.state_dict(prefix=here, keep_vars=True))
-    return entries
-
-
-def _drop_alias_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
-    for key in _alias_states(module, prefix):
-        state_dict.pop(key, None)
-
-
-def _fill_alias_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
-    # Runs before the module's children load, on the dict their entries are taken from: an
-    # absent key gets the tensor itself, which the first holder loads (or loaded) in place.
-    for key, value in _alias_states(module, prefix).items():
-        state_dict.setdefault(key, value)
 
 
 def walk_stack(

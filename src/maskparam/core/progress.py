@@ -15,11 +15,15 @@ from torch import Tensor, nn
 
 from maskparam.errors import error
 
-__all__ = ["PROGRESS_BUFFER", "PruningProgress", "drop_progress"]
+__all__ = ["PROGRESS_BUFFER", "PruningProgress", "check_count_owner", "drop_progress"]
 
 #: The model's buffer that holds its schedule's step count (its state_dict key, under the
 #: model's prefix).
 PROGRESS_BUFFER = "maskparam_pruning_steps"
+
+# The model attribute naming the tensors of the schedule whose count the buffer is (a plain
+# attribute: a deep copy carries it; a new process builds its schedule before loading).
+_COUNTED = "_maskparam_counted_tensors"
 
 
 class PruningProgress:
@@ -27,12 +31,12 @@ class PruningProgress:
     buffer (the one owner of the count: this object holds no count of its own).
 
     Reading it each training step must not synchronise with an accelerator, so the last value
-    read or written is remembered together with the buffer's identity and version counter (a
-    load, ``model.to(...)`` or DDP's broadcast replaces or writes the buffer, and the count is
-    read from it again).
+    read or written is remembered together with the buffer object, its version counter and its
+    storage (a load, ``model.to(...)``, DDP's broadcast or ``buffer.data = ...`` replaces or
+    writes the buffer, and the count is read from it again).
 
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    >>> progress = PruningProgress(model, device=torch.device("cpu"))
+    >>> progress = PruningProgress(model, device=torch.device("cpu"), tensors=("0.weight",))
     >>> progress.advance(30)
     >>> progress.steps, model.state_dict()["maskparam_pruning_steps"].item()
     (30, 30)
@@ -41,19 +45,25 @@ class PruningProgress:
     7
     """
 
-    def __init__(self, model: nn.Module, *, device: torch.device | None) -> None:
+    def __init__(
+        self, model: nn.Module, *, device: torch.device | None, tensors: tuple[str, ...]
+    ) -> None:
+        check_count_owner(model, tensors, "GradualPruning")
         self.model = model
+        object.__setattr__(model, _COUNTED, tensors)
         if PROGRESS_BUFFER not in model._buffers:
             count = torch.zeros((), dtype=torch.int64, device=device)
             model.register_buffer(PROGRESS_BUFFER, count)
-        self._seen: tuple[int, int, int] | None = None  # (id, version, value)
+        # (the buffer, its version counter, its storage address, the count): a reference, not
+        # an id, which a new tensor could reuse once the old one is freed.
+        self._seen: tuple[Tensor, int, int, int] | None = None
 
     @staticmethod
     def held_by(model: nn.Module) -> bool:
         """Whether ``model`` holds a schedule's step count."""
         return isinstance(model._buffers.get(PROGRESS_BUFFER), Tensor)
 
-    def _buffer(self) -> Tensor:
+    def _buffer(self, *, reading: bool = True) -> Tensor:
         buffer = self.model._buffers.get(PROGRESS_BUFFER)
         if not isinstance(buffer, Tensor):
             # Baked (remove_parametrizations drops it) or deleted by hand.
@@ -63,27 +73,61 @@ class PruningProgress:
                 "baked, or it was deleted): the schedule has nothing left to drive.",
                 fix="create a new GradualPruning on a model with masks.",
             )
+        if buffer.dtype != torch.int64 and reading:
+            raise error(
+                "GradualPruning",
+                f"the model's {PROGRESS_BUFFER!r} buffer was cast to {buffer.dtype} (as "
+                "Module.type(dtype) casts integer buffers too): the step count may have lost "
+                "its value.",
+                fix="cast the model with .to(dtype) or .half(), which leave integer buffers "
+                "alone, or give the count back: pruning.load_state_dict({'steps': ..., "
+                "'sparsity': ...}).",
+            )
         return buffer
 
     @property
     def steps(self) -> int:
         """The optimizer steps counted, as the model's buffer holds them."""
         buffer = self._buffer()
-        if self._seen is None or self._seen[:2] != (id(buffer), buffer._version):
+        seen = self._seen
+        if seen is None or not (
+            seen[0] is buffer and seen[1] == buffer._version and seen[2] == buffer.data_ptr()
+        ):
             if buffer.is_meta:  # built on the meta device: a checkpoint brings the count
                 return 0
-            self._seen = (id(buffer), buffer._version, int(buffer))
-        return self._seen[2]
+            seen = (buffer, buffer._version, buffer.data_ptr(), int(buffer))
+            self._seen = seen
+        return seen[3]
 
     def advance(self, steps: int) -> None:
         """Record that the schedule has counted ``steps`` optimizer steps."""
-        buffer = self._buffer()
+        buffer = self._buffer(reading=False)
+        if buffer.dtype != torch.int64:  # cast by Module.type: the count is written anew
+            buffer = torch.zeros((), dtype=torch.int64, device=buffer.device)
+            self.model._buffers[PROGRESS_BUFFER] = buffer
         with torch.no_grad():
             buffer.fill_(steps)
-        self._seen = (id(buffer), buffer._version, steps)
+        self._seen = (buffer, buffer._version, buffer.data_ptr(), steps)
+
+
+def check_count_owner(model: nn.Module, tensors: tuple[str, ...], caller: str) -> None:
+    """Refuse a second schedule on ``model``: its count belongs to the schedule of ``tensors``
+    (one built again on the same tensors goes on with it, as a resumed run does)."""
+    counted: tuple[str, ...] | None = model.__dict__.get(_COUNTED)
+    if PROGRESS_BUFFER in model._buffers and counted is not None and counted != tensors:
+        raise error(
+            caller,
+            f"the model's step count ({PROGRESS_BUFFER!r}) is a GradualPruning's that prunes "
+            f"{', '.join(map(repr, counted[:4]))}{' ...' if len(counted) > 4 else ''}; this one "
+            f"selects {', '.join(map(repr, tensors[:4]))}{' ...' if len(tensors) > 4 else ''}: "
+            "two schedules would count each step twice.",
+            fix="drive every tensor from one GradualPruning (one rules mapping), or rebuild that "
+            "schedule with its own rules to go on with it.",
+        )
 
 
 def drop_progress(model: nn.Module) -> None:
     """Remove every schedule's step count from ``model`` (baking ends the schedules)."""
     for module in model.modules():
         module._buffers.pop(PROGRESS_BUFFER, None)
+        module.__dict__.pop(_COUNTED, None)

@@ -34,7 +34,7 @@ from maskparam.constrain.remove import remove_parametrizations
 from maskparam.constraints.mask import Mask
 from maskparam.core.constraint import Layout, Spec
 from maskparam.core.match import Selector
-from maskparam.core.parametrize import maskparam_constraints
+from maskparam.core.parametrize import maskparam_constraints, parametrization_list
 from maskparam.errors import error
 from maskparam.integrations._follow import (
     check_schedule,
@@ -186,6 +186,9 @@ class ModelPruning(Callback):  # type: ignore[misc]  # Lightning is untyped here
         self._verbose = verbose
         self._prune_on_train_epoch_end = prune_on_train_epoch_end
         self._layout = layout
+        self._pruning_type = pruning_type
+        # The tensors whose Masks this callback applied (a later fit updates them again).
+        self._applied: set[str] = set()
         #: The pruned tensors by their names in the LightningModule (set in ``setup``).
         self.names: list[str] = []
         #: The values the pruned tensors had when fit began, for the lottery-ticket rewind.
@@ -213,6 +216,7 @@ class ModelPruning(Callback):  # type: ignore[misc]  # Lightning is untyped here
             }
         if plain:
             apply_mask(pl_module, plain)
+            self._applied.update(plain)  # type: ignore[arg-type]  # names, as built above
 
     def _targets(self, pl_module: LightningModule) -> list[tuple[str, nn.Module, str]]:
         paths: dict[int, str] = {}
@@ -225,6 +229,8 @@ class ModelPruning(Callback):  # type: ignore[misc]  # Lightning is untyped here
             if not isinstance(m, _CONTAINERS) and _is_tensor(m, p)
         ]
         targets = []
+        seen: dict[int, str] = {}  # the stored tensor's id -> the name it is pruned under
+        structured = self._pruning_type == "structured"
         for module, local in given:
             if id(module) not in paths or not _is_tensor(module, local):
                 raise error(
@@ -243,6 +249,33 @@ class ModelPruning(Callback):  # type: ignore[misc]  # Lightning is untyped here
                     "ModelPruning could update.",
                     fix="leave it out of parameters_to_prune.",
                 )
+            if constrained and name not in self._applied:
+                raise error(
+                    repr(name),
+                    "is masked already, by another pruner (a GradualPruning, update_masks): two "
+                    "pruners of one tensor would each undo the other's schedule.",
+                    fix="prune it with one of them: leave it out of parameters_to_prune, or out "
+                    "of the other's rules.",
+                )
+            if structured and getattr(module, local).dim() < 2:
+                raise error(
+                    repr(name),
+                    f"{self._method.__name__} prunes slices, and this tensor has "
+                    f"{getattr(module, local).dim()} dimension (torch's prune refuses it too).",
+                    fix="prune weights only: parameter_names=['weight'], or leave it out of "
+                    "parameters_to_prune.",
+                )
+            stored = id(_stored(module, local))
+            if stored in seen:
+                if self._given and seen[stored] == name:
+                    raise error(
+                        "ModelPruning",
+                        f"parameters_to_prune names {name!r} twice: a global ranking would count "
+                        "its entries twice.",
+                        fix="name each (module, tensor) once.",
+                    )
+                continue  # a tied tensor (an embedding that is also the output layer): once
+            seen[stored] = name
             targets.append((name, module, local))
         return targets
 
@@ -328,7 +361,7 @@ class ModelPruning(Callback):  # type: ignore[misc]  # Lightning is untyped here
         entries stay zero."""
         values = dict(self.initial)
         if self._resample_parameters:
-            for owner in {_owner(n) for n in self.names}:
+            for owner in dict.fromkeys(_owner(n) for n in self.names):  # in the model's order
                 module = pl_module.get_submodule(owner)
                 if callable(getattr(module, "reset_parameters", None)):
                     fresh = remove_parametrizations(copy.deepcopy(module))
@@ -434,6 +467,14 @@ def _name(pruning_fn: object) -> str:
         if isinstance(pruning_fn, str)
         else getattr(pruning_fn, "__name__", type(pruning_fn).__name__)
     )
+
+
+def _stored(module: nn.Module, name: str) -> Tensor:
+    """The tensor object stored for ``module.<name>`` (a tie's holders store the same one)."""
+    if parametrize.is_parametrized(module, name):
+        return parametrization_list(module, name).original
+    stored: Tensor = module._parameters[name]  # type: ignore[assignment]  # checked by _is_tensor
+    return stored
 
 
 def _is_tensor(module: nn.Module, name: str) -> bool:

@@ -16,7 +16,7 @@ from maskparam.core.constraint import Constraint, Layout
 from maskparam.core.inference import refuse_inference_mode
 from maskparam.core.match import Selector, TensorIndex, check_selector, describe, match_rule
 from maskparam.core.optimizer import UNSET, Optimizers, as_optimizers
-from maskparam.core.progress import PROGRESS_BUFFER, PruningProgress
+from maskparam.core.progress import PROGRESS_BUFFER, PruningProgress, check_count_owner
 from maskparam.core.tensors import TensorRef
 from maskparam.errors import MaskparamError, check_bool, check_int, check_module, error
 from maskparam.masks.generators import MaskGenerator, MaskSource, check_fraction, describe_source
@@ -151,6 +151,14 @@ class GradualPruning:
         rewrap_ddp: bool = False,
     ) -> None:
         check_module(model, "GradualPruning")
+        if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            raise error(
+                "GradualPruning",
+                "the model is torch.compile's wrapper; the schedule keeps its step count and "
+                "masks in the model inside it.",
+                fix="build the schedule on the model (model._orig_mod, or before compiling), "
+                "then compile it.",
+            )
         # Its step count is a new buffer of the model, and its steps create masks.
         refuse_inference_mode("GradualPruning")
         refuse_ddp_wrapper(model, "GradualPruning")
@@ -205,12 +213,14 @@ class GradualPruning:
         self.final = sparsity
         self.initial = initial_sparsity
         self.begin, self.end, self.every = begin, end, every
-        resuming = PruningProgress.held_by(model)
-        self._start(layout, resuming=resuming)
-        device = next((ref.storage.device for ref in self._selected()), None)
+        selected = self._selected()
+        tensors = tuple(dict.fromkeys(ref.name for ref in selected))
+        check_count_owner(model, tensors, "GradualPruning")  # before anything changes
+        self._start(layout, resuming=PruningProgress.held_by(model))
+        device = next((ref.storage.device for ref in selected), None)
         #: Reads and writes the step count the model keeps in its ``maskparam_pruning_steps``
         #: buffer (beside the masks), so that every checkpoint of the model carries it.
-        self.progress = PruningProgress(model, device=device)
+        self.progress = PruningProgress(model, device=device, tensors=tensors)
 
     def _start(self, layout: Layout, *, resuming: bool) -> None:
         selected = self._selected()
@@ -222,9 +232,9 @@ class GradualPruning:
                 repr(plain[0].name),
                 f"the model holds a schedule's step count ({PROGRESS_BUFFER!r}), but this "
                 "tensor, which the rules select, has no Mask: it is not the schedule that "
-                "counted them.",
-                fix="select the tensors that schedule masks (one GradualPruning per model), or "
-                f"start from a model without the count (del model.{PROGRESS_BUFFER}).",
+                "counted them, and two schedules would count each step twice.",
+                fix="drive every tensor from one GradualPruning (one rules mapping), with the "
+                "rules of the schedule that pruned this model.",
             )
         if others or (masked and plain):
             odd = (others or plain)[0]
@@ -344,6 +354,12 @@ class GradualPruning:
             target_step = self.steps + 1
         else:
             check_int(global_step, "GradualPruning.step", "global_step")
+            if not 0 <= global_step < 2**63:
+                raise error(
+                    "GradualPruning.step",
+                    f"global_step={global_step}: a count of optimizer steps, from 0 to 2**63 - 1.",
+                    fix="pass the trainer's counter of optimizer steps.",
+                )
             if global_step < self.steps:
                 raise error(
                     "GradualPruning.step",
@@ -361,9 +377,9 @@ class GradualPruning:
         return self.sparsity
 
     def state_dict(self) -> dict[str, Any]:
-        """The schedule's progress. The model's state_dict holds it too (``maskparam_pruning.*``,
-        beside the masks), so a checkpoint of the model alone resumes the schedule; this dict is
-        for a checkpoint that keeps it apart."""
+        """The schedule's progress. The model's state_dict holds it too (its
+        ``maskparam_pruning_steps`` buffer, beside the masks), so a checkpoint of the model alone
+        resumes the schedule; this dict is for a checkpoint that keeps it apart."""
         return {"steps": self.steps, "sparsity": self.sparsity}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

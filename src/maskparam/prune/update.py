@@ -253,8 +253,8 @@ def run_update(
 
 def _refuse_loosening(updates: Sequence[MaskUpdate], caller: str) -> None:
     """Refuse masks that keep more entries in all than now: a schedule that only tightens asked
-    for a lower sparsity than its masks have, which happens when its progress was lost (a run
-    resumed from a checkpoint that does not carry it) and would regrow pruned entries."""
+    for a lower sparsity than its masks have (they were tightened outside it, or its count was
+    lost), and would regrow pruned entries."""
     kept = [(u.kept, u.free_after) for u in updates if u.kept is not None]
     before = sum(int(now.sum()) for now, _ in kept)
     after = sum(int(new.sum()) for _, new in kept if new is not None)
@@ -264,13 +264,12 @@ def _refuse_loosening(updates: Sequence[MaskUpdate], caller: str) -> None:
             caller,
             f"the masks keep {before:,} of {total:,} entries ({1 - before / total:.2%} pruned), "
             f"and this step's sparsity would keep {after:,} ({1 - after / total:.2%} pruned): "
-            "the schedule is behind its masks, and pruned entries would grow back. Its step "
-            "count lives in the model's state_dict (the maskparam_pruning_steps buffer); a "
-            "checkpoint without it, or a load that skipped it, restarts the schedule. Nothing "
-            "was changed.",
-            fix="resume from a checkpoint of the model saved with this schedule (a strict load "
-            "reports the count missing), or give the schedule its count: "
-            "pruning.load_state_dict({'steps': ..., 'sparsity': ...}).",
+            "the schedule is behind its masks, and pruned entries would grow back. Either the "
+            "masks were tightened outside the schedule (update_masks), or its step count was "
+            "lost. Nothing was changed.",
+            fix="give the schedule the count of the step its masks belong to: "
+            "pruning.load_state_dict({'steps': ..., 'sparsity': ...}), or pruning.step(k) with "
+            "that step k; a run resumed from a checkpoint of the model gets it from there.",
         )
 
 
