@@ -189,6 +189,8 @@ class ModelPruning(Callback):  # type: ignore[misc]  # Lightning is untyped here
         self._pruning_type = pruning_type
         # The tensors whose Masks this callback applied (a later fit updates them again).
         self._applied: set[str] = set()
+        # resample_parameters: plain copies of the pruned tensors' modules, by module name.
+        self._plain: dict[str, nn.Module] = {}
         #: The pruned tensors by their names in the LightningModule (set in ``setup``).
         self.names: list[str] = []
         #: The values the pruned tensors had when fit began, for the lottery-ticket rewind.
@@ -208,6 +210,11 @@ class ModelPruning(Callback):  # type: ignore[misc]  # Lightning is untyped here
             for name, m, local in targets
             if not maskparam_constraints(m, local)
         }
+        if self._resample_parameters and not self._plain:
+            # Plain copies of the pruned tensors' modules (as Lightning's snapshot), whose
+            # reset_parameters draws the resampled values; taken while they are unconstrained.
+            for name, module, _local in targets:
+                self._plain.setdefault(_owner(name), copy.deepcopy(module))
         if self._use_lottery_ticket_hypothesis:
             # As Lightning's: the values at the start of fit (a resumed fit then loads the
             # first run's from this callback's state in the checkpoint).
@@ -361,10 +368,9 @@ class ModelPruning(Callback):  # type: ignore[misc]  # Lightning is untyped here
         entries stay zero."""
         values = dict(self.initial)
         if self._resample_parameters:
-            for owner in dict.fromkeys(_owner(n) for n in self.names):  # in the model's order
-                module = pl_module.get_submodule(owner)
-                if callable(getattr(module, "reset_parameters", None)):
-                    fresh = remove_parametrizations(copy.deepcopy(module))
+            for owner, plain in self._plain.items():  # in the model's order, as Lightning's
+                if callable(getattr(plain, "reset_parameters", None)):
+                    fresh = copy.deepcopy(plain)
                     fresh.reset_parameters()  # type: ignore[operator]  # checked just above
                     for n in self.names:
                         if _owner(n) == owner:
