@@ -99,9 +99,11 @@ def test_a_tied_tensor_missing_from_a_checkpoint_is_still_reported_missing():
     model = mp.apply_mask(TiedEmbeddingLM(), {"emb.weight": mp.Mask(mp.masks.magnitude(0.5))})
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("emb.")}
     missing = model.load_state_dict(state, strict=False).missing_keys
+    # Nothing of the tie in the checkpoint: every holder's entries are reported missing.
     assert sorted(missing) == [
-        "emb.parametrizations.weight.0.mask",
-        "emb.parametrizations.weight.original",
+        f"{side}.parametrizations.weight.{key}"
+        for side in ("emb", "head")
+        for key in ("0.mask", "original")
     ]
 
 
@@ -171,3 +173,44 @@ def test_baking_one_side_of_a_tie_is_refused():
     assert all(torch.equal(after[k], v) for k, v in before.items())
     mp.remove_parametrizations(model)
     assert model.head.weight is model.emb.weight
+
+
+class _TableLM(nn.Module):
+    """The tied tensor's first holder is the model itself, the parent of the other holder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(10, 6))
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.table[ids]))
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_a_tie_held_by_a_parent_and_its_child_is_saved_once_and_stays_one(assign):
+    def built(seed: int) -> _TableLM:
+        torch.manual_seed(seed)
+        return mp.apply_mask(_TableLM(), {"table": mp.Mask(mp.masks.magnitude(0.5))})
+
+    model = built(0)
+    state = safetensors_torch.load(safetensors_torch.save(model.state_dict()))
+    assert len([k for k in state if k.endswith(".original")]) == 1
+    fresh = built(1)
+    assert str(fresh.load_state_dict(state, assign=assign)) == "<All keys matched successfully>"
+    assert fresh.parametrizations.table.original is fresh.head.parametrizations.weight.original
+    ids = torch.arange(10)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model(ids))
+
+
+def test_a_tie_built_on_the_meta_device_is_one_tensor_after_to_empty_and_load():
+    model = _tied(0)
+    fresh = _tied(1, device="meta")
+    fresh.to_empty(device="cpu")  # torch gives each module a Parameter of its own here
+    assert str(fresh.load_state_dict(model.state_dict())) == "<All keys matched successfully>"
+    assert fresh.emb.parametrizations.weight.original is fresh.head.parametrizations.weight.original
+    ids = torch.arange(10)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model(ids))

@@ -57,3 +57,16 @@ def test_a_pickled_to_sparse_model_saves_plain_tensors_that_load_back():
         other[0].weight.values().zero_()
     other.load_state_dict(state)
     assert torch.equal(other(saved["x"]), model(saved["x"]))
+
+
+@pytest.mark.filterwarnings(CSR_BETA)
+def test_a_model_unpickled_from_0_2_is_guarded_when_constrained_again():
+    model = torch.load(DATA / "baked_v0_2.pt", weights_only=False)["model"]
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    mp.apply_mask(model, {"2.weight": mp.Mask(mp.masks.magnitude(0.5))})
+    with pytest.raises(mp.MaskparamError, match=r"holds '2.weight' as a plain tensor"):
+        model.load_state_dict(
+            plain
+        )  # the load guard is on: plain keys go through mp.load_state_dict
+    mp.remove_parametrizations(model)
+    assert not [k for m in model.modules() for k in vars(m) if "maskparam" in k]

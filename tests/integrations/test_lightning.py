@@ -112,7 +112,7 @@ def test_a_fit_resumed_ahead_of_the_models_count_is_refused(tmp_path, count):
     torch.save(checkpoint, path)
     fresh, resumed = _scheduled(1)
     fresh.strict_loading = False  # a strict load would report the missing count too
-    message = "but not the step count" if count is None else "resumes at step 10, but the model"
+    message = "but not its step count" if count is None else "resumes at step 10, but the model"
     with pytest.raises(mp.MaskparamError, match=message):
         _trainer(
             [GradualPruningCallback(resumed)], max_steps=20, default_root_dir=tmp_path / "again"

@@ -92,7 +92,7 @@ def test_a_checkpoint_of_the_masks_without_the_count_is_refused_before_loading(s
     before = copy.deepcopy(fresh.state_dict())
     with pytest.raises(
         mp.MaskparamError,
-        match=r"(?s)holds constraints .* but not the step count of this model's GradualPruning"
+        match=r"(?s)holds the masks of this model's GradualPruning .* but not its step count"
         r".*nothing was loaded.*checkpoint\['maskparam_pruning_steps'\] = torch.tensor\(steps\)",
     ):
         fresh.load_state_dict(saved, strict=strict)
@@ -237,3 +237,42 @@ def test_odd_models_and_counters_are_refused_before_anything_changes():
     with pytest.raises(mp.MaskparamError, match=r"global_step=9223372036854775808: a count"):
         pruning.step(2**63)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_schedule_on_a_submodule_and_one_on_its_model_are_refused_either_way():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = mlp(8, 16, 8, seed=0)
+            self.out = nn.Linear(8, 4)
+
+    for outer_first in (True, False):
+        net = Net()
+        if outer_first:
+            mp.GradualPruning(net, {"enc.*.weight": mp.masks.magnitude}, sparsity=0.5, end=4)
+            with pytest.raises(mp.MaskparamError, match=r"'0.weight' is pruned already by"):
+                mp.GradualPruning(net.enc, {"*.weight": mp.masks.magnitude}, sparsity=0.5, end=4)
+        else:
+            mp.GradualPruning(net.enc, {"*.weight": mp.masks.magnitude}, sparsity=0.5, end=4)
+            with pytest.raises(mp.MaskparamError, match=r"'enc.0.weight' is pruned already by"):
+                mp.GradualPruning(net, {"*.weight": mp.masks.magnitude}, sparsity=0.5, end=4)
+
+
+def test_a_schedule_whose_tensor_was_baked_is_refused_at_its_next_update():
+    model, pruning, optimizer = _build(0, "dense")
+    _train(model, pruning, optimizer, 3)
+    mp.remove_parametrizations(model[2])
+    with pytest.raises(mp.MaskparamError, match=r"'2.weight': the schedule's rules select it"):
+        _train(model, pruning, optimizer, 2)
+
+
+def test_a_pretrained_checkpoint_with_torchs_own_parametrizations_loads_into_a_pruned_model():
+    torch.manual_seed(0)
+    base = mlp(8, 16, 4, seed=0)
+    torch.nn.utils.parametrizations.weight_norm(base[0])  # as wav2vec2's positional conv
+    pretrained = copy.deepcopy(base.state_dict())
+    mp.GradualPruning(base, {"2.weight": mp.masks.magnitude}, sparsity=0.5, end=4, optimizer=None)
+    mp.load_state_dict(base, pretrained)  # plain for maskparam: no step count needed
+    assert torch.equal(
+        base[0].parametrizations.weight.original0, pretrained["0.parametrizations.weight.original0"]
+    )

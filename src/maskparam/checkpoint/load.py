@@ -31,6 +31,7 @@ from maskparam.core.parametrize import maskparam_constraints
 from maskparam.core.positions import stored_indices
 from maskparam.core.progress import PROGRESS_BUFFER
 from maskparam.core.tensors import TensorRef, find_tensors
+from maskparam.core.ties import fill_tied_keys, restore_ties
 from maskparam.errors import check_bool, check_module, error
 
 __all__ = ["load_state_dict"]
@@ -99,6 +100,7 @@ def load_state_dict(
             fix="load a checkpoint of real tensors (torch.load(path, weights_only=True)), or "
             "use model.load_state_dict(checkpoint, assign=True) to keep meta tensors.",
         )
+    restore_ties(model)  # a tie that to_empty split: one tensor again, saved once
     own = model.state_dict()
     layouts = [
         (key, value.layout, own[key].layout)
@@ -122,7 +124,11 @@ def load_state_dict(
     switches = translate_layouts(model, translated, "")
     switched = {key for s in switches if s.twin is not None for key in s.saved}
     own_keys = set(model.state_dict().keys())
-    foreign = sorted(k for k in translated if _MARK in f".{k}" and k not in own_keys)
+    # A tie's entries are saved under one holder; a checkpoint with every holder's (maskparam
+    # 0.2) is neither foreign nor unexpected.
+    every_holder = dict(own)
+    fill_tied_keys(model, every_holder, "")
+    foreign = sorted(k for k in translated if _MARK in f".{k}" and k not in every_holder)
     if foreign:
         raise error(
             f"load_state_dict into {type(model).__name__}",
@@ -165,7 +171,7 @@ def load_state_dict(
         # A plain checkpoint (pretrained weights) knows nothing of a pruning schedule: the
         # model's step count stays, as its masks do.
         missing = [k for k in missing if k.rpartition(".")[2] != PROGRESS_BUFFER]
-    unexpected = [k for k in rest if k not in own_keys and k not in switched]
+    unexpected = [k for k in rest if k not in every_holder and k not in switched]
     if strict and (missing or unexpected):
         raise error(
             f"load_state_dict into {type(model).__name__}",

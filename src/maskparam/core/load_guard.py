@@ -23,35 +23,45 @@ from maskparam.core.parametrize import (
     parametrization_list,
     parametrized_names,
 )
-from maskparam.core.progress import PROGRESS_BUFFER
+from maskparam.core.progress import PROGRESS_BUFFER, counted_tensors
+from maskparam.core.ties import fill_tied_keys, restore_ties
 from maskparam.errors import error
 
 __all__ = ["check_checkpoint", "guard_loads", "unguard_loads"]
 
 _GUARDED = "_maskparam_load_guard"
-_MARK = ".parametrizations."
 
 
 def guard_loads(model: nn.Module) -> None:
     """Check constraint entries of every checkpoint loaded into ``model`` first (once per model).
 
-    The hook's handle is kept on the model (a plain attribute, which a deep copy carries), so
-    that :func:`unguard_loads` takes it off once nothing of maskparam is left to check.
+    A post-hook ties a tied tensor's holders to one Parameter again after the load (with
+    ``assign=True`` torch gives each key a Parameter of its own). The hooks' handles are kept on
+    the model (a plain attribute, which a deep copy carries), so that :func:`unguard_loads` takes
+    them off once nothing of maskparam is left to check.
     """
-    if model.__dict__.get(_GUARDED) is not None:
-        return
+    if isinstance(model.__dict__.get(_GUARDED), tuple):
+        return  # (maskparam 0.2 kept True here; its pickles are guarded anew)
     handle = model.register_load_state_dict_pre_hook(check_checkpoint)  # type: ignore[no-untyped-call]
-    object.__setattr__(model, _GUARDED, handle.id)
+    after = model.register_load_state_dict_post_hook(_tie_again)  # type: ignore[no-untyped-call]
+    object.__setattr__(model, _GUARDED, (handle.id, after.id))
+
+
+def _tie_again(model: nn.Module, incompatible: Any) -> None:
+    del incompatible
+    restore_ties(model)
 
 
 def unguard_loads(model: nn.Module) -> None:
     """Remove the load guard from every module of ``model`` that no longer holds a constraint:
     a baked model is plain torch again (its pickle names nothing of maskparam)."""
     for module in model.modules():
-        hook_id = module.__dict__.get(_GUARDED)
-        if hook_id is None or any(isinstance(m, Constraint) for m in module.modules()):
+        hook_ids = module.__dict__.get(_GUARDED)
+        if hook_ids is None or any(isinstance(m, Constraint) for m in module.modules()):
             continue
-        module._load_state_dict_pre_hooks.pop(hook_id, None)
+        if isinstance(hook_ids, tuple):
+            module._load_state_dict_pre_hooks.pop(hook_ids[0], None)
+            module._load_state_dict_post_hooks.pop(hook_ids[1], None)
         del module.__dict__[_GUARDED]
 
 
@@ -67,8 +77,10 @@ def check_checkpoint(
     module's pre-hook whatever the caller asked, so a hook cannot tell an error from a partial
     load; :func:`maskparam.load_state_dict` checks keys before anything is loaded.
     """
+    restore_ties(model)  # a tie that to_empty split loads as one tensor again
     switches: list[LayoutSwitch] = []
     if isinstance(state_dict, dict):  # torch's own copy of the checkpoint, which it loads from
+        fill_tied_keys(model, state_dict, prefix)  # a tie's entries are saved under one holder
         switches = translate_layouts(model, state_dict, prefix)  # checked as this layout
     _check_step_count(model, state_dict, prefix)
     resizes = _compact_resizes(model, state_dict, prefix)
@@ -145,14 +157,19 @@ def _check_step_count(model: nn.Module, state_dict: Mapping[str, Any], prefix: s
         here = f"{name}." if name else ""
         if here + PROGRESS_BUFFER in state_dict:
             continue
-        masks = [k for k in state_dict if k.startswith(here) and _MARK in f".{k}"]
+        counted = counted_tensors(module)
+        theirs = [
+            f"{here}{owner}{'.' if owner else ''}parametrizations.{local}."
+            for owner, _, local in (name.rpartition(".") for name in counted)
+        ]
+        masks = [k for k in state_dict if k.startswith(tuple(theirs))] if theirs else []
         if masks:
             raise error(
                 f"load_state_dict into {type(model).__name__}",
-                f"the checkpoint holds constraints (e.g. {masks[0]!r}) but not the step count "
-                f"of this model's GradualPruning ({here + PROGRESS_BUFFER!r}): it was saved "
-                "without the schedule, which would start again and prune late or regrow pruned "
-                "weights; nothing was loaded.",
+                f"the checkpoint holds the masks of this model's GradualPruning (e.g. "
+                f"{masks[0]!r}) but not its step count ({here + PROGRESS_BUFFER!r}): it was "
+                "saved without the schedule, which would start again and prune late or regrow "
+                "pruned weights; nothing was loaded.",
                 fix=f"give the checkpoint the count it was saved at: checkpoint["
                 f"{here + PROGRESS_BUFFER!r}] = torch.tensor(steps) (GradualPruning.state_dict()"
                 "['steps'] of that run, 0 to start the schedule on its masks), then load.",

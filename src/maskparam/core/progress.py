@@ -15,7 +15,14 @@ from torch import Tensor, nn
 
 from maskparam.errors import error
 
-__all__ = ["PROGRESS_BUFFER", "PruningProgress", "check_count_owner", "drop_progress"]
+__all__ = [
+    "PROGRESS_BUFFER",
+    "PruningProgress",
+    "check_count_owner",
+    "claim",
+    "counted_tensors",
+    "drop_progress",
+]
 
 #: The model's buffer that holds its schedule's step count (its state_dict key, under the
 #: model's prefix).
@@ -24,6 +31,8 @@ PROGRESS_BUFFER = "maskparam_pruning_steps"
 # The model attribute naming the tensors of the schedule whose count the buffer is (a plain
 # attribute: a deep copy carries it; a new process builds its schedule before loading).
 _COUNTED = "_maskparam_counted_tensors"
+# The holding module's attribute: tensor name -> the model whose schedule drives it.
+_CLAIMED = "_maskparam_scheduled_by"
 
 
 class PruningProgress:
@@ -110,11 +119,17 @@ class PruningProgress:
         self._seen = (buffer, buffer._version, buffer.data_ptr(), steps)
 
 
+def counted_tensors(module: nn.Module) -> tuple[str, ...]:
+    """The tensors (names under ``module``) of the schedule whose count ``module`` holds."""
+    counted: tuple[str, ...] = module.__dict__.get(_COUNTED, ())
+    return counted
+
+
 def check_count_owner(model: nn.Module, tensors: tuple[str, ...], caller: str) -> None:
     """Refuse a second schedule on ``model``: its count belongs to the schedule of ``tensors``
     (one built again on the same tensors goes on with it, as a resumed run does)."""
     counted: tuple[str, ...] | None = model.__dict__.get(_COUNTED)
-    if PROGRESS_BUFFER in model._buffers and counted is not None and counted != tensors:
+    if PROGRESS_BUFFER in model._buffers and counted is not None and set(counted) != set(tensors):
         raise error(
             caller,
             f"the model's step count ({PROGRESS_BUFFER!r}) is a GradualPruning's that prunes "
@@ -126,8 +141,31 @@ def check_count_owner(model: nn.Module, tensors: tuple[str, ...], caller: str) -
         )
 
 
+def claim(
+    model: nn.Module, holders: list[tuple[str, nn.Module, str]], caller: str, *, mark: bool
+) -> None:
+    """Mark each (name, module, tensor name) of ``holders`` as driven by the schedule whose count
+    ``model`` holds; refuse one that another model's schedule drives (a schedule on a submodule
+    or on an enclosing model: the two would each undo the other's masks). The mark is a plain
+    attribute of the holding module, a reference to ``model`` (a deep copy maps it)."""
+    for name, module, local in holders:
+        owner = module.__dict__.get(_CLAIMED, {}).get(local)
+        if owner is not None and owner is not model:
+            raise error(
+                caller,
+                f"{name!r} is pruned already by the GradualPruning of a "
+                f"{type(owner).__name__} (a submodule, or a model that holds this one): two "
+                "schedules would each undo the other's masks.",
+                fix="drive every tensor from one GradualPruning (one rules mapping), on the "
+                "model you train.",
+            )
+    for _, module, local in holders if mark else ():
+        module.__dict__.setdefault(_CLAIMED, {})[local] = model
+
+
 def drop_progress(model: nn.Module) -> None:
     """Remove every schedule's step count from ``model`` (baking ends the schedules)."""
     for module in model.modules():
         module._buffers.pop(PROGRESS_BUFFER, None)
         module.__dict__.pop(_COUNTED, None)
+        module.__dict__.pop(_CLAIMED, None)

@@ -7,12 +7,17 @@ same tensors under two names), which safetensors refuses, and with it ``save_pre
 every Hugging Face Trainer checkpoint. Hugging Face saves one key of a plain tie; maskparam saves
 a constrained one once too:
 
-* a :class:`Tie` lists the holders (the first one's keys are saved); every holder keeps it in a
-  plain attribute, which a deep copy carries (mapping the modules to their copies);
-* an *alias* holder (not the first) leaves its keys out of a state_dict that also holds the
-  first holder's tensors (a state_dict of a submodule that holds only the alias keeps them);
-* loading, an alias holder takes its absent keys from the first holder's current tensors (torch
-  loads the first holder before, and ``assign=True`` gives both the same new tensor);
+* a :class:`Tie` lists the holders; every holder keeps it in a plain attribute, which a deep
+  copy carries (mapping the modules to their copies);
+* a holder leaves its keys out of a state_dict that already holds the tie's original (the same
+  storage, saved by a holder torch reached before: a state_dict of a submodule that holds one
+  side keeps it);
+* loading, the load guard (``core/load_guard.py``, a pre-hook of the model ``apply_mask`` was
+  given, which sees the whole checkpoint) gives a holder whose keys are absent the entries of a
+  holder that has them (:func:`fill_tied_keys`): a checkpoint without any holder's keys still
+  reports them missing. A tie that ``to_empty`` split (it gives each module a Parameter of its
+  own, as it does to plain ties) is tied again before the load, and one that ``assign=True``
+  split (a Parameter per key) after it, by :func:`restore_ties`;
 * baking one holder without the others would split the tie: :func:`refuse_split_tie_bake`.
 """
 
@@ -26,47 +31,51 @@ from torch import Tensor, nn
 from maskparam.core.parametrize import maskparam_constraints, parametrization_list
 from maskparam.errors import error
 
-__all__ = ["Tie", "forget_ties", "refuse_split_tie_bake", "tie_holders"]
+__all__ = [
+    "Tie",
+    "fill_tied_keys",
+    "forget_ties",
+    "refuse_split_tie_bake",
+    "restore_ties",
+    "tie_holders",
+]
 
 # The module attribute: tensor name -> the Tie it belongs to.
 _TIES = "_maskparam_ties"
-# The module attribute: the ids of the two hooks an alias holder carries.
+# The module attribute: the id of the state_dict hook a holder carries.
 _HOOKS = "_maskparam_tie_hooks"
 
 
 @dataclass(eq=False)
 class Tie:
-    """The (module, tensor name) pairs that hold one tied, constrained tensor; the first one's
-    keys are the ones saved, and ``names`` are their qualified names (for messages)."""
+    """The (module, tensor name) pairs that hold one tied, constrained tensor, in the order
+    ``apply_mask`` found them, and their qualified names (for messages)."""
 
     holders: list[tuple[nn.Module, str]]
     names: list[str] = field(default_factory=list)
 
 
 def tie_holders(holders: list[tuple[nn.Module, str]], names: list[str]) -> None:
-    """Record that ``holders`` hold one constrained tensor (the first saves it)."""
+    """Record that ``holders`` hold one constrained tensor."""
     tie = Tie(list(holders), list(names))
-    for position, (module, local) in enumerate(holders):
+    for module, local in holders:
         module.__dict__.setdefault(_TIES, {})[local] = tie
-        if position and _HOOKS not in module.__dict__:
+        if _HOOKS not in module.__dict__:
             saving = module.register_state_dict_post_hook(_drop_alias_keys)  # type: ignore[no-untyped-call]
-            loading = module.register_load_state_dict_pre_hook(_fill_alias_keys)  # type: ignore[no-untyped-call]
-            object.__setattr__(module, _HOOKS, (saving.id, loading.id))
+            object.__setattr__(module, _HOOKS, saving.id)
 
 
 def forget_ties(module: nn.Module) -> None:
     """Forget the ties of ``module``'s tensors that are no longer constrained (baked), and drop
-    its hooks once it is no tie's alias: a baked model holds nothing of maskparam."""
+    its hooks once it holds no tie: a baked model holds nothing of maskparam."""
     ties: dict[str, Tie] = module.__dict__.get(_TIES, {})
     for local in [n for n in ties if not maskparam_constraints(module, n)]:
         del ties[local]
     if not ties:
         module.__dict__.pop(_TIES, None)
-    if not _aliases(module):
-        hooks = module.__dict__.pop(_HOOKS, None)
-        if hooks is not None:
-            module._state_dict_hooks.pop(hooks[0], None)
-            module._load_state_dict_pre_hooks.pop(hooks[1], None)
+        hook = module.__dict__.pop(_HOOKS, None)
+        if hook is not None:
+            module._state_dict_hooks.pop(hook, None)
 
 
 def refuse_split_tie_bake(model: nn.Module, caller: str) -> None:
@@ -87,45 +96,74 @@ def refuse_split_tie_bake(model: nn.Module, caller: str) -> None:
                 )
 
 
-def _aliases(module: nn.Module) -> list[tuple[str, Tie]]:
-    """The tensors ``module`` holds as a tie's alias (not its first holder)."""
+def restore_ties(model: nn.Module) -> None:
+    """Give every holder of each tie in ``model`` the first holder's original again, where
+    ``to_empty`` (or another ``_apply`` that makes new Parameters) gave each its own: the values
+    it held are uninitialised memory, which the load then fills once."""
+    for module in model.modules():
+        for tie in module.__dict__.get(_TIES, {}).values():
+            first_module, first_local = tie.holders[0]
+            if first_module is not module or not maskparam_constraints(module, first_local):
+                continue
+            original = parametrization_list(first_module, first_local).original
+            for holder, local in tie.holders[1:]:
+                if not maskparam_constraints(holder, local):
+                    continue
+                plist = parametrization_list(holder, local)
+                if plist.original is not original and plist.original.shape == original.shape:
+                    plist._parameters["original"] = original  # type: ignore[assignment]
+
+
+def _ties(module: nn.Module) -> list[tuple[str, Tie]]:
+    """The constrained tensors ``module`` holds as a side of a tie."""
     ties: dict[str, Tie] = module.__dict__.get(_TIES, {})
-    return [(local, tie) for local, tie in ties.items() if tie.holders[0][0] is not module]
-
-
-def _first_state(tie: Tie) -> dict[str, Any]:
-    """The first holder's parametrization entries, as tensors (not copies), by local key."""
-    module, local = tie.holders[0]
-    return parametrization_list(module, local).state_dict(keep_vars=True)
+    return [(local, tie) for local, tie in ties.items() if maskparam_constraints(module, local)]
 
 
 def _drop_alias_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
-    for local, _tie in _aliases(module):
-        if not maskparam_constraints(module, local):
-            continue
+    for local, _tie in _ties(module):
         here = f"{prefix}parametrizations.{local}."
         original = parametrization_list(module, local).original
         if original.is_meta:  # no storage to tell the holders apart by: keep both
             continue
-        # The first holder was saved in this call (before, in torch's order) where its original
+        # Another holder was saved in this call (before, in torch's order) where the original
         # is in the state_dict under another key: the same storage.
-        saved_first = any(
+        saved_before = any(
             isinstance(value, Tensor)
             and not key.startswith(here)
             and value.shape == original.shape
             and value.data_ptr() == original.data_ptr()
             for key, value in state_dict.items()
         )
-        if saved_first:
+        if saved_before:
             for key in [k for k in state_dict if k.startswith(here)]:
                 del state_dict[key]
 
 
-def _fill_alias_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
-    # Runs before the module's children load, on the dict their entries are taken from.
-    for local, tie in _aliases(module):
-        if not maskparam_constraints(module, local):
-            continue
-        here = f"{prefix}parametrizations.{local}."
-        for key, value in _first_state(tie).items():
-            state_dict.setdefault(here + key, value)
+def fill_tied_keys(model: nn.Module, state_dict: dict[str, Any], prefix: str) -> None:
+    """Give each holder of a tie in ``model`` whose entries ``state_dict`` lacks those of a
+    holder it has (the same tensors: torch then loads one value into the shared tensor)."""
+    paths = {id(m): path for path, m in model.named_modules(prefix=prefix.rstrip("."))}
+    done: set[int] = set()
+    for module in model.modules():
+        for tie in module.__dict__.get(_TIES, {}).values():
+            if id(tie) in done:
+                continue
+            done.add(id(tie))
+            held = [
+                (paths[id(m)], n)
+                for m, n in tie.holders
+                if id(m) in paths and maskparam_constraints(m, n)
+            ]
+            sides = [f"{path}.parametrizations.{n}.".lstrip(".") for path, n in held]
+            plains = [f"{path}.{n}".lstrip(".") for path, n in held]
+            present = [
+                {k[len(side) :]: v for k, v in state_dict.items() if k.startswith(side)}
+                for side in sides
+            ]
+            given = next((entries for entries in present if entries), None)
+            if given is None:
+                continue  # no holder's entries: torch reports them missing
+            for side, plain, entries in zip(sides, plains, present, strict=True):
+                if not entries and plain not in state_dict:  # (a plain one: the guard refuses)
+                    state_dict.update({side + k: v for k, v in given.items()})

@@ -210,9 +210,11 @@ class ModelPruning(Callback):  # type: ignore[misc]  # Lightning is untyped here
             for name, m, local in targets
             if not maskparam_constraints(m, local)
         }
-        if self._resample_parameters and not self._plain:
+        if self._resample_parameters and plain:
             # Plain copies of the pruned tensors' modules (as Lightning's snapshot), whose
-            # reset_parameters draws the resampled values; taken while they are unconstrained.
+            # reset_parameters draws the resampled values; taken while they are unconstrained
+            # (a later fit of masked modules keeps the copies of the first).
+            self._plain = {}
             for name, module, _local in targets:
                 self._plain.setdefault(_owner(name), copy.deepcopy(module))
         if self._use_lottery_ticket_hypothesis:
@@ -259,10 +261,12 @@ class ModelPruning(Callback):  # type: ignore[misc]  # Lightning is untyped here
             if constrained and name not in self._applied:
                 raise error(
                     repr(name),
-                    "is masked already, by another pruner (a GradualPruning, update_masks): two "
-                    "pruners of one tensor would each undo the other's schedule.",
-                    fix="prune it with one of them: leave it out of parameters_to_prune, or out "
-                    "of the other's rules.",
+                    "is masked already, by another pruner (another ModelPruning, a "
+                    "GradualPruning, update_masks): two pruners of one tensor would each undo "
+                    "the other's schedule.",
+                    fix="prune it with one of them: give the next fit the same ModelPruning "
+                    "(or bake first: make_pruning_permanent=True), or leave it out of "
+                    "parameters_to_prune or out of the other's rules.",
                 )
             if structured and getattr(module, local).dim() < 2:
                 raise error(

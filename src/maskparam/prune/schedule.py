@@ -16,7 +16,7 @@ from maskparam.core.constraint import Constraint, Layout
 from maskparam.core.inference import refuse_inference_mode
 from maskparam.core.match import Selector, TensorIndex, check_selector, describe, match_rule
 from maskparam.core.optimizer import UNSET, Optimizers, as_optimizers
-from maskparam.core.progress import PROGRESS_BUFFER, PruningProgress, check_count_owner
+from maskparam.core.progress import PROGRESS_BUFFER, PruningProgress, check_count_owner, claim
 from maskparam.core.tensors import TensorRef
 from maskparam.errors import MaskparamError, check_bool, check_int, check_module, error
 from maskparam.masks.generators import MaskGenerator, MaskSource, check_fraction, describe_source
@@ -216,7 +216,10 @@ class GradualPruning:
         selected = self._selected()
         tensors = tuple(dict.fromkeys(ref.name for ref in selected))
         check_count_owner(model, tensors, "GradualPruning")  # before anything changes
+        holders = [(ref.name, m, local) for ref in selected for m, local in ref.holders]
+        claim(model, holders, "GradualPruning", mark=False)
         self._start(layout, resuming=PruningProgress.held_by(model))
+        claim(model, holders, "GradualPruning", mark=True)
         device = next((ref.storage.device for ref in selected), None)
         #: Reads and writes the step count the model keeps in its ``maskparam_pruning_steps``
         #: buffer (beside the masks), so that every checkpoint of the model carries it.
@@ -297,6 +300,16 @@ class GradualPruning:
         return source
 
     def _update(self, sparsity: float) -> None:
+        unmasked = [ref.name for ref in self._selected() if not _has_mask(ref)]
+        if unmasked:
+            raise error(
+                repr(unmasked[0]),
+                "the schedule's rules select it, but it has no Mask any more (baked, say by "
+                "mp.remove_parametrizations of a submodule): the schedule would go on over the "
+                "other tensors alone, short of its sparsity.",
+                fix="bake the whole model once the schedule is over; to go on pruning it, "
+                "apply a Mask to it again (mp.apply_mask) before the next scheduled step.",
+            )
         rules = {sel: self._source(sel, sparsity) for sel in self.rules}
         run_update(
             self.model,
