@@ -214,3 +214,32 @@ def test_a_tie_built_on_the_meta_device_is_one_tensor_after_to_empty_and_load():
     ids = torch.arange(10)
     with torch.no_grad():
         assert torch.equal(fresh(ids), model(ids))
+
+
+def test_a_checkpoint_with_two_different_copies_of_a_tie_is_refused_before_loading():
+    model = _tied(0)
+    state = model.state_dict()
+    both = dict(state)
+    for key, value in state.items():
+        if key.startswith("emb.parametrizations."):
+            both["head." + key.removeprefix("emb.")] = value.clone()
+    both["head.parametrizations.weight.original"] += 100  # as a split tie would have saved
+    fresh = _tied(1)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    for load in (fresh.load_state_dict, lambda sd: mp.load_state_dict(fresh, sd)):
+        with pytest.raises(mp.MaskparamError, match=r"with other values in 'original'"):
+            load(both)
+        assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())
+
+
+def test_mp_load_state_dict_takes_a_tie_saved_under_its_other_holder():
+    model = _tied(0)
+    state = {
+        ("head." + k.removeprefix("emb.")) if k.startswith("emb.") else k: v
+        for k, v in model.state_dict().items()
+    }
+    fresh = _tied(1)
+    assert str(mp.load_state_dict(fresh, state)) == "<All keys matched successfully>"
+    ids = torch.arange(10)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model(ids))

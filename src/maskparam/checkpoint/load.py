@@ -166,7 +166,10 @@ def load_state_dict(
     # Everything is checked before anything changes: missing and unexpected keys, then what each
     # constraint says of its entries (the load guard, run here before the plain assignments).
     assigned_prefixes = tuple(_parametrization_prefix(name) for name in assigned)
-    missing = [k for k in own_keys if k not in translated and not k.startswith(assigned_prefixes)]
+    # A tie saved under another of its holders (torch's order) is not missing.
+    tied_filled = dict(translated)
+    fill_tied_keys(model, tied_filled, "")
+    missing = [k for k in own_keys if k not in tied_filled and not k.startswith(assigned_prefixes)]
     if assigned:
         # A plain checkpoint (pretrained weights) knows nothing of a pruning schedule: the
         # model's step count stays, as its masks do.

@@ -80,9 +80,11 @@ def check_checkpoint(
     restore_ties(model)  # a tie that to_empty split loads as one tensor again
     switches: list[LayoutSwitch] = []
     if isinstance(state_dict, dict):  # torch's own copy of the checkpoint, which it loads from
+        _check_step_count(model, state_dict, prefix)  # on the checkpoint as saved
         fill_tied_keys(model, state_dict, prefix)  # a tie's entries are saved under one holder
         switches = translate_layouts(model, state_dict, prefix)  # checked as this layout
-    _check_step_count(model, state_dict, prefix)
+    if not isinstance(state_dict, dict):
+        _check_step_count(model, state_dict, prefix)
     resizes = _compact_resizes(model, state_dict, prefix)
     reshaped = _reshaped_masks(model, state_dict, prefix)
     _check_shapes(model, state_dict, prefix, resized={*resizes, *reshaped})
@@ -163,6 +165,7 @@ def _check_step_count(model: nn.Module, state_dict: Mapping[str, Any], prefix: s
             for owner, _, local in (name.rpartition(".") for name in counted)
         ]
         masks = [k for k in state_dict if k.startswith(tuple(theirs))] if theirs else []
+        masks.sort(key=lambda k: k.endswith(".original"))  # name a mask first
         if masks:
             raise error(
                 f"load_state_dict into {type(model).__name__}",

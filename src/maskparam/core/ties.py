@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from maskparam.core.parametrize import maskparam_constraints, parametrization_list
@@ -120,6 +121,33 @@ def _ties(module: nn.Module) -> list[tuple[str, Tie]]:
     return [(local, tie) for local, tie in ties.items() if maskparam_constraints(module, local)]
 
 
+def _refuse_differing_copies(tie: Tie, sides: list[str], present: list[dict[str, Any]]) -> None:
+    """A checkpoint with more than one holder's entries (saved by maskparam 0.2) must hold the
+    same tensor under each: torch would copy each into the one shared tensor, the last winning."""
+    copies = [(side, entries) for side, entries in zip(sides, present, strict=True) if entries]
+    first_side, first = copies[0]
+    for side, entries in copies[1:]:
+        differ = sorted(
+            key
+            for key in first.keys() | entries.keys()
+            if not (
+                isinstance(first.get(key), Tensor)
+                and isinstance(entries.get(key), Tensor)
+                and first[key].shape == entries[key].shape
+                and torch.equal(first[key], entries[key])
+            )
+        )
+        if differ:
+            raise error(
+                f"load_state_dict of the tied {tie.names[0]!r}",
+                f"the checkpoint holds the tie under {first_side!r} and {side!r}, with other "
+                f"values in {differ[0]!r}: they are one tensor here, and torch would keep "
+                "whichever it copies last; nothing was loaded.",
+                fix="keep one holder's entries in the checkpoint (the one that is right), or "
+                "load it into a model whose weights are not tied.",
+            )
+
+
 def _drop_alias_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
     for local, _tie in _ties(module):
         here = f"{prefix}parametrizations.{local}."
@@ -164,6 +192,7 @@ def fill_tied_keys(model: nn.Module, state_dict: dict[str, Any], prefix: str) ->
             given = next((entries for entries in present if entries), None)
             if given is None:
                 continue  # no holder's entries: torch reports them missing
+            _refuse_differing_copies(tie, sides, present)
             for side, plain, entries in zip(sides, plains, present, strict=True):
                 if not entries and plain not in state_dict:  # (a plain one: the guard refuses)
                     state_dict.update({side + k: v for k, v in given.items()})
