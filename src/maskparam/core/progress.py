@@ -5,7 +5,11 @@ Lightning, a plain loop) resumes the schedule where it stopped, and never restar
 
 The state is one int64 buffer of the model ``GradualPruning`` drives,
 ``maskparam_pruning_steps``: the optimizer steps the schedule counted. A buffer, not a
-submodule: ``nn.Sequential`` and ``nn.ModuleList`` models call every submodule they hold.
+submodule: ``nn.Sequential`` and ``nn.ModuleList`` models call every submodule they hold. Two
+plain attributes say whose it is: the model's names the schedule's tensors (a schedule built
+again over them goes on with the count, another one is refused), and each holding module's
+names the model whose schedule drives its tensor (a schedule on a submodule, or on an enclosing
+model, over the same tensor is refused).
 """
 
 from __future__ import annotations

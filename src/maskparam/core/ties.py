@@ -1,4 +1,4 @@
-"""A tied, constrained tensor in the state_dict: saved once, under its first holder.
+"""A tied, constrained tensor in the state_dict: saved once, under the holder torch saves first.
 
 ``apply_mask`` registers the same constraint objects on every module that holds a tied tensor
 (an embedding that is also the output layer), so every holder computes one tensor. torch's
@@ -44,7 +44,7 @@ __all__ = [
 # The module attribute: tensor name -> the Tie it belongs to.
 _TIES = "_maskparam_ties"
 # The module attribute: the id of the state_dict hook a holder carries.
-_HOOKS = "_maskparam_tie_hooks"
+_HOOKS = "_maskparam_tie_hook"
 
 
 @dataclass(eq=False)
@@ -62,7 +62,7 @@ def tie_holders(holders: list[tuple[nn.Module, str]], names: list[str]) -> None:
     for module, local in holders:
         module.__dict__.setdefault(_TIES, {})[local] = tie
         if _HOOKS not in module.__dict__:
-            saving = module.register_state_dict_post_hook(_drop_alias_keys)  # type: ignore[no-untyped-call]
+            saving = module.register_state_dict_post_hook(_drop_second_copy)  # type: ignore[no-untyped-call]
             object.__setattr__(module, _HOOKS, saving.id)
 
 
@@ -148,7 +148,7 @@ def _refuse_differing_copies(tie: Tie, sides: list[str], present: list[dict[str,
             )
 
 
-def _drop_alias_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+def _drop_second_copy(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
     for local, _tie in _ties(module):
         here = f"{prefix}parametrizations.{local}."
         original = parametrization_list(module, local).original
