@@ -274,3 +274,35 @@ def test_model_pruning_refuses_what_it_cannot_do():
         ModelPruning(torch.nn.utils.prune.l1_unstructured)
     with pytest.raises(mp.MaskparamError, match=r"prunes 'weight' and 'bias'"):
         ModelPruning("l1_unstructured", parameter_names=["scale"])
+
+
+def test_any_update_masks_schedule_runs_once_per_optimizer_step_and_resumes(tmp_path):
+    from maskparam.integrations.lightning import UpdateMasksCallback
+
+    calls = []
+
+    def rules_at(step: int):
+        calls.append(step)
+        return {"model.0.weight": mp.masks.magnitude(step / 25)} if step in (10, 20) else None
+
+    def built(seed: int) -> Regression:
+        torch.manual_seed(seed)
+        module = Regression()
+        return mp.apply_mask(module, {"model.0.weight": mp.Mask(mp.masks.magnitude(0.0))})
+
+    module = built(0)
+    saver = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=10, save_top_k=-1, filename="{step}"
+    )
+    _trainer(
+        [UpdateMasksCallback(module, rules_at), saver], max_steps=25, accumulate_grad_batches=2
+    ).fit(module, _data())
+    assert calls == list(range(1, 26))  # once per optimizer step, not per batch
+    assert mp.sparsity(module) == round(0.8 * 256) / 256
+    fresh = built(1)
+    again = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "again", every_n_train_steps=10)
+    _trainer(
+        [UpdateMasksCallback(fresh, rules_at), again], max_steps=25, accumulate_grad_batches=2
+    ).fit(fresh, _data(), ckpt_path=tmp_path / "step=10.ckpt")
+    for name, kept in mp.kept_masks(module).items():
+        assert torch.equal(mp.kept_entries(fresh, name), kept)

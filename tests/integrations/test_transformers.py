@@ -198,3 +198,26 @@ def test_a_converted_model_saves_with_save_pretrained_and_loads_back_equal(tmp_p
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(again(ids).logits, sparse(ids).logits)
+
+
+def test_any_update_masks_schedule_follows_the_trainers_steps_and_resumes(tmp_path):
+    from maskparam.integrations.transformers import UpdateMasksCallback
+
+    def rules_at(step: int):  # prune to 50% at step 10, tighten to 80% at step 20
+        return {MATRIX: mp.masks.magnitude(step / 25)} if step in (10, 20) else None
+
+    def built(seed: int):
+        model = _gpt2(seed)
+        mp.apply_mask(model, {MATRIX: mp.Mask(mp.masks.magnitude(0.0), layout="dense")})
+        return model
+
+    model = built(0)
+    _trainer(model, tmp_path / "full", callbacks=[UpdateMasksCallback(model, rules_at)]).train()
+    fresh = built(1)
+    trainer = _trainer(fresh, tmp_path / "again", callbacks=[UpdateMasksCallback(fresh, rules_at)])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-10"))
+    assert mp.sparsity(model) == pytest.approx(0.8, abs=0.01)
+    _same_state(fresh, model)
+
+
+MATRIX = "transformer.h.0.mlp.c_fc.weight"

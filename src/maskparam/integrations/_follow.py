@@ -1,17 +1,27 @@
-"""What both trainer callbacks share: following a trainer's step counter with a schedule whose
-count lives in the model."""
+"""What the trainer callbacks share: following a trainer's step counter with a schedule whose
+count lives in the model, and mask updates as a function of that counter."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeAlias
 
 import torch
 from torch import nn
 
-from maskparam.errors import error
+from maskparam.errors import check_module, error
 from maskparam.prune.schedule import GradualPruning
+from maskparam.prune.update import MaskRules, update_masks
 
-__all__ = ["check_schedule", "check_trains", "counter_offset", "inner_optimizers"]
+__all__ = [
+    "RulesAt",
+    "check_rules_at",
+    "check_schedule",
+    "check_trains",
+    "counter_offset",
+    "inner_optimizers",
+    "update_at",
+]
 
 
 def check_schedule(pruning: object, callback: str) -> GradualPruning:
@@ -25,16 +35,45 @@ def check_schedule(pruning: object, callback: str) -> GradualPruning:
     return pruning
 
 
-def check_trains(pruning: GradualPruning, trained: nn.Module | None, callback: str) -> None:
-    """Refuse a trainer whose model does not contain the model the schedule prunes."""
-    if trained is None or any(m is pruning.model for m in trained.modules()):
+def check_trains(pruned: nn.Module, trained: nn.Module | None, callback: str) -> None:
+    """Refuse a trainer whose model does not contain the model the callback prunes."""
+    if trained is None or any(m is pruned for m in trained.modules()):
         return
     raise error(
         callback,
         f"the trainer trains a {type(trained).__name__} that does not contain the "
-        f"{type(pruning.model).__name__} this GradualPruning prunes.",
-        fix="build the GradualPruning on the model you give the trainer (or on a submodule).",
+        f"{type(pruned).__name__} this callback prunes.",
+        fix="build the callback on the model you give the trainer (or on a submodule).",
     )
+
+
+#: The rules of ``update_masks`` to apply after an optimizer step, as a function of the trainer's
+#: step counter (None: nothing at that step).
+RulesAt: TypeAlias = Callable[[int], "MaskRules | None"]
+
+
+def check_rules_at(model: object, rules_at: object, callback: str) -> None:
+    """Refuse what is not a model and a function of the step."""
+    check_module(model, callback)
+    if not callable(rules_at):
+        raise error(
+            callback,
+            f"rules_at must be a function from the trainer's step to update_masks rules (or "
+            f"None); got a {type(rules_at).__name__}.",
+            fix="pass e.g. lambda step: {'*.weight': mp.masks.magnitude(0.9)} if step % 100 == 0 "
+            "else None.",
+        )
+
+
+def update_at(
+    model: nn.Module, rules_at: RulesAt, step: int, optimizers: Sequence[torch.optim.Optimizer]
+) -> bool:
+    """``update_masks`` with ``rules_at(step)``, if it gives rules; whether it did."""
+    rules = rules_at(step)
+    if rules is None:
+        return False
+    update_masks(model, rules, optimizer=list(optimizers))
+    return True
 
 
 def counter_offset(pruning: GradualPruning, global_step: int, callback: str) -> int:

@@ -1,8 +1,9 @@
-"""Lightning: :class:`GradualPruningCallback` drives a :class:`~maskparam.GradualPruning`, and
+"""Lightning: :class:`GradualPruningCallback` drives a :class:`~maskparam.GradualPruning`,
+:class:`UpdateMasksCallback` any ``update_masks`` schedule (a function of the step), and
 :class:`ModelPruning` is the counterpart of ``lightning.pytorch.callbacks.ModelPruning`` whose
 masks are maskparam ``Mask`` constraints.
 
-Both act in ``on_train_batch_end`` / at epoch ends, before Lightning's ``ModelCheckpoint`` (which
+They act in ``on_train_batch_end`` or at epoch ends, before Lightning's ``ModelCheckpoint`` (which
 Lightning runs after the other callbacks), so a checkpoint holds the masks of the step it was
 written at; the schedule's step count is in the model's state_dict, and ``fit(ckpt_path=...)``
 resumes it with the weights.
@@ -37,17 +38,20 @@ from maskparam.core.match import Selector
 from maskparam.core.parametrize import maskparam_constraints, parametrization_list
 from maskparam.errors import error
 from maskparam.integrations._follow import (
+    RulesAt,
+    check_rules_at,
     check_schedule,
     check_trains,
     counter_offset,
     inner_optimizers,
+    update_at,
 )
 from maskparam.masks.generators import MaskSource
 from maskparam.prune.rewind import rewind
 from maskparam.prune.schedule import GradualPruning
 from maskparam.prune.update import update_masks
 
-__all__ = ["PRUNING_METHODS", "GradualPruningCallback", "ModelPruning"]
+__all__ = ["PRUNING_METHODS", "GradualPruningCallback", "ModelPruning", "UpdateMasksCallback"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,7 @@ class GradualPruningCallback(Callback):  # type: ignore[misc]  # Lightning is un
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Take the trainer's optimizers, and line the schedule's count up with the trainer's."""
-        check_trains(self.pruning, pl_module, "GradualPruningCallback")
+        check_trains(self.pruning.model, pl_module, "GradualPruningCallback")
         optimizers = inner_optimizers(trainer.optimizers)
         self.pruning.optimizer = optimizers[0] if len(optimizers) == 1 else optimizers
         self._offset = counter_offset(self.pruning, trainer.global_step, "GradualPruningCallback")
@@ -82,6 +86,36 @@ class GradualPruningCallback(Callback):  # type: ignore[misc]  # Lightning is un
     ) -> None:
         """After each batch (before ModelCheckpoint saves): the scheduled masks."""
         self.pruning.step(trainer.global_step + self._offset)
+
+
+class UpdateMasksCallback(Callback):  # type: ignore[misc]  # Lightning is untyped here
+    """Any ``update_masks`` schedule: after each optimizer step, ``mp.update_masks(model,
+    rules_at(step), optimizer=<the trainer's>)`` where ``rules_at(step)`` returns rules (None:
+    nothing at that step). ``step`` is ``trainer.global_step``, so a resumed fit updates at the
+    same steps (the masks are in the checkpoint), and a batch without an optimizer step (gradient
+    accumulation) updates nothing.
+    """
+
+    def __init__(self, model: nn.Module, rules_at: RulesAt) -> None:
+        check_rules_at(model, rules_at, "UpdateMasksCallback")
+        self.model = model
+        self.rules_at = rules_at
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._last_step = -1
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Take the trainer's optimizers (their state follows the masks)."""
+        check_trains(self.model, pl_module, "UpdateMasksCallback")
+        self._optimizers = inner_optimizers(trainer.optimizers)
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """After each optimizer step (before ModelCheckpoint saves): that step's masks, if any."""
+        if trainer.global_step > self._last_step:
+            self._last_step = trainer.global_step
+            update_at(self.model, self.rules_at, trainer.global_step, self._optimizers)
 
 
 #: torch's pruning methods by the names Lightning's ModelPruning takes.

@@ -1,5 +1,6 @@
 """Hugging Face ``transformers``: :class:`GradualPruningCallback` drives a
-:class:`~maskparam.GradualPruning` from a ``Trainer``.
+:class:`~maskparam.GradualPruning` from a ``Trainer``, and :class:`UpdateMasksCallback` any
+``update_masks`` schedule (a function of the Trainer's step).
 
 The schedule counts the Trainer's optimizer steps (``state.global_step``) and prunes at the end
 of each scheduled one, before the Trainer logs, evaluates or saves, so every checkpoint holds the
@@ -22,14 +23,17 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from maskparam.integrations._follow import (
+    RulesAt,
+    check_rules_at,
     check_schedule,
     check_trains,
     counter_offset,
     inner_optimizers,
+    update_at,
 )
 from maskparam.prune.schedule import GradualPruning
 
-__all__ = ["GradualPruningCallback"]
+__all__ = ["GradualPruningCallback", "UpdateMasksCallback"]
 
 
 class GradualPruningCallback(TrainerCallback):  # type: ignore[misc]  # transformers is untyped here
@@ -61,7 +65,7 @@ class GradualPruningCallback(TrainerCallback):  # type: ignore[misc]  # transfor
         **kwargs: Any,
     ) -> None:
         """Take the Trainer's optimizer, and line the schedule's count up with the Trainer's."""
-        check_trains(self.pruning, model, "GradualPruningCallback")
+        check_trains(self.pruning.model, model, "GradualPruningCallback")
         if optimizer is not None:
             self.pruning.optimizer = inner_optimizers([optimizer])[0]
         self._offset = counter_offset(self.pruning, state.global_step, "GradualPruningCallback")
@@ -71,3 +75,40 @@ class GradualPruningCallback(TrainerCallback):  # type: ignore[misc]  # transfor
     ) -> None:
         """After each optimizer step (before the Trainer saves): the scheduled masks."""
         self.pruning.step(state.global_step + self._offset)
+
+
+class UpdateMasksCallback(TrainerCallback):  # type: ignore[misc]  # transformers is untyped here
+    """Any ``update_masks`` schedule: after each optimizer step, ``mp.update_masks(model,
+    rules_at(step), optimizer=<the Trainer's>)`` where ``rules_at(step)`` returns rules (None:
+    nothing at that step). ``step`` is the Trainer's counter, so a resumed run updates at the same
+    steps; the masks themselves are in the model's checkpoint.
+
+    E.g. prune and regrow every 100 steps:
+    ``UpdateMasksCallback(model, lambda step: {"*.weight": mp.masks.magnitude(0.9)} if step % 100
+    == 0 else None)``.
+    """
+
+    def __init__(self, model: Any, rules_at: RulesAt) -> None:
+        check_rules_at(model, rules_at, "UpdateMasksCallback")
+        self.model = model
+        self.rules_at = rules_at
+        self._optimizers: list[Any] = []
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Take the Trainer's optimizer (its state follows the masks)."""
+        check_trains(self.model, model, "UpdateMasksCallback")
+        self._optimizers = inner_optimizers([optimizer]) if optimizer is not None else []
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """After each optimizer step (before the Trainer saves): the masks of that step, if any."""
+        update_at(self.model, self.rules_at, state.global_step, self._optimizers)
