@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 CONFIG = {"n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 100, "n_positions": 32,
           "bos_token_id": 0, "eos_token_id": 0}  # fmt: skip
 MATRICES = {lambda name, module, t: t.dim() == 2: mp.masks.global_magnitude}  # wte is tied
+MATRIX = "transformer.h.0.mlp.c_fc.weight"
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -218,6 +219,3 @@ def test_any_update_masks_schedule_follows_the_trainers_steps_and_resumes(tmp_pa
     trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-10"))
     assert mp.sparsity(model) == pytest.approx(0.8, abs=0.01)
     _same_state(fresh, model)
-
-
-MATRIX = "transformer.h.0.mlp.c_fc.weight"
