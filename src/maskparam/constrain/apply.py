@@ -175,18 +175,21 @@ def _resolve_layouts(ref: TensorRef, spec_list: list[Spec]) -> list[Spec]:
     tensor; it needs real values for the positions, and pays only through an optimizer, so only
     for a Parameter that trains. Where it is possible, the spec's build decides by density.
     """
-    compact_at = [i for i, spec in enumerate(spec_list) if spec.layout == "compact"]
+    for spec in spec_list:
+        spec.check_holder(repr(ref.name), ref.module, ref.local_name, len(spec_list))
+    compact_at = [i for i, spec in enumerate(spec_list) if spec.layout in ("compact", "csr")]
     if compact_at and ref.tied:
         raise error(
             repr(ref.name),
-            f"layout='compact' reshapes the stored tensor, which is tied to "
+            f"layout={spec_list[compact_at[0]].layout!r} reshapes the stored tensor, which is tied to "
             f"{', '.join(map(repr, ref.tied_names))}.",
             fix="use the dense layout for tied weights.",
         )
     if compact_at and (compact_at != [0] or ref.is_parametrized):
         raise error(
             repr(ref.name),
-            "layout='compact' changes what is stored, so it must be the first parametrization of "
+            f"layout={spec_list[compact_at[0]].layout!r} changes what is stored, so it must be the "
+            "first parametrization of "
             "the tensor" + (" (this one already has one)." if ref.is_parametrized else "."),
             fix="put the compact spec first in the list, or use the dense layout.",
         )

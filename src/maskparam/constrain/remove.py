@@ -133,10 +133,10 @@ def _settle(module: nn.Module) -> None:
     with its own tensors again (``_flat_weights`` held the computed ones)."""
     restore_key_order(module)
     forget_ties(module)
+    # A user's parametrization keeps the class; without maskparam's constraints their methods
+    # go (give_own_class adds an RNN's, or a CSR layout's forward, only while one is there).
+    give_own_class(module)
     if isinstance(module, nn.RNNBase):
-        # A user's parametrization keeps the class; without maskparam's constraints the RNN
-        # methods go (give_own_class adds them only while a flat weight is constrained).
-        give_own_class(module)
         reset_flat_weights(module)
 
 

@@ -57,7 +57,7 @@ class JointSource(Protocol):
 
 __all__ = ["Constraint", "Layout", "MaskChange", "Pins", "Spec"]
 
-Layout = Literal["auto", "dense", "compact"]
+Layout = Literal["auto", "dense", "compact", "csr"]
 
 
 @dataclass(frozen=True)
@@ -441,6 +441,13 @@ class Constraint(FixedTensors):
         """Derive again what depends on buffers that were written without a version count (a
         collective such as ``dist.broadcast``)."""
 
+    def module_forward(self) -> Callable[..., Tensor] | None:
+        """The forward the module holding this constraint computes with instead of its class's
+        own (the CSR layout's sparse product), or None (the default). maskparam's class for the
+        module carries it while the constraint is on the module; it must give the module's own
+        forward's result (it may read the stored original directly)."""
+        return None
+
     def optimizer_problem(self, optimizer: torch.optim.Optimizer) -> tuple[str, str] | None:
         """Why ``optimizer`` cannot train this constraint's stored original, and the fix, or None
         (checked where an optimizer that holds the original is passed to maskparam)."""
@@ -569,6 +576,12 @@ class Spec:
         """Tensors whose specs return the same key are built together; ``None``: one by one."""
         return None
 
+    def check_holder(self, name: str, module: nn.Module, local_name: str, n_specs: int) -> None:
+        """Refuse (a :class:`~maskparam.MaskparamError`) a tensor this spec cannot constrain
+        because of the module holding it as ``local_name`` (``n_specs``: the length of the
+        tensor's list of specs); called before anything is built. Any module, by default."""
+        del name, module, local_name, n_specs
+
     def build(self, name: str, tensor: Tensor) -> Constraint:
         """Validate ``tensor`` (named ``name`` in errors) and build its constraint.
 
@@ -612,13 +625,16 @@ class Spec:
         ]
 
 
-def check_layout(spec: Spec) -> None:
-    """Refuse a layout other than ``"auto"``, ``"dense"`` and ``"compact"``, naming the spec."""
-    if spec.layout not in ("auto", "dense", "compact"):
+def check_layout(spec: Spec, *, csr: bool = False) -> None:
+    """Refuse a layout other than ``"auto"``, ``"dense"``, ``"compact"`` (and ``"csr"`` where
+    the spec offers it), naming the spec."""
+    known = ("auto", "dense", "compact", "csr") if csr else ("auto", "dense", "compact")
+    if spec.layout not in known:
+        also = " (layout='csr' is Mask's only)" if spec.layout == "csr" else ""
         raise error(
             type(spec).__name__,
-            f"unknown layout {spec.layout!r}.",
-            fix="use layout='auto' (the default), 'dense' or 'compact'.",
+            f"unknown layout {spec.layout!r}{also}.",
+            fix="use layout='auto' (the default), " + ", ".join(repr(k) for k in known[1:]) + ".",
         )
 
 

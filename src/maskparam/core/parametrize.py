@@ -84,7 +84,20 @@ def give_own_class(module: nn.Module) -> None:
     namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
     namespace["__setattr__"] = _setattr
     rnn_methods(module, namespace, cls.__bases__)
+    _constraint_forward(module, namespace)
     module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
+def _constraint_forward(module: nn.Module, namespace: dict[str, Any]) -> None:
+    """Put the forward a constraint on ``module`` computes with (the CSR layout's) in the
+    ``namespace`` of its new class, and take an earlier one out once no constraint asks."""
+    if getattr(namespace.get("forward"), "maskparam_forward", False):
+        del namespace["forward"]
+    for name in parametrized_names(module):
+        for constraint in maskparam_constraints(module, name):
+            forward = constraint.module_forward()
+            if forward is not None:
+                namespace["forward"] = forward
 
 
 def _setattr(self: nn.Module, name: str, value: object) -> None:

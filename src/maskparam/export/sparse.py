@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -27,8 +26,22 @@ from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-from maskparam.core.parametrize import maskparam_constraints, parametrized_names
+from maskparam.constraints.compact import CompactConstraint
+from maskparam.constraints.csr import (
+    CSRConstraint,
+    CSRStructure,
+    conv1d_class,
+    csr_linear,
+    csr_switch_problem,
+)
+from maskparam.core.parametrize import (
+    give_own_class,
+    maskparam_constraints,
+    parametrization_list,
+    parametrized_names,
+)
 from maskparam.errors import check_int, check_module, error
 
 __all__ = [
@@ -135,19 +148,6 @@ def to_sparse(
         raise error(
             "to_sparse", f"min_speedup={min_speedup!r} must be a number > 0.", fix="pass e.g. 1.1."
         )
-    constrained = [
-        name
-        for name, m in model.named_modules()
-        if any(maskparam_constraints(m, local) for local in parametrized_names(m))
-    ]
-    if constrained:
-        raise error(
-            "to_sparse",
-            f"the model is still constrained by maskparam (e.g. "
-            f"{constrained[0] or type(model).__name__!r}): its weights are computed in the "
-            "forward pass.",
-            fix="bake first: mp.remove_parametrizations(model), then mp.to_sparse(model).",
-        )
     meta = [name for name, p in model.named_parameters() if p.is_meta]
     if meta:
         raise error(
@@ -155,8 +155,14 @@ def to_sparse(
             "the model is on the meta device: its zeros, and its speed, are not known.",
             fix="load the weights (to_empty and load_state_dict) first.",
         )
+    if any(
+        maskparam_constraints(m, local) for m in model.modules() for local in parametrized_names(m)
+    ):
+        choices = _choose_trainable(model, batch_size, layout, min_speedup)
+        object.__setattr__(model, "sparse_choices", choices)
+        return model
     shared = _shared_weights(model)
-    conv1d = _conv1d_class()
+    conv1d = conv1d_class()
     candidates: list[tuple[str, nn.Module]] = []
     choices = []
     for name, m in model.named_modules():
@@ -186,12 +192,87 @@ def to_sparse(
     return model
 
 
-def _conv1d_class() -> type[nn.Module] | None:
-    """``transformers``' Conv1D where transformers is imported (a model holding one imported it);
-    never imported here: transformers is not a dependency."""
-    module = sys.modules.get("transformers.pytorch_utils")
-    found = getattr(module, "Conv1D", None)
-    return found if isinstance(found, type) and issubclass(found, nn.Module) else None
+def _choose_trainable(
+    model: nn.Module, batch_size: int, layout: SparseLayout, min_speedup: float
+) -> list[SparseChoice]:
+    """:func:`to_sparse` on a constrained model: each Linear (or Conv1D) weight masked in the
+    compact layout as its only constraint switches to the CSR layout where a training step of
+    the layer (forward and backward) is timed faster (``"auto"``), or always (``"csr"``). The
+    stored entries, the state_dict and any optimizer's state stay what they are: the model
+    trains on. Every other tensor stays as it is."""
+    conv1d = conv1d_class()
+    choices = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, conv1d or nn.Linear)):
+            continue
+        constraints = maskparam_constraints(module, "weight")
+        first = constraints[0] if constraints else None
+        if isinstance(first, CSRConstraint):
+            choices.append(SparseChoice(name, "csr", _zeros(module), None, None))
+            continue
+        why = csr_switch_problem(module)
+        if why is not None:
+            choices.append(SparseChoice(name, f"dense ({why})", _zeros(module), None, None))
+            continue
+        assert isinstance(first, CompactConstraint)  # csr_switch_problem checked it
+        zeros = _zeros(module)
+        stored = parametrization_list(module, "weight").original
+        if layout == "dense" or (layout == "auto" and zeros < MIN_ZEROS):
+            choices.append(SparseChoice(name, "compact", zeros, None, None))
+            continue
+        if layout == "auto":
+            with torch.enable_grad():
+                faster, compact_ms, csr_ms = _timed_choice(
+                    *_training_steps(module, first, stored, batch_size), min_speedup
+                )
+            if not faster:
+                choices.append(SparseChoice(name, "compact", zeros, compact_ms, csr_ms))
+                continue
+            choices.append(SparseChoice(name, "csr", zeros, compact_ms, csr_ms))
+        else:
+            choices.append(SparseChoice(name, "csr", zeros, None, None))
+        CSRConstraint.adopt(first)
+        give_own_class(module)
+    return choices
+
+
+def _zeros(module: nn.Module) -> float:
+    with torch.no_grad():
+        weight = module.weight
+        assert isinstance(weight, Tensor)
+        return float((weight == 0).sum()) / max(weight.numel(), 1)
+
+
+def _training_steps(
+    module: nn.Module, compact: CompactConstraint, stored: Tensor, batch_size: int
+) -> tuple[Callable[[], object], Callable[[], object]]:
+    """A training step of ``module`` (forward and backward, to its entries and input) in its
+    compact layout and in the CSR layout, on leaf copies: the module's gradients stay."""
+    values = stored.detach().clone().requires_grad_()
+    raw_bias = getattr(module, "bias", None)
+    bias = raw_bias.detach() if isinstance(raw_bias, Tensor) else None
+    rows_n, cols_n = compact.shape
+    linear = isinstance(module, nn.Linear)
+    in_features = cols_n if linear else rows_n
+    generator = torch.Generator(device=stored.device).manual_seed(0)  # the caller's RNG untouched
+    x = torch.randn(
+        batch_size, in_features, dtype=stored.dtype, device=stored.device, generator=generator
+    ).requires_grad_()
+    structure = CSRStructure.of(compact.positions(), (rows_n, cols_n))
+
+    def compact_step() -> object:
+        weight = compact(values)
+        if linear:
+            y = F.linear(x, weight, bias)
+        else:  # Conv1D: x @ W + b
+            y = x @ weight if bias is None else torch.addmm(bias, x, weight)
+        return torch.autograd.grad(y.sum(), (values, x))
+
+    def csr_step() -> object:
+        y = csr_linear(x, values, bias, structure, stored_transposed=not linear)
+        return torch.autograd.grad(y.sum(), (values, x))
+
+    return compact_step, csr_step
 
 
 def _linear_weight(module: nn.Module) -> Tensor:

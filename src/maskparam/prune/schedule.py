@@ -171,11 +171,11 @@ class GradualPruning:
             end=end,
             every=every,
         )
-        if layout not in ("auto", "dense", "compact"):
+        if layout not in ("auto", "dense", "compact", "csr"):
             raise error(
                 "GradualPruning",
                 f"unknown layout {layout!r}.",
-                fix="use 'auto', 'dense' or 'compact'.",
+                fix="use 'auto', 'dense', 'compact' or 'csr'.",
             )
         if not isinstance(rules, Mapping) or not rules:  # type: ignore[redundant-expr]  # user input
             raise error(

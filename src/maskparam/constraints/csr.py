@@ -1,0 +1,342 @@
+"""The CSR layout of a Mask on a Linear weight: the kept entries train without a dense weight.
+
+``mp.Mask(mask, layout="csr")`` stores a weight as :mod:`~maskparam.constraints.compact` does
+(the kept entries in row-major order, which is exactly the order of a CSR tensor's values), and
+the module computes with them as a sparse matrix: the forward is ``W @ x.T`` with ``W`` in CSR,
+the input's gradient ``W.T @ grad.T`` with the transposed structure (built once per mask), and
+the weight's gradient ``torch.sparse.sampled_addmm`` at the kept entries only. A masked entry
+does not exist, so it cannot train and costs nothing: at 90% zeros a step of an MLP costs about
+half a dense one (benchmarks/results/sparse_training.md).
+
+Only the module's own forward takes this path (maskparam's class for the module has it, like
+an RNN's): anything that reads ``module.weight`` (``mp.verify``, a hook, a fused fast path,
+baking) gets the dense effective weight, computed as the compact layout computes it. Where the
+sparse path cannot run the call (autocast, an input of another dtype or device, another
+parametrization stacked on the weight) the forward computes densely from the same entries, so
+the result never depends on which path ran.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.nn.utils import parametrize
+from typing_extensions import override
+
+from maskparam.constraints.compact import CompactConstraint
+from maskparam.errors import error
+
+__all__ = [
+    "CSRConstraint",
+    "CSRStructure",
+    "check_csr_target",
+    "conv1d_class",
+    "csr_kernels_problem",
+    "csr_linear",
+    "csr_switch_problem",
+]
+
+
+def conv1d_class() -> type[nn.Module] | None:
+    """``transformers``' Conv1D where transformers is imported (a model holding one imported it);
+    never imported here: transformers is not a dependency."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    found = getattr(module, "Conv1D", None)
+    return found if isinstance(found, type) and issubclass(found, nn.Module) else None
+
+
+def _plain_class(module: nn.Module) -> type:
+    """The module's class before torch's parametrize (and maskparam) gave it one of its own."""
+    cls = type(module)
+    return cls.__bases__[0] if type(module).__name__.startswith("Parametrized") else cls
+
+
+def check_csr_target(subject: str, module: nn.Module, local_name: str, n_specs: int) -> None:
+    """Refuse ``layout="csr"`` on a tensor it cannot compute: only the ``weight`` of a module of
+    exactly ``nn.Linear`` or ``transformers``' Conv1D (a subclass may read its weight elsewhere,
+    as ``MultiheadAttention`` reads ``out_proj.weight``), as the tensor's only constraint (the
+    sparse forward reads the stored entries, past anything stacked after them)."""
+    cls = _plain_class(module)
+    if local_name != "weight" or cls not in (nn.Linear, conv1d_class()):
+        raise error(
+            subject,
+            f"layout='csr' computes a Linear's forward from its CSR weight; this is "
+            f"{cls.__name__}.{local_name}.",
+            fix="use layout='csr' on the weight of an nn.Linear (or transformers' Conv1D), and "
+            "layout='compact' elsewhere.",
+        )
+    if n_specs != 1:
+        raise error(
+            subject,
+            "layout='csr' computes the forward from the stored entries, so it must be the "
+            f"only constraint on the tensor (this rule stacks {n_specs}).",
+            fix="use layout='compact' to stack constraints.",
+        )
+
+
+@functools.cache
+def _kernels_run(device_type: str, dtype: torch.dtype) -> str | None:
+    """torch's error where its CSR kernels (product, sampled product) do not run for ``dtype``
+    on ``device_type``, else None. A pure function of torch's build, so remembered."""
+    device = torch.device(device_type)
+    try:
+        values = torch.ones(2, dtype=dtype, device=device)
+        crow = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)
+        col = torch.tensor([0, 1], dtype=torch.int32, device=device)
+        dense = torch.ones(2, 2, dtype=dtype, device=device)
+        matrix = _csr_tensor(crow, col, values, (2, 2))
+        torch.mm(matrix, dense)
+        torch.sparse.sampled_addmm(matrix, dense, dense, beta=0.0)
+    except (RuntimeError, NotImplementedError) as failure:
+        return str(failure).splitlines()[0]
+    return None
+
+
+def csr_kernels_problem(tensor: Tensor) -> str | None:
+    """Why torch cannot train ``tensor``'s dtype as CSR on its device (None: it can)."""
+    if not tensor.is_floating_point():
+        return f"{tensor.dtype} is not a floating-point dtype"
+    problem = _kernels_run(tensor.device.type, tensor.dtype)
+    if problem is None:
+        return None
+    return f"torch has no CSR kernel for {tensor.dtype} on {tensor.device.type} ({problem})"
+
+
+def _csr_tensor(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():
+        # torch warns once that sparse CSR support is in beta; the layout is what is asked for.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+@dataclass(frozen=True)
+class CSRStructure:
+    """The CSR indices of a stored matrix ``S`` (the kept entries of a ``(rows, cols)`` tensor,
+    row-major) and of its transpose: ``S.T``'s values are ``values[perm]``. Derived from the
+    mask, once per mask; 32-bit indices where they fit (torch's CPU kernels run faster)."""
+
+    crow: Tensor
+    col: Tensor
+    crow_t: Tensor
+    col_t: Tensor
+    perm: Tensor
+    shape: tuple[int, int]
+
+    @classmethod
+    def of(cls, positions: Tensor, shape: tuple[int, int]) -> CSRStructure:
+        """The structure of the kept entries at flat ``positions`` (ascending) of ``shape``."""
+        rows_n, cols_n = shape
+        small = max(rows_n, cols_n, positions.numel()) < 2**31
+        dtype = torch.int32 if small else torch.int64
+        rows = torch.div(positions, cols_n, rounding_mode="floor")
+        cols = positions - rows * cols_n
+        crow = positions.new_zeros(rows_n + 1)
+        crow[1:] = torch.bincount(rows, minlength=rows_n).cumsum(0)
+        perm = torch.sort(cols, stable=True).indices  # column-major order of the kept entries
+        crow_t = positions.new_zeros(cols_n + 1)
+        crow_t[1:] = torch.bincount(cols, minlength=cols_n).cumsum(0)
+        return cls(
+            crow.to(dtype), cols.to(dtype), crow_t.to(dtype), rows[perm].to(dtype), perm, shape
+        )
+
+    def matrix(self, values: Tensor) -> Tensor:
+        """``S`` as a CSR tensor with ``values``."""
+        return _csr_tensor(self.crow, self.col, values, self.shape)
+
+    def transposed(self, values: Tensor) -> Tensor:
+        """``S.T`` as a CSR tensor, from ``S``'s ``values``."""
+        rows_n, cols_n = self.shape
+        return _csr_tensor(
+            self.crow_t, self.col_t, values.index_select(0, self.perm), (cols_n, rows_n)
+        )
+
+
+def _product(matrix: Tensor, rows: Tensor) -> Tensor:
+    """``rows @ matrix.T`` for a CSR ``matrix``, as the product torch's CSR kernels run fast
+    (CSR times a dense matrix), transposed back (a view: the next layer's ``x.T`` is then
+    contiguous again)."""
+    return torch.mm(matrix, rows.t()).t()
+
+
+class _CSRLinear(torch.autograd.Function):
+    """``y = x @ A.T + bias`` where ``A`` is the stored matrix ``S`` (``nn.Linear``'s
+    ``(out, in)`` weight) or, for ``stored_transposed``, ``S.T`` (``Conv1D``'s ``(in, out)``).
+    Gradients: ``x``'s through the other orientation of ``S``, the values' at the kept entries
+    only (``sampled_addmm``), the bias's a sum."""
+
+    @staticmethod
+    def forward(
+        x: Tensor,
+        values: Tensor,
+        bias: Tensor | None,
+        structure: CSRStructure,
+        stored_transposed: bool,
+    ) -> Tensor:
+        a = structure.transposed(values) if stored_transposed else structure.matrix(values)
+        y = _product(a, x)
+        return y if bias is None else y + bias
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], _output: Tensor) -> None:
+        x, values, bias, structure, stored_transposed = inputs
+        ctx.save_for_backward(x, values)
+        ctx.structure = structure
+        ctx.stored_transposed = stored_transposed
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, values = ctx.saved_tensors
+        structure: CSRStructure = ctx.structure
+        grad_x = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            a_t = (
+                structure.matrix(values) if ctx.stored_transposed else structure.transposed(values)
+            )
+            grad_x = _product(a_t, grad)
+        if ctx.needs_input_grad[1]:
+            # dS at S's kept entries: grad.T @ x for a Linear's S, x.T @ grad for a Conv1D's.
+            left, right = (x.t(), grad) if ctx.stored_transposed else (grad.t(), x)
+            pattern = structure.matrix(values.new_empty(values.shape))
+            grad_values = torch.sparse.sampled_addmm(
+                pattern, left.contiguous(), right, beta=0.0
+            ).values()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_values, grad_bias, None, None
+
+
+class CSRConstraint(CompactConstraint):
+    """A compact Mask (the kept entries, row-major, are the stored Parameter) whose module
+    computes with them as a CSR matrix (:data:`module_forward`). Its state_dict, optimizer state
+    and update behaviour are the compact layout's; the structure is derived from the mask and
+    rebuilt when it changes (``update_masks``, a load, a move to another device)."""
+
+    @override
+    def relayout(self, free: Tensor) -> None:
+        return None  # asked for explicitly: a new mask keeps the CSR layout
+
+    @override
+    def in_other_layout(self, state: Any, shape: torch.Size) -> None:
+        return None  # a dense checkpoint's entries are translated; the layout stays CSR
+
+    def structure(self) -> CSRStructure:
+        """The CSR structure of the current mask (derived again where the positions were)."""
+        positions = self.positions()
+        cached: tuple[Tensor, CSRStructure] | None = self.__dict__.get("_structure")
+        if cached is not None and cached[0] is positions:
+            return cached[1]
+        rows_n, cols_n = self.shape
+        structure = CSRStructure.of(positions, (rows_n, cols_n))
+        self.__dict__["_structure"] = (positions, structure)
+        return structure
+
+    def runs(self, x: Tensor, stored: Tensor) -> bool:
+        """Whether the sparse path computes ``x`` with ``stored``: same dtype and device, no
+        autocast (which would compute in another dtype), and a CSR kernel for the dtype."""
+        return (
+            x.dtype == stored.dtype
+            and x.device == stored.device
+            and x.dim() >= 1
+            and not torch.is_autocast_enabled(x.device.type)
+            # The dtypes the build's probe (csr_kernels_problem) passes, read without it: a
+            # model converted after apply (.half() on the CPU) computes densely.
+            and (stored.dtype in (torch.float32, torch.float64) or stored.device.type != "cpu")
+        )
+
+    @classmethod
+    def adopt(cls, compact: CompactConstraint) -> CSRConstraint:
+        """Make a compact Mask (of a Linear weight: see :func:`csr_switch_problem`) this layout
+        in place: its buffers, its stored entries and any optimizer's state for them are
+        already the CSR layout's, so the same object changes class (everything that holds it,
+        its stack and its state_dict keys stay). The module then needs its class again
+        (``give_own_class``) for the sparse forward."""
+        compact.__class__ = cls
+        compact.description = compact.description.replace(", compact)", ", csr)")
+        compact.template = compact.template.replace(", compact)", ", csr)")
+        compact.auto_layout = False  # chosen for speed: a new mask keeps it
+        assert isinstance(compact, cls)
+        return compact
+
+    @override
+    def module_forward(self) -> Callable[..., Tensor]:
+        return csr_forward
+
+
+def csr_linear(
+    x: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    structure: CSRStructure,
+    *,
+    stored_transposed: bool,
+) -> Tensor:
+    """``x @ W.T + bias`` through the CSR path, where ``W`` is the Linear weight whose kept
+    entries ``values`` stand at ``structure`` (a Conv1D's ``(in, out)`` weight:
+    ``stored_transposed``). Differentiable in ``x``, ``values`` and ``bias``."""
+    rows_n, cols_n = structure.shape
+    in_features, out_features = (rows_n, cols_n) if stored_transposed else (cols_n, rows_n)
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        n = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+        got = f"{n}x{x.shape[-1]}" if x.dim() else "a 0-d tensor"
+        # nn.Linear's words, not those of the transposed product computed here.
+        raise RuntimeError(
+            f"mat1 and mat2 shapes cannot be multiplied ({got} and {in_features}x{out_features})"
+        )
+    rows = x.reshape(-1, in_features)
+    y = _CSRLinear.apply(rows, values, bias, structure, stored_transposed)  # type: ignore[no-untyped-call]
+    return y.reshape(*x.shape[:-1], out_features)  # type: ignore[no-any-return]
+
+
+def csr_switch_problem(module: nn.Module) -> str | None:
+    """Why ``mp.to_sparse`` cannot switch ``module``'s weight to the CSR layout (None: it can):
+    it must be an ``nn.Linear`` or Conv1D weight whose only parametrization is a compact Mask,
+    of a dtype torch's CSR kernels train."""
+    if _plain_class(module) not in (nn.Linear, conv1d_class()):
+        return f"a {_plain_class(module).__name__}: its forward may read the weight elsewhere"
+    if not parametrize.is_parametrized(module, "weight"):
+        return "not masked: to_sparse keeps a constrained model's other weights as they are"
+    stack = parametrize_list(module)
+    first = stack[0]
+    if not isinstance(first, CompactConstraint) or first.mask_for_free(first.free) is None:
+        return "not a compact Mask: only the kept entries of a Mask can be CSR values"
+    if len(stack) != 1:
+        return "another parametrization is stacked on the Mask"
+    return csr_kernels_problem(stack.original)
+
+
+def parametrize_list(module: nn.Module) -> parametrize.ParametrizationList:
+    plists: Any = module.parametrizations
+    return plists["weight"]  # type: ignore[no-any-return]
+
+
+@torch.compiler.disable  # dynamo does not trace sparse tensors: this runs eagerly, in one piece
+def csr_forward(self: nn.Module, input: Tensor) -> Tensor:
+    """The forward of a Linear (or Conv1D) whose weight is stored as CSR: the sparse product
+    where it can run the call, the module's own dense forward (same entries) elsewhere."""
+    stack = parametrize_list(self)
+    first = stack[0]
+    stored = stack.original
+    bias = self.bias
+    if len(stack) == 1 and isinstance(first, CSRConstraint) and first.runs(input, stored):
+        return csr_linear(
+            input,
+            stored,
+            bias if isinstance(bias, Tensor) else None,
+            first.structure(),
+            stored_transposed=not isinstance(self, nn.Linear),
+        )
+    dense_forward: Callable[[Tensor], Tensor] = super(type(self), self).forward  # type: ignore[misc]
+    return dense_forward(input)
+
+
+csr_forward.maskparam_forward = True  # type: ignore[attr-defined]  # give_own_class replaces it
