@@ -347,3 +347,109 @@ def test_a_tied_weight_is_refused_as_csr():
     model[1].weight = first.weight
     with pytest.raises(mp.MaskparamError, match="tied"):
         mp.apply_mask(model, {"0.weight": mp.Mask(mp.masks.random(0.5), layout="csr")})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_float32_training_stays_finite_and_follows_compact(seed):
+    """The weight gradient is computed at the kept entries of a zero pattern: 20 Adam steps in
+    float32 stay finite and near the compact run (a pattern of uninitialised memory gave NaN)."""
+    compact, csr = _pair(density=0.2, dtype=torch.float32, seed=seed)
+    x = torch.randn(32, 12, generator=torch.Generator().manual_seed(seed))
+    for model in (compact, csr):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(20):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(compact.parameters(), csr.parameters(), strict=True):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_stored_entries_that_do_not_fit_the_mask_are_refused():
+    """A mask loaded without its entries (strict=False), or other entries through
+    functional_call: a MaskparamError, never a read past the stored values."""
+    layer = mp.apply_mask(
+        nn.Linear(6, 4), {"weight": mp.Mask(torch.eye(4, 6, dtype=torch.bool), layout="csr")}
+    )
+    x = torch.randn(2, 6)
+    for entries in (torch.ones(2), torch.ones(14)):
+        state = {"parametrizations.weight.original": entries}
+        with pytest.raises(mp.MaskparamError, match="do not fit"):
+            torch.func.functional_call(layer, state, (x,))
+    layer.load_state_dict(
+        {"parametrizations.weight.0.free": torch.ones(4, 6, dtype=torch.uint8)}, strict=False
+    )
+    with pytest.raises(mp.MaskparamError, match="do not fit"):
+        layer(x)
+
+
+def test_outputs_are_contiguous_as_a_linears():
+    _, csr = _pair()
+    for shape in [(5, 12), (2, 3, 12)]:
+        y = csr[0](torch.randn(*shape, dtype=torch.float64))
+        assert y.is_contiguous()
+        y.view(-1)
+
+
+def test_a_second_derivative_is_refused_by_name():
+    _, csr = _pair()
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    torch.autograd.grad(csr(x).sum(), x)  # first derivatives: computed
+    with pytest.raises(mp.MaskparamError, match="first derivatives only"):
+        torch.autograd.grad(csr(x).sum(), x, create_graph=True)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.(script|trace)` is deprecated:DeprecationWarning")
+def test_transforms_compute_densely_with_the_same_entries():
+    """Forward-mode AD, torch.func (vmap, jacrev, grad of functional_call), torch.jit.trace and
+    torch.export run through the dense path: the compact layout's results."""
+    compact, csr = _pair()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    tangent = torch.randn_like(x)
+    with torch.autograd.forward_ad.dual_level():
+        outputs = [
+            torch.autograd.forward_ad.unpack_dual(
+                m(torch.autograd.forward_ad.make_dual(x, tangent))
+            )
+            for m in (compact, csr)
+        ]
+    torch.testing.assert_close(outputs[1].tangent, outputs[0].tangent)
+    torch.testing.assert_close(
+        torch.func.vmap(csr)(x[:, None]), torch.func.vmap(compact)(x[:, None])
+    )
+    torch.testing.assert_close(torch.func.jacrev(csr)(x[0]), torch.func.jacrev(compact)(x[0]))
+    params = {n: p.detach() for n, p in csr.named_parameters()}
+
+    def loss(p, model):
+        return torch.func.functional_call(model, p, (x,)).sum()
+
+    got = torch.func.grad(loss)(params, csr)
+    expected = torch.func.grad(loss)(
+        {n: p.detach() for n, p in compact.named_parameters()}, compact
+    )
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name])
+    traced = torch.jit.trace(csr, (x,), check_trace=False)
+    torch.testing.assert_close(traced(x), compact(x))
+    exported = torch.export.export(csr, (x,))
+    torch.testing.assert_close(exported.module()(x), compact(x))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_empty_shapes_and_keyword_calls_behave_as_the_module_does():
+    layer = nn.Linear(0, 4)
+    mp.apply_mask(layer, {"weight": mp.Mask(torch.ones(4, 0, dtype=torch.bool), layout="csr")})
+    assert torch.equal(layer(torch.randn(3, 0)), layer.bias.expand(3, 4))
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    conv = pytorch_utils.Conv1D(4, 6)
+    mp.apply_mask(conv, {"weight": mp.Mask(mp.masks.random(0.5), layout="csr")})
+    x = torch.randn(2, 6)
+    assert torch.equal(conv(x=x), conv(x))
+
+
+def test_a_loaded_mask_keeps_the_csr_label():
+    _, csr = _pair()
+    _, other = _pair(density=0.5, seed=2)
+    other.load_state_dict(csr.state_dict())
+    assert mp.summary(other).tensors[0].constraint.endswith(", csr)")

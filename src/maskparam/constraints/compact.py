@@ -55,12 +55,12 @@ AUTO_COMPACT_MAX_FREE = 0.6
 DenseLayout: TypeAlias = Callable[[Mapping[str, Tensor], torch.Size, str], Constraint]
 
 
-def check_compact_possible(subject: str, tensor: Tensor) -> None:
-    """Refuse the compact layout where it cannot work, naming ``subject``."""
+def check_compact_possible(subject: str, tensor: Tensor, layout: str = "compact") -> None:
+    """Refuse the compact ``layout`` (or the CSR one) where it cannot work, naming ``subject``."""
     if tensor.device.type == "meta":
         raise error(
             subject,
-            "layout='compact' stores the positions of the free entries, which a meta tensor "
+            f"layout={layout!r} stores the positions of the free entries, which a meta tensor "
             "does not have: it needs real tensors.",
             fix="apply after to_empty() and loading the weights, or use the dense layout.",
         )

@@ -23,11 +23,11 @@ import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+from torch.autograd import forward_ad
 from torch.nn.utils import parametrize
 from typing_extensions import override
 
@@ -161,9 +161,9 @@ class CSRStructure:
 
 def _product(matrix: Tensor, rows: Tensor) -> Tensor:
     """``rows @ matrix.T`` for a CSR ``matrix``, as the product torch's CSR kernels run fast
-    (CSR times a dense matrix), transposed back (a view: the next layer's ``x.T`` is then
-    contiguous again)."""
-    return torch.mm(matrix, rows.t()).t()
+    (CSR times a dense matrix), transposed back into a contiguous tensor, as ``nn.Linear``
+    gives (``.view`` of it works); the copy costs a pass over the output."""
+    return torch.mm(matrix, rows.t()).t().contiguous()
 
 
 class _CSRLinear(torch.autograd.Function):
@@ -193,8 +193,19 @@ class _CSRLinear(torch.autograd.Function):
         ctx.has_bias = bias is not None
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: a gradient of this gradient
+            raise error(
+                "Mask(layout='csr')",
+                "the CSR layout computes first derivatives only; this backward was asked to "
+                "build a graph for a second one (create_graph=True, e.g. a gradient penalty).",
+                fix="use layout='compact' for the weights a second derivative passes through.",
+            )
+        return _CSRLinear._first_derivatives(ctx, grad)
+
+    @staticmethod
+    @torch.no_grad()
+    def _first_derivatives(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, values = ctx.saved_tensors
         structure: CSRStructure = ctx.structure
         grad_x = grad_values = grad_bias = None
@@ -206,7 +217,8 @@ class _CSRLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # dS at S's kept entries: grad.T @ x for a Linear's S, x.T @ grad for a Conv1D's.
             left, right = (x.t(), grad) if ctx.stored_transposed else (grad.t(), x)
-            pattern = structure.matrix(values.new_empty(values.shape))
+            # Zeros, not uninitialised memory: beta=0 does not cancel a NaN in the pattern.
+            pattern = structure.matrix(values.new_zeros(values.shape))
             grad_values = torch.sparse.sampled_addmm(
                 pattern, left.contiguous(), right, beta=0.0
             ).values()
@@ -247,7 +259,10 @@ class CSRConstraint(CompactConstraint):
             x.dtype == stored.dtype
             and x.device == stored.device
             and x.dim() >= 1
+            and x.numel() > 0
+            and stored.numel() > 0
             and not torch.is_autocast_enabled(x.device.type)
+            and not _transforming(x, stored)
             # The dtypes the build's probe (csr_kernels_problem) passes, read without it: a
             # model converted after apply (.half() on the CPU) computes densely.
             and (stored.dtype in (torch.float32, torch.float64) or stored.device.type != "cpu")
@@ -269,7 +284,8 @@ class CSRConstraint(CompactConstraint):
 
     @override
     def module_forward(self) -> Callable[..., Tensor]:
-        return csr_forward
+        forward: Callable[..., Tensor] = csr_forward
+        return forward
 
 
 def csr_linear(
@@ -291,6 +307,16 @@ def csr_linear(
         # nn.Linear's words, not those of the transposed product computed here.
         raise RuntimeError(
             f"mat1 and mat2 shapes cannot be multiplied ({got} and {in_features}x{out_features})"
+        )
+    if values.shape != (structure.col.numel(),):
+        # A CSR tensor is built without checks (a check per call would cost a pass): entries
+        # that do not fit the mask would be read past their end.
+        raise error(
+            "Mask(layout='csr')",
+            f"the stored entries are {tuple(values.shape)}, the mask keeps "
+            f"{structure.col.numel()}: they do not fit.",
+            fix="give the mask and its stored entries together (load_state_dict of both, or "
+            "mp.update_masks).",
         )
     rows = x.reshape(-1, in_features)
     y = _CSRLinear.apply(rows, values, bias, structure, stored_transposed)  # type: ignore[no-untyped-call]
@@ -319,10 +345,27 @@ def parametrize_list(module: nn.Module) -> parametrize.ParametrizationList:
     return plists["weight"]  # type: ignore[no-any-return]
 
 
-@torch.compiler.disable  # dynamo does not trace sparse tensors: this runs eagerly, in one piece
-def csr_forward(self: nn.Module, input: Tensor) -> Tensor:
+def _transforming(*tensors: Tensor) -> bool:
+    """Whether a transform that the sparse product does not support sees the call: forward-mode
+    AD, ``torch.func`` (vmap, grad, jacrev), ``torch.jit.trace`` or ``torch.export``; the dense
+    path, which they all support, computes it."""
+    if torch._C._get_tracing_state() is not None or torch.compiler.is_exporting():
+        return True
+    if forward_ad._current_level >= 0:  # inside fwAD.dual_level(): the inputs may be duals
+        return True
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(wrapped(t) for t in tensors)
+
+
+def _csr_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
     """The forward of a Linear (or Conv1D) whose weight is stored as CSR: the sparse product
     where it can run the call, the module's own dense forward (same entries) elsewhere."""
+    dense_forward: Callable[..., Tensor] = super(type(self), self).forward  # type: ignore[misc]
+    if len(args) + len(kwargs) != 1:
+        return dense_forward(*args, **kwargs)  # its own error for a wrong call
+    input = args[0] if args else next(iter(kwargs.values()))
+    if not isinstance(input, Tensor):
+        return dense_forward(*args, **kwargs)
     stack = parametrize_list(self)
     first = stack[0]
     stored = stack.original
@@ -335,8 +378,10 @@ def csr_forward(self: nn.Module, input: Tensor) -> Tensor:
             first.structure(),
             stored_transposed=not isinstance(self, nn.Linear),
         )
-    dense_forward: Callable[[Tensor], Tensor] = super(type(self), self).forward  # type: ignore[misc]
-    return dense_forward(input)
+    return dense_forward(*args, **kwargs)
 
 
+#: :func:`_csr_forward` as the module's forward; dynamo does not trace sparse tensors, so under
+#: ``torch.compile`` it runs eagerly, in one piece (a graph break).
+csr_forward = cast(Callable[..., Tensor], torch.compiler.disable(_csr_forward))  # type: ignore[no-untyped-call]
 csr_forward.maskparam_forward = True  # type: ignore[attr-defined]  # give_own_class replaces it

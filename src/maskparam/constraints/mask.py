@@ -95,7 +95,7 @@ class Mask(Spec):
         keeps = masks.describe_source(self.mask)
         constraint: Constraint
         if self.layout == "csr":
-            check_compact_possible(self._for(name), tensor)
+            check_compact_possible(self._for(name), tensor, "csr")
             problem = csr_kernels_problem(tensor) if tensor.dim() == 2 else "it is not 2-D"
             if problem is not None:
                 raise error(

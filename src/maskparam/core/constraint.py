@@ -548,8 +548,8 @@ class Constraint(FixedTensors):
 def _relabelled(description: str) -> str:
     kind, _, rest = description.partition("(")
     verb = rest.split(" ", 1)[0]
-    compact = ", compact" if description.endswith(", compact)") else ""
-    return f"{kind}({verb} the checkpoint's entries{compact})"
+    layout = next((f", {n}" for n in ("compact", "csr") if description.endswith(f", {n})")), "")
+    return f"{kind}({verb} the checkpoint's entries{layout})"
 
 
 def _short(tensor: Tensor) -> str:
