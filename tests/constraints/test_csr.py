@@ -400,7 +400,8 @@ def test_a_second_derivative_is_refused_by_name():
         torch.autograd.grad(csr(x).sum(), x, create_graph=True)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.(script|trace)` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.[a-z_]+` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_transforms_compute_densely_with_the_same_entries():
     """Forward-mode AD, torch.func (vmap, jacrev, grad of functional_call), torch.jit.trace and
     torch.export run through the dense path: the compact layout's results."""

@@ -256,13 +256,13 @@ class CSRConstraint(CompactConstraint):
         """Whether the sparse path computes ``x`` with ``stored``: same dtype and device, no
         autocast (which would compute in another dtype), and a CSR kernel for the dtype."""
         return (
-            x.dtype == stored.dtype
+            not _transforming(x, stored)  # first: a tracer warns at the checks below
+            and x.dtype == stored.dtype
             and x.device == stored.device
             and x.dim() >= 1
             and x.numel() > 0
             and stored.numel() > 0
             and not torch.is_autocast_enabled(x.device.type)
-            and not _transforming(x, stored)
             # The dtypes the build's probe (csr_kernels_problem) passes, read without it: a
             # model converted after apply (.half() on the CPU) computes densely.
             and (stored.dtype in (torch.float32, torch.float64) or stored.device.type != "cpu")
