@@ -9,9 +9,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 
-def _conv_bn(
-    cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1
-) -> list[nn.Module]:
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
     return [
         nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),

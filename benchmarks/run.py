@@ -2,6 +2,7 @@
 
     python benchmarks/run.py          quick: fewer rounds
     python benchmarks/run.py --full   more rounds (steadier medians)
+    python benchmarks/run.py --only sparse_training   one section (or several)
 
 All timings are medians of interleaved rounds, as ratios against a baseline measured in the same
 run, on one thread: never absolute timings compared across runs or machines.
@@ -13,6 +14,7 @@ import argparse
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import alternatives
@@ -22,6 +24,7 @@ import kernels
 import lifecycle
 import memory
 import plots
+import sparse_training
 import subspace
 import torch
 import train_step
@@ -51,34 +54,54 @@ def machine() -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="more rounds")
+    parser.add_argument(
+        "--only", nargs="*", default=[], metavar="SECTION", help="run only these sections"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rounds = 30 if args.full else 12
     RESULTS.mkdir(exist_ok=True)
-    sections = {
-        "kernels": ("Kernel candidates (forward + backward)", kernels.run(rounds=2 * rounds)),
-        "train_step": ("Train step vs plain", train_step.run(rounds=rounds)),
-        "alternatives": ("maskparam against the alternatives", alternatives.run(rounds=rounds)),
-        "inference": ("Inference", inference.run(rounds=rounds)),
+    sections: dict[str, tuple[str, Callable[[], str]]] = {
+        "kernels": (
+            "Kernel candidates (forward + backward)",
+            lambda: kernels.run(rounds=2 * rounds),
+        ),
+        "train_step": ("Train step vs plain", lambda: train_step.run(rounds=rounds)),
+        "sparse_training": (
+            "Sparse training: train step vs the dense model",
+            lambda: sparse_training.run(rounds=rounds),
+        ),
+        "alternatives": (
+            "maskparam against the alternatives",
+            lambda: alternatives.run(rounds=rounds),
+        ),
+        "inference": ("Inference", lambda: inference.run(rounds=rounds)),
         "export": (
             "Export: baked, then mp.to_sparse (inference, no grad)",
-            export.run(rounds=rounds),
+            lambda: export.run(rounds=rounds),
         ),
-        "memory": ("Peak memory", memory.run()),
+        "memory": ("Peak memory", memory.run),
         "lifecycle": (
             "Apply and remove at scale (seconds; ViT-B/16: medians of 3 interleaved rounds)",
-            lifecycle.run(),
+            lifecycle.run,
         ),
         "subspace": (
             "Subspace training cost",
-            subspace.run(rounds=rounds, plot=RESULTS / "subspace_cost.png"),
+            lambda: subspace.run(rounds=rounds, plot=RESULTS / "subspace_cost.png"),
         ),
     }
-    for name, (title, table) in sections.items():
+    unknown = set(args.only) - set(sections)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; known: {', '.join(sections)}")
+    for name, (title, measure) in sections.items():
+        if args.only and name not in args.only:
+            continue
+        table = measure()
         text = f"## {title}\n\nMeasured on: {machine()}\n\n{table}\n"
         (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")
         print(text)
-    plots.alternatives(RESULTS / "alternatives.md", RESULTS / "alternatives.png")
+    if not args.only or "alternatives" in args.only:
+        plots.alternatives(RESULTS / "alternatives.md", RESULTS / "alternatives.png")
     return 0
 
 

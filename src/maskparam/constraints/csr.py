@@ -159,38 +159,46 @@ class CSRStructure:
         )
 
 
-def _product(matrix: Tensor, rows: Tensor) -> Tensor:
-    """``rows @ matrix.T`` for a CSR ``matrix``, as the product torch's CSR kernels run fast
-    (CSR times a dense matrix), transposed back into a contiguous tensor, as ``nn.Linear``
-    gives (``.view`` of it works); the copy costs a pass over the output."""
-    return torch.mm(matrix, rows.t()).t().contiguous()
+def _sparse_times_dense(matrix: Tensor, dense: Tensor) -> Tensor:
+    """``matrix @ dense`` for a CSR ``matrix`` and a row-major ``dense``, written into a new
+    tensor: ``torch.mm`` would zero a result and copy it into another first. ``beta=0`` makes
+    the kernel ignore the new tensor's contents (NaN included), as ``torch.addmm`` documents."""
+    out = dense.new_empty(matrix.shape[0], dense.shape[1])
+    return torch.addmm(out, matrix, dense, beta=0.0, out=out)
 
 
 class _CSRLinear(torch.autograd.Function):
     """``y = x @ A.T + bias`` where ``A`` is the stored matrix ``S`` (``nn.Linear``'s
     ``(out, in)`` weight) or, for ``stored_transposed``, ``S.T`` (``Conv1D``'s ``(in, out)``).
-    Gradients: ``x``'s through the other orientation of ``S``, the values' at the kept entries
-    only (``sampled_addmm``), the bias's a sum."""
+
+    Every product is CSR times a row-major dense matrix, the form torch's CPU kernels (MKL) take
+    without copying: ``y.T = A @ x.T``, then ``x.grad.T = A.T @ grad.T`` through the other
+    orientation of ``S``, and the values' gradient at the kept entries only
+    (``sampled_addmm``). ``x.T`` and ``grad.T`` are made row-major once each and shared by the
+    two products that read them (otherwise each product copies its own); the output and the
+    input's gradient are contiguous, as ``nn.Linear``'s (a transposed gradient made the next
+    elementwise backward, e.g. ReLU's, run a strided loop several times slower than the copy)."""
 
     @staticmethod
     def forward(
+        ctx: Any,
         x: Tensor,
         values: Tensor,
         bias: Tensor | None,
         structure: CSRStructure,
         stored_transposed: bool,
     ) -> Tensor:
+        x_t = x.t().contiguous()
         a = structure.transposed(values) if stored_transposed else structure.matrix(values)
-        y = _product(a, x)
-        return y if bias is None else y + bias
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], _output: Tensor) -> None:
-        x, values, bias, structure, stored_transposed = inputs
-        ctx.save_for_backward(x, values)
+        y_t = _sparse_times_dense(a, x_t)
+        ctx.save_for_backward(x_t, values)
         ctx.structure = structure
         ctx.stored_transposed = stored_transposed
         ctx.has_bias = bias is not None
+        if bias is None:
+            return y_t.t().contiguous()
+        # The bias added in the pass that lays the output out row-major (one pass, not two).
+        return torch.add(y_t.t(), bias, out=x.new_empty(y_t.shape[::-1]))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -201,29 +209,23 @@ class _CSRLinear(torch.autograd.Function):
                 "build a graph for a second one (create_graph=True, e.g. a gradient penalty).",
                 fix="use layout='compact' for the weights a second derivative passes through.",
             )
-        return _CSRLinear._first_derivatives(ctx, grad)
-
-    @staticmethod
-    @torch.no_grad()
-    def _first_derivatives(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, values = ctx.saved_tensors
+        x_t, values = ctx.saved_tensors
         structure: CSRStructure = ctx.structure
+        g_t = grad.t().contiguous()
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            a_t = (
-                structure.matrix(values) if ctx.stored_transposed else structure.transposed(values)
-            )
-            grad_x = _product(a_t, grad)
+            transposed = ctx.stored_transposed
+            a_t = structure.matrix(values) if transposed else structure.transposed(values)
+            grad_x = _sparse_times_dense(a_t, g_t).t().contiguous()
         if ctx.needs_input_grad[1]:
-            # dS at S's kept entries: grad.T @ x for a Linear's S, x.T @ grad for a Conv1D's.
-            left, right = (x.t(), grad) if ctx.stored_transposed else (grad.t(), x)
+            # dS at S's kept entries: grad.T @ x for a Linear's S, x.T @ grad for a Conv1D's
+            # (sampled_addmm reads its second factor transposed: x_t and g_t as they are).
+            left, right = (x_t, g_t.t()) if ctx.stored_transposed else (g_t, x_t.t())
             # Zeros, not uninitialised memory: beta=0 does not cancel a NaN in the pattern.
             pattern = structure.matrix(values.new_zeros(values.shape))
-            grad_values = torch.sparse.sampled_addmm(
-                pattern, left.contiguous(), right, beta=0.0
-            ).values()
+            grad_values = torch.sparse.sampled_addmm(pattern, left, right, beta=0.0).values()
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(0)
+            grad_bias = g_t.sum(1)
         return grad_x, grad_values, grad_bias, None, None
 
 
