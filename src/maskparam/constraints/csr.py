@@ -32,6 +32,7 @@ from torch.nn.utils import parametrize
 from typing_extensions import override
 
 from maskparam.constraints.compact import CompactConstraint
+from maskparam.core.parametrize import give_own_class
 from maskparam.errors import error
 
 __all__ = [
@@ -42,6 +43,9 @@ __all__ = [
     "csr_kernels_problem",
     "csr_linear",
     "csr_switch_problem",
+    "switch_to_csr",
+    "training_steps",
+    "trains_as_csr",
 ]
 
 
@@ -340,6 +344,63 @@ def csr_switch_problem(module: nn.Module) -> str | None:
     if len(stack) != 1:
         return "another parametrization is stacked on the Mask"
     return csr_kernels_problem(stack.original)
+
+
+def trains_as_csr(module: nn.Module) -> bool:
+    """Whether ``module``'s weight is stored in the CSR layout."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return False
+    return isinstance(parametrize_list(module)[0], CSRConstraint)
+
+
+def switch_to_csr(module: nn.Module) -> None:
+    """Switch ``module``'s compact Mask to the CSR layout, in place (where
+    :func:`csr_switch_problem` found nothing against it): the constraint object, its stored
+    entries and their optimizer state stay; the module gets its class again, with the sparse
+    forward."""
+    first = parametrize_list(module)[0]
+    assert isinstance(first, CompactConstraint)  # csr_switch_problem checked it
+    CSRConstraint.adopt(first)
+    give_own_class(module)
+
+
+def training_steps(
+    module: nn.Module, batch_size: int
+) -> tuple[Callable[[], object], Callable[[], object]]:
+    """A training step of ``module`` (forward and backward, to its kept entries and its input)
+    in its compact layout and in the CSR layout, on copies of its entries: its gradients stay.
+    What :func:`maskparam.to_sparse` times to choose."""
+    stack = parametrize_list(module)
+    compact, stored = stack[0], stack.original
+    assert isinstance(compact, CompactConstraint)  # csr_switch_problem checked it
+    values = stored.detach().clone().requires_grad_()
+    raw_bias = getattr(module, "bias", None)
+    bias = raw_bias.detach() if isinstance(raw_bias, Tensor) else None
+    rows_n, cols_n = compact.shape
+    linear = isinstance(module, nn.Linear)
+    generator = torch.Generator(device=stored.device).manual_seed(0)  # the caller's RNG untouched
+    x = torch.randn(
+        batch_size,
+        cols_n if linear else rows_n,
+        dtype=stored.dtype,
+        device=stored.device,
+        generator=generator,
+    ).requires_grad_()
+    structure = CSRStructure.of(compact.positions(), (rows_n, cols_n))
+
+    def compact_step() -> object:
+        weight = compact(values)
+        if linear:
+            y = nn.functional.linear(x, weight, bias)
+        else:  # Conv1D: x @ W + b
+            y = x @ weight if bias is None else torch.addmm(bias, x, weight)
+        return torch.autograd.grad(y.sum(), (values, x))
+
+    def csr_step() -> object:
+        y = csr_linear(x, values, bias, structure, stored_transposed=not linear)
+        return torch.autograd.grad(y.sum(), (values, x))
+
+    return compact_step, csr_step
 
 
 def parametrize_list(module: nn.Module) -> parametrize.ParametrizationList:

@@ -26,22 +26,15 @@ from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from maskparam.constraints.compact import CompactConstraint
 from maskparam.constraints.csr import (
-    CSRConstraint,
-    CSRStructure,
     conv1d_class,
-    csr_linear,
     csr_switch_problem,
+    switch_to_csr,
+    training_steps,
+    trains_as_csr,
 )
-from maskparam.core.parametrize import (
-    give_own_class,
-    maskparam_constraints,
-    parametrization_list,
-    parametrized_names,
-)
+from maskparam.core.parametrize import maskparam_constraints, parametrized_names
 from maskparam.errors import check_int, check_module, error
 
 __all__ = [
@@ -205,34 +198,28 @@ def _choose_trainable(
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, conv1d or nn.Linear)):
             continue
-        constraints = maskparam_constraints(module, "weight")
-        first = constraints[0] if constraints else None
-        if isinstance(first, CSRConstraint):
-            choices.append(SparseChoice(name, "csr", _zeros(module), None, None))
+        zeros = _zeros(module)
+        if trains_as_csr(module):
+            choices.append(SparseChoice(name, "csr", zeros, None, None))
             continue
         why = csr_switch_problem(module)
         if why is not None:
-            choices.append(SparseChoice(name, f"dense ({why})", _zeros(module), None, None))
+            choices.append(SparseChoice(name, f"dense ({why})", zeros, None, None))
             continue
-        assert isinstance(first, CompactConstraint)  # csr_switch_problem checked it
-        zeros = _zeros(module)
-        stored = parametrization_list(module, "weight").original
         if layout == "dense" or (layout == "auto" and zeros < MIN_ZEROS):
             choices.append(SparseChoice(name, "compact", zeros, None, None))
             continue
+        compact_ms = csr_ms = None
         if layout == "auto":
             with torch.enable_grad():
                 faster, compact_ms, csr_ms = _timed_choice(
-                    *_training_steps(module, first, stored, batch_size), min_speedup
+                    *training_steps(module, batch_size), min_speedup
                 )
             if not faster:
                 choices.append(SparseChoice(name, "compact", zeros, compact_ms, csr_ms))
                 continue
-            choices.append(SparseChoice(name, "csr", zeros, compact_ms, csr_ms))
-        else:
-            choices.append(SparseChoice(name, "csr", zeros, None, None))
-        CSRConstraint.adopt(first)
-        give_own_class(module)
+        switch_to_csr(module)
+        choices.append(SparseChoice(name, "csr", zeros, compact_ms, csr_ms))
     return choices
 
 
@@ -241,38 +228,6 @@ def _zeros(module: nn.Module) -> float:
         weight = module.weight
         assert isinstance(weight, Tensor)
         return float((weight == 0).sum()) / max(weight.numel(), 1)
-
-
-def _training_steps(
-    module: nn.Module, compact: CompactConstraint, stored: Tensor, batch_size: int
-) -> tuple[Callable[[], object], Callable[[], object]]:
-    """A training step of ``module`` (forward and backward, to its entries and input) in its
-    compact layout and in the CSR layout, on leaf copies: the module's gradients stay."""
-    values = stored.detach().clone().requires_grad_()
-    raw_bias = getattr(module, "bias", None)
-    bias = raw_bias.detach() if isinstance(raw_bias, Tensor) else None
-    rows_n, cols_n = compact.shape
-    linear = isinstance(module, nn.Linear)
-    in_features = cols_n if linear else rows_n
-    generator = torch.Generator(device=stored.device).manual_seed(0)  # the caller's RNG untouched
-    x = torch.randn(
-        batch_size, in_features, dtype=stored.dtype, device=stored.device, generator=generator
-    ).requires_grad_()
-    structure = CSRStructure.of(compact.positions(), (rows_n, cols_n))
-
-    def compact_step() -> object:
-        weight = compact(values)
-        if linear:
-            y = F.linear(x, weight, bias)
-        else:  # Conv1D: x @ W + b
-            y = x @ weight if bias is None else torch.addmm(bias, x, weight)
-        return torch.autograd.grad(y.sum(), (values, x))
-
-    def csr_step() -> object:
-        y = csr_linear(x, values, bias, structure, stored_transposed=not linear)
-        return torch.autograd.grad(y.sum(), (values, x))
-
-    return compact_step, csr_step
 
 
 def _linear_weight(module: nn.Module) -> Tensor:
