@@ -13,6 +13,8 @@ import copy
 import pytest
 import torch
 from helpers import assert_same_bits, mlp, state_bits
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import maskparam as mp
@@ -454,3 +456,63 @@ def test_a_loaded_mask_keeps_the_csr_label():
     _, other = _pair(density=0.5, seed=2)
     other.load_state_dict(csr.state_dict())
     assert mp.summary(other).tensors[0].constraint.endswith(", csr)")
+
+
+class _Run:
+    """One model through a sequence of operations, in one layout (float64)."""
+
+    def __init__(self, layout: str, masks: dict[str, Tensor]) -> None:
+        self.layout = layout
+        self.model = self._build(0, masks)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.01, weight_decay=0.1)
+
+    def _build(self, seed: int, masks: dict[str, Tensor]) -> nn.Module:
+        model = mlp(12, 20, 7, activation=nn.ReLU, dtype=torch.float64, seed=seed)
+        return mp.apply_mask(model, {n: mp.Mask(m, layout=self.layout) for n, m in masks.items()})
+
+    def run(self, operation: tuple, x: Tensor) -> None:
+        kind = operation[0]
+        if kind == "train":
+            for _ in range(operation[1]):
+                self.optimizer.zero_grad()
+                self.model(x).pow(2).mean().backward()
+                self.optimizer.step()
+        elif kind == "update":
+            new = _masks(self.model, operation[2], seed=operation[1])
+            mp.update_masks(self.model, dict(new), optimizer=self.optimizer)
+        elif kind == "resume":  # into another init and other masks, then the checkpoint
+            saved = copy.deepcopy((self.model.state_dict(), self.optimizer.state_dict()))
+            self.model = self._build(1, _masks(self.model, 0.5, seed=99))
+            self.model.load_state_dict(saved[0])
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.01, weight_decay=0.1)
+            self.optimizer.load_state_dict(saved[1])
+        elif kind == "deepcopy":
+            self.model, self.optimizer = copy.deepcopy((self.model, self.optimizer))
+
+
+OPERATIONS = st.one_of(
+    st.tuples(st.just("train"), st.integers(1, 3)),
+    st.tuples(st.just("update"), st.integers(0, 1000), st.sampled_from([0.1, 0.3, 0.6])),
+    st.tuples(st.just("resume")),
+    st.tuples(st.just("deepcopy")),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(operations=st.lists(OPERATIONS, min_size=1, max_size=8), seed=st.integers(0, 1000))
+def test_random_operation_sequences_follow_the_compact_layout(operations, seed):
+    """Train, prune and regrow (update_masks), resume into another init, deep-copy: the CSR run's
+    effective weights follow the compact run's (float64 rounding) after every operation, and its
+    masked entries are exactly zero."""
+    masks = _masks(mlp(12, 20, 7, seed=0), 0.3, seed=seed)
+    runs = [_Run("compact", masks), _Run("csr", masks)]
+    x = torch.randn(8, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    for operation in operations:
+        for run in runs:
+            run.run(operation, x)
+        for a, b in zip(runs[0].model[::2], runs[1].model[::2], strict=True):
+            torch.testing.assert_close(b.weight, a.weight, rtol=1e-9, atol=1e-11)
+            kept = b.parametrizations.weight[0].free.bool()
+            assert torch.equal(b.weight[~kept], torch.zeros_like(b.weight[~kept]))
+            assert isinstance(b.parametrizations.weight[0], CSRConstraint)
+        torch.testing.assert_close(runs[1].model(x), runs[0].model(x), rtol=1e-9, atol=1e-11)

@@ -92,6 +92,15 @@ def to_sparse(
     """Store each ``nn.Linear`` weight of a plain model in its fastest layout; in place, returns
     ``model``. For inference: the sparse weights do not train.
 
+    On a model constrained by maskparam (not baked) it keeps the model trainable instead: each
+    ``nn.Linear`` (or Conv1D) weight whose only constraint is a compact ``Mask`` switches to
+    ``Mask(layout="csr")`` where a training step of the layer (forward and backward, at
+    ``batch_size`` rows) is timed clearly faster as CSR, and stays compact elsewhere (below
+    :data:`MIN_ZEROS` without timing); ``layout="csr"`` switches every such weight, ``"dense"``
+    none. The stored entries, the state_dict and an optimizer's state stay the same objects
+    (see ``docs/sparse-training.md``). Every other tensor stays as it is, listed with the
+    reason in ``model.sparse_choices``.
+
     ``layout="auto"`` times the Linear's forward at ``batch_size`` rows with the weight dense and
     as CSR (32-bit indices where they fit), in interleaved pairs, and keeps CSR where it is
     clearly at least ``min_speedup`` times faster: where the median per-pair speedup is above
