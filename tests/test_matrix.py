@@ -76,6 +76,18 @@ def _inputs(dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.randn(16, 6, generator=torch.Generator().manual_seed(7)).to(dtype)
 
 
+# Layouts whose module computes with a sparse product: the same function as the dense weight's,
+# summed in another order (docs/sparse-training.md), so outputs agree to rounding, not bitwise.
+SPARSE_PRODUCT = {"mask-csr"}
+
+
+def _assert_same_outputs(case: str, got: Tensor, expected: Tensor) -> None:
+    if case in SPARSE_PRODUCT:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(got, expected)
+
+
 def _assert_holds(model: nn.Module) -> None:
     # Only the constraints' promises: an unconstrained fp16 bias may well turn NaN under Adam
     # (eps=1e-8 rounds to 0 in fp16), as it does without maskparam.
@@ -174,7 +186,7 @@ def test_averaged_model(case, kind, use_buffers, train):
     with torch.no_grad():
         before = averaged(x)
         mp.remove_parametrizations(averaged.module)
-        assert torch.equal(averaged(x), before)
+        _assert_same_outputs(case, averaged(x), before)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -203,7 +215,7 @@ def test_deepcopy_then_bake_the_copy(case, train):
     assert torch.equal(clone(x), model(x))
     mp.remove_parametrizations(clone)
     _assert_holds(model)  # the original is untouched by baking its copy
-    assert torch.equal(clone(x), model(x))
+    _assert_same_outputs(case, clone(x), model(x))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -223,7 +235,7 @@ def test_bake_gives_a_plain_model_with_identical_outputs(case, train):
     with torch.no_grad():
         before = model(x)
         mp.remove_parametrizations(model)
-        assert torch.equal(model(x), before)
+        _assert_same_outputs(case, model(x), before)
     assert not any("parametrizations" in key for key in model.state_dict())
     assert type(model[0]) is nn.Linear
 
@@ -266,7 +278,9 @@ def test_to_dtype_after_apply_then_train_and_reload(case, dtype, train):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_compile_trains_and_keeps_the_invariant(case, train):
-    if "sparse" in case:
+    if "sparse" in case or case in SPARSE_PRODUCT:
+        # The CSR layout's product runs eagerly, a graph break that fullgraph=True refuses
+        # (tests/constraints/test_csr.py compiles it without fullgraph).
         pytest.skip("torch.compile does not support sparse tensors (torch's limit)")
     model = _constrained(case)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
