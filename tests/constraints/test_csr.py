@@ -522,3 +522,18 @@ def test_random_operation_sequences_follow_the_compact_layout(operations, seed):
             assert torch.equal(b.weight[~kept], torch.zeros_like(b.weight[~kept]))
             assert isinstance(b.parametrizations.weight[0], CSRConstraint)
         torch.testing.assert_close(runs[1].model(x), runs[0].model(x), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path (cuSPARSE) needs a GPU")
+def test_csr_trains_on_cuda_like_compact():
+    compact, csr = _pair(dtype=torch.float32)
+    compact, csr = compact.cuda(), csr.cuda()
+    x = torch.randn(16, 12, device="cuda")
+    for model in (compact, csr):
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    torch.testing.assert_close(csr(x), compact(x), rtol=1e-4, atol=1e-5)
+    mp.verify(csr)
