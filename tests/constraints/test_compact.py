@@ -183,3 +183,34 @@ def test_the_threshold_is_inclusive_and_counts_broadcast_masks_in_full():
     rows[int(AUTO_COMPACT_MAX_FREE * 10)] = True  # 70%
     layer = mp.apply_mask(nn.Linear(4, 10), {"weight": mp.Mask(rows)})
     assert not isinstance(layer.parametrizations.weight[0], CompactConstraint)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_compact_forward_keeps_every_nan_payload(dtype):
+    """The scatter of the kept entries copies bits: NaN payloads (signalling, negative) in the
+    frozen values and in the stored entries come out bit for bit, as in the dense layout."""
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[
+        torch.empty(0, dtype=dtype).element_size()
+    ]
+    nan = torch.tensor(float("nan"), dtype=dtype).view(bits).item()
+    weight = torch.randn(4, 6).to(dtype)
+    weight.view(bits)[0, :3] = torch.tensor([nan + 1, -1, nan ^ 1], dtype=bits)  # odd payloads
+    weight.view(bits)[3, :3] = torch.tensor([nan + 1, -1, nan ^ 1], dtype=bits)
+    frozen = torch.zeros(4, 6, dtype=torch.bool)
+    frozen[0] = True
+    for layout in ("dense", "compact"):
+        layer = nn.Linear(6, 4).to(dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+        mp.apply_mask(layer, {"weight": mp.Freeze(frozen, layout=layout)})
+        assert torch.equal(layer.weight.detach().view(bits), weight.view(bits)), layout
+
+
+def test_a_stored_vector_that_does_not_fit_the_mask_is_refused():
+    layer = mp.apply_mask(
+        nn.Linear(4, 2), {"weight": mp.Mask(torch.eye(2, 4, dtype=torch.bool), layout="compact")}
+    )
+    for entries in (torch.ones(1), torch.ones(5)):
+        state = {"parametrizations.weight.original": entries}
+        with pytest.raises(mp.MaskparamError, match="do not fit"):
+            torch.func.functional_call(layer, state, (torch.ones(1, 4),))

@@ -155,10 +155,11 @@ def test_csr_state_dict_is_the_compact_layouts_both_ways():
     model = mlp(12, 20, 7, activation=nn.ReLU, dtype=torch.float64, seed=0)
     masks = _masks(model, 0.2)
     dense = mp.apply_mask(model, {n: mp.Mask(m, layout="dense") for n, m in masks.items()})
-    _, fresh = _pair(seed=4)
-    fresh.load_state_dict(dense.state_dict())
-    assert isinstance(fresh[0].parametrizations.weight[0], CSRConstraint)
-    torch.testing.assert_close(fresh(x), dense(x))
+    for load in (nn.Module.load_state_dict, mp.load_state_dict):
+        _, fresh = _pair(seed=4)
+        load(fresh, dense.state_dict())
+        assert isinstance(fresh[0].parametrizations.weight[0], CSRConstraint)
+        torch.testing.assert_close(fresh(x), dense(x))
 
 
 def test_csr_trainable_state_dict_round_trips():
@@ -537,3 +538,37 @@ def test_csr_trains_on_cuda_like_compact():
             opt.step()
     torch.testing.assert_close(csr(x), compact(x), rtol=1e-4, atol=1e-5)
     mp.verify(csr)
+
+
+def test_inputs_and_biases_the_sparse_product_does_not_take_behave_as_the_module_does():
+    """A sparse input computes densely (as nn.Linear takes it); a bias of another dtype gives
+    torch's dtype error, as nn.Linear does."""
+    compact, csr = _pair(dtype=torch.float32)
+    x = torch.randn(4, 12)
+    for sparse in (x.to_sparse(), x.to_sparse_csr()):
+        torch.testing.assert_close(csr[0](sparse), compact[0](x))
+    layer = mp.apply_mask(nn.Linear(12, 5), {"weight": mp.Mask(mp.masks.random(0.3), layout="csr")})
+    layer.bias.data = layer.bias.data.double()
+    with pytest.raises(RuntimeError, match="dtype"):
+        layer(x)
+
+
+def test_batched_gradients_are_refused_by_name():
+    _, csr = _pair()
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    y = csr(x)
+    with pytest.raises(mp.MaskparamError, match="vmap"):
+        torch.autograd.grad(
+            y, x, torch.eye(7, dtype=torch.float64)[:, None].expand(7, 3, 7), is_grads_batched=True
+        )
+
+
+def test_to_sparse_times_a_constrained_model_in_inference_mode():
+    model = mp.apply_mask(
+        nn.Sequential(nn.Linear(256, 256)),
+        {"0.weight": mp.Mask(mp.masks.magnitude(0.98), layout="compact")},
+    )
+    with torch.inference_mode():
+        mp.to_sparse(model, batch_size=32)
+    assert model.sparse_choices[0].dense_ms is not None
+    assert model[0].parametrizations.weight.original.grad is None

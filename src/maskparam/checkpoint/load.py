@@ -122,7 +122,9 @@ def load_state_dict(
     # the other layout the checkpoint's layout.
     translated = dict(state_dict)
     switches = translate_layouts(model, translated, "")
-    switched = {key for s in switches if s.twin is not None for key in s.saved}
+    # The checkpoint's own keys of a tensor saved in the other layout: expected, whether the
+    # tensor takes the checkpoint's layout (a twin) or keeps its own (the CSR layout), translated.
+    other_layout = {key for s in switches for key in s.saved}
     own_keys = set(model.state_dict().keys())
     # A tie's entries are saved under one holder; a checkpoint with every holder's (maskparam
     # 0.2) is neither foreign nor unexpected.
@@ -174,7 +176,7 @@ def load_state_dict(
         # A plain checkpoint (pretrained weights) knows nothing of a pruning schedule: the
         # model's step count stays, as its masks do.
         missing = [k for k in missing if k.rpartition(".")[2] != PROGRESS_BUFFER]
-    unexpected = [k for k in rest if k not in every_holder and k not in switched]
+    unexpected = [k for k in rest if k not in every_holder and k not in other_layout]
     if strict and (missing or unexpected):
         raise error(
             f"load_state_dict into {type(model).__name__}",

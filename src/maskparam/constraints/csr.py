@@ -12,8 +12,10 @@ Only the module's own forward takes this path (maskparam's class for the module 
 an RNN's): anything that reads ``module.weight`` (``mp.verify``, a hook, a fused fast path,
 baking) gets the dense effective weight, computed as the compact layout computes it. Where the
 sparse path cannot run the call (autocast, an input of another dtype or device, another
-parametrization stacked on the weight) the forward computes densely from the same entries, so
-the result never depends on which path ran.
+parametrization stacked on the weight) the forward computes densely from the same entries: the
+same result up to float rounding for finite inputs. (An inf or NaN input value meets only the
+kept entries in the sparse product; the dense product multiplies it by the masked zeros too,
+and 0 * inf is NaN.)
 """
 
 from __future__ import annotations
@@ -213,6 +215,13 @@ class _CSRLinear(torch.autograd.Function):
                 "build a graph for a second one (create_graph=True, e.g. a gradient penalty).",
                 fix="use layout='compact' for the weights a second derivative passes through.",
             )
+        if _transforming(grad):  # is_grads_batched, a vectorized jacobian: vmap over this
+            raise error(
+                "Mask(layout='csr')",
+                "the CSR layout's backward does not run under vmap (batched gradients: "
+                "is_grads_batched=True, jacobian(vectorize=True)).",
+                fix="use layout='compact' for these weights, or compute the gradients one by one.",
+            )
         x_t, values = ctx.saved_tensors
         structure: CSRStructure = ctx.structure
         g_t = grad.t().contiguous()
@@ -258,11 +267,15 @@ class CSRConstraint(CompactConstraint):
         self.__dict__["_structure"] = (positions, structure)
         return structure
 
-    def runs(self, x: Tensor, stored: Tensor) -> bool:
-        """Whether the sparse path computes ``x`` with ``stored``: same dtype and device, no
-        autocast (which would compute in another dtype), and a CSR kernel for the dtype."""
+    def runs(self, x: Tensor, stored: Tensor, bias: Tensor | None) -> bool:
+        """Whether the sparse path computes ``x`` with ``stored`` (and ``bias``): a dense input
+        of the same dtype and device (the bias too), no autocast (which would compute in
+        another dtype), and a CSR kernel for the dtype. Elsewhere the module's own forward
+        gives its own result or its own error."""
         return (
             not _transforming(x, stored)  # first: a tracer warns at the checks below
+            and x.layout == torch.strided
+            and (bias is None or (bias.dtype == stored.dtype and bias.device == stored.device))
             and x.dtype == stored.dtype
             and x.device == stored.device
             and x.dim() >= 1
@@ -416,8 +429,13 @@ def _transforming(*tensors: Tensor) -> bool:
         return True
     if forward_ad._current_level >= 0:  # inside fwAD.dual_level(): the inputs may be duals
         return True
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(wrapped(t) for t in tensors)
+    functorch = torch._C._functorch
+    return any(
+        functorch.is_functorch_wrapped_tensor(t)
+        or functorch.is_batchedtensor(t)
+        or functorch.is_legacy_batchedtensor(t)  # is_grads_batched's vmap
+        for t in tensors
+    )
 
 
 def _csr_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
@@ -432,12 +450,13 @@ def _csr_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
     stack = parametrize_list(self)
     first = stack[0]
     stored = stack.original
-    bias = self.bias
-    if len(stack) == 1 and isinstance(first, CSRConstraint) and first.runs(input, stored):
+    raw_bias = self.bias
+    bias = raw_bias if isinstance(raw_bias, Tensor) else None
+    if len(stack) == 1 and isinstance(first, CSRConstraint) and first.runs(input, stored, bias):
         return csr_linear(
             input,
             stored,
-            bias if isinstance(bias, Tensor) else None,
+            bias,
             first.structure(),
             stored_transposed=not isinstance(self, nn.Linear),
         )

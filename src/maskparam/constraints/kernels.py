@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from maskparam.errors import error
+
 __all__ = ["keep_bits", "keep_or_frozen", "scatter_free", "straight_through_mask"]
 
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -160,17 +162,35 @@ class _ScatterFree(torch.autograd.Function):
 
     ``scatter_`` into a fresh copy and ``index_select`` back, the fastest pair measured here (1
     thread): ``scatter_`` at 0.4-0.65x the time of ``index_copy_`` for 36K-4M entries at 50-90%
-    free (about even at 10% free), ``index_select`` at 0.3x ``gather``'s. Exact: a copy of bits
-    (the base keeps every fixed entry bit for bit).
+    free (about even at 10% free), ``index_select`` at 0.3x ``gather``'s. Exact: the scatter runs
+    on the integer view of the same width, a copy of bits (the base keeps every fixed entry bit
+    for bit, NaN payloads included).
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(compact: Tensor, index: Tensor, base: Tensor | None, shape: torch.Size) -> Tensor:
+        if compact.shape != index.shape:
+            # scatter_ would take the first entries of a longer vector without a word.
+            raise error(
+                "compact layout",
+                f"the stored entries are {tuple(compact.shape)}, the mask frees "
+                f"{index.numel()}: they do not fit.",
+                fix="give the mask and its stored entries together (load_state_dict of both, "
+                "or mp.update_masks).",
+            )
         # Zeros are allocated zeroed, not built and then cloned: one pass over the tensor.
         out = compact.new_zeros(math.prod(shape)) if base is None else base.reshape(-1).clone()
-        return out.scatter_(0, index, compact).view(shape)
+        bits = _bit_view(compact)
+        if bits is None or torch._C._get_tracing_state() is not None:
+            # complex128, or torch.jit.trace (which cannot record a view as another dtype):
+            # index_copy_ copies exactly too, only slower.
+            return out.index_copy_(0, index, compact).view(shape)
+        # On the integer view: scatter_ of fp16/bf16 goes through float and rewrites NaN bits
+        # (a signalling NaN quietened, a bf16 NaN's sign set), in the base's entries too.
+        out.view(bits).scatter_(0, index, compact.contiguous().view(bits))
+        return out.view(shape)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], _output: Tensor) -> None:

@@ -220,7 +220,8 @@ def _choose_trainable(
             continue
         compact_ms = csr_ms = None
         if layout == "auto":
-            with torch.enable_grad():
+            # A step with gradients, on copies: also where the caller is in inference mode.
+            with torch.inference_mode(False), torch.enable_grad():
                 faster, compact_ms, csr_ms = _timed_choice(
                     *training_steps(module, batch_size), min_speedup
                 )
