@@ -11,8 +11,9 @@ half a dense one (benchmarks/results/sparse_training.md).
 Only the module's own forward takes this path (maskparam's class for the module has it, like
 an RNN's): anything that reads ``module.weight`` (``mp.verify``, a hook, a fused fast path,
 baking) gets the dense effective weight, computed as the compact layout computes it. Where the
-sparse path cannot run the call (autocast, an input of another dtype or device, another
-parametrization stacked on the weight) the forward computes densely from the same entries: the
+sparse path cannot run the call (autocast, torch.func / forward-mode AD / tracing / export, a
+sparse input or one of another dtype or device, another parametrization stacked on the weight)
+the forward computes densely from the same entries: the
 same result up to float rounding for finite inputs. (An inf or NaN input value meets only the
 kept entries in the sparse product; the dense product multiplies it by the masked zeros too,
 and 0 * inf is NaN.)
