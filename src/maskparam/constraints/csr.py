@@ -21,7 +21,6 @@ and 0 * inf is NaN.)
 
 from __future__ import annotations
 
-import functools
 import sys
 import warnings
 from collections.abc import Callable
@@ -61,9 +60,10 @@ def conv1d_class() -> type[nn.Module] | None:
 
 
 def _plain_class(module: nn.Module) -> type:
-    """The module's class before torch's parametrize (and maskparam) gave it one of its own."""
+    """The module's class before torch's parametrize (and maskparam) gave it one of its own: the
+    injected class's only base."""
     cls = type(module)
-    return cls.__bases__[0] if type(module).__name__.startswith("Parametrized") else cls
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
 
 
 def check_csr_target(subject: str, module: nn.Module, local_name: str, n_specs: int) -> None:
@@ -89,10 +89,10 @@ def check_csr_target(subject: str, module: nn.Module, local_name: str, n_specs: 
         )
 
 
-@functools.cache
 def _kernels_run(device_type: str, dtype: torch.dtype) -> str | None:
     """torch's error where its CSR kernels (product, sampled product) do not run for ``dtype``
-    on ``device_type``, else None. A pure function of torch's build, so remembered."""
+    on ``device_type``, else None: tried on a 2 x 2 matrix (at apply and in to_sparse, never in
+    a forward), rather than a list of dtypes that torch's next release would outdate."""
     device = torch.device(device_type)
     try:
         values = torch.ones(2, dtype=dtype, device=device)
