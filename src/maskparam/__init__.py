@@ -35,6 +35,7 @@ from maskparam.constraints.triangular import Triangular
 from maskparam.core.constraint import Constraint, MaskChange, Pins, Spec
 from maskparam.core.match import Selector
 from maskparam.errors import MaskparamError, MaskparamWarning
+from maskparam.export.shrink import ShrinkReport, shrink
 from maskparam.export.sparse import CSRLinear, SparseChoice, to_sparse
 from maskparam.prune.rewind import rewind
 from maskparam.prune.schedule import GradualPruning, PruningRules, cubic_sparsity
@@ -56,6 +57,7 @@ __all__ = [
     "PruningRules",
     "Rules",
     "Selector",
+    "ShrinkReport",
     "SparseChoice",
     "Spec",
     "Subspace",
@@ -80,6 +82,7 @@ __all__ = [
     "preview",
     "remove_parametrizations",
     "rewind",
+    "shrink",
     "sparsity",
     "subspace_theta",
     "summary",

@@ -101,7 +101,9 @@ def apply_mask(
     targets = _plan(model, rules, strict=strict)
     for target in targets:
         check_state_fits(optimizers, target.ref.storage, target.ref.name)
-    _register(list(zip(targets, _build(targets, evaluate_last=False), strict=True)), optimizers)
+    _register(
+        list(zip(targets, _build(model, targets, evaluate_last=False), strict=True)), optimizers
+    )
     guard_loads(model)
     for target in targets:  # a load into one constrained submodule is checked first too
         for module, _ in target.ref.holders:
@@ -256,7 +258,9 @@ def _check_target(ref: TensorRef, selector: Selector, targets: dict[int, _Target
             )
 
 
-def _build(targets: list[_Target], *, evaluate_last: bool) -> list[list[Constraint]]:
+def _build(
+    model: nn.Module, targets: list[_Target], *, evaluate_last: bool
+) -> list[list[Constraint]]:
     """Build every target's stack level by level; specs with a group key are built together.
 
     Each level but the last is evaluated on its input, for the next level to see its output; the
@@ -297,7 +301,9 @@ def _build(targets: list[_Target], *, evaluate_last: bool) -> list[list[Constrai
             for members in joint.values():
                 pairs = [(targets[i].ref.name, values[i]) for i in members]
                 for i, selected in zip(
-                    members, joint_masks(targets[members[0]].specs[level], pairs), strict=True
+                    members,
+                    joint_masks(targets[members[0]].specs[level], pairs, model),
+                    strict=True,
                 ):
                     spec = targets[i].specs[level]
                     built[i].append(_built(spec, targets[i].ref.name, values[i], selected=selected))
@@ -309,12 +315,14 @@ def _build(targets: list[_Target], *, evaluate_last: bool) -> list[list[Constrai
     return built
 
 
-def joint_masks(spec: Spec, members: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+def joint_masks(
+    spec: Spec, members: list[tuple[str, torch.Tensor]], model: nn.Module
+) -> list[torch.Tensor]:
     """The masks ``spec``'s joint generator selects for ``members`` (every tensor of its rule at
-    one level)."""
+    one level, in ``model``)."""
     source = spec.joint_source()
     assert source is not None  # grouped by it
-    return masks.build_joint_checked(source, members)
+    return masks.build_joint_checked(source, members, model=model)
 
 
 def _built(
@@ -511,7 +519,7 @@ def preview(model: nn.Module, rules: Rules, *, strict: bool = True) -> Preview:
     # torch's generator (mp.masks.random without a seed) must not shift the apply_mask after.
     devices = sorted({t.ref.storage.device.index or 0 for t in targets if t.ref.storage.is_cuda})
     with torch.random.fork_rng(devices=devices):
-        _build(targets, evaluate_last=True)
+        _build(model, targets, evaluate_last=True)
     selected = tuple(
         (t.ref.name, describe(t.selector), " + ".join(repr(spec) for spec in t.specs))
         for t in targets

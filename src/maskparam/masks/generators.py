@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import ClassVar, TypeAlias
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from maskparam.core.constraint import JointSource
@@ -222,6 +222,23 @@ class JointMaskGenerator(MaskGenerator):
         """:meth:`build_joint` for tensors whose Masks keep ``kept`` now (one bool tensor per
         member, broadcasting to it); by default the masks before do not matter."""
         del kept
+        return self.build_joint(members)
+
+    def build_in_model(
+        self,
+        model: nn.Module,
+        members: Sequence[tuple[str, Tensor]],
+        kept: Sequence[Tensor] | None,
+    ) -> list[Tensor]:
+        """The masks of ``members``, tensors of ``model`` under their names, with ``kept``
+        what their Masks keep now (None: masked now for the first time). A generator that reads
+        the model's structure (:func:`~maskparam.masks.channels`) overrides this;
+        :func:`~maskparam.apply_mask` and :func:`~maskparam.update_masks` call it with the model
+        they work on. By default the model is not needed: :meth:`rebuild_joint` or
+        :meth:`build_joint`."""
+        del model
+        if kept is not None:
+            return self.rebuild_joint(members, kept)
         return self.build_joint(members)
 
     @override
@@ -525,7 +542,7 @@ def global_magnitude(sparsity: float, *, of: str = "all") -> GlobalMagnitudeMask
 _NAMED_NORMS = {"fro": "Frobenius", "nuc": "nuclear"}
 
 
-def _is_norm(norm: object) -> bool:
+def is_norm(norm: object) -> bool:
     """Whether ``norm`` is a p that torch.norm takes: a real number (not NaN), 'fro' or 'nuc'."""
     if isinstance(norm, str):
         return norm in _NAMED_NORMS
@@ -548,7 +565,7 @@ class StructuredMask(MaskGenerator):
     def __post_init__(self) -> None:
         check_fraction(self.sparsity, "sparsity")
         check_int(self.dim, "masks.structured", "dim")
-        if not _is_norm(self.norm):
+        if not is_norm(self.norm):
             raise error(
                 f"masks.structured(norm={self.norm!r})",
                 "the norm must be a number (the p of an Lp norm, inf and -inf included), "
@@ -753,19 +770,38 @@ class JointComplementMask(ComplementMask, JointMaskGenerator):
             )
         ]
 
+    @override
+    def build_in_model(
+        self,
+        model: nn.Module,
+        members: Sequence[tuple[str, Tensor]],
+        kept: Sequence[Tensor] | None,
+    ) -> list[Tensor]:
+        del kept  # what the complement keeps says nothing of what the inner generator kept
+        return [
+            as_binary(mask, tensor, name).logical_not()
+            for mask, (name, tensor) in zip(
+                build_joint_checked(self.inner, members, model=model), members, strict=True
+            )
+        ]
+
 
 def build_joint_checked(
     source: JointSource,
     members: Sequence[tuple[str, Tensor]],
     *,
     kept: Sequence[Tensor] | None = None,
+    model: nn.Module | None = None,
 ) -> list[Tensor]:
     """``source.build_joint(members)``: one mask per member, or a MaskparamError that names the
     generator (whatever else it raised, or a wrong number of masks). With ``kept`` (what each
-    member's Mask keeps now, for :func:`~maskparam.update_masks`), ``rebuild_joint``."""
+    member's Mask keeps now, for :func:`~maskparam.update_masks`), ``rebuild_joint``; with the
+    ``model`` the members belong to, ``build_in_model``."""
     try:
         with torch.no_grad():
-            if kept is not None and isinstance(source, JointMaskGenerator):
+            if model is not None and isinstance(source, JointMaskGenerator):
+                found = list(source.build_in_model(model, members, kept))
+            elif kept is not None and isinstance(source, JointMaskGenerator):
                 found = list(source.rebuild_joint(members, kept))
             else:
                 found = list(source.build_joint(members))

@@ -418,7 +418,7 @@ def plan_updates(
                 "matched no tensor that Mask or Freeze(mask) constrains.",
                 fix="apply_mask the tensors first, correct the selector, or pass strict=False.",
             )
-        _select([*rule_updates, *rule_new])
+        _select([*rule_updates, *rule_new], model)
         updates += rule_updates
         new += rule_new
     return updates, new
@@ -489,7 +489,7 @@ def _described(parametrization: nn.Module) -> str:
     return type(parametrization).__name__
 
 
-def _select(updates: Sequence[MaskUpdate | NewMask]) -> None:
+def _select(updates: Sequence[MaskUpdate | NewMask], model: nn.Module) -> None:
     """Compute the new masks of one rule's tensors (one joint call where the source is joint)."""
     if not updates:
         return
@@ -503,7 +503,7 @@ def _select(updates: Sequence[MaskUpdate | NewMask]) -> None:
     if isinstance(source, masks.JointMaskGenerator):
         members = [(u.ref.name, u.current) for u in updates]
         known = None if any(k is None for k in kept) else [k for k in kept if k is not None]
-        found = masks.build_joint_checked(source, members, kept=known)
+        found = masks.build_joint_checked(source, members, kept=known, model=model)
         for update, mask in zip(updates, found, strict=True):
             update.select(masks.as_binary(mask, update.current, _subject(update)))
     else:
