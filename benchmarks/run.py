@@ -24,6 +24,7 @@ import kernels
 import lifecycle
 import memory
 import plots
+import shrink
 import sparse_training
 import subspace
 import torch
@@ -79,6 +80,10 @@ def main(argv: list[str]) -> int:
         "export": (
             "Export: baked, then mp.to_sparse (inference, no grad)",
             lambda: export.run(rounds=rounds),
+        ),
+        "shrink": (
+            "Channel pruning, baked and shrunk: inference and train step vs the dense model",
+            lambda: shrink.run(rounds=rounds),
         ),
         "memory": ("Peak memory", memory.run),
         "lifecycle": (

@@ -90,7 +90,7 @@ def _infer(model: nn.Module, x: Tensor) -> Callable[[], object]:
 def _torch_pruning(model: nn.Module, x: Tensor, head: nn.Module) -> nn.Module | None:
     if importlib.util.find_spec("torch_pruning") is None:
         return None
-    import torch_pruning as tp  # noqa: PLC0415
+    import torch_pruning as tp
 
     pruner = tp.pruner.MetaPruner(
         model,
@@ -144,7 +144,7 @@ def _cnn_rows(name: str, build: Callable[[], nn.Module], rounds: int) -> list[li
 
 
 def _llama_row(rounds: int) -> list[str]:
-    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=4096,
@@ -192,7 +192,7 @@ def run(rounds: int = 12) -> str:
             "parameters kept",
             "inference vs dense",
             "train step vs dense",
-            "max |shrunk - masked| (eval)",
+            "largest difference, shrunk vs masked (eval)",
         ],
         rows,
     )
