@@ -63,4 +63,7 @@ def bench(session: nox.Session) -> None:
         session.install("--no-build-isolation", "--no-deps", "sparseprop")
     except nox.command.CommandFailed:
         session.warn("sparseprop did not install: its benchmark row is left out")
+    # Torch-Pruning for its rows of the channel-pruning tables (pure Python; --no-deps: its
+    # torchvision requirement would bring a CUDA build of torch).
+    session.install("--no-deps", "torch-pruning")
     session.run("python", "benchmarks/run.py", *session.posargs)

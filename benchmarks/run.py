@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import alternatives
+import channel_coverage
 import export
 import inference
 import kernels
@@ -84,6 +85,10 @@ def main(argv: list[str]) -> int:
         "shrink": (
             "Channel pruning, baked and shrunk: inference and train step vs the dense model",
             lambda: shrink.run(rounds=rounds),
+        ),
+        "channel_coverage": (
+            "Channel pruning coverage: tracing methods, maskparam and Torch-Pruning at 50%",
+            channel_coverage.run,
         ),
         "memory": ("Peak memory", memory.run),
         "lifecycle": (

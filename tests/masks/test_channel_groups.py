@@ -240,3 +240,10 @@ def test_keyword_and_positional_example_inputs():
     by_keyword = mp.masks.channel_groups(TwoInputs(), {"x": x, "scale": 2.0})
     assert by_position.groups == by_keyword.groups
     assert len(_family_of(by_keyword, "a.weight", 0)) == 4
+
+
+def test_a_module_that_computes_without_reading_its_weight_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    mp.apply_mask(model, {"0.weight": mp.Mask(mp.masks.magnitude(0.5), layout="csr")})
+    with pytest.raises(mp.MaskparamError, match=r"'0\.weight'.*cannot follow"):
+        mp.masks.channel_groups(model, torch.randn(3, 8))

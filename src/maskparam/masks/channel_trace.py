@@ -32,6 +32,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
+from maskparam.core.parametrize import maskparam_constraints
 from maskparam.core.tensors import find_tensors
 from maskparam.errors import error
 from maskparam.masks.channel_slots import ChannelGroups, Slots
@@ -75,6 +76,18 @@ def trace_channels(model: nn.Module, example_inputs: ExampleInputs, caller: str)
         and not ref.storage.is_meta
         and not (not ref.is_parameter and ref.local_name in ref.module._non_persistent_buffers_set)
     ]
+    for ref in refs:
+        if any(
+            c.module_forward() is not None
+            for c in maskparam_constraints(ref.module, ref.local_name)
+        ):
+            raise error(
+                repr(ref.name),
+                "its module computes with its own forward for its constraint (layout='csr': the "
+                "kept entries as a sparse matrix), which channel tracing cannot follow.",
+                fix="channel masks need the module's plain forward: use the default layout for "
+                "this tensor (remove_parametrizations, then apply_mask without layout='csr').",
+            )
     leaves: dict[str, Tensor] = {}
     slots = Slots()
     by_leaf: list[tuple[str, Par]] = []
