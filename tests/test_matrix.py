@@ -37,6 +37,10 @@ CASES: dict[str, Callable[[], Rules]] = {
     "mask-dense": lambda: {"*.weight": mp.Mask(_random(0.5, 1), layout="dense")},
     "mask-rows": lambda: {"*.weight": mp.Mask(mp.masks.rows([1, 4]))},
     "mask-csr": lambda: {"*.weight": mp.Mask(_random(0.5, 1), layout="csr")},
+    # Whole hidden neurons (a row, its bias, the next column): every tensor of the MLP.
+    "mask-channels": lambda dtype=torch.float32: {
+        "*": mp.Mask(mp.masks.channels(0.5, example_inputs=torch.ones(2, 6, dtype=dtype)))
+    },
     "mask-structured-compact": lambda: {
         "*.weight": mp.Mask(mp.masks.structured(0.5, dim=1), layout="compact")
     },
@@ -69,7 +73,15 @@ CASES: dict[str, Callable[[], Rules]] = {
 
 def _constrained(case: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return mp.apply_mask(mlp(6, 6, 6, dtype=dtype), CASES[case]())
+    return mp.apply_mask(mlp(6, 6, 6, dtype=dtype), _rules(case, dtype))
+
+
+TRACED = {"mask-channels"}
+
+
+def _rules(case: str, dtype: torch.dtype = torch.float32) -> Rules:
+    # A traced generator's example inputs take the model's dtype (the model must run on them).
+    return CASES[case](dtype) if case in TRACED else CASES[case]()  # type: ignore[call-arg]
 
 
 def _inputs(dtype: torch.dtype = torch.float32) -> Tensor:
@@ -138,7 +150,11 @@ def test_training_keeps_the_invariant(case, optimizer, dtype, train):
         torch.manual_seed(0)
         plain = mlp(6, 6, 6, dtype=DTYPES[dtype])
         with pytest.raises(mp.MaskparamError, match="layout='dense'"):
-            mp.apply_mask(plain, CASES[case](), optimizer=OPTIMIZERS[optimizer](plain.parameters()))
+            mp.apply_mask(
+                plain,
+                _rules(case, DTYPES[dtype]),
+                optimizer=OPTIMIZERS[optimizer](plain.parameters()),
+            )
         assert mp.summary(plain).tensors == ()  # nothing was applied
         return
     train(model, _inputs(DTYPES[dtype]), steps=3, optimizer=OPTIMIZERS[optimizer])
