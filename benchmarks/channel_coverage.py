@@ -37,7 +37,9 @@ def _logits(output: Any) -> Tensor:
     return output[0]  # type: ignore[no-any-return]
 
 
-def _models() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], Callable[[nn.Module], nn.Module]]]:
+def _models() -> dict[
+    str, tuple[Callable[[], nn.Module], Callable[[], Any], Callable[[nn.Module], nn.Module]]
+]:
     """name -> (build, example input, the output layer Torch-Pruning must leave alone)."""
     found: dict[str, Any] = {
         "resnet18": (ResNet18, lambda: torch.randn(2, 3, 64, 64), lambda m: m.fc),
@@ -49,9 +51,9 @@ def _models() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], Cal
     }
     if importlib.util.find_spec("transformers") is None:
         return found
-    import transformers as tf  # noqa: PLC0415
+    import transformers as tf
 
-    ids = lambda: torch.randint(0, 256, (2, 16))  # noqa: E731
+    ids = lambda: torch.randint(0, 256, (2, 16))
     found.update(
         {
             "HF ConvNeXt": (
@@ -113,13 +115,13 @@ def _export(model: nn.Module, x: Tensor) -> None:
 
 
 def _make_fx(model: nn.Module, x: Tensor) -> None:
-    from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415
+    from torch.fx.experimental.proxy_tensor import make_fx
 
     make_fx(lambda a: _logits(model.eval()(a)), pre_dispatch=True)(x)
 
 
 def _dependency_graph(model: nn.Module, x: Tensor) -> None:
-    import torch_pruning as tp  # noqa: PLC0415
+    import torch_pruning as tp
 
     tp.DependencyGraph().build_dependency(model, example_inputs=x)
 
@@ -131,7 +133,9 @@ def _params(model: nn.Module) -> int:
 def _maskparam(model: nn.Module, x: Tensor, other: Tensor) -> list[str]:
     before = _params(model)
     groups = mp.masks.channel_groups(model, x)
-    removable = {name for g in groups.removable() for name in g.tensors() if name in groups.parameters}
+    removable = {
+        name for g in groups.removable() for name in g.tensors() if name in groups.parameters
+    }
     covered = sum(p.numel() for n, p in model.named_parameters() if n in removable)
     mp.apply_mask(model, {"*": mp.Mask(mp.masks.channels(0.5, example_inputs=x))})
     model.eval()
@@ -152,7 +156,7 @@ def _maskparam(model: nn.Module, x: Tensor, other: Tensor) -> list[str]:
 
 
 def _torch_pruning(model: nn.Module, x: Tensor, head: nn.Module) -> list[str]:
-    import torch_pruning as tp  # noqa: PLC0415
+    import torch_pruning as tp
 
     before = _params(model)
     try:
@@ -177,10 +181,10 @@ def run() -> str:
         x, other = example(), example()
         row = [
             name,
-            _works(lambda: torch.fx.symbolic_trace(copy.deepcopy(model))),
-            _works(lambda: _export(copy.deepcopy(model), x)),
-            _works(lambda: _make_fx(copy.deepcopy(model), x)),
-            _works(lambda: _dependency_graph(copy.deepcopy(model), x)) if has_tp else "-",
+            _works(lambda m=model: torch.fx.symbolic_trace(copy.deepcopy(m))),
+            _works(lambda m=model, x=x: _export(copy.deepcopy(m), x)),
+            _works(lambda m=model, x=x: _make_fx(copy.deepcopy(m), x)),
+            _works(lambda m=model, x=x: _dependency_graph(copy.deepcopy(m), x)) if has_tp else "-",
         ]
         row += _maskparam(copy.deepcopy(model), x, other)
         pruned = copy.deepcopy(model)
