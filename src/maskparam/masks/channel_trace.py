@@ -315,12 +315,15 @@ def _apply_rule(state: _Graph, node: fx.Node) -> Value:
     if not tensor_args:
         return _unlabeled(node)  # factories, constants, shape arithmetic
     rule = _RULES.get(name)
-    if rule is None:
-        if state.carries_slots(node):
-            state.unknown[f"aten.{name}"] += 1
-            state.block_inputs(node, f"aten.{name} reads it, which channel tracing does not follow")
-        return _unlabeled(node)
-    return rule(state, node)
+    if rule is not None:
+        try:
+            return rule(state, node)
+        except (TypeError, ValueError, IndexError, RuntimeError, AssertionError):
+            pass  # an overload the rule does not know (max(a, b), say): as an unknown operation
+    if state.carries_slots(node):
+        state.unknown[f"aten.{name}"] += 1
+        state.block_inputs(node, f"aten.{name} reads it, which channel tracing does not follow")
+    return _unlabeled(node)
 
 
 # --- label helpers ----------------------------------------------------------------------------
@@ -1106,6 +1109,7 @@ _RULES: dict[str, Callable[[_Graph, fx.Node], Value]] = {
     "transpose": _permute,
     "t": _permute,
     "expand": _expand,
+    "expand_as": _expand,
     "type_as": _passthrough_first,
     "cat": _cat,
     "concat": _cat,
