@@ -29,7 +29,7 @@ import maskparam as mp
 PRUNED = 0.5
 
 
-def _prune_and_shrink(model: nn.Module, x: Tensor, loss: Callable[[nn.Module], Tensor]) -> float:
+def _prune_and_shrink(model: nn.Module, x: object, loss: Callable[[nn.Module], Tensor]) -> float:
     """Train a few steps while GradualPruning masks channel groups, bake, shrink; the largest
     difference between the masked and the shrunk model's eval outputs."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -48,12 +48,13 @@ def _prune_and_shrink(model: nn.Module, x: Tensor, loss: Callable[[nn.Module], T
     problems = mp.verify(model)
     assert not problems, problems
     model.eval()
+    call = (lambda: model(**x)) if isinstance(x, dict) else (lambda: model(x))
     with torch.no_grad():
-        masked = _first(model(x))
+        masked = _first(call())
     mp.remove_parametrizations(model)
     mp.shrink(model, x)
     with torch.no_grad():
-        shrunk = _first(model(x))
+        shrunk = _first(call())
     model.train()
     return float((masked - shrunk).abs().max())
 

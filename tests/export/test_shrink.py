@@ -234,3 +234,44 @@ def test_shrink_refuses_a_model_that_is_still_constrained_and_leaves_it_alone():
     )
     with pytest.raises(mp.MaskparamError, match="example_inputs"):
         mp.shrink(nn.Linear(2, 2), None)  # type: ignore[arg-type]
+
+
+class _DenseBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+        self.c = nn.Conv2d(12, 4, 1)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.a(x)
+        b = self.b(a)
+        c = self.c(torch.cat([a, b], 1))
+        return self.fc(self.bn(torch.cat([a, b, c], 1)).mean((2, 3)))
+
+
+def test_concatenations_read_by_several_layers_shrink_with_equal_outputs():
+    torch.manual_seed(0)
+    model = _DenseBlock()
+    x = torch.randn(2, 3, 5, 5)
+    mp.apply_mask(model, {"*": mp.Mask(mp.masks.channels(0.5, example_inputs=x))})
+    model.eval()
+    other = torch.randn(3, 3, 7, 7)
+    with torch.no_grad():
+        masked = model(other)
+    mp.remove_parametrizations(model)
+    mp.shrink(model, x)
+    assert (model.a.out_channels, model.c.in_channels, model.bn.num_features) == (4, 6, 8)
+    with torch.no_grad():
+        _close(masked, model(other))
+
+
+def test_the_check_is_per_element_and_an_infinite_output_does_not_loosen_it():
+    got = torch.tensor([1.0, float("-inf"), 2e5])
+    from maskparam.export.shrink import _differs
+
+    assert _differs([got], [got.clone()], 1e-4, 1e-5) is None
+    assert _differs([got + torch.tensor([0.5, 0.0, 0.0])], [got], 1e-4, 1e-5) is not None
+    assert _differs([torch.tensor([1.0, 0.0, 2e5])], [got], 1e-4, 1e-5) is not None

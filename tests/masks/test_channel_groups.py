@@ -157,10 +157,12 @@ def test_llama_heads_go_with_their_key_value_head_and_mlp_neurons_with_gate_and_
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
-    groups = mp.masks.channel_groups(model, torch.randint(0, 64, (2, 5)))
+    ids = torch.randint(0, 64, (2, 5))
+    groups = mp.masks.channel_groups(model, ids)  # the key/value cache follows its heads
     prefix = "model.layers.0."
     heads = _family_of(groups, prefix + "self_attn.q_proj.weight", 0)
     assert len(heads) == 2  # one group per key/value head: it and the two query heads reading it
+    assert all(g.blocked is None for g in heads)
     assert _members(heads[1]) == {
         (prefix + "self_attn.q_proj.weight", 0): tuple(range(16, 32)),
         (prefix + "self_attn.k_proj.weight", 0): tuple(range(8, 16)),
@@ -247,3 +249,56 @@ def test_a_module_that_computes_without_reading_its_weight_is_refused_by_name():
     mp.apply_mask(model, {"0.weight": mp.Mask(mp.masks.magnitude(0.5), layout="csr")})
     with pytest.raises(mp.MaskparamError, match=r"'0\.weight'.*cannot follow"):
         mp.masks.channel_groups(model, torch.randn(3, 8))
+
+
+def test_a_max_over_the_channels_blocks_them_and_keeps_the_classes():
+    class Predict(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 10))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.f(x).max(dim=1)  # (score, class)
+
+    groups = mp.masks.channel_groups(Predict(), torch.randn(4, 8))
+    assert all(g.blocked for g in _family_of(groups, "f.2.weight", 0))
+
+
+def test_outputs_in_a_dataclass_are_outputs():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(6, 16)
+            self.o = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> Out:
+            return Out(self.o(torch.relu(self.a(x))))
+
+    groups = mp.masks.channel_groups(Model(), torch.randn(2, 6))
+    assert all("output" in str(g.blocked) for g in _family_of(groups, "o.weight", 0))
+
+
+def test_a_forward_that_writes_its_buffers_writes_copies():
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.register_buffer("count", torch.zeros((), dtype=torch.long))
+            self.register_buffer("ema", torch.zeros(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.count += 1
+            y = self.a(x)
+            self.ema.mul_(0.9).add_(y.detach().mean(0))
+            return y
+
+    model = Counting()
+    mp.masks.channel_groups(model, torch.randn(2, 3))
+    assert int(model.count) == 0
+    assert torch.equal(model.ema, torch.zeros(4))

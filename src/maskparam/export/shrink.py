@@ -11,6 +11,7 @@ removal changes them or fails to run is put back and reported.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -125,6 +126,14 @@ def shrink(
     check_module(model, "shrink")
     refuse_inference_mode("shrink")
     call_of(example_inputs, "shrink")
+    tolerances: tuple[tuple[str, object], ...] = (("rtol", rtol), ("atol", atol))
+    for name, value in tolerances:
+        if type(value) not in (int, float) or not 0 <= value < math.inf:  # type: ignore[operator]
+            raise error(
+                f"shrink({name}={value!r})",
+                f"{name} must be a finite number >= 0 (the check of each layer's removal).",
+                fix=f"leave it out or pass e.g. {name}=1e-4.",
+            )
     parametrized = [n for n, m in model.named_modules() if parametrize.is_parametrized(m)]
     if parametrized:
         raise error(
@@ -137,24 +146,38 @@ def shrink(
     reference = _outputs(model, example_inputs)
     refs = {name: ref for ref in find_tensors(model) for name in ref.all_names}
     cut = _Cut(refs)
+    # Which groups are all zero, read before anything is cut (indices are the original ones).
+    zeros = [
+        [g for g in family if _all_zero(g, refs, groups.parameters)] for family in groups.families()
+    ]
+    originals = {id(ref.storage): (ref.storage, ref.storage.data) for ref in refs.values()}
+    sizes = {id(m): (m, _size_attributes(m)) for m in model.modules()}
     layers = []
-    for family in groups.families():
-        zero = [g for g in family if _all_zero(g, refs, groups.parameters)]
-        if not zero:
-            continue
-        removable = [g for g in zero if g.blocked is None]
-        reason = next((g.blocked for g in zero if g.blocked is not None), None)
-        if len(removable) == len(family):
-            removable = removable[1:]
-            reason = "a layer keeps at least one channel"
-        removed = 0
-        if removable:
-            problem = _remove(model, cut, removable, example_inputs, reference, rtol, atol)
-            if problem is None:
-                removed = len(removable)
-            else:
-                reason = problem
-        layers.append(ShrinkLayer(family[0].family, len(family), len(zero), removed, reason))
+    try:
+        for family, zero in zip(groups.families(), zeros, strict=True):
+            if not zero:
+                continue
+            removable = [g for g in zero if g.blocked is None]
+            reason = next((g.blocked for g in zero if g.blocked is not None), None)
+            if len(removable) == len(family):
+                removable = removable[1:]
+                reason = "a layer keeps at least one channel"
+            removed = 0
+            if removable:
+                problem = _remove(model, cut, removable, example_inputs, reference, rtol, atol)
+                if problem is None:
+                    removed = len(removable)
+                else:
+                    reason = problem
+            layers.append(ShrinkLayer(family[0].family, len(family), len(zero), removed, reason))
+    except BaseException:
+        # All or nothing: whatever failed, the model gets every tensor and size back.
+        for tensor, data in originals.values():
+            tensor.data = data
+        for module, attributes in sizes.values():
+            for attribute, size in attributes.items():
+                setattr(module, attribute, size)
+        raise
     report = ShrinkReport(tuple(layers), bytes_before, _state_bytes(model))
     object.__setattr__(model, "shrink_report", report)
     return model
@@ -280,19 +303,27 @@ def _outputs(model: nn.Module, example_inputs: ExampleInputs) -> list[Tensor]:
 def _differs(
     outputs: list[Tensor], reference: list[Tensor], rtol: float, atol: float
 ) -> str | None:
+    """Why the outputs are not the reference's: each element within atol + rtol * |reference|,
+    non-finite elements equal (an inf or NaN does not loosen the check of the others)."""
     if len(outputs) != len(reference):
         return f"the model then returns {len(outputs)} tensors instead of {len(reference)}"
     for i, (got, want) in enumerate(zip(outputs, reference, strict=True)):
-        if got.shape != want.shape:
+        if got.shape != want.shape or got.dtype != want.dtype:
             return f"output {i} then has shape {tuple(got.shape)} instead of {tuple(want.shape)}"
-        if not want.is_floating_point():
+        if not (want.is_floating_point() or want.is_complex()):
             if not torch.equal(got, want):
                 return f"output {i} then differs"
             continue
-        scale = float(want.abs().max()) if want.numel() else 0.0
-        if not torch.allclose(got, want, rtol=rtol, atol=atol * max(1.0, scale), equal_nan=True):
-            error_ = float((got - want).abs().max())
-            return f"output {i} then differs by up to {error_:.3g} (tolerance {rtol:g} / {atol:g})"
+        finite = torch.isfinite(want)
+        if not torch.equal(torch.isfinite(got), finite) or not torch.equal(
+            got[~finite].nan_to_num(), want[~finite].nan_to_num()
+        ):
+            return f"output {i} then has other non-finite values"
+        got64, want64 = got[finite].double(), want[finite].double()
+        excess = (got64 - want64).abs() - (atol + rtol * want64.abs())
+        if excess.numel() and float(excess.max()) > 0:
+            worst = float((got64 - want64).abs().max())
+            return f"output {i} then differs by up to {worst:.3g} (rtol {rtol:g}, atol {atol:g})"
     return None
 
 

@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 
 from maskparam.core.parametrize import maskparam_constraints
 from maskparam.core.tensors import find_tensors
-from maskparam.errors import error
+from maskparam.errors import MaskparamError, error
 from maskparam.masks.channel_slots import ChannelGroups, Slots
 
 __all__ = ["ExampleInputs", "call_of", "tensors_in", "trace_channels"]
@@ -99,8 +99,7 @@ def trace_channels(model: nn.Module, example_inputs: ExampleInputs, caller: str)
     plain: list[str] = []
     for ref in refs:
         value = ref.value.detach()
-        if ref.is_parameter:
-            value = value.requires_grad_(True)
+        value = value.requires_grad_(True) if ref.is_parameter else value.clone()
         leaves[ref.name] = value
         by_leaf.append(
             (
@@ -131,28 +130,72 @@ def trace_channels(model: nn.Module, example_inputs: ExampleInputs, caller: str)
             for module, local, name in cached:
                 parametrize._cache[(id(module), local)] = params[name]
             swapped = {name: params[by_name[name]] for name in plain}
-            return tensors_in(functional_call(model, swapped, tuple(call_args), call_kwargs))
+            outputs = tensors_in(functional_call(model, swapped, tuple(call_args), call_kwargs))
+        if not outputs:
+            raise error(
+                caller,
+                "the model's output holds no tensor the tracer can find, so it cannot keep the "
+                "output's features.",
+                fix="return tensors (in tuples, lists, dicts, dataclasses or plain objects).",
+            )
+        return outputs
 
+    # Every other saved buffer as a copy too (an int counter): whatever the forward writes in
+    # place lands in the copies, and the model stays as it was.
+    saved = set(model.state_dict(keep_vars=True))
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        # Saved ones only: a derived, unsaved buffer (RoPE's inv_freq) stays a constant of the
+        # graph, as code may read its values.
+        if name not in by_name and name in saved and "parametrizations." not in name:
+            by_name[name] = name
+            plain.append(name)
+            leaves[name] = buffer.detach().clone()
     training = [(m, m.training) for m in model.modules()]
-    model.eval()  # no dropout, no running statistics written
+    devices = sorted({t.device.index or 0 for t in leaves.values() if t.is_cuda})
+    graphs = []
     try:
         from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415
 
-        with torch.inference_mode(False), torch.enable_grad():
-            graph = make_fx(run, pre_dispatch=True)(leaves, [flat_inputs[i] for i in tensor_at])
+        with (
+            torch.random.fork_rng(devices=devices),
+            torch.inference_mode(False),
+            torch.enable_grad(),
+        ):
+            # In eval mode, then in train mode: code that runs in one of them only (an auxiliary
+            # head, a training-only term) is seen too.
+            inputs = [flat_inputs[i] for i in tensor_at]
+            model.train(False)
+            graphs.append(make_fx(run, pre_dispatch=True)(leaves, inputs))
+            model.train(True)
+            try:
+                graphs.append(make_fx(run, pre_dispatch=True)(leaves, inputs))
+            except MaskparamError:
+                raise
+            except Exception:  # noqa: BLE001, S110 - train mode reads a value (transformers' Llama)
+                pass  # eval's graph alone, as shrink checks eval outputs (docs/channel-pruning.md)
+    except MaskparamError:
+        raise
     except Exception as failure:
         raise error(
             caller,
             f"running the model on the example inputs under make_fx raised "
             f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}",
-            fix="pass example_inputs the model runs on (a tensor, a tuple of positional "
-            "arguments or a dict of keyword arguments).",
+            "where the model runs on them outside make_fx, it reads a tensor's value (.item(), "
+            "`if x.sum() > 0`, transformers' attention-mask checks), which make_fx cannot follow.",
+            fix="pass example_inputs the model runs on in eval and train mode, without what makes "
+            "it read values (e.g. leave out attention_mask: the channels do not depend on it).",
         ) from failure
     finally:
         for module, mode in training:
             module.training = mode
     parameters = frozenset(ref.name for ref in refs if ref.is_parameter)
-    return _propagate(graph.graph, by_leaf, slots, parameters)
+    return _propagate([g.graph for g in graphs], by_leaf, slots, parameters)
+
+
+def _is_kv_cache(value: object) -> bool:
+    return callable(getattr(value, "update", None)) and callable(
+        getattr(value, "get_seq_length", None)
+    )
 
 
 def call_of(example_inputs: object, caller: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -171,14 +214,35 @@ def call_of(example_inputs: object, caller: str) -> tuple[tuple[Any, ...], dict[
 
 
 def tensors_in(output: object) -> list[Tensor]:
-    """The tensors of a model's output (tuples, lists, dicts and ModelOutputs, nested)."""
-    if isinstance(output, Tensor):
-        return [output]
-    if isinstance(output, Mapping):
-        return [t for value in output.values() for t in tensors_in(value)]
-    if isinstance(output, (tuple, list)):
-        return [t for value in output for t in tensors_in(value)]
-    return []
+    """Every tensor a model's output holds: in tuples, lists, dicts, ModelOutputs, dataclasses
+    and any other object's attributes (a cache object's keys and values too), nested."""
+    found: list[Tensor] = []
+    seen: set[int] = set()
+
+    def visit(value: object) -> None:
+        if isinstance(value, Tensor):
+            found.append(value)
+            return
+        if id(value) in seen or isinstance(value, (str, bytes, int, float, bool, type(None))):
+            return
+        seen.add(id(value))
+        if isinstance(value, Mapping):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (tuple, list, set, frozenset)):
+            for item in value:
+                visit(item)
+        elif _is_kv_cache(value):
+            # A key/value cache (transformers' Cache: update, get_seq_length) holds the
+            # attention's keys and values, laid out by head: it follows its heads, it is not a
+            # feature of the output.
+            return
+        elif hasattr(value, "__dict__") and not isinstance(value, nn.Module):
+            for item in vars(value).values():
+                visit(item)
+
+    visit(output)
+    return found
 
 
 # --- propagation ----------------------------------------------------------------------------
@@ -242,30 +306,35 @@ class _Graph:
 
 
 def _propagate(
-    graph: fx.Graph, by_leaf: list[tuple[str, Par]], slots: Slots, parameters: frozenset[str]
+    graphs: list[fx.Graph], by_leaf: list[tuple[str, Par]], slots: Slots, parameters: frozenset[str]
 ) -> ChannelGroups:
     state = _Graph(slots)
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for i, node in enumerate(placeholders):
-        if i < len(by_leaf):
-            state.env[node] = by_leaf[i][1]
-        else:
-            state.env[node] = _unlabeled(node)  # the model's own inputs: no slot, ever
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            continue
-        if node.op == "get_attr":
-            state.env[node] = _unlabeled(node)
-        elif node.op == "call_function":
-            state.env[node] = _apply_rule(state, node)
-        elif node.op == "output":
-            for arg in _tensor_args(node):
-                value = state.value(arg)
-                if isinstance(value, Act):
-                    slots.block(value.labels, "it reaches the model's output")
-                elif isinstance(value, Par):
-                    slots.block(value.dims, "it reaches the model's output")
-    return ChannelGroups(slots.groups(parameters), parameters, tuple(sorted(state.unknown.items())))
+    unknown: Counter[str] = Counter()
+    for graph in graphs:
+        state.env = {}
+        state.unknown = Counter()
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        for i, node in enumerate(placeholders):
+            if i < len(by_leaf):
+                state.env[node] = by_leaf[i][1]
+            else:
+                state.env[node] = _unlabeled(node)  # the model's own inputs (and buffer copies)
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "get_attr":
+                state.env[node] = _unlabeled(node)
+            elif node.op == "call_function":
+                state.env[node] = _apply_rule(state, node)
+            elif node.op == "output":
+                for arg in _tensor_args(node):
+                    value = state.value(arg)
+                    if isinstance(value, Act):
+                        slots.block(value.labels, "it reaches the model's output")
+                    elif isinstance(value, Par):
+                        slots.block(value.dims, "it reaches the model's output")
+        unknown |= state.unknown  # per operation, the most either mode ran
+    return ChannelGroups(slots.groups(parameters), parameters, tuple(sorted(unknown.items())))
 
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
@@ -315,18 +384,35 @@ def _apply_rule(state: _Graph, node: fx.Node) -> Value:
     if not tensor_args:
         return _unlabeled(node)  # factories, constants, shape arithmetic
     rule = _RULES.get(name)
+    carries = state.carries_slots(node)
     if rule is not None:
         try:
-            return rule(state, node)
+            result = rule(state, node)
         except (TypeError, ValueError, IndexError, RuntimeError, AssertionError):
             pass  # an overload the rule does not know (max(a, b), say): as an unknown operation
-    if state.carries_slots(node):
+        else:
+            if carries and name not in _CONSUMERS and not _value_has_slots(result):
+                # Channels that leave a rule without labels could reach the output unseen:
+                # whatever the rule did not block, this does.
+                state.block_inputs(node, f"aten.{name} reads it, and its result has no channels")
+            return result
+    if carries:
         state.unknown[f"aten.{name}"] += 1
         state.block_inputs(node, f"aten.{name} reads it, which channel tracing does not follow")
     return _unlabeled(node)
 
 
 # --- label helpers ----------------------------------------------------------------------------
+
+
+def _value_has_slots(value: Value) -> bool:
+    if isinstance(value, Act):
+        return _has_slots(value.labels)
+    if isinstance(value, Par):
+        return any(v is not None for v in value.dims)
+    if isinstance(value, tuple):
+        return any(_value_has_slots(v) for v in value)
+    return False
 
 
 def _int(arg: object) -> int:
@@ -565,7 +651,19 @@ def _reduce(state: _Graph, node: fx.Node) -> Value:
     """A reduction or normalization over dims: a channel dim among them is blocked (removing a
     channel changes what the others see); other dims go away with their labels."""
     source = state.act(node.args[0], f"aten.{_name(node)}")
+    out = node.meta.get("val")
+    if isinstance(out, (tuple, list)):  # max.dim, var_mean: (values, indices or means)
+        results = [
+            _reduce_to(state, node, source, tuple(v.shape)) for v in out if isinstance(v, Tensor)
+        ]
+        return tuple(results)
     shape = _shape(node)
+    return _reduce_to(state, node, source, shape)
+
+
+def _reduce_to(
+    state: _Graph, node: fx.Node, source: Act | None, shape: tuple[int, ...] | None
+) -> Value:
     if source is None or shape is None:
         return _unlabeled(node)
     ndim = len(source.shape)
@@ -1096,6 +1194,27 @@ _POOL = [
     "upsample_nearest3d",
     "upsample_trilinear3d",
 ]
+
+# Rules whose result may carry no channel although their inputs do: a weight reads the input's
+# channels (each joined with the weight's own slots) into outputs of its own.
+_CONSUMERS = frozenset(
+    [
+        "linear",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "convolution",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "addmm",
+        "matmul",
+        "mm",
+        "bmm",
+        "embedding",
+        "scaled_dot_product_attention",
+    ]
+)
 
 _RULES: dict[str, Callable[[_Graph, fx.Node], Value]] = {
     **dict.fromkeys(_UNARY, _unary),
