@@ -302,3 +302,17 @@ def test_a_forward_that_writes_its_buffers_writes_copies():
     mp.masks.channel_groups(model, torch.randn(2, 3))
     assert int(model.count) == 0
     assert torch.equal(model.ema, torch.zeros(4))
+
+
+def test_pooling_an_unbatched_tensor_pools_across_its_features():
+    class Pools(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 16)
+            self.b = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(nn.functional.max_pool1d(torch.relu(self.a(x)), 2))  # (N, C) as (C, L)
+
+    groups = mp.masks.channel_groups(Pools(), torch.randn(4, 3))
+    assert all(g.blocked for g in groups.groups if ("a.weight", 0) in g.family)

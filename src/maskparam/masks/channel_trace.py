@@ -708,7 +708,7 @@ def _softmax(state: _Graph, node: fx.Node) -> Value:
 
 
 def _per_channel_pool(state: _Graph, node: fx.Node) -> Value:
-    """Pooling and resampling: per channel (dim 1), the spatial dims change size."""
+    """Pooling and resampling: per channel, the spatial dims change size."""
     source = state.act(node.args[0], f"aten.{_name(node)}")
     out = node.meta.get("val")
     shape = tuple(out[0].shape) if isinstance(out, (tuple, list)) else _shape(node)
@@ -716,8 +716,12 @@ def _per_channel_pool(state: _Graph, node: fx.Node) -> Value:
         return _unlabeled(node)
     ndim = len(shape)
     labels = _collapse(_aligned(source.labels, ndim))
-    channel = 1 if ndim > 1 else 0
-    if _varying(labels) - {channel}:
+    # The op's last 1, 2 or 3 dims (its name says) are pooled; the channels are the dim before
+    # them, dim 1 batched or dim 0 unbatched: channels anywhere else are pooled across.
+    digits = [c for c in _name(node) if c.isdigit()]
+    spatial = int(digits[0]) if digits else 2
+    channel = ndim - spatial - 1
+    if channel < 0 or _varying(labels) - {channel}:
         state.slots.block(labels, f"aten.{_name(node)} pools along its channels")
         labels = torch.full([1] * ndim, -1, dtype=torch.int64)
     result = Act(labels, shape)
