@@ -101,8 +101,24 @@ def test_every_layer_keeps_a_channel():
 
 def test_a_group_that_reaches_a_tensor_outside_the_rule_is_left_whole():
     model = _model()
-    mp.apply_mask(model, {"conv1.weight": mp.Mask(mp.masks.channels(0.5, example_inputs=X))})
-    assert bool(mp.kept_masks(model)["conv1.weight"].all())  # bn1 and conv2 are not selected
+    chosen = {"conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight", "stem.weight"}
+    mp.apply_mask(
+        model,
+        {lambda name, module, tensor: name in chosen: mp.Mask(
+            mp.masks.channels(0.5, example_inputs=X))},
+    )  # fmt: skip
+    assert len(_removed(model)["conv1.weight[0]"]) == 3  # wholly in the rule: masked
+    assert _removed(model)["stem.weight[0]"] == []  # the stream also reaches bn0, bn2, fc
+
+
+def test_a_rule_that_holds_no_whole_group_is_refused_with_the_fix():
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(mp.MaskparamError, match=r"(?s)no channel group lies wholly.*rule '\*'"):
+        mp.apply_mask(model, {"*.weight": mp.Mask(mp.masks.channels(0.5, example_inputs=X))})
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.values(), strict=True)
+    )
 
 
 def test_update_masks_keeps_pruned_groups_pruned_and_adds_the_weakest():

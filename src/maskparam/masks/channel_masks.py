@@ -113,12 +113,17 @@ class ChannelMask(JointMaskGenerator):
             name: torch.ones(t.shape, dtype=torch.bool, device=t.device) for name, t in members
         }
         per_index = _PerIndex(values, kept_by_name, self.norm)
+        masked_any = False
+        left_whole: tuple[str, str] | None = None  # (a rule's tensor, a tensor its group needs)
         for family in groups.families():
             candidates = [g for g in family if _selectable(g, values, groups)]
             most = min(len(candidates), len(family) - 1)  # every layer keeps a channel
             count = min(most, math.floor(self.sparsity * len(family) + 1e-9))
+            if not candidates and left_whole is None:
+                left_whole = _outside_the_rule(family, values, groups)
             if count <= 0:
                 continue
+            masked_any = True
             scores = [self._score(g, per_index, groups) for g in candidates]
             # Groups pruned now first (as torch's prune prunes again), then the weakest; ties
             # by position.
@@ -128,6 +133,14 @@ class ChannelMask(JointMaskGenerator):
                     if name in found:
                         index = torch.tensor(indices, device=found[name].device)
                         found[name].index_fill_(dim, index, False)
+        if not masked_any and left_whole is not None and self.sparsity > 0:
+            inside, outside = left_whole
+            raise error(
+                "masks.channels",
+                f"no channel group lies wholly in the rule's tensors, so nothing would be masked: "
+                f"the channels of {inside!r} go with {outside!r}, which the rule does not select.",
+                fix="select every tensor of the layers, e.g. the rule '*' (biases and norms too).",
+            )
         return [found[name] for name, _ in members]
 
     def _score(self, group: ChannelGroup, per_index: _PerIndex, groups: ChannelGroups) -> float:
@@ -179,6 +192,19 @@ class _PerIndex:
         return self._found[key]
 
 
+def _outside_the_rule(
+    family: list[ChannelGroup], values: dict[str, Tensor], groups: ChannelGroups
+) -> tuple[str, str] | None:
+    """A removable family that touches the rule's tensors and others: (one of each)."""
+    group = family[0]
+    if group.blocked is not None:
+        return None
+    names = [name for name in group.tensors() if name in groups.parameters]
+    inside = [name for name in names if name in values]
+    outside = [name for name in names if name not in values]
+    return (inside[0], outside[0]) if inside and outside else None
+
+
 def _selectable(group: ChannelGroup, values: dict[str, Tensor], groups: ChannelGroups) -> bool:
     """A group can be masked where it is not blocked and the rule selects every parameter it
     touches (masking part of a group would leave a channel no shrink can remove)."""
@@ -193,7 +219,8 @@ def channels(sparsity: float, *, example_inputs: ExampleInputs, norm: float = 2)
 
     A *joint* generator: one ranking over every tensor of its rule, which it traces with the
     model on ``example_inputs`` (:func:`channel_groups`) each time it runs. A group counts
-    only where the rule selects every parameter it touches (``"*"`` selects them all); a layer
+    only where the rule selects every parameter it touches (``"*"`` selects them all; a rule that
+    holds no whole group is refused); a layer
     (a family of groups that touch the same tensors) keeps at least one channel. Use it in a
     rule of :func:`~maskparam.apply_mask`, :func:`~maskparam.update_masks` or
     :class:`~maskparam.GradualPruning`
