@@ -316,3 +316,18 @@ def test_pooling_an_unbatched_tensor_pools_across_its_features():
 
     groups = mp.masks.channel_groups(Pools(), torch.randn(4, 3))
     assert all(g.blocked for g in groups.groups if ("a.weight", 0) in g.family)
+
+
+def test_an_rnn_keeps_its_channels():
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(4, 6, batch_first=True)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0])
+
+    groups = mp.masks.channel_groups(Tagger(), torch.randn(2, 5, 4))
+    assert not groups.removable()
+    assert dict(groups.unknown_ops) == {"aten.lstm": 1}
