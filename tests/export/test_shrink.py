@@ -275,3 +275,18 @@ def test_the_check_is_per_element_and_an_infinite_output_does_not_loosen_it():
     assert _differs([got], [got.clone()], 1e-4, 1e-5) is None
     assert _differs([got + torch.tensor([0.5, 0.0, 0.0])], [got], 1e-4, 1e-5) is not None
     assert _differs([torch.tensor([1.0, 0.0, 2e5])], [got], 1e-4, 1e-5) is not None
+
+
+def test_a_layer_put_back_keeps_its_gradients():
+    torch.manual_seed(0)
+    model = _HardCoded()
+    with torch.no_grad():
+        model.a.weight[0] = 0
+        model.a.bias[0] = 0
+        model.b.weight[:, 0] = 0
+    x = torch.randn(2, 3)
+    model(x).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    mp.shrink(model, x)
+    assert model.shrink_report.removed == 0  # type: ignore[union-attr]
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())

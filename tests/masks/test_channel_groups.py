@@ -331,3 +331,57 @@ def test_an_rnn_keeps_its_channels():
     groups = mp.masks.channel_groups(Tagger(), torch.randn(2, 5, 4))
     assert not groups.removable()
     assert dict(groups.unknown_ops) == {"aten.lstm": 1}
+
+
+def test_an_index_along_the_channels_blocks_them_even_a_full_permutation():
+    class Shuffle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.o = nn.Conv2d(8, 2, 1)
+            self.register_buffer("perm", torch.arange(7, -1, -1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.o(torch.relu(self.a(x)).index_select(1, self.perm))
+
+    groups = mp.masks.channel_groups(Shuffle(), torch.randn(1, 3, 4, 4))
+    assert all(g.blocked for g in groups.groups if ("a.weight", 0) in g.family)
+
+
+def test_an_unbatched_conv_input_has_its_channels_first():
+    class Unbatched(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, padding=1)
+            self.o = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.o(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    groups = mp.masks.channel_groups(Unbatched(), torch.randn(3, 8, 8))  # (C, H, W)
+    assert len(_family_of(groups, "a.weight", 0)) == 8
+    assert all(g.blocked is None for g in _family_of(groups, "a.weight", 0))
+    softmax = mp.masks.channel_groups(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Softmax(dim=0), nn.Conv2d(8, 2, 1)),
+        torch.randn(3, 8, 8),
+    )
+    assert all(g.blocked for g in _family_of(softmax, "0.weight", 0))
+
+
+def test_a_model_that_traces_in_eval_mode_only_says_so():
+    class ReadsInTraining(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.o = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.a(x))
+            if self.training and h.max() > 1e6:  # reads a value: make_fx cannot follow
+                print("huge")
+            return self.o(h)
+
+    with pytest.warns(mp.MaskparamWarning, match="eval mode only"):
+        groups = mp.masks.channel_groups(ReadsInTraining(), torch.randn(2, 3))
+    assert len(_family_of(groups, "a.weight", 0)) == 4

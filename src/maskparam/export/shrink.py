@@ -128,7 +128,8 @@ def shrink(
     call_of(example_inputs, "shrink")
     tolerances: tuple[tuple[str, object], ...] = (("rtol", rtol), ("atol", atol))
     for name, value in tolerances:
-        if type(value) not in (int, float) or not 0 <= value < math.inf:  # type: ignore[operator]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not 0 <= value < math.inf:  # type: ignore[operator]
             raise error(
                 f"shrink({name}={value!r})",
                 f"{name} must be a finite number >= 0 (the check of each layer's removal).",
@@ -151,6 +152,7 @@ def shrink(
         [g for g in family if _all_zero(g, refs, groups.parameters)] for family in groups.families()
     ]
     originals = {id(ref.storage): (ref.storage, ref.storage.data) for ref in refs.values()}
+    grads = {id(t): (t, t.grad) for t, _ in originals.values()}
     sizes = {id(m): (m, _size_attributes(m)) for m in model.modules()}
     layers = []
     try:
@@ -174,6 +176,8 @@ def shrink(
         # All or nothing: whatever failed, the model gets every tensor and size back.
         for tensor, data in originals.values():
             tensor.data = data
+        for tensor, grad in grads.values():
+            tensor.grad = grad
         for module, attributes in sizes.values():
             for attribute, size in attributes.items():
                 setattr(module, attribute, size)
@@ -210,14 +214,14 @@ def _remove(
         for name, dim, index in group.slices:
             by_tensor.setdefault((name, dim), set()).update(index)
     saved_alive = {key: list(cut.remaining(*key)) for key in by_tensor}
-    touched: dict[int, tuple[Tensor, Tensor]] = {}
+    touched: dict[int, tuple[Tensor, Tensor, Tensor | None]] = {}
     modules: dict[int, nn.Module] = {}
     for (name, dim), removed in by_tensor.items():
         ref = cut.refs[name]
         tensor = ref.storage
         alive = cut.remaining(name, dim)
         keep = [i for i, original in enumerate(alive) if original not in removed]
-        touched.setdefault(id(tensor), (tensor, tensor.data))
+        touched.setdefault(id(tensor), (tensor, tensor.data, tensor.grad))
         with torch.no_grad():
             tensor.data = tensor.data.index_select(
                 dim, torch.tensor(keep, device=tensor.device)
@@ -239,8 +243,9 @@ def _remove(
     else:
         problem = _differs(outputs, reference, rtol, atol)
     if problem is not None:
-        for tensor, data in touched.values():
+        for tensor, data, grad in touched.values():
             tensor.data = data
+            tensor.grad = grad
         for key, module in modules.items():
             for attribute, value in sizes[key].items():
                 setattr(module, attribute, value)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from maskparam.core.parametrize import maskparam_constraints
 from maskparam.core.tensors import find_tensors
-from maskparam.errors import MaskparamError, error
+from maskparam.errors import MaskparamError, MaskparamWarning, error
 from maskparam.masks.channel_slots import ChannelGroups, Slots
 
 __all__ = ["ExampleInputs", "call_of", "tensors_in", "trace_channels"]
@@ -171,8 +172,17 @@ def trace_channels(model: nn.Module, example_inputs: ExampleInputs, caller: str)
                 graphs.append(make_fx(run, pre_dispatch=True)(leaves, inputs))
             except MaskparamError:
                 raise
-            except Exception:  # noqa: BLE001, S110 - train mode reads a value (transformers' Llama)
-                pass  # eval's graph alone, as shrink checks eval outputs (docs/channel-pruning.md)
+            except Exception as failure:  # noqa: BLE001 - train mode reads a value (Llama)
+                first = str(failure).splitlines()[0] if str(failure) else ""
+                warnings.warn(
+                    MaskparamWarning(
+                        f"{caller}: the model traces in eval mode only (in train mode make_fx "
+                        f"raised {type(failure).__name__}: {first[:160]}); code that runs only "
+                        "in training is not seen, and shrink checks eval outputs. "
+                        "docs/channel-pruning.md (Limits)."
+                    ),
+                    stacklevel=3,
+                )
     except MaskparamError:
         raise
     except Exception as failure:
@@ -600,7 +610,8 @@ def _index_along(state: _Graph, node: fx.Node) -> Value:
         if isinstance(out, Tensor)
         else []
     )
-    whole = len(out_shapes) == 1 and out_shapes[0] == source.shape
+    # A slice that keeps the whole dim is a view; an index (index_select) may permute it.
+    whole = len(out_shapes) == 1 and out_shapes[0] == source.shape and name != "index_select"
     if labels.shape[dim] > 1 and not whole:
         state.slots.block(labels, f"aten.{name} indexes its channel dim with fixed positions")
     results: list[Act] = []
@@ -824,9 +835,15 @@ def _conv(state: _Graph, node: fx.Node) -> Value:
         groups = _int(args[6]) if len(args) > 6 else 1
     else:
         groups = _int(args[6]) if len(args) > 6 else 1
-    in_channels = _in_size(node, 1)
-    out_channels = shape[1]
-    _, channels = _channels_of(state, x, 1, f"aten.{name}")
+    # The channels are the dim before the kernel's spatial dims: 1 batched, 0 unbatched.
+    weight_shape = _shape(weight) if isinstance(weight, fx.Node) else None
+    spatial = len(weight_shape) - 2 if weight_shape is not None else len(shape) - 2
+    channel = len(shape) - spatial - 1
+    if channel not in (0, 1):
+        raise ValueError(f"a {len(shape)}-d input for a {spatial}-d convolution")
+    in_channels = _in_size(node, channel)
+    out_channels = shape[channel]
+    _, channels = _channels_of(state, x, channel, f"aten.{name}")
     w_in = _param_dim(state, weight, 0 if transposed else 1)
     w_out = _param_dim(state, weight, 1 if transposed else 0)
     b_out = _param_dim(state, bias, 0)
@@ -849,7 +866,7 @@ def _conv(state: _Graph, node: fx.Node) -> Value:
         out = _out_labels(state, [w_out, b_out], out_channels)
         reason = f"a grouped conv ({groups} groups) fixes its channels per group"
         state.slots.block([channels, w_in, out], reason)
-    return Act(out.reshape([1, out_channels] + [1] * (len(shape) - 2)), shape)
+    return Act(out.reshape([1] * channel + [out_channels] + [1] * spatial), shape)
 
 
 def _batch_norm(state: _Graph, node: fx.Node) -> Value:
