@@ -188,13 +188,18 @@ class _HardCoded(nn.Module):
         return self.b(h.reshape(x.shape[0], 6))  # a literal 6: fine for the tracer, not for shrink
 
 
-def test_a_removal_that_breaks_the_forward_is_undone_with_the_reason():
+def _hard_coded_with_a_zero_channel() -> _HardCoded:
     torch.manual_seed(0)
     model = _HardCoded()
     with torch.no_grad():
         model.a.weight[0] = 0
         model.a.bias[0] = 0
         model.b.weight[:, 0] = 0
+    return model
+
+
+def test_a_removal_that_breaks_the_forward_is_undone_with_the_reason():
+    model = _hard_coded_with_a_zero_channel()
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
     x = torch.randn(2, 3)
     mp.shrink(model, x)
@@ -278,12 +283,7 @@ def test_the_check_is_per_element_and_an_infinite_output_does_not_loosen_it():
 
 
 def test_a_layer_put_back_keeps_its_gradients():
-    torch.manual_seed(0)
-    model = _HardCoded()
-    with torch.no_grad():
-        model.a.weight[0] = 0
-        model.a.bias[0] = 0
-        model.b.weight[:, 0] = 0
+    model = _hard_coded_with_a_zero_channel()
     x = torch.randn(2, 3)
     model(x).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}

@@ -19,7 +19,7 @@ the tracer does not know reads it) carries the reason.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -176,8 +176,3 @@ class Slots:
 def _valid(labels: Tensor) -> list[int]:
     flat = labels.reshape(-1)
     return [int(s) for s in torch.unique(flat[flat >= 0]).tolist()]
-
-
-def slot_vector(labels: Sequence[int]) -> Tensor:
-    """Slots as a label tensor (-1: no slot)."""
-    return torch.tensor(list(labels), dtype=torch.int64)

@@ -1054,11 +1054,6 @@ def _expand(state: _Graph, node: fx.Node) -> Value:
     return Act(_aligned(value.labels, len(shape)), shape)
 
 
-def _passthrough_first(state: _Graph, node: fx.Node) -> Value:
-    """type_as and friends: the first argument's labels (the second gives only a dtype)."""
-    return _unary(state, node)
-
-
 _UNARY = [
     "relu",
     "relu_",
@@ -1250,7 +1245,7 @@ _RULES: dict[str, Callable[[_Graph, fx.Node], Value]] = {
     "t": _permute,
     "expand": _expand,
     "expand_as": _expand,
-    "type_as": _passthrough_first,
+    "type_as": _unary,  # the second argument gives only a dtype
     "cat": _cat,
     "concat": _cat,
     "softmax": _softmax,
